@@ -1,0 +1,146 @@
+//! Stored (and later transmitted) form of one data block.
+//!
+//! ```text
+//!  offset 0       4        5          6          8           12
+//!         +-------+--------+----------+----------+-----------+---------------------+
+//!         | magic | version| encoding | reserved | raw len   | payload             |
+//!         | CBLK  | u8 = 1 | 0 raw    | u16 = 0  | u32 LE    | raw bytes, or a     |
+//!         |       |        | 1 zstd   |          | <= 1 MiB  | zstd frame          |
+//!         +-------+--------+----------+----------+-----------+---------------------+
+//! ```
+//!
+//! The checksum of a block is its name: the BLAKE3 hash of the raw bytes, checked on
+//! every decode. Blocks are zstd-compressed only when that saves space. The raw length
+//! is capped before decompressing so a hostile frame cannot make us allocate more.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::hash::Hash;
+
+const MAGIC: &[u8; 4] = b"CBLK";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 12;
+/// Largest block size a capsule may use.
+pub const MAX_BLOCK_SIZE: usize = 1 << 20;
+/// Smallest block size a capsule may use.
+pub const MIN_BLOCK_SIZE: usize = 4 << 10;
+const ZSTD_LEVEL: i32 = 3;
+
+/// How a block's payload is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The raw bytes.
+    Raw = 0,
+    /// One zstd frame.
+    Zstd = 1,
+}
+
+/// True if every byte is zero (such blocks are never stored).
+pub fn is_zero(data: &[u8]) -> bool {
+    // Word-sized compares with early exit: this runs on every imported block.
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words.map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])).all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Encodes raw block bytes, compressing when it saves space.
+pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
+    if raw.len() > MAX_BLOCK_SIZE {
+        return Err(Error::new(ErrorKind::TooLarge, format!("block of {} bytes exceeds {MAX_BLOCK_SIZE}", raw.len())));
+    }
+    let compressed = zstd::bulk::compress(raw, ZSTD_LEVEL).ok().filter(|c| c.len() + 16 < raw.len());
+    let (encoding, payload) = match &compressed {
+        Some(c) => (Encoding::Zstd, c.as_slice()),
+        None => (Encoding::Raw, raw),
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(encoding as u8);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Decodes an encoded block and checks it hashes to `expected`.
+pub fn decode(expected: &Hash, encoded: &[u8]) -> Result<Vec<u8>> {
+    let bad = |why: String| Error::corrupt(format!("block {expected}: {why}"));
+    if encoded.len() < HEADER_LEN {
+        return Err(bad(format!("truncated to {} bytes", encoded.len())));
+    }
+    if &encoded[0..4] != MAGIC {
+        return Err(bad("bad magic".into()));
+    }
+    if encoded[4] != VERSION {
+        return Err(bad(format!("unsupported block version {}", encoded[4])));
+    }
+    let raw_len = u32::from_le_bytes([encoded[8], encoded[9], encoded[10], encoded[11]]) as usize;
+    if raw_len > MAX_BLOCK_SIZE {
+        return Err(Error::new(ErrorKind::TooLarge, format!("block {expected}: declares {raw_len} bytes, cap {MAX_BLOCK_SIZE}")));
+    }
+    let payload = &encoded[HEADER_LEN..];
+    let raw = match encoded[5] {
+        0 => payload.to_vec(),
+        1 => zstd::bulk::decompress(payload, raw_len).map_err(|e| bad(format!("zstd: {e}")))?,
+        other => return Err(bad(format!("unknown encoding {other}"))),
+    };
+    if raw.len() != raw_len {
+        return Err(bad(format!("{} bytes, header says {raw_len}", raw.len())));
+    }
+    let actual = Hash::of(&raw);
+    if actual != *expected {
+        return Err(bad(format!("content hashes to {actual}")));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..9000), repeat in 1usize..4) {
+            let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
+            let enc = encode(&data).unwrap();
+            prop_assert_eq!(decode(&Hash::of(&data), &enc).unwrap(), data);
+        }
+
+        #[test]
+        fn flipped_bit_never_decodes(data in proptest::collection::vec(any::<u8>(), 1..3000), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut enc = encode(&data).unwrap();
+            let i = pos.index(enc.len());
+            enc[i] ^= 1 << bit;
+            // Either refused, or (reserved bytes) decodes to exactly the original.
+            if let Ok(back) = decode(&Hash::of(&data), &enc) { prop_assert_eq!(back, data) }
+        }
+    }
+
+    #[test]
+    fn compressible_blocks_are_compressed() {
+        let data = vec![7u8; 65536];
+        let enc = encode(&data).unwrap();
+        assert!(enc.len() < 1000);
+        assert_eq!(enc[5], Encoding::Zstd as u8);
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0; 4099]));
+        let mut v = vec![0u8; 4099];
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        v[4098] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn huge_declared_length_is_capped() {
+        let mut enc = encode(&[1, 2, 3]).unwrap();
+        enc[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&Hash::of(&[1, 2, 3]), &enc).unwrap_err().kind(), ErrorKind::TooLarge);
+    }
+}

@@ -1,0 +1,383 @@
+//! Importers: raw files (in parallel on all cores) and whole capsules from their parts.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::block;
+use crate::envelope::ObjectKind;
+use crate::error::{Error, Result, ResultExt};
+use crate::hash::Hash;
+use crate::image::ImageReader;
+use crate::manifest::{check_block_size_log2, check_disk_name, check_name, BootFiles, Disk, Image, Layer, Manifest};
+use crate::map::{self, Entry};
+use crate::store::Store;
+
+/// Default block size (64 KiB); `BENCHMARKS.md` says why.
+pub const DEFAULT_BLOCK_SIZE_LOG2: u8 = 16;
+const BATCH: u64 = 16;
+
+/// Reports progress of long operations (a progress bar on a TTY, nothing otherwise).
+pub trait Progress: Sync {
+    /// A new phase over `total` bytes begins.
+    fn begin(&self, label: &str, total: u64);
+    /// `bytes` more are done.
+    fn advance(&self, bytes: u64);
+    /// The phase is over.
+    fn end(&self);
+}
+
+/// A [`Progress`] that shows nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+/// Counters of one image import.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ImportStats {
+    /// Image size in bytes.
+    pub logical_bytes: u64,
+    /// Blocks in the image.
+    pub blocks: u64,
+    /// All-zero blocks (never stored).
+    pub zero_blocks: u64,
+    /// Blocks equal to the parent's (not mapped by the new layer).
+    pub unchanged_blocks: u64,
+    /// Blocks the new layer maps.
+    pub mapped_blocks: u64,
+    /// Mapped blocks written to the store now.
+    pub new_blocks: u64,
+    /// Mapped blocks the store already had (from any capsule).
+    pub deduplicated_blocks: u64,
+    /// Bytes written for new blocks (compressed where that helped).
+    pub stored_bytes: u64,
+    /// Bytes of new metadata (layer and map pages).
+    pub metadata_bytes: u64,
+}
+
+impl ImportStats {
+    fn add(&mut self, o: &ImportStats) {
+        self.zero_blocks += o.zero_blocks;
+        self.unchanged_blocks += o.unchanged_blocks;
+        self.mapped_blocks += o.mapped_blocks;
+        self.new_blocks += o.new_blocks;
+        self.deduplicated_blocks += o.deduplicated_blocks;
+        self.stored_bytes += o.stored_bytes;
+    }
+}
+
+/// How to import one file as an image.
+#[derive(Clone, Copy)]
+pub struct FileImport<'a> {
+    /// Block size as a power of two.
+    pub block_size_log2: u8,
+    /// The image the new layer goes over: only differing blocks are mapped.
+    pub parent: Option<&'a ImageReader<'a>>,
+    /// If set, only blocks `i` with `only[i]` may be mapped; others are taken from the parent.
+    pub only: Option<&'a [bool]>,
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+    /// Progress reporting.
+    pub progress: &'a dyn Progress,
+}
+
+impl std::fmt::Debug for FileImport<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileImport").field("block_size_log2", &self.block_size_log2).finish_non_exhaustive()
+    }
+}
+
+/// Imports the file at `path` as a new top layer; returns the image and what it cost.
+pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<(Image, ImportStats)> {
+    check_block_size_log2(opts.block_size_log2)?;
+    if let Some(p) = opts.parent {
+        if p.image().block_size_log2 != opts.block_size_log2 {
+            return Err(Error::invalid(format!(
+                "{}: block size 2^{} differs from the parent image's 2^{}; a layer chain has one block size",
+                path.display(),
+                opts.block_size_log2,
+                p.image().block_size_log2
+            )));
+        }
+    }
+    let file = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let size = file.metadata().map_err(|e| Error::io(path.display(), e))?.len();
+    let bs = 1u64 << opts.block_size_log2;
+    let nblocks = size.div_ceil(bs);
+    let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.threads };
+
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<(Vec<(u64, Entry)>, ImportStats)> {
+        let mut entries = Vec::new();
+        let mut stats = ImportStats::default();
+        let mut buf = vec![0u8; bs as usize];
+        loop {
+            let start = next.fetch_add(BATCH, Ordering::Relaxed);
+            if start >= nblocks || failed.load(Ordering::Relaxed) {
+                return Ok((entries, stats));
+            }
+            for index in start..(start + BATCH).min(nblocks) {
+                let offset = index * bs;
+                let len = bs.min(size - offset) as usize;
+                if opts.only.is_some_and(|only| !only.get(index as usize).copied().unwrap_or(false)) {
+                    opts.progress.advance(len as u64);
+                    continue;
+                }
+                file.read_exact_at(&mut buf[..len], offset)
+                    .map_err(|e| Error::io(format!("{}: block {index} at offset {offset}", path.display()), e))?;
+                buf[len..].fill(0);
+                let content = if block::is_zero(&buf) { None } else { Some(Hash::of(&buf)) };
+                if content.is_none() {
+                    stats.zero_blocks += 1;
+                }
+                let below = match opts.parent {
+                    Some(p) => p.resolve_in_chain(index)?,
+                    None => None,
+                };
+                if content == below {
+                    if opts.parent.is_some() {
+                        stats.unchanged_blocks += 1;
+                    }
+                } else {
+                    stats.mapped_blocks += 1;
+                    match content {
+                        None => entries.push((index, Entry::Zero)),
+                        Some(h) => {
+                            let put = store.put_hashed_block(&h, &buf).with_context(|| format!("{}: block {index}", path.display()))?;
+                            if put.new {
+                                stats.new_blocks += 1;
+                                stats.stored_bytes += put.stored_bytes;
+                            } else {
+                                stats.deduplicated_blocks += 1;
+                            }
+                            entries.push((index, Entry::Data(h)));
+                        }
+                    }
+                }
+                opts.progress.advance(len as u64);
+            }
+        }
+    };
+    let results: Vec<Result<(Vec<(u64, Entry)>, ImportStats)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = worker();
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("import worker panicked")))).collect()
+    });
+    let mut entries = Vec::new();
+    let mut stats = ImportStats { logical_bytes: size, blocks: nblocks, ..Default::default() };
+    for r in results {
+        let (e, s) = r?;
+        entries.extend(e);
+        stats.add(&s);
+    }
+    entries.sort_unstable_by_key(|e| e.0);
+
+    let parent_top = opts.parent.and_then(|p| p.image().top);
+    if entries.is_empty() {
+        return Ok((Image { size, block_size_log2: opts.block_size_log2, top: parent_top }, stats));
+    }
+    let mut metadata_bytes = 0u64;
+    let root = map::build(&entries, nblocks, &mut |page| {
+        let (id, new) = store.put_object(ObjectKind::MapPage, page)?;
+        if new {
+            metadata_bytes += store.object_size(&id).unwrap_or(0);
+        }
+        Ok(id)
+    })?;
+    let layer = Layer { block_size_log2: opts.block_size_log2, parent: parent_top, map: root, mapped: entries.len() as u64 };
+    let (layer_id, new) = store.put_object(ObjectKind::Layer, &layer)?;
+    if new {
+        metadata_bytes += store.object_size(&layer_id).unwrap_or(0);
+    }
+    stats.metadata_bytes = metadata_bytes;
+    Ok((Image { size, block_size_log2: opts.block_size_log2, top: Some(layer_id) }, stats))
+}
+
+/// Everything `capsule import` takes.
+#[derive(Debug, Clone, Default)]
+pub struct CapsuleSpec {
+    /// Name for the new ref.
+    pub name: String,
+    /// (disk name, file) pairs; raw or qcow2 (with its backing chain).
+    pub disks: Vec<(String, PathBuf)>,
+    /// Guest RAM image.
+    pub memory: Option<PathBuf>,
+    /// Hypervisor device state.
+    pub devstate: Option<PathBuf>,
+    /// Kernel for direct boot.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Parent capsule (name or id): disks with the same name become layers over its.
+    pub parent: Option<String>,
+    /// Block size; default: the parent's, else [`DEFAULT_BLOCK_SIZE_LOG2`].
+    pub block_size_log2: Option<u8>,
+    /// VM description overrides.
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB.
+    pub memory_mib: Option<u64>,
+    /// Preferred hypervisor.
+    pub hypervisor: Option<String>,
+    /// Extra hints.
+    pub hints: Vec<(String, String)>,
+}
+
+/// What [`import_capsule`] made.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The new capsule's id.
+    pub id: Hash,
+    /// Per image (`disk root`, `memory`, ...): its counters.
+    pub images: Vec<(String, ImportStats)>,
+    /// Layers shared with what the store had already (qcow2 backing files imported before).
+    pub shared_layers: u64,
+    /// Manifest size in bytes.
+    pub manifest_bytes: u64,
+}
+
+/// True if the file starts with the qcow2 magic.
+pub fn is_qcow2(path: &Path) -> Result<bool> {
+    let f = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let mut magic = [0u8; 4];
+    match f.read_exact_at(&mut magic, 0) {
+        Ok(()) => Ok(&magic == b"QFI\xfb"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(path.display(), e)),
+    }
+}
+
+/// Imports a capsule from its parts and points ref `spec.name` at it (last, atomically).
+pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress) -> Result<ImportReport> {
+    check_name(&spec.name)?;
+    let parent = match &spec.parent {
+        Some(p) => {
+            let id = store.resolve(p).with_context(|| "--parent")?;
+            Some((id, store.manifest(&id).with_context(|| format!("parent capsule {p}"))?))
+        }
+        None => None,
+    };
+    let parent_bs = parent.as_ref().and_then(|(_, m)| m.disks.first().map(|d| d.image.block_size_log2));
+    let bs = spec.block_size_log2.or(parent_bs).unwrap_or(DEFAULT_BLOCK_SIZE_LOG2);
+    check_block_size_log2(bs)?;
+
+    let mut report = ImportReport { id: Hash([0; 32]), images: Vec::new(), shared_layers: 0, manifest_bytes: 0 };
+    let mut import_one = |what: String, path: &Path, base: Option<Image>| -> Result<Image> {
+        let reader = base.map(|b| ImageReader::open(store, b)).transpose().with_context(|| format!("{what}: parent image"))?;
+        let size = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?.len();
+        progress.begin(&what, size);
+        let result = if is_qcow2(path)? {
+            if reader.is_some() {
+                return Err(Error::invalid(format!(
+                    "{what}: {} is qcow2; --parent takes raw images (a qcow2 chain brings its own parents)",
+                    path.display()
+                )));
+            }
+            let (image, layers) = crate::qcow2::import_chain(store, path, bs, progress)?;
+            let mut total = ImportStats { logical_bytes: image.size, blocks: image.block_count(), ..Default::default() };
+            for l in &layers {
+                total.add(&l.stats);
+                total.metadata_bytes += l.stats.metadata_bytes;
+                if l.shared {
+                    report.shared_layers += 1;
+                }
+            }
+            Ok((image, total))
+        } else {
+            let opts = FileImport { block_size_log2: bs, parent: reader.as_ref(), only: None, threads: 0, progress };
+            import_file(store, path, &opts)
+        };
+        progress.end();
+        let (image, stats) = result.with_context(|| what.clone())?;
+        report.images.push((what, stats));
+        Ok(image)
+    };
+
+    let pm = parent.as_ref().map(|(_, m)| m);
+    let mut disks: Vec<Disk> = pm.map(|m| m.disks.clone()).unwrap_or_default();
+    for (name, path) in &spec.disks {
+        check_disk_name(name)?;
+        if spec.disks.iter().filter(|(n, _)| n == name).count() > 1 {
+            return Err(Error::invalid(format!("disk name {name:?} given twice")));
+        }
+        let existing = disks.iter().position(|d| &d.name == name);
+        let base = existing.map(|i| disks[i].image);
+        let image = import_one(format!("disk {name}"), path, base)?;
+        match existing {
+            Some(i) => disks[i].image = image,
+            None => disks.push(Disk { name: name.clone(), image }),
+        }
+    }
+    if disks.is_empty() {
+        return Err(Error::invalid("a capsule needs at least one disk (--disk PATH)"));
+    }
+    let memory = match &spec.memory {
+        Some(p) => Some(import_one("memory".into(), p, pm.and_then(|m| m.memory).filter(|m| m.block_size_log2 == bs))?),
+        None => None,
+    };
+    let devstate = spec.devstate.as_ref().map(|p| import_one("devstate".into(), p, None)).transpose()?;
+    let boot = match (&spec.kernel, pm.and_then(|m| m.boot.clone())) {
+        (Some(k), _) => Some(BootFiles {
+            kernel: import_one("kernel".into(), k, None)?,
+            initrd: spec.initrd.as_ref().map(|p| import_one("initrd".into(), p, None)).transpose()?,
+            cmdline: spec.cmdline.clone().unwrap_or_default(),
+        }),
+        (None, Some(mut inherited)) => {
+            if spec.initrd.is_some() {
+                return Err(Error::invalid("--initrd needs --kernel"));
+            }
+            if let Some(c) = &spec.cmdline {
+                inherited.cmdline = c.clone();
+            }
+            Some(inherited)
+        }
+        (None, None) => {
+            if spec.initrd.is_some() || spec.cmdline.is_some() {
+                return Err(Error::invalid("--initrd and --cmdline need --kernel"));
+            }
+            None
+        }
+    };
+    let mut vm = pm.map(|m| m.vm.clone()).unwrap_or_default();
+    if let Some(c) = spec.cpus {
+        vm.cpus = c;
+    }
+    if let Some(mib) = spec.memory_mib {
+        vm.memory_mib = mib;
+    } else if let Some(m) = memory {
+        vm.memory_mib = m.size >> 20;
+    }
+    if spec.hypervisor.is_some() {
+        vm.hypervisor = spec.hypervisor.clone();
+    }
+    for (k, v) in &spec.hints {
+        vm.hints.insert(k.clone(), v.clone());
+    }
+    let created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let manifest = Manifest { name: spec.name.clone(), parent: parent.as_ref().map(|(id, _)| *id), created_unix, disks, memory, devstate, boot, vm };
+    manifest.validate()?;
+    let (id, _) = store.put_object(ObjectKind::Manifest, &manifest)?;
+    report.manifest_bytes = store.object_size(&id)?;
+    report.id = id;
+    store.set_ref(&spec.name, &id)?;
+    Ok(report)
+}

@@ -1,0 +1,30 @@
+//! # capsule-images
+//!
+//! The capsule format, the local content-addressed store, importers and exporters.
+//!
+//! A capsule is a [`Manifest`] naming images (disks, memory, device state, boot files).
+//! An image is a chain of [`Layer`]s; each layer maps block index -> block hash (or zero)
+//! through a tree of map pages. Blocks and metadata are named by their BLAKE3 hash, so a
+//! capsule id verifies everything below it. See `docs/format.md` for the byte layouts.
+
+pub mod block;
+pub mod envelope;
+pub mod error;
+pub mod export;
+pub mod hash;
+pub mod image;
+pub mod import;
+pub mod manifest;
+pub mod map;
+pub mod qcow2;
+pub mod store;
+pub mod verify;
+
+pub use error::{Error, ErrorKind, Result};
+pub use hash::Hash;
+pub use image::ImageReader;
+pub use import::{import_capsule, CapsuleSpec, ImportReport, ImportStats, NoProgress, Progress, DEFAULT_BLOCK_SIZE_LOG2};
+pub use manifest::{BootFiles, Disk, Image, Layer, Manifest, VmDescription};
+pub use map::Entry;
+pub use store::Store;
+pub use verify::{verify_capsule, verify_store_files, VerifyReport};

@@ -1,0 +1,250 @@
+//! Capsule manifests and layers: the metadata objects above the block maps.
+//!
+//! ```text
+//!  Manifest (id = BLAKE3 of its envelope)          Layer (id = BLAKE3 of its envelope)
+//!  +--------------------------------------+        +-------------------------------+
+//!  | name, created (unix s)               |        | block_size_log2               |
+//!  | parent: capsule id | none            |        | parent: layer id | none       |
+//!  | disks: [(name, Image)]               |  +---->| map: (height, root page id)   |
+//!  | memory: Image | none                 |  |     | mapped: entries in the map    |
+//!  | devstate: Image | none               |  |     +-------------------------------+
+//!  | boot: (kernel, initrd?, cmdline)?    |  |        parent -> the layer below, same
+//!  | vm: (cpus, memory MiB, hypervisor,   |  |        block size; block i is read from the
+//!  |      hints)                          |  |        topmost layer that maps it, else 0
+//!  +--------------------------------------+  |
+//!  Image = (size, block_size_log2, top layer id | none) ---+
+//! ```
+//!
+//! A derived capsule (an update, a suspended session) names its parent and its images'
+//! top layers sit over the parent's, holding only the blocks that changed.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::block::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::map::MapRoot;
+
+/// Longest layer chain accepted when resolving (guards against cycles and abuse).
+pub const MAX_CHAIN: usize = 256;
+
+/// A byte image (disk, memory image, device state, boot file) as a chain of layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// Size in bytes.
+    pub size: u64,
+    /// Block size as a power of two (12 = 4 KiB .. 20 = 1 MiB).
+    pub block_size_log2: u8,
+    /// Topmost layer, `None` for an all-zero image.
+    pub top: Option<Hash>,
+}
+
+impl Image {
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        1u64 << self.block_size_log2
+    }
+
+    /// Number of blocks, the last one possibly partial.
+    pub fn block_count(&self) -> u64 {
+        self.size.div_ceil(self.block_size())
+    }
+
+    /// Checks the block size is in range.
+    pub fn validate(&self) -> Result<()> {
+        check_block_size_log2(self.block_size_log2)
+    }
+}
+
+/// Checks `log2` names a block size from 4 KiB to 1 MiB.
+pub fn check_block_size_log2(log2: u8) -> Result<()> {
+    let min = MIN_BLOCK_SIZE.trailing_zeros();
+    let max = MAX_BLOCK_SIZE.trailing_zeros();
+    if u32::from(log2) < min || u32::from(log2) > max {
+        return Err(Error::invalid(format!("block size 2^{log2} outside 4 KiB .. 1 MiB")));
+    }
+    Ok(())
+}
+
+/// One layer of an image: the blocks it changes over the layer below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// Block size as a power of two; every layer of a chain has the same.
+    pub block_size_log2: u8,
+    /// The layer below, if any.
+    pub parent: Option<Hash>,
+    /// The block map.
+    pub map: MapRoot,
+    /// Number of entries in the map (blocks this layer sets, zeros included).
+    pub mapped: u64,
+}
+
+/// A named disk of a capsule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// File-name-safe name, e.g. `root`.
+    pub name: String,
+    /// Its content.
+    pub image: Image,
+}
+
+/// Kernel, initrd and command line for a direct-kernel boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFiles {
+    /// The kernel image.
+    pub kernel: Image,
+    /// The initial ramdisk, if any.
+    pub initrd: Option<Image>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// How to run the capsule: what a hypervisor needs beyond the files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Preferred hypervisor (`qemu`, `cloud-hypervisor`), if it matters.
+    pub hypervisor: Option<String>,
+    /// Free-form hints (machine type, QEMU version that saved the state, ...).
+    pub hints: BTreeMap<String, String>,
+}
+
+impl Default for VmDescription {
+    fn default() -> Self {
+        Self { cpus: 1, memory_mib: 256, hypervisor: None, hints: BTreeMap::new() }
+    }
+}
+
+/// A capsule: everything needed to run one virtual machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The name given at import.
+    pub name: String,
+    /// The capsule this one derives from.
+    pub parent: Option<Hash>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Disks in attachment order.
+    pub disks: Vec<Disk>,
+    /// Guest RAM image (a suspended session).
+    pub memory: Option<Image>,
+    /// Hypervisor device state (e.g. a QEMU migration stream).
+    pub devstate: Option<Image>,
+    /// Direct-boot files.
+    pub boot: Option<BootFiles>,
+    /// The VM description.
+    pub vm: VmDescription,
+}
+
+impl Manifest {
+    /// Every image of the capsule with a display name: `disk root`, `memory`, ...
+    pub fn images(&self) -> Vec<(String, Image)> {
+        let mut out: Vec<(String, Image)> = self.disks.iter().map(|d| (format!("disk {}", d.name), d.image)).collect();
+        if let Some(m) = self.memory {
+            out.push(("memory".into(), m));
+        }
+        if let Some(d) = self.devstate {
+            out.push(("devstate".into(), d));
+        }
+        if let Some(b) = &self.boot {
+            out.push(("kernel".into(), b.kernel));
+            if let Some(i) = b.initrd {
+                out.push(("initrd".into(), i));
+            }
+        }
+        out
+    }
+
+    /// Checks names and block sizes; decoders call this after decoding.
+    pub fn validate(&self) -> Result<()> {
+        check_name(&self.name)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &self.disks {
+            check_disk_name(&d.name)?;
+            if !seen.insert(&d.name) {
+                return Err(Error::corrupt(format!("disk name {:?} appears twice", d.name)));
+            }
+        }
+        for (what, image) in self.images() {
+            image.validate().map_err(|e| e.context(what))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a capsule or ref name: `[A-Za-z0-9._-]` segments separated by `/`.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name.split('/').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid capsule name {name:?}: use letters, digits, '.', '_', '-' in '/'-separated parts not starting with '.'"
+        )))
+    }
+}
+
+/// Checks a disk name: one path segment usable as a file name.
+pub fn check_disk_name(name: &str) -> Result<()> {
+    if name.contains('/') {
+        return Err(Error::invalid(format!("invalid disk name {name:?}: no '/' allowed")));
+    }
+    check_name(name).map_err(|_| Error::invalid(format!("invalid disk name {name:?}: use letters, digits, '.', '_', '-'")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{self, ObjectKind};
+
+    fn sample() -> Manifest {
+        let image = Image { size: 1 << 30, block_size_log2: 16, top: Some(Hash([3; 32])) };
+        Manifest {
+            name: "demo/guest".into(),
+            parent: Some(Hash([1; 32])),
+            created_unix: 1_790_000_000,
+            disks: vec![Disk { name: "root".into(), image }],
+            memory: Some(image),
+            devstate: None,
+            boot: Some(BootFiles { kernel: image, initrd: None, cmdline: "console=ttyS0".into() }),
+            vm: VmDescription::default(),
+        }
+    }
+
+    #[test]
+    fn manifest_round_trip_and_small() {
+        let m = sample();
+        let bytes = envelope::encode(ObjectKind::Manifest, &m).unwrap();
+        assert!(bytes.len() < 512, "manifest is {} bytes", bytes.len());
+        let back: Manifest = envelope::decode(ObjectKind::Manifest, &bytes).unwrap();
+        assert_eq!(back, m);
+        // Canonical: same value, same bytes, same id.
+        assert_eq!(envelope::encode(ObjectKind::Manifest, &back).unwrap(), bytes);
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("a/b-1.2_x").is_ok());
+        for bad in ["", "a//b", "../x", "a/.b", "a b", "a\0"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_disk_name("a/b").is_err());
+    }
+
+    #[test]
+    fn duplicate_disks_refused() {
+        let mut m = sample();
+        m.disks.push(m.disks[0].clone());
+        assert!(m.validate().is_err());
+    }
+}

@@ -1,0 +1,518 @@
+//! The local store: a directory of content-addressed blocks and objects plus named refs.
+//!
+//! ```text
+//!  STORE/
+//!    format               "capsule-store 1"
+//!    lock                 flock: shared while a process uses the store, exclusive for gc
+//!    blocks/ab/<hash>     one encoded block (see `block`), named by BLAKE3 of its raw bytes
+//!    objects/ab/<hash>    one envelope (manifest, layer, map page), named by BLAKE3 of itself
+//!    refs/<name>          "<capsule id hex>\n"; names may contain '/' (nested directories)
+//!    tmp/                 files being written; emptied when no other process holds the lock
+//! ```
+//!
+//! Every write goes to `tmp/`, is fsynced, then renamed to its content name, so a crash
+//! never leaves a partial file under a valid name. Every read is verified against its name.
+//! Refs are written last, so a capsule interrupted mid-import is never listed.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind as IoKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustix::fs::{flock, FlockOperation};
+use serde::Serialize;
+
+use crate::block;
+use crate::envelope::{self, ObjectKind};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::hash::Hash;
+use crate::manifest::{check_name, Layer, Manifest};
+use crate::map::{self, Entry, MapPage, PageSource};
+
+const FORMAT_LINE: &str = "capsule-store 1\n";
+const PAGE_CACHE_ENTRIES: usize = 4096;
+
+/// A local capsule store. Cheap to share between threads.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    pages: quick_cache::sync::Cache<Hash, Arc<MapPage>>,
+    tmp_counter: AtomicU64,
+    lock: File,
+}
+
+/// What [`Store::put_block`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutBlock {
+    /// How the block is mapped: `Zero` for all-zero blocks, which are not stored.
+    pub entry: Entry,
+    /// Bytes written to disk (0 when zero or already present).
+    pub stored_bytes: u64,
+    /// False if the block was already in the store (or is zero).
+    pub new: bool,
+}
+
+/// What [`Store::gc`] removed and kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GcStats {
+    /// Blocks kept (reachable from a ref).
+    pub blocks_kept: u64,
+    /// Blocks removed.
+    pub blocks_removed: u64,
+    /// Metadata objects removed.
+    pub objects_removed: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+impl Store {
+    /// `$CAPSULE_STORE`, else `$XDG_DATA_HOME/capsule`, else `~/.local/share/capsule`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(dir) = std::env::var_os("CAPSULE_STORE") {
+            return dir.into();
+        }
+        if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+            return Path::new(&dir).join("capsule");
+        }
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
+        Path::new(&home).join(".local/share/capsule")
+    }
+
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let format_path = root.join("format");
+        match fs::read_to_string(&format_path) {
+            Ok(s) if s == FORMAT_LINE => {}
+            Ok(s) => {
+                return Err(Error::corrupt(format!(
+                    "{}: not a capsule store of this version (format file says {:?})",
+                    root.display(),
+                    s.trim()
+                )))
+            }
+            Err(e) if e.kind() == IoKind::NotFound => Self::create_layout(&root)?,
+            Err(e) => return Err(Error::io(format_path.display(), e)),
+        }
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(lock_path.display(), e))?;
+        // Alone with the store: leftovers in tmp/ are from a crashed writer.
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            Self::clear_tmp(&root)?;
+        }
+        flock(&lock, FlockOperation::LockShared).map_err(|e| Error::io(lock_path.display(), e.into()))?;
+        Ok(Self {
+            root,
+            pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
+            tmp_counter: AtomicU64::new(0),
+            lock,
+        })
+    }
+
+    fn create_layout(root: &Path) -> Result<()> {
+        let mk = |p: PathBuf| fs::create_dir_all(&p).map_err(|e| Error::io(p.display(), e));
+        for sub in ["blocks", "objects"] {
+            for i in 0..=255u8 {
+                mk(root.join(sub).join(format!("{i:02x}")))?;
+            }
+        }
+        mk(root.join("refs"))?;
+        mk(root.join("tmp"))?;
+        let p = root.join("format");
+        write_file_synced(&p, FORMAT_LINE.as_bytes())
+    }
+
+    fn clear_tmp(root: &Path) -> Result<()> {
+        let tmp = root.join("tmp");
+        let entries = fs::read_dir(&tmp).map_err(|e| Error::io(tmp.display(), e))?;
+        for entry in entries.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok(())
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn fanout_path(&self, dir: &str, h: &Hash) -> PathBuf {
+        let hex = h.to_hex();
+        self.root.join(dir).join(&hex[..2]).join(hex)
+    }
+
+    /// Path of a block's file (it may not exist).
+    pub fn block_path(&self, h: &Hash) -> PathBuf {
+        self.fanout_path("blocks", h)
+    }
+
+    fn object_path(&self, h: &Hash) -> PathBuf {
+        self.fanout_path("objects", h)
+    }
+
+    /// Writes `bytes` to `dest` atomically; false if `dest` already existed.
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<bool> {
+        if dest.exists() {
+            return Ok(false);
+        }
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
+        write_file_synced(&tmp, bytes)?;
+        fs::rename(&tmp, dest).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
+        })?;
+        Ok(true)
+    }
+
+    /// True if the block is present (not verified).
+    pub fn has_block(&self, h: &Hash) -> bool {
+        self.block_path(h).exists()
+    }
+
+    /// Stores one block of raw bytes unless it is zero or already present.
+    pub fn put_block(&self, raw: &[u8]) -> Result<PutBlock> {
+        if block::is_zero(raw) {
+            return Ok(PutBlock { entry: Entry::Zero, stored_bytes: 0, new: false });
+        }
+        self.put_hashed_block(&Hash::of(raw), raw)
+    }
+
+    /// Stores a non-zero block whose hash the caller computed already.
+    pub fn put_hashed_block(&self, h: &Hash, raw: &[u8]) -> Result<PutBlock> {
+        let path = self.block_path(h);
+        if path.exists() {
+            return Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: 0, new: false });
+        }
+        let encoded = block::encode(raw)?;
+        let new = self.write_atomic(&path, &encoded).with_context(|| format!("storing block {h}"))?;
+        Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
+    }
+
+    /// Stores a block received in its encoded form after verifying it against `h`.
+    pub fn put_encoded_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
+        block::decode(h, encoded)?;
+        self.write_atomic(&self.block_path(h), encoded)
+    }
+
+    /// The block's stored encoding (compressed or raw), not decoded.
+    pub fn read_encoded_block(&self, h: &Hash) -> Result<Vec<u8>> {
+        let path = self.block_path(h);
+        fs::read(&path).map_err(|e| match e.kind() {
+            IoKind::NotFound => Error::not_found(format!("block {h} is not in store {}", self.root.display())),
+            _ => Error::io(path.display(), e),
+        })
+    }
+
+    /// The block's raw bytes, verified against `h`.
+    pub fn get_block(&self, h: &Hash) -> Result<Vec<u8>> {
+        let encoded = self.read_encoded_block(h)?;
+        block::decode(h, &encoded).map_err(|e| e.context(self.block_path(h).display()))
+    }
+
+    /// Size of the block's file on disk.
+    pub fn block_stored_size(&self, h: &Hash) -> Result<u64> {
+        let path = self.block_path(h);
+        fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display(), e))
+    }
+
+    /// Encodes and stores an object; returns its id and whether it was new.
+    pub fn put_object<T: Serialize>(&self, kind: ObjectKind, value: &T) -> Result<(Hash, bool)> {
+        let bytes = envelope::encode(kind, value)?;
+        let id = Hash::of(&bytes);
+        let new = self.write_atomic(&self.object_path(&id), &bytes).with_context(|| format!("storing {} {id}", kind.name()))?;
+        Ok((id, new))
+    }
+
+    /// Stores an encoded object received from elsewhere after checking its envelope and id.
+    pub fn put_encoded_object(&self, kind: ObjectKind, id: &Hash, bytes: &[u8]) -> Result<bool> {
+        if Hash::of(bytes) != *id {
+            return Err(Error::corrupt(format!("{} {id}: content does not hash to its id", kind.name())));
+        }
+        envelope::open(kind, bytes)?;
+        self.write_atomic(&self.object_path(id), bytes)
+    }
+
+    /// An object's encoded bytes (not verified).
+    pub fn read_object(&self, id: &Hash) -> Result<Vec<u8>> {
+        let path = self.object_path(id);
+        fs::read(&path).map_err(|e| match e.kind() {
+            IoKind::NotFound => Error::not_found(format!("object {id} is not in store {}", self.root.display())),
+            _ => Error::io(path.display(), e),
+        })
+    }
+
+    /// True if the object is present.
+    pub fn has_object(&self, id: &Hash) -> bool {
+        self.object_path(id).exists()
+    }
+
+    /// Size of an object's file.
+    pub fn object_size(&self, id: &Hash) -> Result<u64> {
+        let path = self.object_path(id);
+        fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display(), e))
+    }
+
+    /// The manifest of capsule `id`, verified against the id.
+    pub fn manifest(&self, id: &Hash) -> Result<Manifest> {
+        let bytes = self.read_object(id).with_context(|| format!("capsule {id}"))?;
+        let m: Manifest = envelope::decode_verified(ObjectKind::Manifest, id, &bytes)?;
+        m.validate().with_context(|| format!("manifest {id}"))?;
+        Ok(m)
+    }
+
+    /// The layer `id`, verified.
+    pub fn layer(&self, id: &Hash) -> Result<Layer> {
+        let bytes = self.read_object(id)?;
+        let layer: Layer = envelope::decode_verified(ObjectKind::Layer, id, &bytes)?;
+        crate::manifest::check_block_size_log2(layer.block_size_log2).with_context(|| format!("layer {id}"))?;
+        Ok(layer)
+    }
+
+    // ---- refs ----
+
+    fn ref_path(&self, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
+        Ok(self.root.join("refs").join(name))
+    }
+
+    /// The capsule id a ref names, or `None`.
+    pub fn read_ref(&self, name: &str) -> Result<Option<Hash>> {
+        let path = self.ref_path(name)?;
+        match fs::read_to_string(&path) {
+            Ok(s) => s.parse().map(Some).map_err(|e: Error| e.context(format!("ref {name} ({})", path.display()))),
+            Err(e) if e.kind() == IoKind::NotFound || e.kind() == IoKind::NotADirectory => Ok(None),
+            Err(e) if path.is_dir() => Err(Error::invalid(format!("{name:?} is a ref prefix, not a ref: {e}"))),
+            Err(e) => Err(Error::io(path.display(), e)),
+        }
+    }
+
+    /// Points `name` at `id`, whatever it pointed at before.
+    pub fn set_ref(&self, name: &str, id: &Hash) -> Result<()> {
+        let _guard = self.ref_lock()?;
+        self.write_ref(name, id)
+    }
+
+    /// Points `name` at `new` only if it currently names `expected` (`None`: absent).
+    pub fn cas_ref(&self, name: &str, expected: Option<&Hash>, new: &Hash) -> Result<()> {
+        let _guard = self.ref_lock()?;
+        let current = self.read_ref(name)?;
+        if current.as_ref() != expected {
+            let show = |h: Option<&Hash>| h.map_or("nothing".to_string(), Hash::short);
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("ref {name} names {} but {} was expected: another writer moved it", show(current.as_ref()), show(expected)),
+            ));
+        }
+        self.write_ref(name, new)
+    }
+
+    fn ref_lock(&self) -> Result<File> {
+        let path = self.root.join("refs.lock");
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(path.display(), e))?;
+        flock(&f, FlockOperation::LockExclusive).map_err(|e| Error::io(path.display(), e.into()))?;
+        Ok(f)
+    }
+
+    fn write_ref(&self, name: &str, id: &Hash) -> Result<()> {
+        let path = self.ref_path(name)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent.display(), e))?;
+        }
+        // Everything the ref reaches must be durable before the ref is.
+        self.sync()?;
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("ref-{}-{n}", std::process::id()));
+        write_file_synced(&tmp, format!("{id}\n").as_bytes())?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(format!("ref {name}"), e))?;
+        sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    /// Removes a ref; its blocks go at the next `gc`.
+    pub fn delete_ref(&self, name: &str) -> Result<bool> {
+        let _guard = self.ref_lock()?;
+        let path = self.ref_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == IoKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(path.display(), e)),
+        }
+    }
+
+    /// All refs, sorted by name.
+    pub fn list_refs(&self) -> Result<Vec<(String, Hash)>> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+            let entries = fs::read_dir(dir).map_err(|e| Error::io(dir.display(), e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(dir.display(), e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let full = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+                let ty = entry.file_type().map_err(|e| Error::io(entry.path().display(), e))?;
+                if ty.is_dir() {
+                    walk(&entry.path(), &full, out)?;
+                } else if ty.is_file() {
+                    out.push((full, entry.path()));
+                }
+            }
+            Ok(())
+        }
+        let mut files = Vec::new();
+        walk(&self.root.join("refs"), "", &mut files)?;
+        let mut out = Vec::new();
+        for (name, path) in files {
+            let s = fs::read_to_string(&path).map_err(|e| Error::io(path.display(), e))?;
+            let id = s.parse().map_err(|e: Error| e.context(format!("ref {name}")))?;
+            out.push((name, id));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Resolves a ref name, or a full capsule id, to a capsule id.
+    pub fn resolve(&self, name_or_id: &str) -> Result<Hash> {
+        if let Ok(id) = name_or_id.parse::<Hash>() {
+            if self.has_object(&id) {
+                return Ok(id);
+            }
+        }
+        self.read_ref(name_or_id)?
+            .ok_or_else(|| Error::not_found(format!("no capsule named {name_or_id:?} in store {}", self.root.display())))
+    }
+
+    /// Flushes everything written so far to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.lock).map_err(|e| Error::io(format!("syncfs {}", self.root.display()), e.into()))
+    }
+
+    // ---- reachability ----
+
+    /// Calls `on_object` for every metadata object and `on_block` for every block reachable
+    /// from capsule `id` (its ancestors included). Objects may be visited more than once.
+    pub fn walk_capsule(
+        &self,
+        id: &Hash,
+        on_object: &mut dyn FnMut(&Hash) -> Result<()>,
+        on_block: &mut dyn FnMut(&str, u64, &Hash) -> Result<()>,
+    ) -> Result<()> {
+        let mut seen_layers = HashSet::new();
+        let mut next = Some(*id);
+        let mut depth = 0;
+        while let Some(cid) = next {
+            depth += 1;
+            if depth > crate::manifest::MAX_CHAIN {
+                return Err(Error::corrupt(format!("capsule {id}: ancestry longer than {}", crate::manifest::MAX_CHAIN)));
+            }
+            on_object(&cid)?;
+            let m = self.manifest(&cid)?;
+            for (what, image) in m.images() {
+                let mut layer_id = image.top;
+                while let Some(lid) = layer_id {
+                    if !seen_layers.insert(lid) {
+                        break;
+                    }
+                    on_object(&lid)?;
+                    let layer = self.layer(&lid).with_context(|| format!("capsule {} ({cid}): {what}", m.name))?;
+                    let label = format!("capsule {} ({}): {what}", m.name, cid.short());
+                    map::walk(self, &layer.map, on_object, &mut |index, entry| match entry {
+                        Entry::Data(h) => on_block(&label, index, &h),
+                        Entry::Zero => Ok(()),
+                    })
+                    .with_context(|| format!("{label}: layer {lid}"))?;
+                    layer_id = layer.parent;
+                }
+            }
+            next = m.parent;
+        }
+        Ok(())
+    }
+
+    /// Removes every block and object no ref reaches. Waits for other users of the store.
+    pub fn gc(&self) -> Result<GcStats> {
+        flock(&self.lock, FlockOperation::LockExclusive).map_err(|e| Error::io("store lock", e.into()))?;
+        let result = self.gc_locked();
+        let _ = flock(&self.lock, FlockOperation::LockShared);
+        result
+    }
+
+    fn gc_locked(&self) -> Result<GcStats> {
+        let mut live_objects = HashSet::new();
+        let mut live_blocks = HashSet::new();
+        for (name, id) in self.list_refs()? {
+            self.walk_capsule(
+                &id,
+                &mut |h| {
+                    live_objects.insert(*h);
+                    Ok(())
+                },
+                &mut |_, _, h| {
+                    live_blocks.insert(*h);
+                    Ok(())
+                },
+            )
+            .with_context(|| format!("gc: ref {name} is damaged; nothing was removed"))?;
+        }
+        let mut stats = GcStats::default();
+        for (dir, live, removed) in [("blocks", &live_blocks, &mut stats.blocks_removed), ("objects", &live_objects, &mut stats.objects_removed)] {
+            for (path, h) in self.list_dir_hashes(dir)? {
+                if live.contains(&h) {
+                    if dir == "blocks" {
+                        stats.blocks_kept += 1;
+                    }
+                    continue;
+                }
+                let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&path).map_err(|e| Error::io(path.display(), e))?;
+                *removed += 1;
+                stats.bytes_freed += len;
+            }
+        }
+        Self::clear_tmp(&self.root)?;
+        self.sync()?;
+        Ok(stats)
+    }
+
+    /// Every file under `blocks/` or `objects/` with the hash its name claims.
+    pub fn list_dir_hashes(&self, dir: &str) -> Result<Vec<(PathBuf, Hash)>> {
+        let mut out = Vec::new();
+        let top = self.root.join(dir);
+        for sub in fs::read_dir(&top).map_err(|e| Error::io(top.display(), e))?.flatten() {
+            for f in fs::read_dir(sub.path()).map_err(|e| Error::io(sub.path().display(), e))?.flatten() {
+                if let Ok(h) = f.file_name().to_string_lossy().parse::<Hash>() {
+                    out.push((f.path(), h));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl PageSource for Store {
+    fn page(&self, id: &Hash) -> Result<Arc<MapPage>> {
+        if let Some(p) = self.pages.get(id) {
+            return Ok(p);
+        }
+        let bytes = self.read_object(id)?;
+        let page: MapPage = envelope::decode_verified(ObjectKind::MapPage, id, &bytes)?;
+        page.validate().with_context(|| format!("map page {id}"))?;
+        let page = Arc::new(page);
+        self.pages.insert(*id, page.clone());
+        Ok(page)
+    }
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path.display(), e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path.display(), e))?;
+    f.sync_all().map_err(|e| Error::io(path.display(), e))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir.display(), e))
+}
