@@ -1,1 +1,466 @@
-fn main() {}
+//! `capsule`: the command-line front end. Library crates do the work; this file parses
+//! arguments, shows progress and prints results.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use capsule_images::{self as images, CapsuleSpec, Hash, Image, Manifest, Store};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+mod progress;
+
+#[derive(Parser, Debug)]
+#[command(name = "capsule", version, about = "Move whole virtual machines over slow links and run them before they arrive")]
+struct Cli {
+    /// Store directory [default: $CAPSULE_STORE, else ~/.local/share/capsule]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Import disks (raw or qcow2 chains), memory, device state and boot files as a capsule
+    Import {
+        /// Name of the new capsule (a ref in the store)
+        name: String,
+        /// A disk: [DISKNAME=]PATH (raw, or qcow2 with its backing chain); repeatable
+        #[arg(long = "disk", value_name = "[NAME=]PATH", required = true)]
+        disks: Vec<String>,
+        /// Guest RAM image
+        #[arg(long, value_name = "PATH")]
+        memory: Option<PathBuf>,
+        /// Hypervisor device state (e.g. a QEMU migration stream)
+        #[arg(long, value_name = "PATH")]
+        devstate: Option<PathBuf>,
+        /// Kernel for direct boot
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line
+        #[arg(long, value_name = "STR")]
+        cmdline: Option<String>,
+        /// Derive from this capsule: same-named disks store only blocks that differ
+        #[arg(long, value_name = "NAME")]
+        parent: Option<String>,
+        /// Block size, a power of two from 4K to 1M [default: parent's, else 64K]
+        #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
+        block_size: Option<u8>,
+        /// Virtual CPUs for the VM description
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Guest RAM for the VM description (e.g. 256M)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        ram: Option<u64>,
+        /// Preferred hypervisor (qemu, cloud-hypervisor)
+        #[arg(long)]
+        hypervisor: Option<String>,
+        /// Extra hint KEY=VALUE for the VM description; repeatable
+        #[arg(long = "hint", value_name = "KEY=VALUE")]
+        hints: Vec<String>,
+    },
+    /// List capsules in the store
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a capsule's manifest, layers and sizes
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every object and block of a capsule (or, without NAME, of every ref and every file)
+    Verify {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a capsule's files to a directory
+    Export {
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Raw)]
+        format: ExportFormat,
+    },
+    /// Remove blocks and objects that no ref reaches
+    Gc,
+    /// Remove a ref (its blocks go at the next gc)
+    Rm { name: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ExportFormat {
+    Raw,
+    Qcow2,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?} (try 64K, 1M, 2G)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+fn parse_block_size(s: &str) -> Result<u8, String> {
+    let n = parse_size(s)?;
+    if !n.is_power_of_two() || !(4096..=1 << 20).contains(&n) {
+        return Err(format!("block size {s} must be a power of two from 4K to 1M"));
+    }
+    Ok(n.trailing_zeros() as u8)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("capsule: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_store(dir: Option<PathBuf>) -> Result<Store> {
+    let dir = dir.unwrap_or_else(Store::default_dir);
+    Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let store = open_store(cli.store)?;
+    match cli.command {
+        Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints } => {
+            let mut spec = CapsuleSpec {
+                name: name.clone(),
+                memory,
+                devstate,
+                kernel,
+                initrd,
+                cmdline,
+                parent,
+                block_size_log2: block_size,
+                cpus,
+                memory_mib: ram.map(|b| b >> 20),
+                hypervisor,
+                ..Default::default()
+            };
+            for d in &disks {
+                spec.disks.push(parse_disk_arg(d)?);
+            }
+            for h in &hints {
+                let (k, v) = h.split_once('=').with_context(|| format!("--hint {h:?}: expected KEY=VALUE"))?;
+                spec.hints.push((k.to_string(), v.to_string()));
+            }
+            let progress = progress::Bar::new();
+            let report = images::import_capsule(&store, &spec, &progress).with_context(|| format!("importing capsule {name}"))?;
+            print_import(&name, &report);
+        }
+        Command::Ls { json } => {
+            let refs = store.list_refs()?;
+            if json {
+                let list: Vec<_> = refs
+                    .iter()
+                    .map(|(n, id)| {
+                        let m = store.manifest(id).ok();
+                        json!({"name": n, "id": id.to_hex(), "parent": m.as_ref().and_then(|m| m.parent).map(|p| p.to_hex()),
+                               "created_unix": m.as_ref().map(|m| m.created_unix)})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<24} {:<14} {:<14} {:>10}  DISKS", "NAME", "ID", "PARENT", "SIZE");
+                for (n, id) in refs {
+                    match store.manifest(&id) {
+                        Ok(m) => {
+                            let size: u64 = m.disks.iter().map(|d| d.image.size).sum();
+                            let disks: Vec<_> = m.disks.iter().map(|d| d.name.as_str()).collect();
+                            let parent = m.parent.map(|p| p.short()).unwrap_or_else(|| "-".into());
+                            println!("{n:<24} {:<14} {parent:<14} {:>10}  {}", id.short(), human(size), disks.join(","));
+                        }
+                        Err(e) => println!("{n:<24} {:<14} DAMAGED: {e}", id.short()),
+                    }
+                }
+            }
+        }
+        Command::Inspect { name, json } => {
+            let id = store.resolve(&name)?;
+            let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
+            let view = inspect_json(&store, &id, &m)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_inspect(&view);
+            }
+        }
+        Command::Verify { name, json } => {
+            let targets = match &name {
+                Some(n) => vec![(n.clone(), store.resolve(n)?)],
+                None => store.list_refs()?,
+            };
+            let mut failed = false;
+            let mut out = Vec::new();
+            for (n, id) in &targets {
+                let r = images::verify_capsule(&store, n, id);
+                failed |= !r.ok();
+                if !json {
+                    report_verify(&format!("capsule {n} ({})", id.short()), &r);
+                }
+                out.push(json!({"name": n, "id": id.to_hex(), "report": r}));
+            }
+            if name.is_none() {
+                let r = images::verify_store_files(&store)?;
+                failed |= !r.ok();
+                if !json {
+                    report_verify(&format!("store {}", store.root().display()), &r);
+                }
+                out.push(json!({"store": store.root(), "report": r}));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Export { name, out, format } => {
+            let id = store.resolve(&name)?;
+            let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
+            export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))?;
+        }
+        Command::Gc => {
+            let s = store.gc()?;
+            println!(
+                "gc: kept {} blocks, removed {} blocks and {} objects, freed {}",
+                s.blocks_kept,
+                s.blocks_removed,
+                s.objects_removed,
+                human(s.bytes_freed)
+            );
+        }
+        Command::Rm { name } => {
+            if !store.delete_ref(&name)? {
+                bail!("no capsule named {name:?} in store {}", store.root().display());
+            }
+            println!("removed ref {name}; run `capsule gc` to free its blocks");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_disk_arg(arg: &str) -> Result<(String, PathBuf)> {
+    if let Some((name, path)) = arg.split_once('=') {
+        if !name.contains('/') {
+            return Ok((name.to_string(), PathBuf::from(path)));
+        }
+    }
+    let path = PathBuf::from(arg);
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let name = name.trim_start_matches('.').to_string();
+    if name.is_empty() {
+        bail!("--disk {arg:?}: cannot derive a disk name; use NAME=PATH");
+    }
+    Ok((name, path))
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn print_import(name: &str, r: &images::ImportReport) {
+    for (what, s) in &r.images {
+        println!(
+            "{what}: {} in {} blocks: {} zero, {} unchanged from parent, {} mapped ({} new, {} already stored), {} stored",
+            human(s.logical_bytes),
+            s.blocks,
+            s.zero_blocks,
+            s.unchanged_blocks,
+            s.mapped_blocks,
+            s.new_blocks,
+            s.deduplicated_blocks,
+            human(s.stored_bytes)
+        );
+    }
+    if r.shared_layers > 0 {
+        println!("{} layer(s) were already in the store and are shared", r.shared_layers);
+    }
+    println!("imported {name} as {} (manifest {} bytes)", r.id, r.manifest_bytes);
+}
+
+fn image_json(store: &Store, image: &Image) -> Result<serde_json::Value> {
+    let reader = images::ImageReader::open(store, *image)?;
+    let mut layers = Vec::new();
+    let mut metadata_bytes = 0;
+    for (id, layer) in reader.chain() {
+        let mut pages = 0u64;
+        let mut page_bytes = 0u64;
+        images::map::walk(
+            store,
+            &layer.map,
+            &mut |p| {
+                pages += 1;
+                page_bytes += store.object_size(p)?;
+                Ok(())
+            },
+            &mut |_, _| Ok(()),
+        )?;
+        metadata_bytes += page_bytes + store.object_size(id)?;
+        layers.push(json!({"id": id.to_hex(), "mapped_blocks": layer.mapped, "map_pages": pages, "map_bytes": page_bytes}));
+    }
+    Ok(json!({
+        "size": image.size,
+        "block_size": image.block_size(),
+        "blocks": image.block_count(),
+        "top_layer": image.top.map(|h| h.to_hex()),
+        "layers": layers,
+        "metadata_bytes": metadata_bytes,
+    }))
+}
+
+fn inspect_json(store: &Store, id: &Hash, m: &Manifest) -> Result<serde_json::Value> {
+    let mut disks = Vec::new();
+    for d in &m.disks {
+        disks.push(json!({"name": d.name, "image": image_json(store, &d.image)?}));
+    }
+    let opt = |i: Option<Image>| -> Result<serde_json::Value> { Ok(i.map(|i| image_json(store, &i)).transpose()?.unwrap_or(serde_json::Value::Null)) };
+    let boot = match &m.boot {
+        Some(b) => json!({"kernel": image_json(store, &b.kernel)?, "initrd": opt(b.initrd)?, "cmdline": b.cmdline}),
+        None => serde_json::Value::Null,
+    };
+    Ok(json!({
+        "name": m.name,
+        "id": id.to_hex(),
+        "parent": m.parent.map(|p| p.to_hex()),
+        "created_unix": m.created_unix,
+        "manifest_bytes": store.object_size(id)?,
+        "vm": {"cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints},
+        "disks": disks,
+        "memory": opt(m.memory)?,
+        "devstate": opt(m.devstate)?,
+        "boot": boot,
+    }))
+}
+
+fn print_inspect(v: &serde_json::Value) {
+    println!("capsule  {}", v["name"].as_str().unwrap_or_default());
+    println!("id       {}", v["id"].as_str().unwrap_or_default());
+    println!("parent   {}", v["parent"].as_str().unwrap_or("-"));
+    println!("created  {} (unix)", v["created_unix"]);
+    println!("manifest {} bytes", v["manifest_bytes"]);
+    let vm = &v["vm"];
+    println!("vm       {} cpu(s), {} MiB RAM, hypervisor {}", vm["cpus"], vm["memory_mib"], vm["hypervisor"].as_str().unwrap_or("any"));
+    let show = |label: &str, img: &serde_json::Value| {
+        if img.is_null() {
+            return;
+        }
+        println!(
+            "{label:<16} {:>10}  block {:>7}  {} layer(s), metadata {} bytes",
+            human(img["size"].as_u64().unwrap_or(0)),
+            human(img["block_size"].as_u64().unwrap_or(0)),
+            img["layers"].as_array().map_or(0, Vec::len),
+            img["metadata_bytes"]
+        );
+        for l in img["layers"].as_array().into_iter().flatten() {
+            println!("    layer {}  maps {} blocks", &l["id"].as_str().unwrap_or_default()[..12], l["mapped_blocks"]);
+        }
+    };
+    for d in v["disks"].as_array().into_iter().flatten() {
+        show(&format!("disk {}", d["name"].as_str().unwrap_or_default()), &d["image"]);
+    }
+    show("memory", &v["memory"]);
+    show("devstate", &v["devstate"]);
+    if !v["boot"].is_null() {
+        show("kernel", &v["boot"]["kernel"]);
+        show("initrd", &v["boot"]["initrd"]);
+        println!("cmdline  {}", v["boot"]["cmdline"].as_str().unwrap_or_default());
+    }
+}
+
+fn report_verify(what: &str, r: &images::VerifyReport) {
+    if r.ok() {
+        println!("{what}: ok ({} blocks, {}, {} objects)", r.blocks_checked, human(r.bytes_checked), r.objects_checked);
+    } else {
+        println!("{what}: {} problem(s)", r.problem_count);
+        for p in &r.problems {
+            println!("  {p}");
+        }
+    }
+}
+
+fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format: ExportFormat) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let progress = progress::Bar::new();
+    for d in &m.disks {
+        match format {
+            ExportFormat::Raw => {
+                let path = out.join(format!("{}.raw", d.name));
+                images::export::export_raw(store, &d.image, &path, &progress).with_context(|| format!("disk {}", d.name))?;
+                println!("{}", path.display());
+            }
+            ExportFormat::Qcow2 => {
+                let files = images::qcow2::export_chain(store, &d.image, out, &d.name).with_context(|| format!("disk {}", d.name))?;
+                for f in files {
+                    println!("{}", f.display());
+                }
+            }
+        }
+    }
+    let mut blobs: Vec<(&str, Image)> = Vec::new();
+    if let Some(i) = m.memory {
+        blobs.push(("memory.raw", i));
+    }
+    if let Some(i) = m.devstate {
+        blobs.push(("devstate.bin", i));
+    }
+    if let Some(b) = &m.boot {
+        blobs.push(("vmlinuz", b.kernel));
+        if let Some(i) = b.initrd {
+            blobs.push(("initrd.img", i));
+        }
+    }
+    for (file, image) in blobs {
+        let path = out.join(file);
+        images::export::export_raw(store, &image, &path, &progress).with_context(|| file.to_string())?;
+        println!("{}", path.display());
+    }
+    let desc = json!({
+        "capsule": m.name, "id": id.to_hex(), "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib,
+        "hypervisor": m.vm.hypervisor, "hints": m.vm.hints,
+        "disks": m.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+        "cmdline": m.boot.as_ref().map(|b| b.cmdline.clone()),
+    });
+    let path = out.join("capsule.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&desc)? + "\n").with_context(|| path.display().to_string())?;
+    println!("{}", path.display());
+    Ok(())
+}

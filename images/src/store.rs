@@ -516,3 +516,50 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir.display(), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (Hash([1; 32]), Hash([2; 32]));
+        store.cas_ref("team/app", None, &a).unwrap();
+        let err = store.cas_ref("team/app", None, &b).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        store.cas_ref("team/app", Some(&a), &b).unwrap();
+        assert_eq!(store.read_ref("team/app").unwrap(), Some(b));
+        assert_eq!(store.list_refs().unwrap(), vec![("team/app".to_string(), b)]);
+        assert!(store.read_ref("../etc").is_err());
+    }
+
+    #[test]
+    fn blocks_are_verified_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = vec![9u8; 8192];
+        let put = store.put_block(&data).unwrap();
+        let Entry::Data(h) = put.entry else { panic!("not stored") };
+        assert_eq!(store.get_block(&h).unwrap(), data);
+        assert_eq!(store.put_block(&[0; 4096]).unwrap().entry, Entry::Zero);
+        let path = store.block_path(&h);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let err = store.get_block(&h).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains(&h.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn leftover_tmp_files_are_cleared_when_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        fs::write(dir.path().join("tmp/123-4"), b"partial").unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        assert!(!dir.path().join("tmp/123-4").exists());
+    }
+}

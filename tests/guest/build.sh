@@ -39,7 +39,11 @@ complete && exit 0
 rm -f "$OUT/.complete"
 rm -rf "$OUT"/.stage.* "$OUT"/debs/.dl.*   # leftovers of a killed build (we hold the lock)
 STAGE=$(mktemp -d "$OUT/.stage.XXXXXX")
-trap 'rm -rf "$STAGE"' EXIT
+DL=
+cleanup() { rm -rf "$STAGE" ${DL:+"$DL"}; }
+trap cleanup EXIT
+trap 'exit 130' INT   # run the EXIT cleanup on Ctrl-C / kill too
+trap 'exit 143' TERM
 
 DISK_MB=128
 PAYLOAD_MB=48
@@ -70,9 +74,10 @@ if [ -n "$KPKG" ]; then
     # Download beside the cache and rename, so a half-downloaded .deb is never "cached".
     DL=$(mktemp -d "$OUT/debs/.dl.XXXXXX")
     # Sandbox user root: _apt cannot write into our private temp dir (apt would only warn).
-    (cd "$DL" && apt-get download -q -o APT::Sandbox::User=root "$KPKG") || { rm -rf "$DL"; die "apt-get download $KPKG failed"; }
+    (cd "$DL" && apt-get download -q -o APT::Sandbox::User=root "$KPKG") || die "apt-get download $KPKG failed"
     mv "$DL"/*.deb "$OUT/debs/"
     rm -rf "$DL"
+    DL=
     KDEB=$(find "$OUT/debs" -maxdepth 1 -name "${KPKG}_*_amd64.deb" | sort -V | tail -n1)
   fi
 else
@@ -294,10 +299,10 @@ prng "$U/pkg-2.bin" $((3 * 1024 * 1024)) pkg-2-v1
 cp --sparse=always "$STAGE/disk.raw" "$STAGE/disk-update.raw"
 debugfs -w -f - "$STAGE/disk-update.raw" > "$B/debugfs.log" 2>&1 <<EOF
 rm /etc/os-release
-write $U/os-release /etc/os-release
+write "$U/os-release" /etc/os-release
 rm /usr/lib/update/pkg-1.bin
-write $U/pkg-1.bin /usr/lib/update/pkg-1.bin
-write $U/pkg-2.bin /usr/lib/update/pkg-2.bin
+write "$U/pkg-1.bin" /usr/lib/update/pkg-1.bin
+write "$U/pkg-2.bin" /usr/lib/update/pkg-2.bin
 rm /usr/share/testguest/obsolete.txt
 $(printf '%s\n' /etc/os-release /usr/lib/update/pkg-1.bin /usr/lib/update/pkg-2.bin | pin)
 EOF
