@@ -13,10 +13,12 @@
 #   build/           intermediate trees (kernel-deb, rootfs, initramfs)
 #   .complete        sha256 of this script; present only after a successful build
 #
-# Everything except the kernel is reproducible: fixed UUID/hash seed, fixed timestamps,
-# seeded pseudo-random content. Needs: apt-get, dpkg, busybox-static, cpio, gzip,
-# e2fsprogs (mke2fs -d, debugfs), openssl, xz-utils. Needs neither root nor loop mounts.
-# The guest's /sbin/init is driven by the kernel command line: see ROOT_INIT below.
+# Reproducible: with the same kernel .deb and host busybox, every output is byte-identical
+# (fixed UUID/hash seed/timestamps/owners, seeded pseudo-random content), so block-level
+# comparisons between builds and machines are meaningful. Needs: apt-get, dpkg,
+# busybox-static, cpio, gzip, e2fsprogs (mke2fs -d, debugfs), openssl, xz-utils; neither
+# root nor loop mounts. The guest's modes (kernel command line) are documented in the
+# /sbin/init heredoc below.
 set -euo pipefail
 
 die() { echo "build.sh: $*" >&2; exit 1; }
@@ -278,7 +280,7 @@ debugfs_ok() {
     cat "$1" >&2; die "debugfs failed"
   fi
 }
-fsck() { e2fsck -fn "$1" > "$B/fsck.log" 2>&1 || { cat "$B/fsck.log" >&2; die "e2fsck -fn $1 failed"; }; }
+check_fs() { e2fsck -fn "$1" > "$B/fsck.log" 2>&1 || { cat "$B/fsck.log" >&2; die "e2fsck -fn $1 failed"; }; }
 # mke2fs 1.47.0 copies each source file's ctime (which touch cannot set) and owner, and
 # has no SOURCE_DATE_EPOCH support: pin them afterwards so that any builder, root or not,
 # gets identical blocks (and a root-owned guest).
@@ -286,7 +288,7 @@ pin() { while read -r p; do echo "sif $p ctime @$EPOCH"; echo "sif $p uid 0"; ec
 (cd "$R" && find . -mindepth 1 | LC_ALL=C sort | sed 's|^\.||' | pin) |
   debugfs -w -f - "$STAGE/disk.raw" > "$B/debugfs-pin.log" 2>&1
 debugfs_ok "$B/debugfs-pin.log"
-fsck "$STAGE/disk.raw"
+check_fs "$STAGE/disk.raw"
 
 ############ updated disk ############
 # Simulated package update applied offline with debugfs (no loop mount): most blocks stay
@@ -307,7 +309,7 @@ rm /usr/share/testguest/obsolete.txt
 $(printf '%s\n' /etc/os-release /usr/lib/update/pkg-1.bin /usr/lib/update/pkg-2.bin | pin)
 EOF
 debugfs_ok "$B/debugfs.log"
-fsck "$STAGE/disk-update.raw"
+check_fs "$STAGE/disk-update.raw"
 for p in /etc/os-release /usr/lib/update/pkg-1.bin /usr/lib/update/pkg-2.bin; do
   debugfs -R "stat $p" "$STAGE/disk-update.raw" 2>/dev/null | grep -q '^Inode:' || die "update lost $p"
 done

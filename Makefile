@@ -1,0 +1,33 @@
+# Capsule: `make demo` runs the main job, `make test` runs every test. Both install what
+# they need first (apt packages, Rust crates, the test guest).
+
+CARGO ?= cargo
+GUEST := target/guest
+export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
+
+.PHONY: all setup build guest test demo bench clean
+
+all: build
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+guest: setup
+	bash tests/guest/build.sh $(GUEST)
+
+test: setup guest
+	bash scripts/test.sh
+
+demo: setup guest
+	$(CARGO) build
+	bash scripts/demo.sh
+
+bench: setup guest
+	$(CARGO) build --release
+	bash scripts/bench-format.sh | tee target/bench-format.md
+
+clean:
+	$(CARGO) clean

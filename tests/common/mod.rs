@@ -1,0 +1,149 @@
+//! Helpers shared by the end-to-end tests: run the real `capsule` binary on real files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The built `capsule` binary with `--store STORE`.
+pub fn capsule(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_capsule"));
+    c.arg("--store").arg(store);
+    c
+}
+
+/// Runs and returns (success, stdout + stderr).
+pub fn run(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("spawn capsule");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out, text)
+}
+
+/// Runs and panics with the output unless it succeeded.
+pub fn ok(cmd: &mut Command) -> String {
+    let (out, text) = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// Runs, expects failure with exit code 1 (an error, not a panic), returns the output.
+pub fn fails(cmd: &mut Command) -> String {
+    let (out, text) = run(cmd);
+    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail cleanly:\n{text}");
+    assert!(!text.contains("panicked"), "{cmd:?} panicked:\n{text}");
+    text
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The test guest built by `make guest` (tests/guest/build.sh).
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("CAPSULE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"));
+    assert!(
+        dir.join(".complete").exists(),
+        "test guest missing at {}: run `make guest` (make test does it for you)",
+        dir.display()
+    );
+    dir
+}
+
+/// `capsule inspect NAME --json`.
+pub fn inspect(store: &Path, name: &str) -> serde_json::Value {
+    let text = ok(capsule(store).args(["inspect", name, "--json"]));
+    serde_json::from_str(&text).expect("inspect --json output")
+}
+
+/// Runs an external tool and panics with its output unless it succeeded.
+pub fn tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Files in the store's blocks/ directory.
+pub fn stored_blocks(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(store.join("blocks")).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A QEMU process killed when dropped, so a failing test leaves none behind.
+pub struct Qemu(pub std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots the test guest's kernel and initrd under TCG with `drive` (a `-drive` value) and
+/// extra kernel arguments; returns the console output once `until` appears or the guest
+/// powers off, panicking after `timeout_s`.
+pub fn boot_guest(kernel: &Path, initrd: &Path, drive: &str, append: &str, until: &str, timeout_s: u64) -> String {
+    use std::io::Read;
+    use std::process::Stdio;
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nic", "none", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {append}"))
+        .arg("-drive")
+        .arg(drive)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64 (make setup installs it)");
+    let mut qemu = Qemu(child);
+    let mut stdout = qemu.0.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let mut console = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => {
+                console.extend(chunk);
+                if String::from_utf8_lossy(&console).contains(until) {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("guest did not print {until:?} within {timeout_s} s; console:\n{}", String::from_utf8_lossy(&console))
+            }
+        }
+    }
+    drop(qemu);
+    String::from_utf8_lossy(&console).replace('\r', "")
+}
