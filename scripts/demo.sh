@@ -34,6 +34,6 @@ timeout --foreground 120 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reb
   -kernel "$D/export/vmlinuz" -initrd "$D/export/initrd.img" \
   -append "console=ttyS0 quiet panic=-1 gmode=boot" \
   -drive "file=$D/export/root.qcow2,format=qcow2,if=virtio,snapshot=on" </dev/null \
-  | tr -d '\r' | grep -a --line-buffered -E 'CAPSULE-GUEST' || true
+  | tr -d '\r' | grep -ao --line-buffered -E 'CAPSULE-GUEST-[A-Z]+ .*' || true
 echo
 echo "demo store: $D/store"

@@ -63,6 +63,9 @@ enum Command {
         /// Extra hint KEY=VALUE for the VM description; repeatable
         #[arg(long = "hint", value_name = "KEY=VALUE")]
         hints: Vec<String>,
+        /// Print the import report as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// List capsules in the store
     Ls {
@@ -148,7 +151,7 @@ fn open_store(dir: Option<PathBuf>) -> Result<Store> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let store = open_store(cli.store)?;
     match cli.command {
-        Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints } => {
+        Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints, json } => {
             let mut spec = CapsuleSpec {
                 name: name.clone(),
                 memory,
@@ -172,7 +175,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let progress = progress::Bar::new();
             let report = images::import_capsule(&store, &spec, &progress).with_context(|| format!("importing capsule {name}"))?;
-            print_import(&name, &report);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_import(&name, &report);
+            }
         }
         Command::Ls { json } => {
             let refs = store.list_refs()?;

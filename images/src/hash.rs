@@ -1,14 +1,35 @@
 //! BLAKE3 names for blocks and objects.
 
-use serde::{Deserialize, Serialize};
+use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
 /// A BLAKE3-256 digest naming a block (by its raw content) or an object (by its encoding).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hash(pub [u8; 32]);
+
+/// 32 raw bytes in binary formats (postcard), a hex string in JSON.
+impl Serialize for Hash {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        if d.is_human_readable() {
+            String::deserialize(d)?.parse().map_err(D::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(Hash)
+        }
+    }
+}
 
 impl Hash {
     /// The hash of `data`.

@@ -1,0 +1,65 @@
+#!/bin/bash
+# Block-size benchmark of the capsule format (make bench): for the test guest disk and its
+# update, at 4K..1M blocks, what the manifest, maps and blocks cost, what the child adds
+# over its parent, and import speed. casync (content-defined chunking) runs side by side
+# in the same run on the same files as the peer. Prints a Markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+G=${CAPSULE_GUEST_DIR:-target/guest}
+BIN=${CAPSULE_BIN:-target/release/capsule}
+W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+command -v casync >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends casync >/dev/null
+
+now() { date +%s.%N; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1048576 }'; }
+dir_bytes() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'; }
+size=$(stat -c %s "$G/disk.raw")
+
+# Warm the page cache so every run reads the inputs from memory alike.
+cat "$G/disk.raw" "$G/disk-update.raw" >/dev/null
+
+# The peer first: casync with its default chunker (64 KiB average) and compression.
+S=$W/casync; mkdir -p "$S/store"
+t0=$(now); casync make --store="$S/store" "$S/base.caibx" "$G/disk.raw" >/dev/null; t1=$(now)
+cz_base=$(dir_bytes "$S/store"); cz_index=$(stat -c %s "$S/base.caibx")
+casync make --store="$S/store" "$S/update.caibx" "$G/disk-update.raw" >/dev/null
+cz_child=$(( $(dir_bytes "$S/store") - cz_base ))
+cz_secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+cz_rate=$(awk -v s="$size" -v t="$cz_secs" 'BEGIN { printf "%.0f", s / t / 1e6 }')
+
+# Which disk bytes a real boot reads: QEMU's block-layer trace of one TCG boot.
+timeout --foreground 120 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \
+  -kernel "$G/vmlinuz" -initrd "$G/initrd.gz" -append "console=ttyS0 quiet panic=-1 gmode=boot" \
+  -drive "file=$G/disk.raw,format=raw,if=virtio,readonly=on" \
+  -trace bdrv_co_preadv_part -D "$W/boot-trace.log" </dev/null >"$W/boot-console.log" 2>&1 || true
+grep -q 'CAPSULE-GUEST-MARKER boot-ok' "$W/boot-console.log" || { echo "bench: guest did not boot" >&2; exit 1; }
+# boot_blocks BS: distinct blocks of size BS the boot touched, and their MiB.
+boot_blocks() {
+  awk -v bs="$1" '/offset/ { for (i = 1; i <= NF; i++) { if ($i == "offset") o = $(i+1); if ($i == "bytes") n = $(i+1) }
+      for (b = int(o / bs); b <= int((o + n - 1) / bs); b++) seen[b] = 1 }
+    END { c = 0; for (k in seen) c++; printf "%d (%.2f MiB)", c, c * bs / 1048576 }' "$W/boot-trace.log"
+}
+to_bytes() { case $1 in *K) echo $(( ${1%K} * 1024 ));; *M) echo $(( ${1%M} * 1048576 ));; esac; }
+
+echo "Test guest: disk.raw $(mib "$size") MiB, update changes $(cmp -l "$G/disk.raw" "$G/disk-update.raw" | wc -l) bytes."
+echo
+echo "| block size | manifest B | base maps B | base stored MiB | child: blocks | child adds MiB (blocks + maps) | boot reads: blocks (MiB) | import MB/s | import time / casync |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for bs in 4K 16K 64K 256K 1M; do
+  S=$W/$bs
+  t0=$(now)
+  base=$("$BIN" --store "$S" import base --block-size "$bs" --disk "root=$G/disk.raw" --json)
+  t1=$(now)
+  child=$("$BIN" --store "$S" import update --parent base --disk "root=$G/disk-update.raw" --json)
+  secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+  rate=$(awk -v s="$size" -v t="$secs" 'BEGIN { printf "%.0f", s / t / 1e6 }')
+  ratio=$(awk -v a="$secs" -v b="$cz_secs" 'BEGIN { printf "%.2f", a / b }')
+  m_bytes=$(jq '.manifest_bytes' <<<"$base")
+  b_meta=$(jq '.images[0][1].metadata_bytes' <<<"$base")
+  b_stored=$(jq '.images[0][1].stored_bytes' <<<"$base")
+  c_blocks=$(jq '.images[0][1].mapped_blocks' <<<"$child")
+  c_bytes=$(jq '.images[0][1].stored_bytes + .images[0][1].metadata_bytes + .manifest_bytes' <<<"$child")
+  echo "| $bs | $m_bytes | $b_meta | $(mib "$b_stored") | $c_blocks | $(mib "$c_bytes") | $(boot_blocks "$(to_bytes "$bs")") | $rate | $ratio |"
+done
+echo "| casync (peer) | - | $cz_index (index) | $(mib "$cz_base") | - | $(mib "$cz_child") | - | $cz_rate | 1.00 |"
