@@ -22,6 +22,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Import disks (raw or qcow2 chains), memory, device state and boot files as a capsule
     Import {

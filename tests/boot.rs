@@ -1,5 +1,6 @@
 //! The test guest, imported with its update as a child capsule and exported as a qcow2
 //! chain, boots in a real QEMU (TCG) to its marker.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

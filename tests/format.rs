@@ -1,5 +1,6 @@
 //! End-to-end tests of the capsule format, store, importers and exporters through the
 //! real `capsule` binary, real files, and real qemu-img.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

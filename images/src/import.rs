@@ -20,6 +20,9 @@ use crate::store::Store;
 pub const DEFAULT_BLOCK_SIZE_LOG2: u8 = 16;
 const BATCH: u64 = 16;
 
+/// What one import worker produced: its map entries (unsorted) and counters.
+type WorkerOutput = (Vec<(u64, Entry)>, ImportStats);
+
 /// Reports progress of long operations (a progress bar on a TTY, nothing otherwise).
 pub trait Progress: Sync {
     /// A new phase over `total` bytes begins.
@@ -116,7 +119,7 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
 
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
-    let worker = || -> Result<(Vec<(u64, Entry)>, ImportStats)> {
+    let worker = || -> Result<WorkerOutput> {
         let mut entries = Vec::new();
         let mut stats = ImportStats::default();
         let mut buf = vec![0u8; bs as usize];
@@ -167,7 +170,7 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
             }
         }
     };
-    let results: Vec<Result<(Vec<(u64, Entry)>, ImportStats)>> = std::thread::scope(|s| {
+    let results: Vec<Result<WorkerOutput>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
