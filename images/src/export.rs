@@ -9,6 +9,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::image::ImageReader;
 use crate::import::Progress;
 use crate::manifest::Image;
+use crate::parallel::run_workers;
 use crate::store::Store;
 
 /// Writes `image` to `out` as a raw file, verifying every block; returns bytes of data written.
@@ -20,13 +21,11 @@ pub fn export_raw(store: &Store, image: &Image, out: &Path, progress: &dyn Progr
     let nblocks = image.block_count();
     let next = AtomicU64::new(0);
     let written = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     progress.begin(&out.display().to_string(), image.size);
-    let work = || -> Result<()> {
+    let work = |stop: &AtomicBool| -> Result<()> {
         loop {
             let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= nblocks || failed.load(Ordering::Relaxed) {
+            if index >= nblocks || stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             let offset = index * bs;
@@ -39,22 +38,9 @@ pub fn export_raw(store: &Store, image: &Image, out: &Path, progress: &dyn Progr
             progress.advance(len);
         }
     };
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let r = work();
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("export worker panicked")))).collect()
-    });
+    let result = run_workers(0, &work);
     progress.end();
-    results.into_iter().collect::<Result<Vec<()>>>()?;
+    result?;
     file.sync_all().map_err(|e| Error::io(out.display(), e))?;
     Ok(written.into_inner())
 }

@@ -14,6 +14,7 @@ use crate::hash::Hash;
 use crate::image::ImageReader;
 use crate::manifest::{check_block_size_log2, check_disk_name, check_name, BootFiles, Disk, Image, Layer, Manifest};
 use crate::map::{self, Entry};
+use crate::parallel::run_workers;
 use crate::store::Store;
 
 /// Default block size (64 KiB); `BENCHMARKS.md` says why.
@@ -115,17 +116,14 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
     let size = file.metadata().map_err(|e| Error::io(path.display(), e))?.len();
     let bs = 1u64 << opts.block_size_log2;
     let nblocks = size.div_ceil(bs);
-    let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.threads };
-
     let next = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let worker = || -> Result<WorkerOutput> {
+    let worker = |stop: &AtomicBool| -> Result<WorkerOutput> {
         let mut entries = Vec::new();
         let mut stats = ImportStats::default();
         let mut buf = vec![0u8; bs as usize];
         loop {
             let start = next.fetch_add(BATCH, Ordering::Relaxed);
-            if start >= nblocks || failed.load(Ordering::Relaxed) {
+            if start >= nblocks || stop.load(Ordering::Relaxed) {
                 return Ok((entries, stats));
             }
             for index in start..(start + BATCH).min(nblocks) {
@@ -170,24 +168,10 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
             }
         }
     };
-    let results: Vec<Result<WorkerOutput>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let r = worker();
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("import worker panicked")))).collect()
-    });
+    let results = run_workers(opts.threads, &worker)?;
     let mut entries = Vec::new();
     let mut stats = ImportStats { logical_bytes: size, blocks: nblocks, ..Default::default() };
-    for r in results {
-        let (e, s) = r?;
+    for (e, s) in results {
         entries.extend(e);
         stats.add(&s);
     }

@@ -16,6 +16,7 @@ pub mod image;
 pub mod import;
 pub mod manifest;
 pub mod map;
+mod parallel;
 pub mod qcow2;
 pub mod store;
 pub mod verify;
