@@ -97,6 +97,77 @@ enum Command {
     Gc,
     /// Remove a ref (its blocks go at the next gc)
     Rm { name: String },
+    /// Serve this store's capsules over QUIC
+    Serve {
+        /// UDP address to listen on
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Allow reads without a token
+        #[arg(long)]
+        public_read: bool,
+    },
+    /// Manage access tokens of this store's server
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Send a capsule to a server; only blocks it lacks travel
+    Push {
+        /// Local capsule
+        name: String,
+        /// capsule://HOST:PORT[/REMOTENAME] (default remote name: the local one)
+        remote: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a capsule (and its ancestors) from a server; only blocks this store lacks travel
+    Pull {
+        /// capsule://HOST:PORT/NAME
+        remote: String,
+        /// Local name [default: the remote name]
+        #[arg(long = "as", value_name = "LOCALNAME")]
+        local: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token; only its hash is kept, so copy it now
+    Create {
+        #[arg(long, value_enum)]
+        scope: ScopeArg,
+        /// Capsule names the token covers start with this
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ScopeArg {
+    Read,
+    Write,
+}
+
+#[derive(clap::Args, Debug)]
+struct ConnArgs {
+    /// Bearer token [default: $CAPSULE_TOKEN]
+    #[arg(long, env = "CAPSULE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Pin the server's certificate SHA-256 instead of trusting on first use
+    #[arg(long, value_name = "HEX")]
+    server_fingerprint: Option<String>,
+}
+
+impl ConnArgs {
+    fn options(&self) -> capsule_net::ConnectOptions {
+        capsule_net::ConnectOptions { token: self.token.clone(), fingerprint: self.server_fingerprint.clone(), known_servers: None }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +335,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
+        Command::Serve { listen, public_read } => serve(store, listen, public_read)?,
+        Command::Token { command: TokenCommand::Create { scope, prefix } } => {
+            let scope = match scope {
+                ScopeArg::Read => capsule_net::auth::Scope::Read,
+                ScopeArg::Write => capsule_net::auth::Scope::Write,
+            };
+            println!("{}", capsule_net::auth::create_token(store.root(), scope, &prefix)?);
+        }
+        Command::Push { name, remote, conn, json } => {
+            let url = capsule_net::RemoteUrl::parse(&remote)?;
+            let remote_name = url.name.clone().unwrap_or_else(|| name.clone());
+            let report = runtime()?.block_on(async {
+                let client = connect(&url, &conn).await?;
+                let r = capsule_net::push(&store, &name, &client, &remote_name, &progress::Bar::new()).await;
+                client.close().await;
+                r.with_context(|| format!("pushing {name} to {remote}"))
+            })?;
+            print_transfer(json, "pushed", &name, &report, None)?;
+        }
+        Command::Pull { remote, local, conn, json } => {
+            let url = capsule_net::RemoteUrl::parse(&remote)?;
+            let remote_name = url.name.clone().with_context(|| format!("{remote}: name the capsule: capsule://HOST:PORT/NAME"))?;
+            let local = local.unwrap_or_else(|| remote_name.clone());
+            let (id, report) = runtime()?.block_on(async {
+                let client = connect(&url, &conn).await?;
+                let r = capsule_net::pull(&client, &remote_name, &store, &local, &progress::Bar::new()).await;
+                client.close().await;
+                r.with_context(|| format!("pulling {remote}"))
+            })?;
+            print_transfer(json, "pulled", &local, &report, Some(id))?;
+        }
         Command::Rm { name } => {
             if !store.delete_ref(&name)? {
                 bail!("no capsule named {name:?} in store {}", store.root().display());
@@ -272,6 +374,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
+    let client = capsule_net::Client::connect(url, &conn.options()).await?;
+    if client.newly_trusted {
+        eprintln!("capsule: trusting new server {} with certificate SHA-256 {} (recorded in known_servers)", url.host_port(), client.fingerprint);
+    }
+    Ok(client)
+}
+
+fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Result<()> {
+    let root = store.root().to_path_buf();
+    let identity = capsule_net::tls::load_or_create_identity(&root)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = capsule_net::Server::bind(identity, listen)?;
+        let addr = server.local_addr()?;
+        println!("capsule: serving {} on {addr}", root.display());
+        println!("capsule: certificate SHA-256 {}", server.fingerprint);
+        if public_read {
+            println!("capsule: reads need no token (--public-read)");
+        }
+        let opts = capsule_net::ServeOptions { listen: addr, public_read, store_root: root };
+        let backend: std::sync::Arc<dyn capsule_net::backend::Backend> = std::sync::Arc::new(store);
+        tokio::select! {
+            r = server.run(backend, opts) => r.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => { println!("capsule: stopping"); Ok(()) }
+        }
+    })
+}
+
+fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net::TransferReport, id: Option<Hash>) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!(
+        "{verb} {name}{}: {} logical, {} blocks sent/received ({} encoded), {} blocks skipped (the other side had them), {} objects; wire: {} sent, {} received",
+        id.map(|i| format!(" ({})", i.short())).unwrap_or_default(),
+        human(r.logical_bytes),
+        r.blocks_transferred,
+        human(r.block_bytes),
+        r.blocks_skipped,
+        r.objects_transferred,
+        human(r.wire_sent),
+        human(r.wire_received)
+    );
+    Ok(())
 }
 
 fn parse_disk_arg(arg: &str) -> Result<(String, PathBuf)> {

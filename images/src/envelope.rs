@@ -51,7 +51,8 @@ impl ObjectKind {
         }
     }
 
-    fn from_u8(v: u8) -> Option<Self> {
+    /// The kind with this wire/disk code.
+    pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Manifest),
             2 => Some(Self::Layer),
@@ -145,6 +146,14 @@ pub fn decode<T: DeserializeOwned>(kind: ObjectKind, bytes: &[u8]) -> Result<T> 
         return Err(Error::corrupt(format!("{}: {} trailing bytes after payload", kind.name(), rest.len())));
     }
     Ok(value)
+}
+
+/// The kind an encoded envelope claims (unverified), if its header is readable.
+pub fn peek_kind(bytes: &[u8]) -> Option<ObjectKind> {
+    if bytes.len() < HEADER_LEN || &bytes[0..4] != MAGIC {
+        return None;
+    }
+    ObjectKind::from_u8(bytes[6])
 }
 
 /// Decodes and also checks that the bytes hash to `id`.

@@ -1,10 +1,29 @@
-//! # capsule-net (stub; filled by the QUIC block service issue)
+//! # capsule-net
 //!
-//! Will hold the wire protocol and the QUIC transport:
-//! - a versioned, framed codec (magic, version, checksum, size caps before allocating)
-//!   and per-request state machines, free of I/O and tested with a simulated pair;
-//! - a thin quinn + rustls layer for `capsule serve`, `push` and `pull`;
-//! - a client implementing the `BlockSource` interface that `capsule-fs` defines.
+//! Capsule's QUIC block service: `capsule serve`, `push` and `pull`.
+//!
+//! - [`frame`]: the wire codec (magic, version, checksum, size caps), free of I/O;
+//! - [`proto`]: requests and responses; [`auth`]: tokens, scopes and prefixes (pure);
+//! - [`server`], [`client`], [`io`]: the thin quinn + rustls layer;
+//! - [`tls`]: the server's self-signed identity, trust on first use, pinning;
+//! - [`backend`]: the storage trait the server serves from (the local store today);
+//! - [`sync`]: push and pull with hash negotiation: only missing blocks travel.
 //!
 //! Blocks travel in the store's encoding (`capsule_images::block`), compressed as stored,
-//! so a server never recompresses.
+//! so a server never recompresses; every received block is verified against its hash.
+
+pub mod auth;
+pub mod backend;
+pub mod client;
+pub mod error;
+pub mod frame;
+pub mod io;
+pub mod proto;
+pub mod server;
+pub mod sync;
+pub mod tls;
+
+pub use client::{Client, ConnectOptions, RemoteUrl};
+pub use error::{Error, ErrorKind, Result};
+pub use server::{ServeOptions, Server};
+pub use sync::{pull, push, TransferReport};

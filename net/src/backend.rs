@@ -1,0 +1,79 @@
+//! What the server serves from: a trait, so an object store can stand in for the local
+//! store later without touching the protocol.
+
+use capsule_images::envelope::ObjectKind;
+use capsule_images::{Hash, Store};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Block, object and ref storage behind `capsule serve`.
+pub trait Backend: Send + Sync + 'static {
+    /// A block as stored (its encoding, compressed or raw).
+    fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>>;
+    /// True if the block is present.
+    fn has_block(&self, hash: &Hash) -> bool;
+    /// Stores a block after verifying it; true if it was new.
+    fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool>;
+    /// An object's envelope.
+    fn read_object(&self, id: &Hash) -> Result<Vec<u8>>;
+    /// True if the object is present.
+    fn has_object(&self, id: &Hash) -> bool;
+    /// Stores an object after checking its id and envelope; true if it was new.
+    fn put_encoded_object(&self, kind: ObjectKind, id: &Hash, bytes: &[u8]) -> Result<bool>;
+    /// Refs, sorted.
+    fn list_refs(&self) -> Result<Vec<(String, Hash)>>;
+    /// A ref's target.
+    fn read_ref(&self, name: &str) -> Result<Option<Hash>>;
+    /// Moves a ref from `old` to `new`, refusing if the capsule is incomplete here.
+    fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> Result<()>;
+}
+
+impl Backend for Store {
+    fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>> {
+        Ok(Store::read_encoded_block(self, hash)?)
+    }
+
+    fn has_block(&self, hash: &Hash) -> bool {
+        Store::has_block(self, hash)
+    }
+
+    fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
+        Ok(Store::put_encoded_block(self, hash, encoded)?)
+    }
+
+    fn read_object(&self, id: &Hash) -> Result<Vec<u8>> {
+        Ok(Store::read_object(self, id)?)
+    }
+
+    fn has_object(&self, id: &Hash) -> bool {
+        Store::has_object(self, id)
+    }
+
+    fn put_encoded_object(&self, kind: ObjectKind, id: &Hash, bytes: &[u8]) -> Result<bool> {
+        Ok(Store::put_encoded_object(self, kind, id, bytes)?)
+    }
+
+    fn list_refs(&self) -> Result<Vec<(String, Hash)>> {
+        Ok(Store::list_refs(self)?)
+    }
+
+    fn read_ref(&self, name: &str) -> Result<Option<Hash>> {
+        Ok(Store::read_ref(self, name)?)
+    }
+
+    fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> Result<()> {
+        // A ref must never name a capsule this server cannot serve whole.
+        let mut missing = None;
+        self.walk_capsule(new, &mut |_| Ok(()), &mut |label, index, h| {
+            if missing.is_none() && !Store::has_block(self, h) {
+                missing = Some(format!("{label}: block {index} ({h})"));
+            }
+            Ok(())
+        })
+        .map_err(|e| Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {e}")))?;
+        if let Some(m) = missing {
+            return Err(Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {m} missing")));
+        }
+        Ok(self.cas_ref(name, old, new)?)
+    }
+}

@@ -1,0 +1,305 @@
+//! The client end: connect (with trust on first use), then one stream per request.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use capsule_images::envelope::ObjectKind;
+use capsule_images::Hash;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{decode_control, Frame};
+use crate::io::{conn_err, write_control, write_frame, FrameReader};
+use crate::proto::{Request, RequestHeader, Response};
+use crate::server::transport;
+use crate::tls::{self, FingerprintVerifier};
+
+/// `capsule://HOST:PORT[/NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteUrl {
+    /// Host name or address.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// Capsule name, if given.
+    pub name: Option<String>,
+}
+
+impl RemoteUrl {
+    /// Parses `capsule://HOST:PORT[/NAME]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("{s:?} is not capsule://HOST:PORT[/NAME]: {why}"));
+        let rest = s.strip_prefix("capsule://").ok_or_else(|| bad("missing capsule://"))?;
+        let (authority, name) = match rest.split_once('/') {
+            Some((a, n)) if !n.is_empty() => (a, Some(n.to_string())),
+            Some((a, _)) => (a, None),
+            None => (rest, None),
+        };
+        let (host, port) = authority.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        let port = port.parse().map_err(|_| bad("bad port"))?;
+        Ok(Self { host: host.to_string(), port, name })
+    }
+
+    /// `HOST:PORT`, the key in known_servers.
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Bearer token.
+    pub token: Option<String>,
+    /// Pinned certificate fingerprint (overrides known_servers).
+    pub fingerprint: Option<String>,
+    /// The known_servers file (default: `tls::default_known_servers()`).
+    pub known_servers: Option<PathBuf>,
+}
+
+/// A connection to a capsule server.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    token: Option<String>,
+    /// The server's certificate fingerprint.
+    pub fingerprint: String,
+    /// True if this connection recorded a new server in known_servers.
+    pub newly_trusted: bool,
+}
+
+impl Client {
+    /// Connects, checking the server's certificate against the pinned or known fingerprint;
+    /// an unknown server is trusted and recorded (as ssh does).
+    pub async fn connect(url: &RemoteUrl, opts: &ConnectOptions) -> Result<Self> {
+        let addr: SocketAddr = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .map_err(|e| Error::new(ErrorKind::Unavailable, format!("resolving {}: {e}", url.host_port())))?
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::Unavailable, format!("{} has no address", url.host)))?;
+        let known_path = opts.known_servers.clone().unwrap_or_else(tls::default_known_servers);
+        let known = tls::known_fingerprint(&known_path, &url.host_port())?;
+        let expected = opts.fingerprint.clone().or_else(|| known.clone());
+        let verifier = Arc::new(FingerprintVerifier::new(expected));
+        let mut crypto = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::new(ErrorKind::Io, format!("TLS setup: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![tls::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::new(ErrorKind::Io, format!("QUIC TLS setup: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport()));
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+            .map_err(|_| Error::new(ErrorKind::Io, "bind address"))?;
+        let mut endpoint = crate::server::endpoint(bind, None)?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint.connect(addr, "capsule").map_err(|e| Error::new(ErrorKind::Unavailable, format!("connecting to {}: {e}", url.host_port())))?;
+        let conn = match connecting.await {
+            Ok(c) => c,
+            Err(e) => {
+                if let (Some(seen), Some(expected)) = (verifier.seen(), verifier.expected()) {
+                    if seen != expected {
+                        return Err(Error::new(
+                            ErrorKind::Fingerprint,
+                            format!(
+                                "server {} presented certificate fingerprint {seen}, but {expected} was expected ({}); refusing to connect",
+                                url.host_port(),
+                                if opts.fingerprint.is_some() { "--server-fingerprint".to_string() } else { known_path.display().to_string() }
+                            ),
+                        ));
+                    }
+                }
+                return Err(Error::new(ErrorKind::Unavailable, format!("connecting to {}: {e}", url.host_port())));
+            }
+        };
+        let fingerprint = verifier.seen().unwrap_or_default();
+        let newly_trusted = known.is_none() && opts.fingerprint.is_none();
+        if newly_trusted {
+            tls::remember(&known_path, &url.host_port(), &fingerprint)?;
+        }
+        Ok(Self { endpoint, conn, token: opts.token.clone(), fingerprint, newly_trusted })
+    }
+
+    /// The QUIC connection (for statistics and tests).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Bytes (sent, received) on the wire so far, UDP payloads included.
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let s = self.conn.stats();
+        (s.udp_tx.bytes, s.udp_rx.bytes)
+    }
+
+    async fn open(&self, request: Request, priority: u8) -> Result<(quinn::SendStream, FrameReader)> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(conn_err)?;
+        if priority > 0 {
+            let _ = send.set_priority(i32::from(priority));
+        }
+        write_control(&mut send, false, &RequestHeader { token: self.token.clone(), priority, request }).await?;
+        Ok((send, FrameReader::new(recv)))
+    }
+
+    async fn call(&self, request: Request) -> Result<Response> {
+        let (mut send, mut reader) = self.open(request, 0).await?;
+        let _ = send.finish();
+        response(reader.expect().await?)
+    }
+
+    /// Refs under `prefix` that the token may see.
+    pub async fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Hash)>> {
+        match self.call(Request::ListRefs { prefix: prefix.into() }).await? {
+            Response::Refs(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The capsule id `name` points at.
+    pub async fn get_ref(&self, name: &str) -> Result<Option<Hash>> {
+        match self.call(Request::GetRef { name: name.into() }).await? {
+            Response::Ref(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The subset of `hashes` (blocks, or objects if `objects`) the server lacks.
+    pub async fn missing(&self, hashes: Vec<Hash>, objects: bool) -> Result<Vec<Hash>> {
+        let req = if objects { Request::MissingObjects { ids: hashes } } else { Request::MissingBlocks { hashes } };
+        match self.call(req).await? {
+            Response::Missing(m) => Ok(m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Moves `name` from `old` to `new` on the server.
+    pub async fn update_ref(&self, name: &str, old: Option<Hash>, new: Hash) -> Result<()> {
+        match self.call(Request::UpdateRef { name: name.into(), old, new }).await? {
+            Response::Stored { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Fetches blocks in their stored encoding; each is verified against its hash before
+    /// it is returned, so a corrupt block is an error naming it.
+    pub async fn get_blocks(&self, hashes: Vec<Hash>, priority: u8) -> Result<Vec<(Hash, Vec<u8>)>> {
+        let wanted = hashes.clone();
+        let (mut send, mut reader) = self.open(Request::GetBlocks { hashes }, priority).await?;
+        let _ = send.finish();
+        let mut out = Vec::with_capacity(wanted.len());
+        loop {
+            match reader.expect().await? {
+                Frame::Block { hash, encoded } => {
+                    if wanted.get(out.len()) != Some(&hash) {
+                        return Err(Error::protocol(format!("server sent block {hash} out of order")));
+                    }
+                    capsule_images::block::decode(&hash, &encoded)
+                        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("server sent a corrupt block: {e}")))?;
+                    out.push((hash, encoded));
+                }
+                Frame::End if out.len() == wanted.len() => return Ok(out),
+                Frame::Response(p) => return Err(response_error(&p)),
+                _ => return Err(Error::protocol("unexpected frame in a block batch")),
+            }
+        }
+    }
+
+    /// Fetches metadata objects; each is checked against its id.
+    pub async fn get_objects(&self, ids: Vec<Hash>) -> Result<Vec<(ObjectKind, Hash, Vec<u8>)>> {
+        let wanted = ids.clone();
+        let (mut send, mut reader) = self.open(Request::GetObjects { ids }, 0).await?;
+        let _ = send.finish();
+        let mut out = Vec::with_capacity(wanted.len());
+        loop {
+            match reader.expect().await? {
+                Frame::Object { kind, id, bytes } => {
+                    if wanted.get(out.len()) != Some(&id) || Hash::of(&bytes) != id {
+                        return Err(Error::new(ErrorKind::Corrupt, format!("server sent object {id} that does not match what was asked")));
+                    }
+                    out.push((kind, id, bytes));
+                }
+                Frame::End if out.len() == wanted.len() => return Ok(out),
+                Frame::Response(p) => return Err(response_error(&p)),
+                _ => return Err(Error::protocol("unexpected frame in an object batch")),
+            }
+        }
+    }
+
+    /// Sends blocks (hash, encoding); returns how many were new to the server.
+    pub async fn put_blocks(&self, blocks: Vec<(Hash, Vec<u8>)>) -> Result<u64> {
+        let (mut send, mut reader) = self.open(Request::PutBlocks, 0).await?;
+        for (hash, encoded) in blocks {
+            write_frame(&mut send, &Frame::Block { hash, encoded }).await?;
+        }
+        write_frame(&mut send, &Frame::End).await?;
+        let _ = send.finish();
+        match response(reader.expect().await?)? {
+            Response::Stored { new } => Ok(new),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends objects; returns how many were new to the server.
+    pub async fn put_objects(&self, objects: Vec<(ObjectKind, Hash, Vec<u8>)>) -> Result<u64> {
+        let (mut send, mut reader) = self.open(Request::PutObjects, 0).await?;
+        for (kind, id, bytes) in objects {
+            write_frame(&mut send, &Frame::Object { kind, id, bytes }).await?;
+        }
+        write_frame(&mut send, &Frame::End).await?;
+        let _ = send.finish();
+        match response(reader.expect().await?)? {
+            Response::Stored { new } => Ok(new),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Closes the connection politely and waits for the peer to acknowledge.
+    pub async fn close(self) {
+        tracing::debug!(stats = ?self.conn.stats(), "closing connection");
+        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn response(f: Frame) -> Result<Response> {
+    match f {
+        Frame::Response(p) => match decode_control::<Response>(&p)? {
+            Response::Error { kind, message } => Err(Error::new(kind, format!("server: {message}"))),
+            r => Ok(r),
+        },
+        _ => Err(Error::protocol("expected a response frame")),
+    }
+}
+
+fn response_error(payload: &[u8]) -> Error {
+    match decode_control::<Response>(payload) {
+        Ok(Response::Error { kind, message }) => Error::new(kind, format!("server: {message}")),
+        Ok(other) => unexpected(&other),
+        Err(e) => e,
+    }
+}
+
+fn unexpected(r: &Response) -> Error {
+    Error::protocol(format!("unexpected response {r:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = RemoteUrl::parse("capsule://127.0.0.1:7070/team/app").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.name.as_deref()), ("127.0.0.1", 7070, Some("team/app")));
+        assert_eq!(RemoteUrl::parse("capsule://[::1]:1/").unwrap().host, "::1");
+        for bad in ["http://x:1/a", "capsule://x/a", "capsule://:1/a", "capsule://x:port/a"] {
+            assert!(RemoteUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

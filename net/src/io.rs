@@ -1,0 +1,60 @@
+//! The thin layer between frames and QUIC streams.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{self, Decoder, Frame};
+
+/// Reads frames from a QUIC receive stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    dec: Decoder,
+    buf: Vec<u8>,
+}
+
+pub(crate) fn conn_err(e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("connection: {e}"))
+}
+
+impl FrameReader {
+    /// Wraps a receive stream.
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self { recv, dec: Decoder::new(), buf: vec![0; 256 << 10] }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                return Ok(Some(f));
+            }
+            let want = self.dec.wanted()?.min(self.buf.len());
+            match self.recv.read(&mut self.buf[..want]).await.map_err(conn_err)? {
+                Some(n) => self.dec.push(&self.buf[..n])?,
+                None if self.dec.buffered() == 0 => return Ok(None),
+                None => return Err(Error::protocol(format!("stream ended inside a frame ({} bytes buffered)", self.dec.buffered()))),
+            }
+        }
+    }
+
+    /// The next frame, which must exist.
+    pub async fn expect(&mut self) -> Result<Frame> {
+        self.next().await?.ok_or_else(|| Error::protocol("stream ended early"))
+    }
+
+    /// Stops the peer from sending more on this stream.
+    pub fn stop(&mut self) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(1));
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<()> {
+    let bytes = frame::encode(f)?;
+    send.write_all(&bytes).await.map_err(conn_err)
+}
+
+/// Writes a postcard control message as a frame.
+pub async fn write_control<T: serde::Serialize>(send: &mut quinn::SendStream, response: bool, value: &T) -> Result<()> {
+    let bytes = frame::control(response, value)?;
+    send.write_all(&bytes).await.map_err(conn_err)
+}

@@ -1,0 +1,185 @@
+//! Push and pull: the paper's hashed copy. The receiver says which hashes it lacks and only
+//! those travel, so sending an update costs about the size of the update.
+
+use std::collections::HashSet;
+
+use capsule_images::envelope::{peek_kind, ObjectKind};
+use capsule_images::map::{MapPage, PageSource};
+use capsule_images::{Hash, Progress, Store};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::error::{Error, ErrorKind, Result};
+use crate::proto::MAX_BATCH;
+
+/// Blocks per put/get stream: large enough to keep the pipe full, small enough to bound memory.
+const BLOCK_BATCH: usize = 128;
+
+/// What a push or pull moved.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TransferReport {
+    /// Sum of the capsule's image sizes.
+    pub logical_bytes: u64,
+    /// UDP bytes sent on the connection.
+    pub wire_sent: u64,
+    /// UDP bytes received on the connection.
+    pub wire_received: u64,
+    /// Distinct blocks the capsule (with ancestors) reaches.
+    pub blocks_total: u64,
+    /// Blocks that travelled.
+    pub blocks_transferred: u64,
+    /// Blocks skipped because the other side had them.
+    pub blocks_skipped: u64,
+    /// Encoded bytes of the blocks that travelled.
+    pub block_bytes: u64,
+    /// Metadata objects that travelled.
+    pub objects_transferred: u64,
+}
+
+fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
+    Ok(store.manifest(id)?.images().iter().map(|(_, i)| i.size).sum())
+}
+
+/// Everything capsule `id` reaches locally: objects and blocks, each once.
+fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
+    let (mut objects, mut blocks) = (Vec::new(), Vec::new());
+    let (mut seen_o, mut seen_b) = (HashSet::new(), HashSet::new());
+    store.walk_capsule(
+        id,
+        &mut |h| {
+            if seen_o.insert(*h) {
+                objects.push(*h);
+            }
+            Ok(())
+        },
+        &mut |_, _, h| {
+            if seen_b.insert(*h) {
+                blocks.push(*h);
+            }
+            Ok(())
+        },
+    )?;
+    Ok((objects, blocks))
+}
+
+/// Sends local capsule `local` to the server as `remote_name`; only what the server
+/// lacks travels. The remote ref moves last, by compare-and-swap.
+pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str, progress: &dyn Progress) -> Result<TransferReport> {
+    let id = store.resolve(local)?;
+    let (objects, blocks) = closure(store, &id)?;
+    let old = client.get_ref(remote_name).await?;
+    let mut report = TransferReport { logical_bytes: logical_bytes(store, &id)?, blocks_total: blocks.len() as u64, ..Default::default() };
+
+    let mut missing_blocks = Vec::new();
+    for chunk in blocks.chunks(MAX_BATCH) {
+        missing_blocks.extend(client.missing(chunk.to_vec(), false).await?);
+    }
+    let mut missing_objects = Vec::new();
+    for chunk in objects.chunks(MAX_BATCH) {
+        missing_objects.extend(client.missing(chunk.to_vec(), true).await?);
+    }
+    report.blocks_skipped = report.blocks_total - missing_blocks.len() as u64;
+
+    let total: u64 = missing_blocks.iter().map(|h| store.block_stored_size(h).unwrap_or(0)).sum();
+    progress.begin("push", total);
+    for chunk in missing_blocks.chunks(BLOCK_BATCH) {
+        let mut batch = Vec::with_capacity(chunk.len());
+        for h in chunk {
+            let encoded = store.read_encoded_block(h)?;
+            report.block_bytes += encoded.len() as u64;
+            batch.push((*h, encoded));
+        }
+        let n: u64 = batch.iter().map(|(_, e)| e.len() as u64).sum();
+        client.put_blocks(batch).await?;
+        report.blocks_transferred += chunk.len() as u64;
+        progress.advance(n);
+    }
+    progress.end();
+    // Pages before layers before manifests, for readability of the server's log only:
+    // the server checks completeness when the ref moves.
+    let mut objs = Vec::with_capacity(missing_objects.len());
+    for id in &missing_objects {
+        let bytes = store.read_object(id)?;
+        let kind = peek_kind(&bytes).ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("local object {id} is damaged")))?;
+        objs.push((kind, *id, bytes));
+    }
+    objs.sort_by_key(|(k, _, _)| std::cmp::Reverse(*k as u8));
+    report.objects_transferred = objs.len() as u64;
+    for chunk in objs.chunks(256) {
+        client.put_objects(chunk.to_vec()).await?;
+    }
+    client.update_ref(remote_name, old, id).await.map_err(|e| {
+        if e.kind() == ErrorKind::Conflict {
+            Error::new(ErrorKind::Conflict, format!("push of {local} to {remote_name} lost a race: {e}; pull, then push again"))
+        } else {
+            e
+        }
+    })?;
+    (report.wire_sent, report.wire_received) = client.wire_bytes();
+    Ok(report)
+}
+
+/// Fetches remote capsule `remote_name` and its ancestors into `store` as `local_name`;
+/// only blocks and objects the store lacks travel, each verified before it is stored.
+pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name: &str, progress: &dyn Progress) -> Result<(Hash, TransferReport)> {
+    capsule_images::manifest::check_name(local_name)?;
+    let id = client
+        .get_ref(remote_name)
+        .await?
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
+    let mut report = TransferReport::default();
+
+    // Metadata, level by level: manifests -> layers -> map pages.
+    let mut frontier: Vec<(ObjectKind, Hash)> = vec![(ObjectKind::Manifest, id)];
+    let mut seen = HashSet::new();
+    while !frontier.is_empty() {
+        frontier.retain(|(_, h)| seen.insert(*h));
+        let wanted: Vec<Hash> = frontier.iter().filter(|(_, h)| !store.has_object(h)).map(|(_, h)| *h).collect();
+        for chunk in wanted.chunks(1024) {
+            for (kind, oid, bytes) in client.get_objects(chunk.to_vec()).await? {
+                store.put_encoded_object(kind, &oid, &bytes).map_err(|e| Error::from(e).context(format!("object {oid} from the server")))?;
+                report.objects_transferred += 1;
+            }
+        }
+        let mut next = Vec::new();
+        for (kind, oid) in frontier.drain(..) {
+            match kind {
+                ObjectKind::Manifest => {
+                    let m = store.manifest(&oid)?;
+                    next.extend(m.parent.map(|p| (ObjectKind::Manifest, p)));
+                    next.extend(m.images().into_iter().filter_map(|(_, i)| i.top.map(|t| (ObjectKind::Layer, t))));
+                }
+                ObjectKind::Layer => {
+                    let l = store.layer(&oid)?;
+                    next.extend(l.parent.map(|p| (ObjectKind::Layer, p)));
+                    next.extend(l.map.root.map(|r| (ObjectKind::MapPage, r)));
+                }
+                ObjectKind::MapPage => {
+                    if let MapPage::Node(children) = &*store.page(&oid)? {
+                        next.extend(children.iter().map(|(_, c)| (ObjectKind::MapPage, *c)));
+                    }
+                }
+            }
+        }
+        frontier = next;
+    }
+
+    let (_, blocks) = closure(store, &id)?;
+    report.logical_bytes = logical_bytes(store, &id)?;
+    report.blocks_total = blocks.len() as u64;
+    let missing: Vec<Hash> = blocks.into_iter().filter(|h| !store.has_block(h)).collect();
+    report.blocks_skipped = report.blocks_total - missing.len() as u64;
+    progress.begin("pull", missing.len() as u64);
+    for chunk in missing.chunks(BLOCK_BATCH) {
+        for (h, encoded) in client.get_blocks(chunk.to_vec(), 0).await? {
+            store.put_encoded_block(&h, &encoded).map_err(|e| Error::from(e).context(format!("block {h} from the server")))?;
+            report.block_bytes += encoded.len() as u64;
+            report.blocks_transferred += 1;
+        }
+        progress.advance(chunk.len() as u64);
+    }
+    progress.end();
+    store.set_ref(local_name, &id)?;
+    (report.wire_sent, report.wire_received) = client.wire_bytes();
+    Ok((id, report))
+}
