@@ -137,8 +137,10 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
         let opts = opts.clone();
         let remote = conn.remote_address();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, backend, &opts).await {
-                warn!(%remote, "stream failed: {e}");
+            match serve_stream(send, recv, backend, &opts).await {
+                Err(e) if e.kind() == ErrorKind::Denied => debug!(%remote, "refused: {e}"),
+                Err(e) => warn!(%remote, "stream failed: {e}"),
+                Ok(()) => {}
             }
         });
     }

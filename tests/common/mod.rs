@@ -147,3 +147,59 @@ pub fn boot_guest(kernel: &Path, initrd: &Path, drive: &str, append: &str, until
     drop(qemu);
     String::from_utf8_lossy(&console).replace('\r', "")
 }
+
+/// A `capsule serve` process on a free loopback port, killed when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// `capsule://127.0.0.1:PORT`
+    pub url: String,
+    /// Certificate fingerprint it printed.
+    pub fingerprint: String,
+}
+
+impl ServerProcess {
+    /// Starts `capsule --store STORE serve --listen 127.0.0.1:0 [extra]` and waits until it listens.
+    pub fn start(store: &Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = capsule(store)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start capsule serve");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut url = String::new();
+        let mut fingerprint = String::new();
+        for line in lines.by_ref() {
+            let line = line.expect("server output");
+            if let Some(rest) = line.split(" on ").nth(1).filter(|_| line.starts_with("capsule: serving")) {
+                url = format!("capsule://{}", rest.trim());
+            }
+            if let Some(fp) = line.strip_prefix("capsule: certificate SHA-256 ") {
+                fingerprint = fp.trim().to_string();
+                break;
+            }
+        }
+        assert!(!url.is_empty() && !fingerprint.is_empty(), "capsule serve did not start");
+        // Keep draining so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, url, fingerprint }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `capsule` with a private known_servers file under `config`.
+pub fn client(store: &Path, config: &Path) -> Command {
+    let mut c = capsule(store);
+    c.env("CAPSULE_CONFIG_DIR", config).env_remove("CAPSULE_TOKEN");
+    c
+}

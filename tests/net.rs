@@ -1,0 +1,127 @@
+//! End-to-end tests of the QUIC block service: real `capsule serve` processes, real QUIC
+//! on loopback, real stores.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn json(text: &str) -> serde_json::Value {
+    let start = text.find('{').unwrap_or_else(|| panic!("no JSON in {text}"));
+    serde_json::Deserializer::from_str(&text[start..]).into_iter().next().unwrap().unwrap()
+}
+
+/// Imports the guest and its update into `store`; returns the child's new-block bytes.
+fn import_guest(store: &Path) -> u64 {
+    let g = guest_dir();
+    ok(capsule(store).args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display())));
+    let child = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
+    json(&child)["images"][0][1]["stored_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (local, remote, cfg) = (dir.path().join("local"), dir.path().join("remote"), dir.path().join("cfg"));
+    let changed_bytes = import_guest(&local);
+    let token = ok(capsule(&remote).args(["token", "create", "--scope", "write"])).trim().to_string();
+    let server = ServerProcess::start(&remote, &[]);
+
+    let first = json(&ok(client(&local, &cfg).args(["push", "guest", &server.url, "--json", "--token", &token])));
+    assert_eq!(first["blocks_skipped"], 0);
+    let child = json(&ok(client(&local, &cfg).args(["push", "guest-update", &format!("{}/guest-update", server.url), "--json", "--token", &token])));
+    let sent = child["wire_sent"].as_u64().unwrap();
+    assert!(child["blocks_skipped"].as_u64().unwrap() > 0);
+    assert!(
+        sent as f64 <= changed_bytes as f64 * 1.10,
+        "child push sent {sent} bytes on the wire for {changed_bytes} bytes of changed blocks"
+    );
+
+    // Pull into an empty store: everything arrives and verifies.
+    let fresh = dir.path().join("fresh");
+    let pulled = ok(client(&fresh, &cfg).args(["pull", &format!("{}/guest-update", server.url), "--token", &token]));
+    assert!(pulled.contains("pulled guest-update"), "{pulled}");
+    ok(capsule(&fresh).args(["verify", "guest-update"]));
+    let out = dir.path().join("out");
+    ok(capsule(&fresh).args(["export", "guest-update", "--out"]).arg(&out));
+    assert!(std::fs::read(out.join("root.raw")).unwrap() == std::fs::read(guest_dir().join("disk-update.raw")).unwrap());
+
+    // A second pull of the parent into the same store moves no blocks.
+    let again = json(&ok(client(&fresh, &cfg).args(["pull", &format!("{}/guest", server.url), "--json", "--token", &token])));
+    assert_eq!(again["blocks_transferred"], 0, "{again}");
+}
+
+#[test]
+fn a_block_altered_on_the_server_is_rejected_by_name_and_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, cfg) = (dir.path().join("remote"), dir.path().join("cfg"));
+    import_guest(&remote);
+    let server = ServerProcess::start(&remote, &["--public-read"]);
+    let blocks = stored_blocks(&remote);
+    let victim = &blocks[blocks.len() / 3];
+    let hash = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(victim, bytes).unwrap();
+
+    let fresh = dir.path().join("fresh");
+    let text = fails(client(&fresh, &cfg).args(["pull", &format!("{}/guest-update", server.url)]));
+    assert!(text.contains(&hash), "error names the corrupt block: {text}");
+    assert!(!fresh.join("blocks").join(&hash[..2]).join(&hash).exists(), "the corrupt block was stored");
+    assert!(!ok(capsule(&fresh).arg("ls")).contains("guest-update"), "no ref for an incomplete pull");
+    ok(capsule(&fresh).arg("verify"));
+}
+
+#[test]
+fn tokens_scopes_prefixes_and_fingerprints_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (local, remote, cfg) = (dir.path().join("local"), dir.path().join("remote"), dir.path().join("cfg"));
+    let src = dir.path().join("d.raw");
+    std::fs::write(&src, pseudo_random(1 << 20, 4)).unwrap();
+    ok(capsule(&local).args(["import", "app", "--disk"]).arg(&src));
+    let write_team = ok(capsule(&remote).args(["token", "create", "--scope", "write", "--prefix", "team/"])).trim().to_string();
+    let read_team = ok(capsule(&remote).args(["token", "create", "--scope", "read", "--prefix", "team/"])).trim().to_string();
+    let server = ServerProcess::start(&remote, &[]);
+    let to = |name: &str| format!("{}/{name}", server.url);
+
+    ok(client(&local, &cfg).args(["push", "app", &to("team/app"), "--token", &write_team]));
+    let fresh = dir.path().join("fresh");
+    ok(client(&fresh, &cfg).args(["pull", &to("team/app"), "--token", &read_team]));
+
+    let denied = |args: Vec<String>| {
+        let store = if args[0] == "push" { &local } else { &fresh };
+        let text = fails(client(store, &cfg).args(&args));
+        assert!(text.contains("access denied"), "{args:?}: {text}");
+        text
+    };
+    denied(vec!["pull".into(), to("team/app")]);
+    denied(vec!["pull".into(), to("team/app"), "--token".into(), "capsule_not_a_real_token".into()]);
+    denied(vec!["push".into(), "app".into(), to("team/other"), "--token".into(), read_team.clone()]);
+    denied(vec!["push".into(), "app".into(), to("elsewhere/app"), "--token".into(), write_team.clone()]);
+    // Outside the prefix, an existing and a missing name look the same.
+    let a = denied(vec!["pull".into(), to("elsewhere/app"), "--token".into(), read_team.clone()]);
+    let b = denied(vec!["pull".into(), to("elsewhere/nothing"), "--token".into(), read_team.clone()]);
+    assert_eq!(a.replace("elsewhere/app", "X"), b.replace("elsewhere/nothing", "X"));
+
+    // The first connection recorded the server; a wrong pinned fingerprint is refused.
+    let known = std::fs::read_to_string(cfg.join("known_servers")).unwrap();
+    assert!(known.contains(&server.fingerprint), "{known}");
+    let wrong = "00".repeat(32);
+    let text = fails(client(&fresh, &cfg).args(["pull", &to("team/app"), "--as", "x", "--token", &read_team, "--server-fingerprint", &wrong]));
+    assert!(text.contains(&wrong) && text.contains(&server.fingerprint), "names both fingerprints: {text}");
+    // A server with a new certificate at a known address is refused too.
+    drop(server);
+    std::fs::remove_dir_all(remote.join("server")).unwrap();
+    let text = {
+        let s2 = ServerProcess::start(&remote, &["--public-read"]);
+        let other_cfg = dir.path().join("cfg2");
+        std::fs::create_dir_all(&other_cfg).unwrap();
+        let port = s2.url.rsplit(':').next().unwrap().to_string();
+        std::fs::write(other_cfg.join("known_servers"), format!("127.0.0.1:{port} {}\n", "ab".repeat(32))).unwrap();
+        fails(client(&fresh, &other_cfg).args(["pull", &format!("{}/team/app", s2.url), "--as", "y"]))
+    };
+    assert!(text.contains("refusing to connect"), "{text}");
+}
