@@ -1,0 +1,124 @@
+//! In-process server and clients over real QUIC on loopback: hostile frames end only their
+//! own stream, and two writers racing for one ref cannot clobber each other.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use capsule_images::{CapsuleSpec, NoProgress, Store};
+use capsule_net::frame::{self, decode_control, Frame, MAGIC, VERSION};
+use capsule_net::io::FrameReader;
+use capsule_net::proto::Response;
+use capsule_net::{Client, ConnectOptions, ErrorKind, RemoteUrl, ServeOptions, Server};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    url: RemoteUrl,
+    opts: ConnectOptions,
+    dir: std::path::PathBuf,
+}
+
+/// A served store holding capsules `a` and `b` (a few MiB each), and a write token.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("server");
+    let store = Store::open(&root).unwrap();
+    for (name, seed) in [("a", 1u8), ("b", 2u8)] {
+        let path = dir.path().join(format!("{name}.raw"));
+        let data: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed).collect();
+        std::fs::write(&path, data).unwrap();
+        let spec = CapsuleSpec { name: name.into(), disks: vec![("root".into(), path)], ..Default::default() };
+        capsule_images::import_capsule(&store, &spec, &NoProgress).unwrap();
+    }
+    let token = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap();
+    let identity = capsule_net::tls::load_or_create_identity(&root).unwrap();
+    let server = Server::bind(identity, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let opts = ServeOptions { listen: addr, public_read: false, store_root: root };
+    tokio::spawn(server.run(Arc::new(store), opts));
+    let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
+    let known = dir.path().join("known_servers");
+    let dir_path = dir.path().to_path_buf();
+    Fixture { _dir: dir, url, opts: ConnectOptions { token: Some(token), fingerprint: None, known_servers: Some(known) }, dir: dir_path }
+}
+
+/// Sends `bytes` on a fresh stream and returns what the server answered.
+async fn send_raw(client: &Client, bytes: Vec<u8>) -> Option<Response> {
+    let (mut send, recv) = client.connection().open_bi().await.unwrap();
+    let _ = send.write_all(&bytes).await;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv);
+    match reader.next().await {
+        Ok(Some(Frame::Response(p))) => Some(decode_control(&p).unwrap()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_end_only_their_stream_while_an_honest_pull_completes() {
+    let f = fixture().await;
+    let honest = Client::connect(&f.url, &f.opts).await.unwrap();
+    let hostile = Client::connect(&f.url, &f.opts).await.unwrap();
+    let pull_store = Store::open(f.dir.join("client")).unwrap();
+    let pull = async { capsule_net::pull(&honest, "a", &pull_store, "a", &NoProgress).await };
+
+    let attacks = async {
+        let mut answers = Vec::new();
+        // Garbage.
+        answers.push(send_raw(&hostile, b"this is not a capsule frame at all, just noise".to_vec()).await);
+        // A valid header declaring more than the cap.
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&[VERSION, 1, 0, 0]);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        answers.push(send_raw(&hostile, huge).await);
+        // A truncated request.
+        let full = frame::encode(&Frame::Request(vec![7; 200])).unwrap();
+        answers.push(send_raw(&hostile, full[..100].to_vec()).await);
+        // A well-framed request whose payload is not a request.
+        answers.push(send_raw(&hostile, frame::encode(&Frame::Request(vec![0xff; 40])).unwrap()).await);
+        // A block where a request belongs.
+        answers.push(send_raw(&hostile, frame::encode(&Frame::End).unwrap()).await);
+        answers
+    };
+    let (pulled, answers) = tokio::join!(pull, attacks);
+    let (_, report) = pulled.unwrap();
+    assert!(report.blocks_transferred > 0);
+    assert!(capsule_images::verify_capsule(&pull_store, "a", &pull_store.resolve("a").unwrap()).ok());
+    for (i, a) in answers.iter().enumerate() {
+        match a {
+            Some(Response::Error { kind, message }) => assert_eq!(*kind, ErrorKind::Protocol, "attack {i}: {message}"),
+            other => panic!("attack {i}: expected a protocol error, got {other:?}"),
+        }
+    }
+    // The hostile connection itself still works for well-formed requests.
+    assert!(hostile.get_ref("b").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_racing_for_one_ref_one_wins_the_other_gets_a_conflict() {
+    let f = fixture().await;
+    let c1 = Client::connect(&f.url, &f.opts).await.unwrap();
+    let c2 = Client::connect(&f.url, &f.opts).await.unwrap();
+    let a = c1.get_ref("a").await.unwrap().unwrap();
+    let b = c2.get_ref("b").await.unwrap().unwrap();
+    // Both read the ref before either writes: the window a real race opens.
+    let old1 = c1.get_ref("shared").await.unwrap();
+    let old2 = c2.get_ref("shared").await.unwrap();
+    let (r1, r2) = tokio::join!(c1.update_ref("shared", old1, a), c2.update_ref("shared", old2, b));
+    let (winner, loser) = match (&r1, &r2) {
+        (Ok(()), Err(e)) => (a, e),
+        (Err(e), Ok(())) => (b, e),
+        _ => panic!("exactly one must win: {r1:?} {r2:?}"),
+    };
+    assert_eq!(loser.kind(), ErrorKind::Conflict);
+    assert!(loser.to_string().contains("another writer moved it"), "{loser}");
+    assert_eq!(c1.get_ref("shared").await.unwrap(), Some(winner));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ref_to_an_incomplete_capsule_is_refused() {
+    let f = fixture().await;
+    let c = Client::connect(&f.url, &f.opts).await.unwrap();
+    let err = c.update_ref("ghost", None, capsule_images::Hash([9; 32])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(c.get_ref("ghost").await.unwrap().is_none());
+}
