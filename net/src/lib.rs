@@ -7,7 +7,9 @@
 //! - [`server`], [`client`], [`io`]: the thin quinn + rustls layer;
 //! - [`tls`]: the server's self-signed identity, trust on first use, pinning;
 //! - [`backend`]: the storage trait the server serves from (the local store today);
-//! - [`sync`]: push and pull with hash negotiation: only missing blocks travel.
+//! - [`sync`]: push and pull with hash negotiation: only missing blocks travel;
+//! - [`source`]: the client as `capsule_fs::BlockSource`, with single-flight fetches and
+//!   reconnects with backoff.
 //!
 //! Blocks travel in the store's encoding (`capsule_images::block`), compressed as stored,
 //! so a server never recompresses; every received block is verified against its hash.
@@ -20,10 +22,12 @@ pub mod frame;
 pub mod io;
 pub mod proto;
 pub mod server;
+pub mod source;
 pub mod sync;
 pub mod tls;
 
 pub use client::{Client, ConnectOptions, RemoteUrl};
 pub use error::{Error, ErrorKind, Result};
 pub use server::{ServeOptions, Server};
+pub use source::RemoteSource;
 pub use sync::{pull, push, TransferReport};

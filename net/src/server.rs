@@ -91,6 +91,11 @@ impl Server {
         Ok(Self { endpoint, fingerprint: identity.fingerprint })
     }
 
+    /// A handle to close the endpoint (stops serving).
+    pub fn endpoint(&self) -> quinn::Endpoint {
+        self.endpoint.clone()
+    }
+
     /// The address actually bound (port 0 picks one).
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.endpoint.local_addr().map_err(Error::from)
