@@ -28,6 +28,7 @@ demo: setup guest
 bench: setup guest
 	$(CARGO) build --release
 	bash scripts/bench-format.sh | tee target/bench-format.md
+	bash scripts/bench-net.sh | tee target/bench-net.md
 
 clean:
 	$(CARGO) clean

@@ -202,6 +202,12 @@ impl Store {
         self.write_atomic(&self.block_path(h), encoded)
     }
 
+    /// Stores an encoded block the caller has already decoded and checked against `h`
+    /// (the network client verifies every block it receives); saves a second decode.
+    pub fn put_verified_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
+        self.write_atomic(&self.block_path(h), encoded)
+    }
+
     /// The block's stored encoding (compressed or raw), not decoded.
     pub fn read_encoded_block(&self, h: &Hash) -> Result<Vec<u8>> {
         let path = self.block_path(h);

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use capsule_images::envelope::{peek_kind, ObjectKind};
 use capsule_images::map::{MapPage, PageSource};
 use capsule_images::{Hash, Progress, Store};
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::client::Client;
@@ -13,7 +14,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::proto::MAX_BATCH;
 
 /// Blocks per put/get stream: large enough to keep the pipe full, small enough to bound memory.
-const BLOCK_BATCH: usize = 128;
+const BLOCK_BATCH: usize = 64;
+/// Batches in flight at once.
+const PARALLEL_BATCHES: usize = 4;
 
 /// What a push or pull moved.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -60,6 +63,25 @@ fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
         },
     )?;
     Ok((objects, blocks))
+}
+
+fn store_parallel(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> Result<()> {
+    const WRITERS: usize = 4;
+    let per = blocks.len().div_ceil(WRITERS).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = blocks
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<()> {
+                    for (h, encoded) in part {
+                        store.put_verified_block(h, encoded).map_err(|e| Error::from(e).context(format!("block {h} from the server")))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked"))))
+    })
 }
 
 /// Sends local capsule `local` to the server as `remote_name`; only what the server
@@ -170,14 +192,19 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     let missing: Vec<Hash> = blocks.into_iter().filter(|h| !store.has_block(h)).collect();
     report.blocks_skipped = report.blocks_total - missing.len() as u64;
     progress.begin("pull", missing.len() as u64);
-    for chunk in missing.chunks(BLOCK_BATCH) {
-        for (h, encoded) in client.get_blocks(chunk.to_vec(), 0).await? {
-            store.put_encoded_block(&h, &encoded).map_err(|e| Error::from(e).context(format!("block {h} from the server")))?;
-            report.block_bytes += encoded.len() as u64;
-            report.blocks_transferred += 1;
-        }
-        progress.advance(chunk.len() as u64);
+    // Several batches in flight keep the link busy across request round trips.
+    let mut batches = futures_util::stream::iter(missing.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0)))
+        .buffer_unordered(PARALLEL_BATCHES);
+    while let Some(batch) = batches.next().await {
+        let batch = batch?;
+        // get_blocks verified each block against its hash already. Writes (each fsynced)
+        // run on a few threads so their latencies overlap.
+        tokio::task::block_in_place(|| store_parallel(store, &batch))?;
+        report.block_bytes += batch.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
+        report.blocks_transferred += batch.len() as u64;
+        progress.advance(batch.len() as u64);
     }
+    drop(batches);
     progress.end();
     store.set_ref(local_name, &id)?;
     (report.wire_sent, report.wire_received) = client.wire_bytes();
