@@ -9,6 +9,7 @@ use capsule_images::{self as images, CapsuleSpec, Hash, Image, Manifest, Store};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod mount;
 mod progress;
 
 #[derive(Parser, Debug)]
@@ -97,6 +98,18 @@ enum Command {
     Gc,
     /// Remove a ref (its blocks go at the next gc)
     Rm { name: String },
+    /// Mount a capsule: its disks, memory and boot files appear as files, fetched on first read
+    Mount(MountArgs),
+    /// Unmount a capsule mount
+    Umount { mountpoint: PathBuf },
+    /// Turn a writable mount's changes into a child capsule in the local store
+    Commit {
+        mountpoint: PathBuf,
+        /// Name of the new capsule
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve this store's capsules over QUIC
     Serve {
         /// UDP address to listen on
@@ -136,6 +149,31 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct MountArgs {
+    /// capsule://HOST:PORT/NAME, or a capsule NAME in the local store
+    pub source: String,
+    /// Where the capsule's files appear
+    pub mountpoint: PathBuf,
+    /// Block cache shared by all mounts [default: $CAPSULE_CACHE, else ~/.cache/capsule]
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Bound of the block cache (LRU eviction beyond it)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "10G")]
+    pub cache_size: u64,
+    /// Refuse writes
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stay in the foreground (default: detach once mounted; logs go to CACHE/logs/)
+    #[arg(long)]
+    pub foreground: bool,
+    /// Seconds a read of a missing block waits for a lost server before failing with EIO
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub stall_timeout: u64,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Create a token; only its hash is kept, so copy it now
@@ -154,8 +192,8 @@ enum ScopeArg {
     Write,
 }
 
-#[derive(clap::Args, Debug)]
-struct ConnArgs {
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnArgs {
     /// Bearer token [default: $CAPSULE_TOKEN]
     #[arg(long, env = "CAPSULE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -165,7 +203,7 @@ struct ConnArgs {
 }
 
 impl ConnArgs {
-    fn options(&self) -> capsule_net::ConnectOptions {
+    pub fn options(&self) -> capsule_net::ConnectOptions {
         capsule_net::ConnectOptions { token: self.token.clone(), fingerprint: self.server_fingerprint.clone(), known_servers: None }
     }
 }
@@ -215,14 +253,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_store(dir: Option<PathBuf>) -> Result<Store> {
+pub(crate) fn open_store(dir: Option<PathBuf>) -> Result<Store> {
     let dir = dir.unwrap_or_else(Store::default_dir);
     Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Mount(args) => return mount::mount(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
+        Command::Umount { mountpoint } => return mount::umount(mountpoint).map(|_| ExitCode::SUCCESS),
+        _ => {}
+    }
     let store = open_store(cli.store)?;
     match cli.command {
+        Command::Mount(_) | Command::Umount { .. } => unreachable!("handled above"),
+        Command::Commit { mountpoint, name, json } => {
+            let report = mount::commit(&store, &mountpoint, &name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("committed {} as {name} ({}): {} changed blocks, {} stored", mountpoint.display(), report.id, report.changed_blocks, human(report.stored_bytes));
+            }
+        }
         Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints, json } => {
             let mut spec = CapsuleSpec {
                 name: name.clone(),
@@ -376,11 +428,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
+pub(crate) async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
     let client = capsule_net::Client::connect(url, &conn.options()).await?;
     if client.newly_trusted {
         eprintln!("capsule: trusting new server {} with certificate SHA-256 {} (recorded in known_servers)", url.host_port(), client.fingerprint);
@@ -444,7 +496,7 @@ fn parse_disk_arg(arg: &str) -> Result<(String, PathBuf)> {
     Ok((name, path))
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -1,12 +1,18 @@
 //! # capsule-fs
 //!
-//! `capsule mount` (to come): a fuser filesystem presenting a capsule's images as files, a
-//! persistent content-addressed cache shared by all mounts, and a local copy-on-write
-//! layer for writes. Errno mapping will live in one place here.
+//! `capsule mount`: a fuser filesystem presenting a capsule's images as files
+//! ([`mount`]), a persistent content-addressed cache shared by all mounts ([`cache`]), a
+//! local copy-on-write layer for writes ([`overlay`]) that [`commit`] turns into a child
+//! capsule. Errors become errnos in one place ([`error::errno`]).
 //!
-//! What exists now is the interface this crate consumes: [`BlockSource`]. The mount asks a
-//! source for the blocks it lacks; `capsule-net` implements it over QUIC and the local
-//! store can implement it for seeds, so this crate never depends on quinn.
+//! The mount asks a [`BlockSource`] for the blocks it lacks; `capsule-net` implements it
+//! over QUIC, so this crate never depends on quinn.
+
+pub mod cache;
+pub mod commit;
+pub mod error;
+pub mod mount;
+pub mod overlay;
 
 use std::fmt;
 
@@ -51,8 +57,24 @@ impl fmt::Display for FetchError {
 
 impl std::error::Error for FetchError {}
 
+/// What a source moved so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceCounters {
+    /// Blocks transferred (each once, however many readers waited for it).
+    pub blocks: u64,
+    /// Their encoded bytes.
+    pub bytes: u64,
+    /// Reconnections after a lost link.
+    pub reconnects: u64,
+}
+
 /// Where missing blocks come from.
 pub trait BlockSource: Send + Sync {
+    /// Counters for `.capsule/stats.json`.
+    fn counters(&self) -> SourceCounters {
+        SourceCounters::default()
+    }
+
     /// Fetches the blocks named by `hashes`, returning each in its stored encoding
     /// (`capsule_images::block`), already verified against its hash, in request order.
     /// Concurrent callers asking for the same hash cause one transfer.

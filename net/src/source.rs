@@ -156,6 +156,14 @@ impl RemoteSource {
 }
 
 impl BlockSource for RemoteSource {
+    fn counters(&self) -> capsule_fs::SourceCounters {
+        capsule_fs::SourceCounters {
+            blocks: self.stats.blocks.load(Ordering::Relaxed),
+            bytes: self.stats.bytes.load(Ordering::Relaxed),
+            reconnects: self.stats.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
     fn fetch(&self, hashes: &[Hash], urgency: Urgency) -> std::result::Result<Vec<(Hash, Vec<u8>)>, FetchError> {
         // Join flights already in the air; lead the rest.
         let mut lead = Vec::new();

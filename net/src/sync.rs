@@ -141,16 +141,11 @@ pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str
     Ok(report)
 }
 
-/// Fetches remote capsule `remote_name` and its ancestors into `store` as `local_name`;
-/// only blocks and objects the store lacks travel, each verified before it is stored.
-pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name: &str, progress: &dyn Progress) -> Result<(Hash, TransferReport)> {
-    capsule_images::manifest::check_name(local_name)?;
-    let id = client
-        .get_ref(remote_name)
-        .await?
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
-    let mut report = TransferReport::default();
-
+/// Fetches every metadata object (manifests, layers, map pages) capsule `id` reaches that
+/// `store` lacks, level by level, each checked against its id. Returns how many travelled.
+pub async fn pull_metadata(client: &Client, id: &Hash, store: &Store) -> Result<u64> {
+    let id = *id;
+    let mut fetched = 0u64;
     // Metadata, level by level: manifests -> layers -> map pages.
     let mut frontier: Vec<(ObjectKind, Hash)> = vec![(ObjectKind::Manifest, id)];
     let mut seen = HashSet::new();
@@ -160,7 +155,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
         for chunk in wanted.chunks(1024) {
             for (kind, oid, bytes) in client.get_objects(chunk.to_vec()).await? {
                 store.put_encoded_object(kind, &oid, &bytes).map_err(|e| Error::from(e).context(format!("object {oid} from the server")))?;
-                report.objects_transferred += 1;
+                fetched += 1;
             }
         }
         let mut next = Vec::new();
@@ -185,6 +180,21 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
         }
         frontier = next;
     }
+
+    Ok(fetched)
+}
+
+/// Fetches remote capsule `remote_name` and its ancestors into `store` as `local_name`;
+/// only blocks and objects the store lacks travel, each verified before it is stored.
+pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name: &str, progress: &dyn Progress) -> Result<(Hash, TransferReport)> {
+    capsule_images::manifest::check_name(local_name)?;
+    let id = client
+        .get_ref(remote_name)
+        .await?
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
+    let mut report = TransferReport::default();
+
+    report.objects_transferred = pull_metadata(client, &id, store).await?;
 
     let (_, blocks) = closure(store, &id)?;
     report.logical_bytes = logical_bytes(store, &id)?;

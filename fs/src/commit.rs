@@ -1,0 +1,119 @@
+//! `capsule commit`: a mount's copy-on-write overlay becomes a child capsule holding only
+//! the blocks that changed, ready for `capsule push`.
+
+use std::collections::HashSet;
+
+use capsule_images::envelope::{peek_kind, ObjectKind};
+use capsule_images::map::{self, Entry};
+use capsule_images::{Hash, Image, ImageReader, Layer, Store};
+
+use crate::error::{Error, Result};
+use crate::mount::{now_unix, MountInfo};
+use crate::overlay::{Overlay, DATA};
+
+/// What a commit made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommitReport {
+    /// The new capsule.
+    pub id: Hash,
+    /// Blocks the child maps over its parent.
+    pub changed_blocks: u64,
+    /// Bytes written to the store for them.
+    pub stored_bytes: u64,
+}
+
+/// Commits the overlays of mount `info` as capsule `name` in `target`. The parent's
+/// metadata is copied into `target` if it is not there (its blocks stay where they are:
+/// on the server for a remote mount), so the child can be pushed.
+pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitReport> {
+    capsule_images::manifest::check_name(name)?;
+    let cache = Store::open(&info.cache_store)?;
+    let base_id = info.capsule_id;
+    if cache.root() != target.root() {
+        copy_metadata(&cache, target, &base_id)?;
+    }
+    let base = target.manifest(&base_id)?;
+    let overlay_dir = info.overlay_dir.as_ref().ok_or_else(|| Error::new(crate::error::ErrorKind::ReadOnly, "the mount is read-only: nothing to commit"))?;
+    let mut child = base.clone();
+    child.name = name.to_string();
+    child.parent = Some(base_id);
+    child.created_unix = now_unix();
+    let mut report = CommitReport { id: base_id, changed_blocks: 0, stored_bytes: 0 };
+
+    let mut commit_image = |key: &str, image: &mut Image| -> Result<()> {
+        let overlay = Overlay::open(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
+        let reader = ImageReader::open(target, *image)?;
+        let mut entries = Vec::new();
+        for (i, state) in overlay.changed() {
+            let new = if state == DATA {
+                let data = overlay.read_block(i).map_err(|e| Error::io(format!("overlay {key}"), e))?;
+                let put = target.put_block(&data)?;
+                report.stored_bytes += put.stored_bytes;
+                put.entry
+            } else {
+                Entry::Zero
+            };
+            let old = reader.resolve_in_chain(i)?;
+            let same = match new {
+                Entry::Zero => old.is_none(),
+                Entry::Data(h) => old == Some(h),
+            };
+            if !same {
+                entries.push((i, new));
+            }
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        report.changed_blocks += entries.len() as u64;
+        let root = map::build(&entries, image.block_count(), &mut |page| Ok(target.put_object(ObjectKind::MapPage, page)?.0))?;
+        let layer = Layer { block_size_log2: image.block_size_log2, parent: image.top, map: root, mapped: entries.len() as u64 };
+        image.top = Some(target.put_object(ObjectKind::Layer, &layer)?.0);
+        Ok(())
+    };
+    for d in &mut child.disks {
+        let key = format!("disk-{}", d.name);
+        commit_image(&key, &mut d.image)?;
+    }
+    if let Some(m) = child.memory.as_mut() {
+        commit_image("memory", m)?;
+    }
+    if let Some(d) = child.devstate.as_mut() {
+        commit_image("devstate", d)?;
+    }
+    if let Some(b) = child.boot.as_mut() {
+        commit_image("kernel", &mut b.kernel)?;
+        if let Some(i) = b.initrd.as_mut() {
+            commit_image("initrd", i)?;
+        }
+    }
+    child.validate()?;
+    let (id, _) = target.put_object(ObjectKind::Manifest, &child)?;
+    target.set_ref(name, &id)?;
+    report.id = id;
+    Ok(report)
+}
+
+/// Copies every metadata object capsule `id` reaches from `from` into `to`.
+fn copy_metadata(from: &Store, to: &Store, id: &Hash) -> Result<()> {
+    let mut objects = Vec::new();
+    let mut seen = HashSet::new();
+    from.walk_capsule(
+        id,
+        &mut |h| {
+            if seen.insert(*h) {
+                objects.push(*h);
+            }
+            Ok(())
+        },
+        &mut |_, _, _| Ok(()),
+    )?;
+    for h in objects {
+        if !to.has_object(&h) {
+            let bytes = from.read_object(&h)?;
+            let kind = peek_kind(&bytes).unwrap_or(ObjectKind::MapPage);
+            to.put_encoded_object(kind, &h, &bytes)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,644 @@
+//! The FUSE filesystem: a capsule's images as files, read through the layer chain, the
+//! cache and the block source; writes to the copy-on-write overlay.
+//!
+//! ```text
+//!  /                      <disk>.raw ..., memory.raw, devstate.bin, vmlinuz, initrd.img,
+//!                         capsule.json (the VM description)
+//!  /.capsule/stats.json   live counters (read it again for fresh numbers)
+//!  /.capsule/info.json    what `capsule commit` and `capsule umount` need
+//! ```
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capsule_images::map::{self, Entry};
+use capsule_images::{Hash, Image, Layer, Manifest};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use crate::cache::BlockCache;
+use crate::error::{errno, Error, ErrorKind, Result};
+use crate::overlay::{Overlay, DATA, ZERO};
+use crate::{BlockSource, Urgency};
+
+const ROOT: u64 = 1;
+const META_DIR: u64 = 2;
+const STATS: u64 = 3;
+const INFO: u64 = 4;
+const FIRST_FILE: u64 = 5;
+const TTL: Duration = Duration::from_secs(3600);
+/// Most blocks read ahead of a sequential reader in one request.
+const MAX_READAHEAD_BLOCKS: u64 = 32;
+
+/// What `.capsule/info.json` says about a mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountInfo {
+    /// The mounted capsule.
+    pub capsule_id: Hash,
+    /// Its name.
+    pub name: String,
+    /// Store holding its metadata and cached blocks.
+    pub cache_store: PathBuf,
+    /// Copy-on-write overlays of this capsule (absent for read-only mounts).
+    pub overlay_dir: Option<PathBuf>,
+    /// Where blocks come from (`local` or a capsule:// URL).
+    pub source: String,
+    /// The serving process.
+    pub pid: u32,
+    /// (file name, overlay key) of each image file.
+    pub files: Vec<(String, String)>,
+}
+
+enum Content {
+    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<(u64, u64)> },
+    Bytes(Vec<u8>),
+}
+
+struct Node {
+    name: String,
+    content: Content,
+}
+
+/// Live counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    reads_in_flight: AtomicU64,
+    read_errors: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Where the overlays go (`CACHE/cow/<id>`), used when writable.
+    pub overlay_dir: PathBuf,
+    /// Shown in info.json.
+    pub source_label: String,
+}
+
+/// The filesystem.
+pub struct CapsuleFs {
+    cache: Arc<BlockCache>,
+    source: Option<Arc<dyn BlockSource>>,
+    nodes: Vec<Node>,
+    read_only: bool,
+    stats: Stats,
+    info: MountInfo,
+    decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>>,
+    mounted_at: SystemTime,
+}
+
+impl std::fmt::Debug for CapsuleFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapsuleFs").field("capsule", &self.info.capsule_id).finish_non_exhaustive()
+    }
+}
+
+fn image_files(m: &Manifest) -> Vec<(String, String, Image)> {
+    let mut out: Vec<(String, String, Image)> = m.disks.iter().map(|d| (format!("{}.raw", d.name), format!("disk-{}", d.name), d.image)).collect();
+    if let Some(i) = m.memory {
+        out.push(("memory.raw".into(), "memory".into(), i));
+    }
+    if let Some(i) = m.devstate {
+        out.push(("devstate.bin".into(), "devstate".into(), i));
+    }
+    if let Some(b) = &m.boot {
+        out.push(("vmlinuz".into(), "kernel".into(), b.kernel));
+        if let Some(i) = b.initrd {
+            out.push(("initrd.img".into(), "initrd".into(), i));
+        }
+    }
+    out
+}
+
+/// The VM description as `capsule.json` shows it.
+pub fn vm_json(id: &Hash, m: &Manifest) -> serde_json::Value {
+    serde_json::json!({
+        "capsule": m.name, "id": id.to_hex(), "parent": m.parent.map(|p| p.to_hex()),
+        "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints,
+        "disks": m.disks.iter().map(|d| serde_json::json!({"name": d.name, "file": format!("{}.raw", d.name), "size": d.image.size})).collect::<Vec<_>>(),
+        "memory": m.memory.map(|i| serde_json::json!({"file": "memory.raw", "size": i.size})),
+        "devstate": m.devstate.map(|_| "devstate.bin"),
+        "kernel": m.boot.as_ref().map(|_| "vmlinuz"),
+        "initrd": m.boot.as_ref().and_then(|b| b.initrd).map(|_| "initrd.img"),
+        "cmdline": m.boot.as_ref().map(|b| b.cmdline.clone()),
+    })
+}
+
+impl CapsuleFs {
+    /// Prepares capsule `id` (its metadata must be in the cache's store).
+    pub fn new(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, config: &MountConfig) -> Result<Self> {
+        let store = cache.store();
+        let manifest = store.manifest(&id)?;
+        let mut nodes = Vec::new();
+        let mut files = Vec::new();
+        for (name, key, image) in image_files(&manifest) {
+            let reader = capsule_images::ImageReader::open(store, image).map_err(|e| Error::from(e).context(&name))?;
+            let chain = reader.chain().to_vec();
+            let overlay = if config.read_only {
+                None
+            } else {
+                Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
+            };
+            files.push((name.clone(), key));
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) } });
+        }
+        let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
+        nodes.push(Node { name: "capsule.json".into(), content: Content::Bytes(vm) });
+        let info = MountInfo {
+            capsule_id: id,
+            name: manifest.name.clone(),
+            cache_store: store.root().to_path_buf(),
+            overlay_dir: (!config.read_only).then(|| config.overlay_dir.clone()),
+            source: config.source_label.clone(),
+            pid: std::process::id(),
+            files,
+        };
+        Ok(Self {
+            cache,
+            source,
+            nodes,
+            read_only: config.read_only,
+            stats: Stats::default(),
+            info,
+            decoded: quick_cache::sync::Cache::new(256),
+            mounted_at: SystemTime::now(),
+        })
+    }
+
+    fn node(&self, ino: u64) -> Option<&Node> {
+        ino.checked_sub(FIRST_FILE).and_then(|i| self.nodes.get(i as usize))
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, size, perm) = match ino {
+            ROOT | META_DIR => (FileType::Directory, 0, 0o755),
+            STATS => (FileType::RegularFile, 0, 0o444),
+            INFO => (FileType::RegularFile, self.info_bytes().len() as u64, 0o444),
+            _ => match &self.node(ino)?.content {
+                Content::Image { image, overlay, .. } => (FileType::RegularFile, image.size, if overlay.is_some() { 0o644 } else { 0o444 }),
+                Content::Bytes(b) => (FileType::RegularFile, b.len() as u64, 0o444),
+            },
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.mounted_at,
+            mtime: self.mounted_at,
+            ctime: self.mounted_at,
+            crtime: self.mounted_at,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            rdev: 0,
+            flags: 0,
+            blksize: 65536,
+        })
+    }
+
+    fn info_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&self.info).unwrap_or_default()
+    }
+
+    /// Where block `i` of an image comes from: `None` for zero.
+    fn resolve(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Hash>> {
+        for (id, layer) in chain {
+            match map::lookup(self.cache.store(), &layer.map, i).map_err(|e| Error::from(e).context(format!("layer {id}")))? {
+                Some(Entry::Data(h)) => return Ok(Some(h)),
+                Some(Entry::Zero) => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes sure the cache holds `hashes` (demand first, then `ahead`), fetching in one batch.
+    fn ensure_cached(&self, hashes: &[Hash], ahead: &[Hash]) -> Result<()> {
+        let mut want: Vec<Hash> = Vec::new();
+        for h in hashes {
+            if self.decoded.get(h).is_some() || self.cache.contains(h) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                if !want.contains(h) {
+                    want.push(*h);
+                }
+            }
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        for h in ahead {
+            if !want.contains(h) && !self.cache.contains(h) {
+                want.push(*h);
+            }
+        }
+        let Some(source) = &self.source else {
+            return Err(Error::new(ErrorKind::Missing, format!("block {} is not in the local store and there is no server", want[0])));
+        };
+        let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
+        for (h, encoded) in blocks {
+            self.cache.insert_verified(&h, &encoded).map_err(|e| Error::from(e).context(format!("caching block {h}")))?;
+        }
+        Ok(())
+    }
+
+    /// The verified content of block `h`, fetching it if the cache lost it meanwhile.
+    fn block(&self, h: &Hash) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.decoded.get(h) {
+            return Ok(b);
+        }
+        let data = match self.cache.get(h) {
+            Some(d) => d,
+            None => {
+                self.ensure_cached(&[*h], &[])?;
+                self.cache.get(h).ok_or_else(|| Error::new(ErrorKind::Missing, format!("block {h} vanished from the cache")))?
+            }
+        };
+        let data = Arc::new(data);
+        self.decoded.insert(*h, data.clone());
+        Ok(data)
+    }
+
+    /// Current content of block `i` of an image (overlay first).
+    fn block_content(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64) -> Result<Vec<u8>> {
+        if let Some(o) = overlay {
+            match o.state(i) {
+                DATA => return o.read_block(i).map_err(|e| Error::io("overlay", e)),
+                ZERO => return Ok(vec![0; image.block_size() as usize]),
+                _ => {}
+            }
+        }
+        match self.resolve(chain, i)? {
+            None => Ok(vec![0; image.block_size() as usize]),
+            Some(h) => Ok(self.block(&h)?.as_ref().clone()),
+        }
+    }
+
+    fn read_image(&self, node: &Node, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let Content::Image { image, chain, overlay, readahead } = &node.content else { return Err(Error::new(ErrorKind::Invalid, "not an image")) };
+        let end = image.size.min(offset.saturating_add(u64::from(size)));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let bs = image.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let overlay = overlay.as_ref();
+        // Resolve every block first so missing ones travel in one request.
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        for i in first..=last {
+            let src = match overlay.map(|o| o.state(i)) {
+                Some(DATA) | Some(ZERO) => None,
+                _ => self.resolve(chain, i)?,
+            };
+            plan.push((i, src));
+        }
+        let demand: Vec<Hash> = plan.iter().filter_map(|(_, h)| *h).collect();
+        let ahead = self.readahead_plan(image, chain, readahead, offset, end, last)?;
+        self.ensure_cached(&demand, &ahead)?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (i, src) in plan {
+            let block_start = i * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = end.min(block_start + bs) - block_start;
+            match src {
+                Some(h) => out.extend_from_slice(&self.block(&h)?[from as usize..to as usize]),
+                None => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from as usize..to as usize]),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blocks to fetch ahead of a sequential reader; the window doubles while reads stay
+    /// sequential and collapses on a seek.
+    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], state: &Mutex<(u64, u64)>, offset: u64, end: u64, last: u64) -> Result<Vec<Hash>> {
+        let window = {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let window = if s.0 == offset { (s.1 * 2).clamp(2, MAX_READAHEAD_BLOCKS) } else { 0 };
+            *s = (end, window);
+            window
+        };
+        let mut ahead = Vec::new();
+        for i in (last + 1)..(last + 1 + window).min(image.block_count()) {
+            if let Some(h) = self.resolve(chain, i)? {
+                if !self.cache.contains(&h) {
+                    ahead.push(h);
+                }
+            }
+        }
+        Ok(ahead)
+    }
+
+    fn write_image(&self, node: &Node, offset: u64, data: &[u8]) -> Result<u32> {
+        let Content::Image { image, chain, overlay, .. } = &node.content else { return Err(Error::new(ErrorKind::ReadOnly, "read-only file")) };
+        let Some(overlay) = overlay.as_ref() else { return Err(Error::new(ErrorKind::ReadOnly, "mounted read-only")) };
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= image.size).ok_or_else(|| {
+            Error::new(ErrorKind::TooBig, format!("write at {offset} of {} bytes past the end of {} ({} bytes)", data.len(), node.name, image.size))
+        })?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let bs = image.block_size();
+        for i in offset / bs..=(end - 1) / bs {
+            let block_start = i * bs;
+            let from = offset.max(block_start);
+            let to = end.min(block_start + bs);
+            let chunk = &data[(from - offset) as usize..(to - offset) as usize];
+            let _guard = overlay.lock_block(i);
+            let mut block = if to - from == bs { vec![0; bs as usize] } else { self.block_content(image, chain, Some(overlay), i)? };
+            block[(from - block_start) as usize..(to - block_start) as usize].copy_from_slice(chunk);
+            overlay.write_block(i, &block).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
+        }
+        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data.len() as u32)
+    }
+
+    fn zero_range(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
+        let Content::Image { image, chain, overlay, .. } = &node.content else { return Err(Error::new(ErrorKind::ReadOnly, "read-only file")) };
+        let Some(overlay) = overlay.as_ref() else { return Err(Error::new(ErrorKind::ReadOnly, "mounted read-only")) };
+        let end = image.size.min(offset.saturating_add(len));
+        if offset >= end {
+            return Ok(());
+        }
+        let bs = image.block_size();
+        for i in offset / bs..=(end - 1) / bs {
+            let block_start = i * bs;
+            let (from, to) = (offset.max(block_start), end.min(block_start + bs));
+            let _guard = overlay.lock_block(i);
+            if to - from == bs.min(image.size - block_start) {
+                overlay.zero_block(i).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
+            } else {
+                let mut block = self.block_content(image, chain, Some(overlay), i)?;
+                block[(from - block_start) as usize..(to - block_start) as usize].fill(0);
+                overlay.write_block(i, &block).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `.capsule/stats.json`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let fetched = self.source.as_ref().map(|src| src.counters()).unwrap_or_default();
+        let mut files = serde_json::Map::new();
+        for node in &self.nodes {
+            if let Content::Image { image, chain, overlay, .. } = &node.content {
+                let n = image.block_count();
+                let mut resident = 0u64;
+                for i in 0..n {
+                    let local = overlay.as_ref().is_some_and(|o| o.state(i) != crate::overlay::NONE)
+                        || match self.resolve(chain, i) {
+                            Ok(None) => true,
+                            Ok(Some(h)) => self.cache.contains(&h),
+                            Err(_) => false,
+                        };
+                    resident += u64::from(local);
+                }
+                let dirty = overlay.as_ref().map_or(0, |o| o.changed().len());
+                files.insert(
+                    node.name.clone(),
+                    serde_json::json!({"blocks": n, "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 }, "dirty_blocks": dirty}),
+                );
+            }
+        }
+        serde_json::json!({
+            "capsule": self.info.name,
+            "id": self.info.capsule_id.to_hex(),
+            "source": self.info.source,
+            "link": if self.source.is_some() { "remote" } else { "local" },
+            "blocks_fetched": fetched.blocks,
+            "bytes_fetched": fetched.bytes,
+            "reconnects": fetched.reconnects,
+            "cache_hits": s.cache_hits.load(Ordering::Relaxed),
+            "cache_misses": s.cache_misses.load(Ordering::Relaxed),
+            "reads_in_flight": s.reads_in_flight.load(Ordering::Relaxed),
+            "read_errors": s.read_errors.load(Ordering::Relaxed),
+            "bytes_written": s.bytes_written.load(Ordering::Relaxed),
+            "cache_bytes": self.cache.used_bytes(),
+            "files": files,
+        })
+    }
+
+    /// What info.json says.
+    pub fn info(&self) -> &MountInfo {
+        &self.info
+    }
+
+    fn lookup_ino(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let name = name.to_str()?;
+        match (parent, name) {
+            (ROOT, ".capsule") => Some(META_DIR),
+            (META_DIR, "stats.json") => Some(STATS),
+            (META_DIR, "info.json") => Some(INFO),
+            (ROOT, n) => self.nodes.iter().position(|node| node.name == n).map(|i| FIRST_FILE + i as u64),
+            _ => None,
+        }
+    }
+}
+
+fn slice_from(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = (offset as usize).min(bytes.len());
+    let end = start.saturating_add(size as usize).min(bytes.len());
+    &bytes[start..end]
+}
+
+impl Filesystem for CapsuleFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests: fewer round trips to the daemon for sequential readers.
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_ino(u64::from(parent), name).and_then(|ino| self.attr(ino)) {
+            Some(attr) => reply.entry(if attr.ino == INodeNo(STATS) { &Duration::ZERO } else { &TTL }, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(u64::from(ino)) {
+            Some(attr) => reply.attr(if u64::from(ino) == STATS { &Duration::ZERO } else { &TTL }, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(u64::from(ino)) else { return reply.error(Errno::ENOENT) };
+        // Images have a fixed size; truncating to the same size is a no-op.
+        if size.is_some_and(|s| s != attr.size) {
+            return reply.error(Errno::EPERM);
+        }
+        reply.attr(&TTL, &attr);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = u64::from(ino);
+        let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match ino {
+            STATS | INFO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            _ => match self.node(ino) {
+                Some(Node { content: Content::Image { overlay, .. }, .. }) => {
+                    if writing && overlay.is_none() {
+                        return reply.error(Errno::EROFS);
+                    }
+                    // Content under a capsule id never changes underneath us, and writes go
+                    // through this same mount: keep the kernel's page cache across opens.
+                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Some(_) if writing => reply.error(Errno::EROFS),
+                Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let ino = u64::from(ino);
+        match ino {
+            STATS => {
+                let bytes = serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default();
+                return reply.data(slice_from(&bytes, offset, size));
+            }
+            INFO => return reply.data(slice_from(&self.info_bytes(), offset, size)),
+            _ => {}
+        }
+        let Some(node) = self.node(ino) else { return reply.error(Errno::ENOENT) };
+        match &node.content {
+            Content::Bytes(b) => reply.data(slice_from(b, offset, size)),
+            Content::Image { .. } => {
+                self.stats.reads_in_flight.fetch_add(1, Ordering::Relaxed);
+                let result = self.read_image(node, offset, size);
+                self.stats.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => {
+                        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                        error!("read of {} at offset {offset} ({size} bytes) failed: {e}", node.name);
+                        reply.error(errno(&e));
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        let Some(node) = self.node(u64::from(ino)) else { return reply.error(Errno::EROFS) };
+        match self.write_image(node, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => {
+                error!("write of {} at offset {offset} ({} bytes) failed: {e}", node.name, data.len());
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.node(u64::from(ino)).map(|n| &n.content) {
+            Some(Content::Image { overlay: Some(o), .. }) => match o.sync() {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    error!("fsync of overlay failed: {e}");
+                    reply.error(Errno::from(e));
+                }
+            },
+            _ => reply.ok(),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let Some(node) = self.node(u64::from(ino)) else { return reply.error(Errno::ENOENT) };
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let result = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && mode & !punch == 0 || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            self.zero_range(node, offset, length)
+        } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
+            // Space for a fixed-size image is always "allocated".
+            Ok(())
+        } else {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                warn!("fallocate of {} failed: {e}", node.name);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries: Vec<(u64, FileType, String)> = match u64::from(ino) {
+            ROOT => {
+                let mut v = vec![(ROOT, FileType::Directory, ".".into()), (ROOT, FileType::Directory, "..".into()), (META_DIR, FileType::Directory, ".capsule".into())];
+                v.extend(self.nodes.iter().enumerate().map(|(i, n)| (FIRST_FILE + i as u64, FileType::RegularFile, n.name.clone())));
+                v
+            }
+            META_DIR => vec![
+                (META_DIR, FileType::Directory, ".".into()),
+                (ROOT, FileType::Directory, "..".into()),
+                (STATS, FileType::RegularFile, "stats.json".into()),
+                (INFO, FileType::RegularFile, "info.json".into()),
+            ],
+            _ => return reply.error(Errno::ENOTDIR),
+        };
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let total: u64 = self.nodes.iter().map(|n| match &n.content {
+            Content::Image { image, .. } => image.size,
+            Content::Bytes(b) => b.len() as u64,
+        }).sum();
+        let blocks = total.div_ceil(4096);
+        reply.statfs(blocks, if self.read_only { 0 } else { blocks }, if self.read_only { 0 } else { blocks }, self.nodes.len() as u64 + 4, 0, 4096, 255, 4096);
+    }
+}
+
+/// Seconds since the epoch, for logs.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

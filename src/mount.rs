@@ -1,0 +1,207 @@
+//! `capsule mount`, `umount` and `commit`: process plumbing around `capsule-fs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use capsule_fs::cache::BlockCache;
+use capsule_fs::mount::{CapsuleFs, MountConfig, MountInfo};
+use capsule_fs::BlockSource;
+use capsule_images::{Hash, Store};
+
+use crate::MountArgs;
+
+/// `$CAPSULE_CACHE`, else `$XDG_CACHE_HOME/capsule`, else `~/.cache/capsule`.
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAPSULE_CACHE") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&d).join("capsule");
+    }
+    Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".cache/capsule")
+}
+
+fn info_path(mountpoint: &Path) -> PathBuf {
+    mountpoint.join(".capsule/info.json")
+}
+
+/// A FUSE mount whose daemon died answers ENOTCONN: detach it so the path is usable again.
+fn clean_stale(mountpoint: &Path) {
+    if let Err(e) = std::fs::metadata(mountpoint) {
+        if e.raw_os_error() == Some(ENOTCONN) {
+            eprintln!("capsule: cleaning up a stale mount at {}", mountpoint.display());
+            let _ = std::process::Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
+            let _ = std::process::Command::new("umount").arg("-l").arg(mountpoint).status();
+        }
+    }
+}
+
+/// "Transport endpoint is not connected" on Linux.
+const ENOTCONN: i32 = 107;
+
+pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
+    clean_stale(&args.mountpoint);
+    let cache_dir = args.cache.clone().unwrap_or_else(default_cache_dir);
+    std::fs::create_dir_all(&cache_dir).with_context(|| format!("creating cache {}", cache_dir.display()))?;
+    if !args.foreground {
+        return spawn_daemon(&cache_dir, &args);
+    }
+    let mountpoint = args.mountpoint.canonicalize().with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+
+    let (cache, source, id, label): (Arc<BlockCache>, Option<Arc<dyn BlockSource>>, Hash, String) = if args.source.starts_with("capsule://") {
+        let url = capsule_net::RemoteUrl::parse(&args.source)?;
+        let name = url.name.clone().with_context(|| format!("{}: name the capsule: capsule://HOST:PORT/NAME", args.source))?;
+        let cache = Arc::new(BlockCache::open(&cache_dir, args.cache_size).with_context(|| format!("opening cache {}", cache_dir.display()))?);
+        let remembered = format!("remote/{}_{}/{name}", url.host.replace(':', "_"), url.port);
+        let id = crate::runtime()?.block_on(async {
+            match capsule_net::Client::connect(&url, &args.conn.options()).await {
+                Ok(client) => {
+                    if client.newly_trusted {
+                        eprintln!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
+                    }
+                    let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
+                    capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                    cache.store().set_ref(&remembered, &id)?;
+                    client.close().await;
+                    anyhow::Ok(id)
+                }
+                Err(e) if e.kind() == capsule_net::ErrorKind::Unavailable => match cache.store().read_ref(&remembered)? {
+                    Some(id) => {
+                        tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
+                        Ok(id)
+                    }
+                    None => Err(e.into()),
+                },
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        let source = capsule_net::RemoteSource::new(url, args.conn.options(), Duration::from_secs(args.stall_timeout))?;
+        (cache, Some(Arc::new(source)), id, args.source.clone())
+    } else {
+        let store = crate::open_store(store_dir)?;
+        let id = store.resolve(&args.source)?;
+        let cache = Arc::new(BlockCache::open(store.root(), u64::MAX)?);
+        (cache, None, id, format!("local store {}", store.root().display()))
+    };
+
+    let overlay_dir = cache_dir.join("cow").join(id.to_hex());
+    // One writer per overlay: a second writable mount of the same capsule would interleave.
+    let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&overlay_dir)?) };
+    let config = MountConfig { read_only: args.read_only, overlay_dir, source_label: label };
+    let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
+    let name = fs.info().name.clone();
+
+    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into())];
+    if args.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.n_threads = Some(4);
+    if is_root() {
+        // Let a hypervisor running as another user open the files.
+        fuse_config.acl = fuser::SessionACL::All;
+    }
+    let mut session = fuser::Session::new(fs, &mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("capsule: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                eprintln!("capsule: unmount failed: {e}");
+            }
+        }
+    });
+    eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
+    session.run().context("serving the mount")?;
+    eprintln!("capsule: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn lock_overlay(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| path.display().to_string())?;
+    // An exclusive, non-blocking flock, released when the daemon exits.
+    if let Err(e) = f.try_lock() {
+        bail!("{}: the capsule is already mounted writable elsewhere ({e}); mount with --read-only", dir.display());
+    }
+    Ok(f)
+}
+
+/// Re-runs this command in the foreground as a detached process, and returns once the
+/// mount answers (or fails with the daemon's log).
+fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let logs = cache_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let tag: String = args.mountpoint.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let log_path = logs.join(format!("mount{tag}.log"));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    argv.push("--foreground".into());
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount daemon")?;
+    let start = Instant::now();
+    loop {
+        if std::fs::metadata(info_path(&args.mountpoint)).is_ok() {
+            println!("mounted {} at {} (pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("mount failed ({status}):\n{}", tail.join("\n"));
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            bail!("mount did not come up within 120 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let info: Option<MountInfo> = std::fs::read(info_path(mountpoint)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let ok = std::process::Command::new("fusermount3").arg("-u").arg(mountpoint).status().is_ok_and(|s| s.success())
+        || std::process::Command::new("umount").arg(mountpoint).status().is_ok_and(|s| s.success());
+    if !ok {
+        clean_stale(mountpoint);
+        if std::fs::metadata(info_path(mountpoint)).is_ok() {
+            bail!("cannot unmount {} (busy? close the files using it)", mountpoint.display());
+        }
+    }
+    if let Some(info) = info {
+        let proc = PathBuf::from(format!("/proc/{}", info.pid));
+        let start = Instant::now();
+        while proc.exists() && start.elapsed() < Duration::from_secs(10) {
+            if std::fs::read_to_string(proc.join("stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+pub fn commit(target: &Store, mountpoint: &Path, name: &str) -> Result<capsule_fs::commit::CommitReport> {
+    let path = info_path(mountpoint);
+    let bytes = std::fs::read(&path).with_context(|| format!("{} is not a capsule mount (no {})", mountpoint.display(), path.display()))?;
+    let info: MountInfo = serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    Ok(capsule_fs::commit::commit(&info, target, name)?)
+}
