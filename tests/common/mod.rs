@@ -203,3 +203,69 @@ pub fn client(store: &Path, config: &Path) -> Command {
     c.env("CAPSULE_CONFIG_DIR", config).env_remove("CAPSULE_TOKEN");
     c
 }
+
+/// A `capsule mount` (detached daemon) that is unmounted, and its daemon killed, when dropped.
+pub struct Mounted {
+    /// The mount point.
+    pub dir: PathBuf,
+    /// The cache it uses.
+    pub cache: PathBuf,
+    store: PathBuf,
+}
+
+impl Mounted {
+    /// `capsule --store STORE mount SOURCE DIR --cache CACHE [extra]`, waiting until it serves.
+    pub fn new(store: &Path, config: &Path, source: &str, dir: &Path, cache: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        ok(client(store, config).args(["mount", source]).arg(dir).arg("--cache").arg(cache).args(extra));
+        Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf() }
+    }
+
+    /// The daemon's pid, from `.capsule/info.json`.
+    pub fn pid(&self) -> Option<u32> {
+        let info: serde_json::Value = serde_json::from_slice(&std::fs::read(self.dir.join(".capsule/info.json")).ok()?).ok()?;
+        info["pid"].as_u64().map(|p| p as u32)
+    }
+
+    /// Parsed `.capsule/stats.json`.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join(".capsule/stats.json")).unwrap()).unwrap()
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.cache.join("logs")) {
+            for e in entries.flatten() {
+                out += &std::fs::read_to_string(e.path()).unwrap_or_default();
+            }
+        }
+        out
+    }
+
+    /// Unmounts now.
+    pub fn unmount(&self) {
+        let _ = capsule(&self.store).arg("umount").arg(&self.dir).output();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        self.unmount();
+        let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).output();
+        if let Some(pid) = pid {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path`.
+pub fn pread(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}

@@ -1,0 +1,213 @@
+//! End-to-end tests of `capsule mount`: real FUSE mounts, a real server on loopback.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+    fn p(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Guest and update in `store`; returns the update's count of new block contents.
+fn import_guest(store: &Path) -> u64 {
+    let g = guest_dir();
+    ok(capsule(store).args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display())).arg("--kernel").arg(g.join("vmlinuz")));
+    let text = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
+    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    v["images"][0][1]["new_blocks"].as_u64().unwrap()
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    assert!(x == y, "{} differs from {}", a.display(), b.display());
+}
+
+#[test]
+fn local_mount_serves_every_file_byte_for_byte_and_random_reads_match() {
+    let e = Env::new();
+    import_guest(&e.p("store"));
+    let g = guest_dir();
+    let m = Mounted::new(&e.p("store"), &e.p("cfg"), "guest-update", &e.p("mnt"), &e.p("cache"), &["--read-only"]);
+    same_file(&m.dir.join("root.raw"), &g.join("disk-update.raw"));
+    same_file(&m.dir.join("vmlinuz"), &g.join("vmlinuz"));
+    let desc: serde_json::Value = serde_json::from_slice(&std::fs::read(m.dir.join("capsule.json")).unwrap()).unwrap();
+    assert_eq!(desc["capsule"], "guest-update");
+    // Thousands of reads at random offsets and lengths, against the source file.
+    let source = std::fs::read(g.join("disk-update.raw")).unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for _ in 0..3000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offset = x % source.len() as u64;
+        let len = ((x >> 40) % 300_000) as usize;
+        let got = pread(&m.dir.join("root.raw"), offset, len).unwrap();
+        let end = (offset as usize + len).min(source.len());
+        assert!(got == source[offset as usize..end], "read at {offset} of {len} differs");
+    }
+    // Read-only means read-only.
+    assert!(std::fs::OpenOptions::new().write(true).open(m.dir.join("root.raw")).is_err());
+    m.unmount();
+    assert!(!m.dir.join("root.raw").exists(), "unmounted");
+}
+
+#[test]
+fn a_child_mounted_on_the_parents_cache_fetches_only_its_changed_blocks() {
+    let e = Env::new();
+    let new_blocks = import_guest(&e.p("server"));
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let g = guest_dir();
+    {
+        let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only"]);
+        same_file(&m.dir.join("root.raw"), &g.join("disk.raw"));
+        let s = m.stats();
+        assert!(s["blocks_fetched"].as_u64().unwrap() > 0);
+        assert_eq!(s["files"]["root.raw"]["resident_pct"], 100.0, "{s}");
+    }
+    let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest-update", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only"]);
+    same_file(&m.dir.join("root.raw"), &g.join("disk-update.raw"));
+    let s = m.stats();
+    assert_eq!(s["blocks_fetched"].as_u64().unwrap(), new_blocks, "the child fetched more than its changed blocks: {s}");
+}
+
+#[test]
+fn a_read_larger_than_the_cache_completes_within_the_bound() {
+    let e = Env::new();
+    import_guest(&e.p("server"));
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let bound = 8u64 << 20;
+    let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only", "--cache-size", "8M"]);
+    same_file(&m.dir.join("root.raw"), &guest_dir().join("disk.raw"));
+    let held: u64 = stored_blocks(&e.p("cache")).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    assert!(held <= bound, "cache holds {held} bytes, bound {bound}");
+    assert!(m.stats()["cache_bytes"].as_u64().unwrap() <= bound);
+}
+
+#[test]
+fn cached_blocks_still_read_after_the_server_is_gone() {
+    let e = Env::new();
+    import_guest(&e.p("server"));
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let url = format!("{}/guest", server.url);
+    {
+        let m = Mounted::new(&e.p("client"), &e.p("cfg"), &url, &e.p("mnt"), &e.p("cache"), &["--read-only"]);
+        same_file(&m.dir.join("root.raw"), &guest_dir().join("disk.raw"));
+    }
+    drop(server);
+    // A new mount, no server: the last-seen version from the cache, every block local.
+    let m = Mounted::new(&e.p("client"), &e.p("cfg"), &url, &e.p("mnt"), &e.p("cache"), &["--read-only", "--stall-timeout", "5"]);
+    same_file(&m.dir.join("root.raw"), &guest_dir().join("disk.raw"));
+    assert_eq!(m.stats()["blocks_fetched"], 0);
+}
+
+#[test]
+fn a_corrupt_block_from_the_server_is_eio_never_wrong_bytes_and_recovers_when_fixed() {
+    let e = Env::new();
+    import_guest(&e.p("server"));
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let blocks = stored_blocks(&e.p("server"));
+    // A block of the root disk's payload: the biggest files are incompressible payload.
+    let victim = blocks.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap().clone();
+    let hash = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let good = std::fs::read(&victim).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&victim, &bad).unwrap();
+
+    let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only"]);
+    let err = std::fs::read(m.dir.join("root.raw")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected, got {err}");
+    assert!(m.log().contains(&hash), "the log names the corrupt block {hash}:\n{}", m.log());
+    assert!(!e.p("cache").join("blocks").join(&hash[..2]).join(&hash).exists(), "a corrupt block was cached");
+
+    std::fs::write(&victim, &good).unwrap();
+    same_file(&m.dir.join("root.raw"), &guest_dir().join("disk.raw"));
+}
+
+#[test]
+fn writes_commit_push_and_show_up_on_an_empty_cache_elsewhere() {
+    let e = Env::new();
+    let local = e.p("local");
+    import_guest(&local);
+    let token = ok(capsule(&e.p("server")).args(["token", "create", "--scope", "write"])).trim().to_string();
+    let server = ServerProcess::start(&e.p("server"), &[]);
+    let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
+    let (at_zero, at_data) = (100u64 << 20, 40u64 << 20);
+    {
+        let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(m.dir.join("root.raw")).unwrap();
+        f.write_all_at(b"written through capsule", at_zero).unwrap();
+        f.write_all_at(b"partial block edit", at_data + 1000).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        assert_eq!(pread(&m.dir.join("root.raw"), at_zero, 23).unwrap(), b"written through capsule");
+        let text = ok(capsule(&local).args(["commit"]).arg(&m.dir).args(["edited", "--json"]));
+        let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+        assert_eq!(v["changed_blocks"], 2, "{v}");
+    }
+    ok(client(&local, &e.p("cfg")).args(["push", "edited", &server.url, "--token", &token]));
+    let m = Mounted::new(&e.p("elsewhere"), &e.p("cfg"), &format!("{}/edited", server.url), &e.p("mnt2"), &e.p("cache2"), &["--read-only", "--token", &token]);
+    let root = m.dir.join("root.raw");
+    assert_eq!(pread(&root, at_zero, 23).unwrap(), b"written through capsule");
+    let around = pread(&root, at_data, 65536).unwrap();
+    let mut expected = disk[at_data as usize..at_data as usize + 65536].to_vec();
+    expected[1000..1018].copy_from_slice(b"partial block edit");
+    assert!(around == expected, "the read-modify-write kept the rest of the block");
+}
+
+#[test]
+fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
+    let e = Env::new();
+    let local = e.p("local");
+    import_guest(&local);
+    let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
+    let bs = 65536usize;
+    let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
+    let path = m.dir.join("root.raw");
+    let writer = std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut round = 1u8;
+        // Whole blocks, each filled with one byte value: any torn block would show two.
+        while round < 250 {
+            for b in 0..64u64 {
+                if f.write_all_at(&vec![round; 65536], (b * 7 + 3) * 65536).is_err() {
+                    return round;
+                }
+            }
+            round += 1;
+        }
+        round
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let pid = m.pid().unwrap();
+    tool(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
+    let _rounds = writer.join().unwrap();
+    // Leave the dead mount in place: the next mount must clean it up itself.
+    std::mem::forget(m);
+
+    // Remount: the stale mount is cleaned up, every block is whole (old or one round).
+    let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
+    let root = std::fs::read(m.dir.join("root.raw")).unwrap();
+    for b in 0..64usize {
+        let i = b * 7 + 3;
+        let block = &root[i * bs..(i + 1) * bs];
+        let whole = block.iter().all(|&x| x == block[0]) && block[0] != 0;
+        assert!(whole || block == &disk[i * bs..(i + 1) * bs], "block {i} is torn");
+    }
+    ok(capsule(&local).arg("verify"));
+}
