@@ -197,8 +197,9 @@ fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
     let pid = m.pid().unwrap();
     tool(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
     let _rounds = writer.join().unwrap();
-    // Leave the dead mount in place: the next mount must clean it up itself.
-    std::mem::forget(m);
+    // The dead mount stays in place (its guard cleans up at the end, also on failure):
+    // the next mount must clean it up itself.
+    let _dead = m;
 
     // Remount: the stale mount is cleaned up, every block is whole (old or one round).
     let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);

@@ -216,7 +216,8 @@ pub struct Mounted {
 impl Mounted {
     /// `capsule --store STORE mount SOURCE DIR --cache CACHE [extra]`, waiting until it serves.
     pub fn new(store: &Path, config: &Path, source: &str, dir: &Path, cache: &Path, extra: &[&str]) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
+        // A stale mount left by a killed daemon makes this fail; `capsule mount` cleans it.
+        let _ = std::fs::create_dir_all(dir);
         ok(client(store, config).args(["mount", source]).arg(dir).arg("--cache").arg(cache).args(extra));
         Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf() }
     }
