@@ -164,6 +164,9 @@ pub struct MountArgs {
     /// Refuse writes
     #[arg(long)]
     pub read_only: bool,
+    /// A local file whose blocks count as present (an older image, an ISO); repeatable
+    #[arg(long = "seed", value_name = "PATH")]
+    pub seeds: Vec<PathBuf>,
     /// Stay in the foreground (default: detach once mounted; logs go to CACHE/logs/)
     #[arg(long)]
     pub foreground: bool,

@@ -89,7 +89,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
     let overlay_dir = cache_dir.join("cow").join(id.to_hex());
     // One writer per overlay: a second writable mount of the same capsule would interleave.
     let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&overlay_dir)?) };
-    let config = MountConfig { read_only: args.read_only, overlay_dir, source_label: label };
+    let config = MountConfig { read_only: args.read_only, overlay_dir, source_label: label, seeds: args.seeds.clone() };
     let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
     let name = fs.info().name.clone();
 

@@ -212,3 +212,32 @@ fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
     }
     ok(capsule(&local).arg("verify"));
 }
+
+#[test]
+fn a_seed_supplies_the_blocks_it_has_and_a_changed_seed_is_not_trusted() {
+    let e = Env::new();
+    let new_blocks = import_guest(&e.p("server"));
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let g = guest_dir();
+    let url = format!("{}/guest-update", server.url);
+    {
+        // The old image as a seed: only the update's own blocks travel.
+        let m = Mounted::new(&e.p("client"), &e.p("cfg"), &url, &e.p("mnt"), &e.p("cache"), &["--read-only", "--seed", g.join("disk.raw").to_str().unwrap()]);
+        same_file(&m.dir.join("root.raw"), &g.join("disk-update.raw"));
+        let s = m.stats();
+        assert_eq!(s["blocks_fetched"].as_u64().unwrap(), new_blocks, "{s}");
+        assert!(s["seed_blocks"].as_u64().unwrap() > 0, "{s}");
+    }
+    // A seed that changes after it was indexed: verification catches it, the reads stay right.
+    let seed = e.p("seed.raw");
+    std::fs::copy(g.join("disk.raw"), &seed).unwrap();
+    let m = Mounted::new(&e.p("client2"), &e.p("cfg"), &url, &e.p("mnt2"), &e.p("cache2"), &["--read-only", "--seed", seed.to_str().unwrap()]);
+    let mut bytes = std::fs::read(&seed).unwrap();
+    for b in bytes.iter_mut().step_by(4096) {
+        *b = !*b;
+    }
+    std::fs::write(&seed, &bytes).unwrap();
+    same_file(&m.dir.join("root.raw"), &g.join("disk-update.raw"));
+    assert!(m.stats()["blocks_fetched"].as_u64().unwrap() > new_blocks, "changed seed blocks were fetched instead");
+    assert!(m.log().contains("changed at offset"), "{}", m.log());
+}

@@ -74,6 +74,7 @@ pub struct Stats {
     reads_in_flight: AtomicU64,
     read_errors: AtomicU64,
     bytes_written: AtomicU64,
+    seed_blocks: AtomicU64,
 }
 
 /// How to mount.
@@ -85,6 +86,8 @@ pub struct MountConfig {
     pub overlay_dir: PathBuf,
     /// Shown in info.json.
     pub source_label: String,
+    /// Local files whose blocks count as present.
+    pub seeds: Vec<PathBuf>,
 }
 
 /// The filesystem.
@@ -97,6 +100,7 @@ pub struct CapsuleFs {
     info: MountInfo,
     decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>>,
     mounted_at: SystemTime,
+    seeds: crate::seed::Seeds,
 }
 
 impl std::fmt::Debug for CapsuleFs {
@@ -154,6 +158,13 @@ impl CapsuleFs {
             files.push((name.clone(), key));
             nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) } });
         }
+        let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
+            Content::Image { image, .. } => Some(image.block_size()),
+            Content::Bytes(_) => None,
+        }).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let seeds = crate::seed::Seeds::index(&config.seeds, &sizes).map_err(|e| Error::io("indexing seeds", e))?;
         let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
         nodes.push(Node { name: "capsule.json".into(), content: Content::Bytes(vm) });
         let info = MountInfo {
@@ -174,6 +185,7 @@ impl CapsuleFs {
             info,
             decoded: quick_cache::sync::Cache::new(256),
             mounted_at: SystemTime::now(),
+            seeds,
         })
     }
 
@@ -239,6 +251,16 @@ impl CapsuleFs {
                 }
             }
         }
+        if !self.seeds.is_empty() {
+            want.retain(|h| match self.seeds.get(h) {
+                Some(raw) => {
+                    self.stats.seed_blocks.fetch_add(1, Ordering::Relaxed);
+                    self.keep(h, raw);
+                    false
+                }
+                None => true,
+            });
+        }
         if want.is_empty() {
             return Ok(());
         }
@@ -252,9 +274,23 @@ impl CapsuleFs {
         };
         let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
         for (h, encoded) in blocks {
-            self.cache.insert_verified(&h, &encoded).map_err(|e| Error::from(e).context(format!("caching block {h}")))?;
+            if let Err(e) = self.cache.insert_verified(&h, &encoded) {
+                // A full disk must not fail the read: serve from memory, cache later.
+                warn!("cannot cache block {h}: {e}; serving it from memory");
+                let raw = capsule_images::block::decode(&h, &encoded).map_err(|e| Error::from(e).context("block from the source"))?;
+                self.decoded.insert(h, Arc::new(raw));
+            }
         }
         Ok(())
+    }
+
+    /// Caches a verified raw block (from a seed); in memory only if the disk refuses it.
+    fn keep(&self, h: &Hash, raw: Vec<u8>) {
+        let stored = capsule_images::block::encode(&raw).and_then(|encoded| self.cache.insert_verified(h, &encoded));
+        if let Err(e) = stored {
+            warn!("cannot cache block {h}: {e}; serving it from memory");
+        }
+        self.decoded.insert(*h, Arc::new(raw));
     }
 
     /// The verified content of block `h`, fetching it if the cache lost it meanwhile.
@@ -428,6 +464,7 @@ impl CapsuleFs {
             "reads_in_flight": s.reads_in_flight.load(Ordering::Relaxed),
             "read_errors": s.read_errors.load(Ordering::Relaxed),
             "bytes_written": s.bytes_written.load(Ordering::Relaxed),
+            "seed_blocks": s.seed_blocks.load(Ordering::Relaxed),
             "cache_bytes": self.cache.used_bytes(),
             "files": files,
         })
