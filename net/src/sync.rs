@@ -192,9 +192,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
         .get_ref(remote_name)
         .await?
         .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
-    let mut report = TransferReport::default();
-
-    report.objects_transferred = pull_metadata(client, &id, store).await?;
+    let mut report = TransferReport { objects_transferred: pull_metadata(client, &id, store).await?, ..Default::default() };
 
     let (_, blocks) = closure(store, &id)?;
     report.logical_bytes = logical_bytes(store, &id)?;
