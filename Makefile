@@ -29,6 +29,7 @@ bench: setup guest
 	$(CARGO) build --release
 	bash scripts/bench-format.sh | tee target/bench-format.md
 	bash scripts/bench-net.sh | tee target/bench-net.md
+	bash scripts/bench-mount.sh | tee target/bench-mount.md
 
 clean:
 	$(CARGO) clean
