@@ -26,7 +26,7 @@ fi
 have qemu-system-x86_64 || apt_install qemu-system-x86
 { have qemu-img && have qemu-io && have qemu-nbd; } || apt_install qemu-utils
 for pair in fusermount3:fuse3 cpio:cpio mke2fs:e2fsprogs debugfs:e2fsprogs zstd:zstd xz:xz-utils \
-            openssl:openssl rsync:rsync flock:util-linux; do
+            openssl:openssl rsync:rsync flock:util-linux jq:jq python3:python3; do
   have "${pair%%:*}" || need_apt+=("${pair#*:}")
 done
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx switch_root || need_apt+=(busybox-static)

@@ -26,3 +26,27 @@ fn child_capsule_exported_as_qcow2_chain_boots_in_qemu() {
     assert!(console.contains("CAPSULE-GUEST-VERSION 2"), "the updated disk booted, not the base:\n{console}");
     assert!(!console.contains("CAPSULE-GUEST-ERROR"), "{console}");
 }
+
+#[test]
+fn a_remote_capsule_cold_boots_from_the_mount_on_an_empty_cache() {
+    let guest = guest_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let server_store = dir.path().join("server");
+    ok(capsule(&server_store)
+        .args(["import", "guest", "--disk"])
+        .arg(format!("root={}", guest.join("disk.raw").display()))
+        .arg("--kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.gz")));
+    let server = ServerProcess::start(&server_store, &["--public-read"]);
+    let m = Mounted::new(&dir.path().join("client"), &dir.path().join("cfg"), &format!("{}/guest", server.url), &dir.path().join("mnt"), &dir.path().join("cache"), &["--read-only"]);
+    let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
+    let console = boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 120);
+    assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
+    let stats = m.stats();
+    let disk_blocks = stats["files"]["root.raw"]["blocks"].as_u64().unwrap();
+    let fetched = stats["blocks_fetched"].as_u64().unwrap();
+    // Kernel and initrd are read whole; of the disk, the boot needs a few dozen blocks.
+    assert!(fetched < disk_blocks / 4, "the boot fetched {fetched} blocks; the disk alone has {disk_blocks}");
+}
