@@ -101,6 +101,9 @@ pub struct CapsuleFs {
     decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>>,
     mounted_at: SystemTime,
     seeds: crate::seed::Seeds,
+    /// Blocks some thread is fetching and will have cached when it removes them here.
+    pending: Mutex<std::collections::HashSet<Hash>>,
+    pending_done: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for CapsuleFs {
@@ -186,6 +189,8 @@ impl CapsuleFs {
             decoded: quick_cache::sync::Cache::new(256),
             mounted_at: SystemTime::now(),
             seeds,
+            pending: Mutex::new(std::collections::HashSet::new()),
+            pending_done: std::sync::Condvar::new(),
         })
     }
 
@@ -239,18 +244,81 @@ impl CapsuleFs {
     }
 
     /// Makes sure the cache holds `hashes` (demand first, then `ahead`), fetching in one batch.
+    /// A block another thread is already fetching is waited for, not fetched again.
     fn ensure_cached(&self, hashes: &[Hash], ahead: &[Hash]) -> Result<()> {
-        let mut want: Vec<Hash> = Vec::new();
+        let mut missing: Vec<Hash> = Vec::new();
         for h in hashes {
             if self.decoded.get(h).is_some() || self.cache.contains(h) {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-                if !want.contains(h) {
-                    want.push(*h);
+                if !missing.contains(h) {
+                    missing.push(*h);
                 }
             }
         }
+        // Twice at most: a block whose other fetcher failed is then fetched here.
+        for _ in 0..2 {
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let (mine, theirs) = self.claim(&missing, ahead);
+            let result = if mine.is_empty() { Ok(()) } else { self.fetch_into_cache(&mine) };
+            self.release(&mine);
+            result?;
+            self.wait_for(&theirs);
+            missing.retain(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
+        }
+        match missing.first() {
+            None => Ok(()),
+            Some(h) => Err(Error::new(ErrorKind::Missing, format!("block {h} could not be fetched"))),
+        }
+    }
+
+    /// Splits `missing` into blocks this thread will fetch (with readahead that nobody
+    /// fetches yet) and blocks others are fetching.
+    fn claim(&self, missing: &[Hash], ahead: &[Hash]) -> (Vec<Hash>, Vec<Hash>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for h in missing {
+            if pending.insert(*h) {
+                mine.push(*h);
+            } else {
+                theirs.push(*h);
+            }
+        }
+        // Readahead rides along with a demand fetch, never alone.
+        if !mine.is_empty() {
+            for h in ahead {
+                if !self.cache.contains(h) && pending.insert(*h) {
+                    mine.push(*h);
+                }
+            }
+        }
+        (mine, theirs)
+    }
+
+    fn release(&self, mine: &[Hash]) {
+        if mine.is_empty() {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for h in mine {
+            pending.remove(h);
+        }
+        self.pending_done.notify_all();
+    }
+
+    fn wait_for(&self, theirs: &[Hash]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        while theirs.iter().any(|h| pending.contains(h)) {
+            pending = self.pending_done.wait(pending).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Seeds first, then the source, for blocks this thread claimed; each lands in the cache.
+    fn fetch_into_cache(&self, want: &[Hash]) -> Result<()> {
+        let mut want = want.to_vec();
         if !self.seeds.is_empty() {
             want.retain(|h| match self.seeds.get(h) {
                 Some(raw) => {
@@ -260,13 +328,8 @@ impl CapsuleFs {
                 }
                 None => true,
             });
-        }
-        if want.is_empty() {
-            return Ok(());
-        }
-        for h in ahead {
-            if !want.contains(h) && !self.cache.contains(h) {
-                want.push(*h);
+            if want.is_empty() {
+                return Ok(());
             }
         }
         let Some(source) = &self.source else {
