@@ -295,3 +295,42 @@ impl Drop for UnmountOnDrop {
         let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&self.0).output();
     }
 }
+
+#[test]
+fn a_full_disk_gives_the_writer_enospc_and_keeps_what_was_written() {
+    let e = Env::new();
+    import_guest(&e.p("store"));
+    let cache = e.p("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // A small filesystem of our own for the cache and its overlay.
+    tool(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "capsule-test"]).arg(&cache));
+    let _tmpfs = UnmountTmpfsOnDrop(cache.clone());
+    let m = Mounted::new(&e.p("store"), &e.p("cfg"), "guest", &e.p("mnt"), &cache, &[]);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(m.dir.join("root.raw")).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all_at(&chunk, written) {
+            Ok(()) => written += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(written < 100 << 20, "a 24 MiB disk took {written} bytes");
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "ENOSPC expected, got {err}");
+    assert!(written >= 8 << 20, "only {written} bytes fit");
+    drop(f);
+    // What fit is intact, and the rest of the disk still reads as before.
+    assert!(pread(&m.dir.join("root.raw"), 0, 1 << 20).unwrap() == chunk);
+    let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
+    let tail = pread(&m.dir.join("root.raw"), 100 << 20, 1 << 20).unwrap();
+    assert!(tail == disk[100 << 20..101 << 20]);
+}
+
+struct UnmountTmpfsOnDrop(std::path::PathBuf);
+
+impl Drop for UnmountTmpfsOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}

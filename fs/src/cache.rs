@@ -118,10 +118,23 @@ impl BlockCache {
         Ok(())
     }
 
+    /// Evicts least recently used blocks worth at least `bytes` (a full disk needs room
+    /// for unsaved writes more than it needs cached blocks). Returns what was freed.
+    pub fn free(&self, bytes: u64) -> u64 {
+        let target = self.used_bytes().saturating_sub(bytes);
+        let before = self.used_bytes();
+        self.evict_to(target);
+        before - self.used_bytes()
+    }
+
     /// Removes least recently used blocks until the cache fits its bound.
     fn evict(&self) {
+        self.evict_to(self.max_bytes);
+    }
+
+    fn evict_to(&self, limit: u64) {
         let Ok(mut lru) = self.lru.lock() else { return };
-        while lru.total > self.max_bytes {
+        while lru.total > limit {
             let Some((&seq, &h)) = lru.by_seq.iter().next() else { break };
             lru.by_seq.remove(&seq);
             if let Some((_, size)) = lru.by_hash.remove(&h) {

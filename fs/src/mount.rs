@@ -460,10 +460,23 @@ impl CapsuleFs {
             let _guard = overlay.lock_block(i);
             let mut block = if to - from == bs { vec![0; bs as usize] } else { self.block_content(image, chain, Some(overlay), i)? };
             block[(from - block_start) as usize..(to - block_start) as usize].copy_from_slice(chunk);
-            overlay.write_block(i, &block).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
+            self.write_overlay_block(overlay, &node.name, i, &block)?;
         }
         self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len() as u32)
+    }
+
+    /// Writes a block to the overlay; on a full disk, evicts cached blocks once and retries,
+    /// then reports ENOSPC to the writer.
+    fn write_overlay_block(&self, overlay: &Overlay, name: &str, i: u64, block: &[u8]) -> Result<()> {
+        match overlay.write_block(i, block) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let freed = self.cache.free(64 * block.len() as u64);
+                warn!("disk full writing the overlay of {name}: evicted {freed} bytes of cached blocks");
+                overlay.write_block(i, block).map_err(|e| Error::io(format!("overlay of {name}, block {i}"), e))
+            }
+            r => r.map_err(|e| Error::io(format!("overlay of {name}, block {i}"), e)),
+        }
     }
 
     fn zero_range(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
@@ -483,7 +496,7 @@ impl CapsuleFs {
             } else {
                 let mut block = self.block_content(image, chain, Some(overlay), i)?;
                 block[(from - block_start) as usize..(to - block_start) as usize].fill(0);
-                overlay.write_block(i, &block).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
+                self.write_overlay_block(overlay, &node.name, i, &block)?;
             }
         }
         Ok(())
