@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 mod mount;
+mod offline;
 mod progress;
 
 #[derive(Parser, Debug)]
@@ -102,6 +103,36 @@ enum Command {
     Mount(MountArgs),
     /// Unmount a capsule mount
     Umount { mountpoint: PathBuf },
+    /// Fetch every block of a capsule (and its ancestors) into the cache; --offline pins them
+    Prefetch {
+        #[command(flatten)]
+        target: offline::CacheTarget,
+        /// Pin every block so the capsule runs with no network (until `capsule unpin`)
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Fetch a capsule's blocks ahead of need, below demand reads in priority
+    Warm {
+        #[command(flatten)]
+        target: offline::CacheTarget,
+        /// Every block (the only mode until working-set profiles exist)
+        #[arg(long)]
+        all: bool,
+    },
+    /// Release a capsule pinned by `prefetch --offline`
+    Unpin {
+        #[command(flatten)]
+        target: offline::CacheTarget,
+    },
+    /// Resident and pinned % per file of a capsule in the cache, or of a mount
+    Status {
+        /// capsule://HOST:PORT/NAME, a capsule id, or a mount point
+        source: String,
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a writable mount's changes into a child capsule in the local store
     Commit {
         mountpoint: PathBuf,
@@ -173,6 +204,9 @@ pub struct MountArgs {
     /// Seconds a read of a missing block waits for a lost server before failing with EIO
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub stall_timeout: u64,
+    /// Never touch the network: serve what the cache holds, fail other reads at once
+    #[arg(long)]
+    pub offline: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -217,7 +251,7 @@ enum ExportFormat {
     Qcow2,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
@@ -265,11 +299,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Mount(args) => return mount::mount(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
         Command::Umount { mountpoint } => return mount::umount(mountpoint).map(|_| ExitCode::SUCCESS),
+        Command::Prefetch { target, offline } => return offline::prefetch(target, *offline).map(|_| ExitCode::SUCCESS),
+        Command::Warm { target, all } => {
+            if !all {
+                bail!("capsule warm needs --all for now: working-set profiles are not recorded yet");
+            }
+            return offline::prefetch(target, false).map(|_| ExitCode::SUCCESS);
+        }
+        Command::Unpin { target } => return offline::unpin(target).map(|_| ExitCode::SUCCESS),
+        Command::Status { source, cache, json } => return offline::status(source, cache.clone(), *json).map(|_| ExitCode::SUCCESS),
         _ => {}
     }
     let store = open_store(cli.store)?;
     match cli.command {
-        Command::Mount(_) | Command::Umount { .. } => unreachable!("handled above"),
+        Command::Mount(_) | Command::Umount { .. } | Command::Prefetch { .. } | Command::Warm { .. } | Command::Unpin { .. } | Command::Status { .. } => {
+            unreachable!("handled above")
+        }
         Command::Commit { mountpoint, name, json } => {
             let report = mount::commit(&store, &mountpoint, &name)?;
             if json {

@@ -12,8 +12,13 @@ use capsule_images::{Hash, Store};
 
 use crate::MountArgs;
 
+/// The cache's ref remembering which capsule a remote name pointed at last.
+pub fn remembered_ref(url: &capsule_net::RemoteUrl, name: &str) -> String {
+    format!("remote/{}_{}/{name}", url.host.replace(':', "_"), url.port)
+}
+
 /// `$CAPSULE_CACHE`, else `$XDG_CACHE_HOME/capsule`, else `~/.cache/capsule`.
-fn default_cache_dir() -> PathBuf {
+pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CAPSULE_CACHE") {
         return d.into();
     }
@@ -54,7 +59,12 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let url = capsule_net::RemoteUrl::parse(&args.source)?;
         let name = url.name.clone().with_context(|| format!("{}: name the capsule: capsule://HOST:PORT/NAME", args.source))?;
         let cache = Arc::new(BlockCache::open(&cache_dir, args.cache_size).with_context(|| format!("opening cache {}", cache_dir.display()))?);
-        let remembered = format!("remote/{}_{}/{name}", url.host.replace(':', "_"), url.port);
+        let remembered = remembered_ref(&url, &name);
+        if args.offline {
+            let id = cache.store().read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
+            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone() };
+            return serve_mount(cache, None, id, config, &args, &mountpoint);
+        }
         let id = crate::runtime()?.block_on(async {
             match capsule_net::Client::connect(&url, &args.conn.options()).await {
                 Ok(client) => {
@@ -86,10 +96,13 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 
-    let overlay_dir = cache_dir.join("cow").join(id.to_hex());
+    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone() };
+    serve_mount(cache, source, id, config, &args, &mountpoint)
+}
+
+fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, config: MountConfig, args: &MountArgs, mountpoint: &Path) -> Result<()> {
     // One writer per overlay: a second writable mount of the same capsule would interleave.
-    let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&overlay_dir)?) };
-    let config = MountConfig { read_only: args.read_only, overlay_dir, source_label: label, seeds: args.seeds.clone() };
+    let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&config.overlay_dir)?) };
     let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
     let name = fs.info().name.clone();
 
@@ -104,7 +117,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         // Let a hypervisor running as another user open the files.
         fuse_config.acl = fuser::SessionACL::All;
     }
-    let mut session = fuser::Session::new(fs, &mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mut session = fuser::Session::new(fs, mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {

@@ -13,31 +13,44 @@ use std::sync::Mutex;
 use capsule_images::{Hash, Store};
 use tracing::warn;
 
-/// LRU bookkeeping: access sequence -> block, and block -> (sequence, file size).
-#[derive(Debug, Default)]
+/// LRU bookkeeping: access sequence -> block, and block -> (sequence, file size), with
+/// the pins, so that the bound applies to unpinned blocks only.
+#[derive(Debug)]
 struct Lru {
     next_seq: u64,
     by_seq: BTreeMap<u64, Hash>,
     by_hash: HashMap<Hash, (u64, u64)>,
     total: u64,
+    pinned_total: u64,
+    pins: crate::pins::PinSet,
 }
 
 impl Lru {
     fn touch(&mut self, h: Hash, size: u64) {
-        if let Some((seq, old)) = self.by_hash.remove(&h) {
-            self.by_seq.remove(&seq);
-            self.total -= old;
-        }
+        self.remove(&h);
         self.next_seq += 1;
         self.by_seq.insert(self.next_seq, h);
         self.by_hash.insert(h, (self.next_seq, size));
         self.total += size;
+        if self.pins.contains(&h) {
+            self.pinned_total += size;
+        }
     }
 
     fn remove(&mut self, h: &Hash) {
         if let Some((seq, size)) = self.by_hash.remove(h) {
             self.by_seq.remove(&seq);
             self.total -= size;
+            if self.pins.contains(h) {
+                self.pinned_total -= size;
+            }
+        }
+    }
+
+    /// Re-reads the pins if they changed, and recounts the pinned bytes.
+    fn refresh_pins(&mut self) {
+        if self.pins.refresh() {
+            self.pinned_total = self.by_hash.iter().filter(|(h, _)| self.pins.contains(h)).map(|(_, e)| e.1).sum();
         }
     }
 }
@@ -62,7 +75,9 @@ impl BlockCache {
             }
         }
         found.sort();
-        let mut lru = Lru::default();
+        let mut pins = crate::pins::PinSet::new(dir);
+        pins.refresh();
+        let mut lru = Lru { next_seq: 0, by_seq: BTreeMap::new(), by_hash: HashMap::new(), total: 0, pinned_total: 0, pins };
         for (_, h, size) in found {
             lru.touch(h, size);
         }
@@ -79,6 +94,11 @@ impl BlockCache {
     /// Bytes of block files held.
     pub fn used_bytes(&self) -> u64 {
         self.lru.lock().map(|l| l.total).unwrap_or(0)
+    }
+
+    /// Bytes of unpinned block files held (what `--cache-size` bounds).
+    pub fn unpinned_bytes(&self) -> u64 {
+        self.lru.lock().map(|l| l.total - l.pinned_total).unwrap_or(0)
     }
 
     /// True if the block is present (unverified).
@@ -121,9 +141,8 @@ impl BlockCache {
     /// Evicts least recently used blocks worth at least `bytes` (a full disk needs room
     /// for unsaved writes more than it needs cached blocks). Returns what was freed.
     pub fn free(&self, bytes: u64) -> u64 {
-        let target = self.used_bytes().saturating_sub(bytes);
         let before = self.used_bytes();
-        self.evict_to(target);
+        self.evict_to(self.unpinned_bytes().saturating_sub(bytes));
         before - self.used_bytes()
     }
 
@@ -132,14 +151,31 @@ impl BlockCache {
         self.evict_to(self.max_bytes);
     }
 
+    /// Evicts least recently used unpinned blocks until unpinned bytes fit `limit`.
     fn evict_to(&self, limit: u64) {
         let Ok(mut lru) = self.lru.lock() else { return };
-        while lru.total > limit {
-            let Some((&seq, &h)) = lru.by_seq.iter().next() else { break };
-            lru.by_seq.remove(&seq);
-            if let Some((_, size)) = lru.by_hash.remove(&h) {
-                lru.total -= size;
+        lru.refresh_pins();
+        if lru.total - lru.pinned_total <= limit {
+            return;
+        }
+        let victims: Vec<(u64, Hash)> = {
+            let mut over = lru.total - lru.pinned_total - limit;
+            let mut v = Vec::new();
+            for (&seq, h) in &lru.by_seq {
+                if over == 0 {
+                    break;
+                }
+                if lru.pins.contains(h) {
+                    continue;
+                }
+                let size = lru.by_hash.get(h).map_or(0, |e| e.1);
+                over = over.saturating_sub(size);
+                v.push((seq, *h));
             }
+            v
+        };
+        for (_, h) in victims {
+            lru.remove(&h);
             if let Err(e) = std::fs::remove_file(self.store.block_path(&h)) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     warn!("cache: cannot evict block {h}: {e}");

@@ -13,6 +13,7 @@ pub mod commit;
 pub mod error;
 pub mod mount;
 pub mod overlay;
+pub mod pins;
 pub mod seed;
 
 use std::fmt;

@@ -333,7 +333,7 @@ impl CapsuleFs {
             }
         }
         let Some(source) = &self.source else {
-            return Err(Error::new(ErrorKind::Missing, format!("block {} is not in the local store and there is no server", want[0])));
+            return Err(Error::new(ErrorKind::Missing, format!("block {} is not cached and nothing can fetch it (source: {})", want[0], self.info.source)));
         };
         let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
         for (h, encoded) in blocks {
@@ -542,6 +542,7 @@ impl CapsuleFs {
             "bytes_written": s.bytes_written.load(Ordering::Relaxed),
             "seed_blocks": s.seed_blocks.load(Ordering::Relaxed),
             "cache_bytes": self.cache.used_bytes(),
+            "cache_unpinned_bytes": self.cache.unpinned_bytes(),
             "files": files,
         })
     }

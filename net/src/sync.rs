@@ -44,7 +44,7 @@ fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
 }
 
 /// Everything capsule `id` reaches locally: objects and blocks, each once.
-fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
+pub fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
     let (mut objects, mut blocks) = (Vec::new(), Vec::new());
     let (mut seen_o, mut seen_b) = (HashSet::new(), HashSet::new());
     store.walk_capsule(
@@ -217,4 +217,19 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     store.set_ref(local_name, &id)?;
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok((id, report))
+}
+
+/// Fetches `hashes` in pipelined batches (bulk priority), handing each verified block to
+/// `keep`; for warming and offline prefetch.
+pub async fn fetch_blocks(client: &Client, hashes: &[Hash], keep: &(dyn Fn(&Hash, &[u8]) -> Result<()> + Sync), progress: &dyn Progress) -> Result<u64> {
+    let mut bytes = 0u64;
+    let mut batches = futures_util::stream::iter(hashes.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0))).buffer_unordered(PARALLEL_BATCHES);
+    while let Some(batch) = batches.next().await {
+        for (h, encoded) in batch? {
+            keep(&h, &encoded)?;
+            bytes += encoded.len() as u64;
+            progress.advance(encoded.len() as u64);
+        }
+    }
+    Ok(bytes)
 }

@@ -160,10 +160,15 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `capsule --store STORE serve --listen 127.0.0.1:0 [extra]` and waits until it listens.
     pub fn start(store: &Path, extra: &[&str]) -> Self {
+        Self::start_at(store, "127.0.0.1:0", extra)
+    }
+
+    /// Like `start`, on a given address (to restart a server where clients expect it).
+    pub fn start_at(store: &Path, listen: &str, extra: &[&str]) -> Self {
         use std::io::BufRead;
         use std::process::Stdio;
         let mut child = capsule(store)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

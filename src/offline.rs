@@ -1,0 +1,139 @@
+//! `capsule prefetch [--offline]`, `warm --all`, `unpin` and `status`: the cache made
+//! ready ahead of need, for a slow link or none at all.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use capsule_fs::cache::BlockCache;
+use capsule_fs::pins;
+use capsule_images::{Hash, Progress};
+use serde_json::json;
+
+use crate::mount::{default_cache_dir, remembered_ref};
+use crate::{human, ConnArgs};
+
+/// Which capsule, in which cache.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheTarget {
+    /// capsule://HOST:PORT/NAME
+    pub source: String,
+    /// Block cache [default: $CAPSULE_CACHE, else ~/.cache/capsule]
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Bound of the block cache for unpinned blocks
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size, default_value = "10G")]
+    pub cache_size: u64,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+fn remote(source: &str) -> Result<(capsule_net::RemoteUrl, String)> {
+    let url = capsule_net::RemoteUrl::parse(source)?;
+    let name = url.name.clone().with_context(|| format!("{source}: name the capsule: capsule://HOST:PORT/NAME"))?;
+    Ok((url, name))
+}
+
+/// Fetches every block of the capsule into the cache (pinning them first if `pin`), then
+/// checks each one.
+pub fn prefetch(t: &CacheTarget, pin: bool) -> Result<()> {
+    let (url, name) = remote(&t.source)?;
+    let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
+    let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
+    let progress = crate::progress::Bar::new();
+    let (id, blocks, fetched_bytes) = crate::runtime()?.block_on(async {
+        let client = crate::connect(&url, &t.conn).await?;
+        let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
+        capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+        cache.store().set_ref(&remembered_ref(&url, &name), &id)?;
+        let (_, blocks) = capsule_net::closure(cache.store(), &id)?;
+        if pin {
+            // Before fetching, so nothing fetched here can be evicted on the way.
+            pins::pin(&dir, &id, &blocks).context("writing the pin")?;
+        }
+        let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
+        progress.begin("prefetch", missing.len() as u64 * 40_000);
+        let keep = |h: &Hash, encoded: &[u8]| -> capsule_net::Result<()> { Ok(cache.insert_verified(h, encoded)?) };
+        let bytes = capsule_net::fetch_blocks(&client, &missing, &keep, &progress).await;
+        progress.end();
+        client.close().await;
+        anyhow::Ok((id, blocks, bytes?))
+    })?;
+    // Every block, read back and hashed.
+    let mut total = 0u64;
+    for h in &blocks {
+        let data = cache.get(h).with_context(|| format!("block {h} is not in the cache after the fetch (evicted? raise --cache-size or use --offline)"))?;
+        total += data.len() as u64;
+    }
+    if pin {
+        println!("ready offline: 100% ({} blocks, {}); fetched {} now", blocks.len(), human(total), human(fetched_bytes));
+    } else {
+        println!("warm: 100% ({} blocks, {}); fetched {} now", blocks.len(), human(total), human(fetched_bytes));
+    }
+    println!("capsule {name} ({id}) in cache {}", dir.display());
+    Ok(())
+}
+
+fn resolve_in_cache(source: &str, dir: &std::path::Path) -> Result<(capsule_images::Store, Hash)> {
+    let store = capsule_images::Store::open(dir).with_context(|| format!("opening cache {}", dir.display()))?;
+    let id = if source.starts_with("capsule://") {
+        let (url, name) = remote(source)?;
+        store.read_ref(&remembered_ref(&url, &name))?.with_context(|| format!("{source} was never fetched into cache {}", dir.display()))?
+    } else {
+        source.parse::<Hash>().with_context(|| format!("{source}: expected capsule://HOST:PORT/NAME or a capsule id"))?
+    };
+    Ok((store, id))
+}
+
+pub fn unpin(t: &CacheTarget) -> Result<()> {
+    let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
+    let (_, id) = resolve_in_cache(&t.source, &dir)?;
+    if !pins::unpin(&dir, &id)? {
+        bail!("{} ({id}) was not pinned in {}", t.source, dir.display());
+    }
+    println!("unpinned {} ({id}); its blocks may now be evicted", t.source);
+    Ok(())
+}
+
+pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()> {
+    let stats_path = std::path::Path::new(source).join(".capsule/stats.json");
+    let view = if stats_path.exists() {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&stats_path)?).with_context(|| stats_path.display().to_string())?
+    } else {
+        let dir = cache.unwrap_or_else(default_cache_dir);
+        let (store, id) = resolve_in_cache(source, &dir)?;
+        let mut pinset = pins::PinSet::new(&dir);
+        pinset.refresh();
+        let m = store.manifest(&id)?;
+        let mut files = serde_json::Map::new();
+        for (what, image) in m.images() {
+            let reader = capsule_images::ImageReader::open(&store, image)?;
+            let (mut resident, mut pinned) = (0u64, 0u64);
+            for i in 0..image.block_count() {
+                // Zero blocks need nothing: they count as resident and pinned.
+                let (r, p) = match reader.resolve(i)? {
+                    None => (true, true),
+                    Some(h) => {
+                        let here = store.has_block(&h);
+                        (here, here && pinset.contains(&h))
+                    }
+                };
+                resident += u64::from(r);
+                pinned += u64::from(p);
+            }
+            let n = image.block_count().max(1) as f64;
+            files.insert(what, json!({"blocks": image.block_count(), "resident_pct": resident as f64 * 100.0 / n, "pinned_pct": pinned as f64 * 100.0 / n}));
+        }
+        json!({"capsule": m.name, "id": id.to_hex(), "cache": dir, "pinned": pins::is_pinned(&dir, &id), "files": files})
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!("capsule {} ({})", view["capsule"].as_str().unwrap_or("?"), view["id"].as_str().unwrap_or("?"));
+    for (file, v) in view["files"].as_object().into_iter().flatten() {
+        let pinned = v["pinned_pct"].as_f64().map(|p| format!(", {p:.1}% pinned")).unwrap_or_default();
+        println!("  {file:<16} {:>6.1}% resident{pinned}", v["resident_pct"].as_f64().unwrap_or(0.0));
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Offline and cut links: `prefetch --offline`, pins under cache pressure, `mount
+//! --offline`, and a server that dies in the middle of a boot.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn import_guest_with_boot_files(store: &Path) {
+    let g = guest_dir();
+    ok(capsule(store)
+        .args(["import", "guest", "--disk"])
+        .arg(format!("root={}", g.join("disk.raw").display()))
+        .arg("--kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(g.join("initrd.gz")));
+}
+
+fn boot_from(m: &Mounted) -> String {
+    let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
+    boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 150)
+}
+
+#[test]
+fn after_prefetch_offline_the_guest_boots_with_the_server_gone_and_no_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_guest_with_boot_files(&d.join("server"));
+    let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
+    let url = format!("{}/guest", server.url);
+    let text = ok(client(&d.join("c"), &d.join("cfg")).args(["prefetch", "--offline", &url, "--cache"]).arg(d.join("cache")));
+    assert!(text.contains("ready offline: 100% ("), "{text}");
+    let status = ok(client(&d.join("c"), &d.join("cfg")).args(["status", &url, "--cache"]).arg(d.join("cache")));
+    assert!(status.contains("100.0% resident, 100.0% pinned"), "{status}");
+    drop(server);
+
+    let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt"), &d.join("cache"), &["--read-only", "--offline"]);
+    let console = boot_from(&m);
+    assert!(!console.contains("I/O error"), "{console}");
+    let s = m.stats();
+    assert_eq!(s["blocks_fetched"], 0, "{s}");
+    assert_eq!(s["read_errors"], 0, "{s}");
+    assert_eq!(s["link"], "local", "an offline mount has no source at all: {s}");
+}
+
+#[test]
+fn pinned_blocks_survive_cache_pressure_larger_than_the_cache_until_unpinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_store = d.join("server");
+    import_guest_with_boot_files(&server_store);
+    let other = d.join("other.raw");
+    std::fs::write(&other, pseudo_random(32 << 20, 77)).unwrap();
+    ok(capsule(&server_store).args(["import", "other", "--disk"]).arg(&other));
+    let server = ServerProcess::start(&server_store, &["--public-read"]);
+    let guest = format!("{}/guest", server.url);
+    let cache = d.join("cache");
+    let c = |args: &[&str]| ok(client(&d.join("c"), &d.join("cfg")).args(args).arg("--cache").arg(&cache));
+
+    c(&["prefetch", "--offline", &guest, "--cache-size", "4M"]);
+    {
+        // 32 MiB of other blocks through a 4 MiB cache.
+        let m = Mounted::new(&d.join("c"), &d.join("cfg"), &format!("{}/other", server.url), &d.join("mnt"), &cache, &["--read-only", "--cache-size", "4M"]);
+        assert!(std::fs::read(m.dir.join("other.raw")).unwrap() == std::fs::read(&other).unwrap());
+    }
+    let status = c(&["status", &guest]);
+    assert!(status.contains("root") && !status.contains("  0.0% pinned"), "{status}");
+    for line in status.lines().skip(1) {
+        assert!(line.contains("100.0% resident, 100.0% pinned"), "pinned blocks were evicted: {status}");
+    }
+
+    c(&["unpin", &guest]);
+    {
+        let m = Mounted::new(&d.join("c"), &d.join("cfg"), &format!("{}/other", server.url), &d.join("mnt"), &cache, &["--read-only", "--cache-size", "4M"]);
+        let _ = std::fs::read(m.dir.join("other.raw")).unwrap();
+    }
+    let status = c(&["status", &guest]);
+    assert!(!status.contains("disk root         100.0% resident"), "unpinned blocks stay evictable: {status}");
+}
+
+#[test]
+fn an_offline_mount_fails_a_missing_block_at_once_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_guest_with_boot_files(&d.join("server"));
+    let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
+    let url = format!("{}/guest", server.url);
+    {
+        // Touch a little of the disk online: the capsule is known to the cache, mostly absent.
+        let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt"), &d.join("cache"), &["--read-only"]);
+        pread(&m.dir.join("root.raw"), 0, 4096).unwrap();
+    }
+    let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt"), &d.join("cache"), &["--read-only", "--offline"]);
+    let start = std::time::Instant::now();
+    let err = std::fs::read(m.dir.join("root.raw")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(start.elapsed().as_secs() < 5, "an offline miss must fail at once");
+    assert!(pread(&m.dir.join("root.raw"), 0, 4096).is_ok(), "cached blocks still read");
+    let log = m.log();
+    assert!(log.contains("read of root.raw at offset") && log.contains("offline"), "{log}");
+}
+
+#[test]
+fn a_server_killed_for_10_s_mid_boot_is_a_pause_and_the_boot_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    import_guest_with_boot_files(&d.join("server"));
+    let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
+    let addr = server.url.trim_start_matches("capsule://").to_string();
+    let m = Mounted::new(&d.join("c"), &d.join("cfg"), &format!("{}/guest", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only"]);
+    // Kernel and initrd first (QEMU reads them whole at start), then cut the link while the
+    // guest's disk reads are still to come.
+    std::fs::read(m.dir.join("vmlinuz")).unwrap();
+    std::fs::read(m.dir.join("initrd.img")).unwrap();
+    let outage = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            drop(server);
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            ServerProcess::start_at(&d.join("server"), &addr, &["--public-read"])
+        })
+    };
+    let console = boot_from(&m);
+    let _restarted = outage.join().unwrap();
+    assert!(!console.contains("I/O error") && !console.contains("CAPSULE-GUEST-ERROR"), "{console}");
+    assert!(m.stats()["reconnects"].as_u64().unwrap() >= 1, "{}", m.stats());
+}
