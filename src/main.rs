@@ -115,7 +115,10 @@ enum Command {
     Warm {
         #[command(flatten)]
         target: offline::CacheTarget,
-        /// Every block (the only mode until working-set profiles exist)
+        /// The working-set profile's blocks first, in the order they were first touched
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
+        /// Then every other block
         #[arg(long)]
         all: bool,
     },
@@ -207,6 +210,16 @@ pub struct MountArgs {
     /// Never touch the network: serve what the cache holds, fail other reads at once
     #[arg(long)]
     pub offline: bool,
+    /// Record the blocks this mount's readers touch, in order, as working-set profile NAME
+    /// (saved at unmount; pushed and pulled with the capsule)
+    #[arg(long, value_name = "NAME")]
+    pub record_profile: Option<String>,
+    /// Fetch in the background, below demand reads: the profile's blocks, or all blocks
+    #[arg(long, value_enum, default_value_t = PrefetchMode::None)]
+    pub prefetch: PrefetchMode,
+    /// The profile `--prefetch profile` uses
+    #[arg(long, value_name = "NAME", default_value = "boot")]
+    pub profile: String,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -221,6 +234,16 @@ enum TokenCommand {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefetchMode {
+    /// Fetch on demand only
+    None,
+    /// The working-set profile's blocks, in order
+    Profile,
+    /// The profile's blocks, then every other block
+    All,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,12 +322,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Mount(args) => return mount::mount(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
         Command::Umount { mountpoint } => return mount::umount(mountpoint).map(|_| ExitCode::SUCCESS),
-        Command::Prefetch { target, offline } => return offline::prefetch(target, *offline).map(|_| ExitCode::SUCCESS),
-        Command::Warm { target, all } => {
-            if !all {
-                bail!("capsule warm needs --all for now: working-set profiles are not recorded yet");
+        Command::Prefetch { target, offline } => return offline::prefetch(target, *offline, None, true).map(|_| ExitCode::SUCCESS),
+        Command::Warm { target, profile, all } => {
+            if profile.is_none() && !all {
+                bail!("capsule warm: say what to fetch: --profile NAME, --all, or both");
             }
-            return offline::prefetch(target, false).map(|_| ExitCode::SUCCESS);
+            return offline::prefetch(target, false, profile.as_deref(), *all).map(|_| ExitCode::SUCCESS);
         }
         Command::Unpin { target } => return offline::unpin(target).map(|_| ExitCode::SUCCESS),
         Command::Status { source, cache, json } => return offline::status(source, cache.clone(), *json).map(|_| ExitCode::SUCCESS),
@@ -630,6 +653,7 @@ fn inspect_json(store: &Store, id: &Hash, m: &Manifest) -> Result<serde_json::Va
         "memory": opt(m.memory)?,
         "devstate": opt(m.devstate)?,
         "boot": boot,
+        "profiles": store.list_profiles(id)?.into_iter().map(|(n, p)| json!({"name": n, "id": p.to_hex(), "blocks": store.profile(&p).map(|p| p.blocks.len()).unwrap_or(0)})).collect::<Vec<_>>(),
     }))
 }
 
@@ -665,6 +689,9 @@ fn print_inspect(v: &serde_json::Value) {
         show("kernel", &v["boot"]["kernel"]);
         show("initrd", &v["boot"]["initrd"]);
         println!("cmdline  {}", v["boot"]["cmdline"].as_str().unwrap_or_default());
+    }
+    for p in v["profiles"].as_array().into_iter().flatten() {
+        println!("profile  {}: {} blocks", p["name"].as_str().unwrap_or_default(), p["blocks"]);
     }
 }
 

@@ -62,7 +62,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let remembered = remembered_ref(&url, &name);
         if args.offline {
             let id = cache.store().read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
-            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone() };
+            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None };
             return serve_mount(cache, None, id, config, &args, &mountpoint);
         }
         let id = crate::runtime()?.block_on(async {
@@ -73,6 +73,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                     }
                     let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
                     capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                    capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching the capsule's profiles")?;
                     cache.store().set_ref(&remembered, &id)?;
                     client.close().await;
                     anyhow::Ok(id)
@@ -96,13 +97,19 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 
-    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone() };
+    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone(), recorder: None };
     serve_mount(cache, source, id, config, &args, &mountpoint)
 }
 
-fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, config: MountConfig, args: &MountArgs, mountpoint: &Path) -> Result<()> {
+fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, mut config: MountConfig, args: &MountArgs, mountpoint: &Path) -> Result<()> {
     // One writer per overlay: a second writable mount of the same capsule would interleave.
     let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&config.overlay_dir)?) };
+    let recorder = args.record_profile.as_ref().map(|_| Arc::new(capsule_fs::mount::Recorder::default()));
+    config.recorder = recorder.clone();
+    if let Some(source) = &source {
+        start_prefetch(&cache, source, &id, args)?;
+    }
+    let store_cache = cache.clone();
     let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
     let name = fs.info().name.clone();
 
@@ -131,6 +138,58 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
     session.run().context("serving the mount")?;
     eprintln!("capsule: unmounted {}", mountpoint.display());
+    if let (Some(name), Some(recorder)) = (&args.record_profile, recorder) {
+        let profile = capsule_images::Profile { capsule: id, name: name.clone(), blocks: recorder.blocks() };
+        let pid = store_cache.store().put_profile(&profile).with_context(|| format!("saving profile {name}"))?;
+        eprintln!("capsule: recorded profile {name} of {id}: {} blocks ({pid})", profile.blocks.len());
+    }
+    Ok(())
+}
+
+/// `--prefetch profile|all`: a background thread fetching, at bulk priority, what the
+/// profile lists (then everything else), skipping what the cache has.
+fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &Hash, args: &MountArgs) -> Result<()> {
+    if args.prefetch == crate::PrefetchMode::None {
+        return Ok(());
+    }
+    let store = cache.store();
+    let mut blocks = match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == args.profile) {
+        Some((_, pid)) => store.profile(&pid)?.blocks,
+        None => {
+            tracing::warn!("no profile {:?} for {id}; prefetching without one", args.profile);
+            Vec::new()
+        }
+    };
+    if args.prefetch == crate::PrefetchMode::All {
+        let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
+        let (_, everything) = capsule_net::closure(store, id)?;
+        blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
+    }
+    let (cache, source) = (cache.clone(), source.clone());
+    std::thread::Builder::new().name("capsule-prefetch".into()).spawn(move || {
+        let mut fetched = 0usize;
+        for chunk in blocks.chunks(32) {
+            let missing: Vec<Hash> = chunk.iter().filter(|h| !cache.contains(h)).copied().collect();
+            if missing.is_empty() {
+                continue;
+            }
+            match source.fetch(&missing, capsule_fs::Urgency::Background) {
+                Ok(got) => {
+                    for (h, encoded) in got {
+                        if let Err(e) = cache.insert_verified(&h, &encoded) {
+                            tracing::warn!("prefetch: cannot cache block {h}: {e}");
+                        }
+                        fetched += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("prefetch stopped after {fetched} blocks: {e}");
+                    return;
+                }
+            }
+        }
+        tracing::info!("prefetch done: {fetched} blocks fetched");
+    })?;
     Ok(())
 }
 

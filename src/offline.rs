@@ -34,9 +34,10 @@ fn remote(source: &str) -> Result<(capsule_net::RemoteUrl, String)> {
     Ok((url, name))
 }
 
-/// Fetches every block of the capsule into the cache (pinning them first if `pin`), then
-/// checks each one.
-pub fn prefetch(t: &CacheTarget, pin: bool) -> Result<()> {
+/// Fetches the capsule's blocks into the cache: the profile's first (in first-touch
+/// order), then, with `all`, every other block (pinning them all first if `pin`); then
+/// checks each one. Resumable: only blocks the cache lacks travel.
+pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) -> Result<()> {
     let (url, name) = remote(&t.source)?;
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
     let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
@@ -46,7 +47,17 @@ pub fn prefetch(t: &CacheTarget, pin: bool) -> Result<()> {
         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
         cache.store().set_ref(&remembered_ref(&url, &name), &id)?;
-        let (_, blocks) = capsule_net::closure(cache.store(), &id)?;
+        capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching profiles")?;
+        let (_, everything) = capsule_net::closure(cache.store(), &id)?;
+        let mut blocks = Vec::new();
+        if let Some(name) = profile {
+            let (_, pid) = cache.store().list_profiles(&id)?.into_iter().find(|(n, _)| n == name).with_context(|| format!("{name:?} is not a profile of {}", t.source))?;
+            blocks = cache.store().profile(&pid)?.blocks;
+        }
+        if all {
+            let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
+            blocks.extend(everything.iter().filter(|h| !listed.contains(h)));
+        }
         if pin {
             // Before fetching, so nothing fetched here can be evicted on the way.
             pins::pin(&dir, &id, &blocks).context("writing the pin")?;
@@ -68,7 +79,12 @@ pub fn prefetch(t: &CacheTarget, pin: bool) -> Result<()> {
     if pin {
         println!("ready offline: 100% ({} blocks, {}); fetched {} now", blocks.len(), human(total), human(fetched_bytes));
     } else {
-        println!("warm: 100% ({} blocks, {}); fetched {} now", blocks.len(), human(total), human(fetched_bytes));
+        let what = match (profile, all) {
+            (Some(p), true) => format!("profile {p} and every other block"),
+            (Some(p), false) => format!("profile {p}"),
+            _ => "every block".to_string(),
+        };
+        println!("warm: {what}: {} blocks ({}) cached; fetched {} now", blocks.len(), human(total), human(fetched_bytes));
     }
     println!("capsule {name} ({id}) in cache {}", dir.display());
     Ok(())

@@ -127,3 +127,46 @@ fn a_server_killed_for_10_s_mid_boot_is_a_pause_and_the_boot_completes() {
     assert!(!console.contains("I/O error") && !console.contains("CAPSULE-GUEST-ERROR"), "{console}");
     assert!(m.stats()["reconnects"].as_u64().unwrap() >= 1, "{}", m.stats());
 }
+
+#[test]
+fn a_profile_recorded_on_one_machine_warms_another_whose_boot_then_fetches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let publisher = d.join("publisher");
+    import_guest_with_boot_files(&publisher);
+    // Record the boot's working set on the publisher's own machine.
+    {
+        let m = Mounted::new(&publisher, &d.join("cfg"), "guest", &d.join("mnt"), &d.join("pcache"), &["--read-only", "--record-profile", "boot"]);
+        boot_from(&m);
+    }
+    let v = inspect(&publisher, "guest");
+    let recorded = v["profiles"][0]["blocks"].as_u64().unwrap();
+    assert_eq!(v["profiles"][0]["name"], "boot", "{v}");
+    assert!(recorded > 0);
+
+    // The profile travels with the capsule.
+    let token = ok(capsule(&d.join("server")).args(["token", "create", "--scope", "write"])).trim().to_string();
+    let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
+    ok(client(&publisher, &d.join("cfg")).args(["push", "guest", &server.url, "--token", &token]));
+    let url = format!("{}/guest", server.url);
+    ok(client(&d.join("fresh"), &d.join("cfg")).args(["pull", &url]));
+    assert_eq!(inspect(&d.join("fresh"), "guest")["profiles"][0]["blocks"].as_u64().unwrap(), recorded);
+
+    // Another machine warms from it; its boot then has no demand miss.
+    let text = ok(client(&d.join("c"), &d.join("cfg")).args(["warm", &url, "--profile", "boot", "--cache"]).arg(d.join("cache")));
+    assert!(text.contains(&format!("warm: profile boot: {recorded} blocks")), "{text}");
+    let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt2"), &d.join("cache"), &["--read-only"]);
+    boot_from(&m);
+    let s = m.stats();
+    assert_eq!(s["blocks_fetched"], 0, "the warmed boot still fetched: {s}");
+
+    // A mount that prefetches the profile in the background reaches the same state.
+    let m = Mounted::new(&d.join("c3"), &d.join("cfg"), &url, &d.join("mnt3"), &d.join("cache3"), &["--read-only", "--prefetch", "profile"]);
+    let start = std::time::Instant::now();
+    while m.stats()["blocks_fetched"].as_u64().unwrap() < recorded {
+        assert!(start.elapsed().as_secs() < 60, "background prefetch stalled: {}", m.stats());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    boot_from(&m);
+    assert_eq!(m.stats()["blocks_fetched"].as_u64().unwrap(), recorded, "the boot needed blocks beyond the profile: {}", m.stats());
+}

@@ -88,6 +88,30 @@ pub struct MountConfig {
     pub source_label: String,
     /// Local files whose blocks count as present.
     pub seeds: Vec<PathBuf>,
+    /// Record the blocks reads touch, in first-touch order, into this recorder.
+    pub recorder: Option<Arc<Recorder>>,
+}
+
+/// First-touch order of the blocks reads need, across all images: a working-set profile.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    seen: Mutex<(std::collections::HashSet<Hash>, Vec<Hash>)>,
+}
+
+impl Recorder {
+    fn touch(&self, hashes: &[Hash]) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for h in hashes {
+            if g.1.len() < capsule_images::manifest::MAX_PROFILE_BLOCKS && g.0.insert(*h) {
+                g.1.push(*h);
+            }
+        }
+    }
+
+    /// The blocks recorded so far, first touch first.
+    pub fn blocks(&self) -> Vec<Hash> {
+        self.seen.lock().map(|g| g.1.clone()).unwrap_or_default()
+    }
 }
 
 /// The filesystem.
@@ -104,6 +128,7 @@ pub struct CapsuleFs {
     /// Blocks some thread is fetching and will have cached when it removes them here.
     pending: Mutex<std::collections::HashSet<Hash>>,
     pending_done: std::sync::Condvar,
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl std::fmt::Debug for CapsuleFs {
@@ -191,6 +216,7 @@ impl CapsuleFs {
             seeds,
             pending: Mutex::new(std::collections::HashSet::new()),
             pending_done: std::sync::Condvar::new(),
+            recorder: config.recorder.clone(),
         })
     }
 
@@ -407,6 +433,9 @@ impl CapsuleFs {
             plan.push((i, src));
         }
         let demand: Vec<Hash> = plan.iter().filter_map(|(_, h)| *h).collect();
+        if let Some(r) = &self.recorder {
+            r.touch(&demand);
+        }
         let ahead = self.readahead_plan(image, chain, readahead, offset, end, last)?;
         self.ensure_cached(&demand, &ahead)?;
         let mut out = Vec::with_capacity((end - offset) as usize);

@@ -37,6 +37,8 @@ pub enum ObjectKind {
     Layer = 2,
     /// A page of a layer's block map.
     MapPage = 3,
+    /// A working-set profile: blocks in first-touch order.
+    Profile = 4,
 }
 
 impl ObjectKind {
@@ -48,6 +50,8 @@ impl ObjectKind {
             ObjectKind::Layer => 4 << 10,
             // 1024 entries of at most 3 + 1 + 32 bytes each, with room to spare.
             ObjectKind::MapPage => 64 << 10,
+            // 32 K block hashes: the first 2 GiB touched at 64 KiB blocks.
+            ObjectKind::Profile => 1 << 20,
         }
     }
 
@@ -57,6 +61,7 @@ impl ObjectKind {
             1 => Some(Self::Manifest),
             2 => Some(Self::Layer),
             3 => Some(Self::MapPage),
+            4 => Some(Self::Profile),
             _ => None,
         }
     }
@@ -67,6 +72,7 @@ impl ObjectKind {
             ObjectKind::Manifest => "manifest",
             ObjectKind::Layer => "layer",
             ObjectKind::MapPage => "map page",
+            ObjectKind::Profile => "profile",
         }
     }
 }

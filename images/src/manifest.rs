@@ -248,3 +248,19 @@ mod tests {
         assert!(m.validate().is_err());
     }
 }
+
+/// Most blocks a profile lists (its envelope stays under 1 MiB).
+pub const MAX_PROFILE_BLOCKS: usize = 32_000;
+
+/// A working-set profile: the blocks a run of the capsule touched, in first-touch order,
+/// across all its images. Kept beside the capsule (`STORE/profiles/<capsule id>/<name>`)
+/// and pushed and pulled with it, so the next machine can fetch them ahead of need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The capsule it was recorded on.
+    pub capsule: Hash,
+    /// Its name (`boot`, ...).
+    pub name: String,
+    /// Block hashes, first touch first; zero blocks are never listed.
+    pub blocks: Vec<Hash>,
+}

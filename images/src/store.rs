@@ -397,6 +397,66 @@ impl Store {
         rustix::fs::syncfs(&self.lock).map_err(|e| Error::io(format!("syncfs {}", self.root.display()), e.into()))
     }
 
+    // ---- profiles ----
+
+    fn profile_path(&self, capsule: &Hash, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
+        if name.contains('/') {
+            return Err(Error::invalid(format!("invalid profile name {name:?}: no '/' allowed")));
+        }
+        Ok(self.root.join("profiles").join(capsule.to_hex()).join(name))
+    }
+
+    /// Stores `profile` and names it for its capsule; returns the profile object's id.
+    pub fn put_profile(&self, profile: &crate::manifest::Profile) -> Result<Hash> {
+        if profile.blocks.len() > crate::manifest::MAX_PROFILE_BLOCKS {
+            return Err(Error::new(ErrorKind::TooLarge, format!("profile {} lists {} blocks, cap {}", profile.name, profile.blocks.len(), crate::manifest::MAX_PROFILE_BLOCKS)));
+        }
+        let (id, _) = self.put_object(ObjectKind::Profile, profile)?;
+        self.set_profile(&profile.capsule, &profile.name, &id)?;
+        Ok(id)
+    }
+
+    /// Names profile object `id` as `name` of `capsule` (the object must be here).
+    pub fn set_profile(&self, capsule: &Hash, name: &str, id: &Hash) -> Result<()> {
+        let p = self.profile(id)?;
+        if p.capsule != *capsule || p.name != name {
+            return Err(Error::invalid(format!("profile {id} is {:?} of capsule {}, not {name:?} of {capsule}", p.name, p.capsule)));
+        }
+        let path = self.profile_path(capsule, name)?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        }
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("profile-{}-{n}", std::process::id()));
+        write_file_synced(&tmp, format!("{id}\n").as_bytes())?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(path.display(), e))
+    }
+
+    /// The profile object `id`, verified.
+    pub fn profile(&self, id: &Hash) -> Result<crate::manifest::Profile> {
+        let bytes = self.read_object(id)?;
+        envelope::decode_verified(ObjectKind::Profile, id, &bytes)
+    }
+
+    /// Profiles of `capsule`: (name, object id), sorted.
+    pub fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {
+        let dir = self.root.join("profiles").join(capsule.to_hex());
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == IoKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(dir.display(), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let text = fs::read_to_string(entry.path()).map_err(|e| Error::io(entry.path().display(), e))?;
+            out.push((name.clone(), text.parse().map_err(|e: Error| e.context(format!("profile {name} of {capsule}")))?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     // ---- reachability ----
 
     /// Calls `on_object` for every metadata object and `on_block` for every block reachable
@@ -463,6 +523,13 @@ impl Store {
                 },
             )
             .with_context(|| format!("gc: ref {name} is damaged; nothing was removed"))?;
+        }
+        // Profiles of live capsules stay; their blocks are the capsules' own.
+        let live_capsules: Vec<Hash> = live_objects.iter().copied().collect();
+        for capsule in live_capsules {
+            for (_, pid) in self.list_profiles(&capsule).unwrap_or_default() {
+                live_objects.insert(pid);
+            }
         }
         let mut stats = GcStats::default();
         for (dir, live, removed) in [("blocks", &live_blocks, &mut stats.blocks_removed), ("objects", &live_objects, &mut stats.objects_removed)] {

@@ -103,5 +103,5 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
 }
 
 fn envelope_ok(bytes: &[u8]) -> bool {
-    [ObjectKind::Manifest, ObjectKind::Layer, ObjectKind::MapPage].iter().any(|k| envelope::open(*k, bytes).is_ok())
+    [ObjectKind::Manifest, ObjectKind::Layer, ObjectKind::MapPage, ObjectKind::Profile].iter().any(|k| envelope::open(*k, bytes).is_ok())
 }

@@ -26,6 +26,16 @@ pub trait Backend: Send + Sync + 'static {
     fn read_ref(&self, name: &str) -> Result<Option<Hash>>;
     /// Moves a ref from `old` to `new`, refusing if the capsule is incomplete here.
     fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> Result<()>;
+    /// Profiles of a capsule: (name, object id).
+    fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {
+        let _ = capsule;
+        Ok(Vec::new())
+    }
+    /// Names a stored profile object for its capsule.
+    fn set_profile(&self, capsule: &Hash, name: &str, id: &Hash) -> Result<()> {
+        let _ = (capsule, name, id);
+        Err(Error::new(ErrorKind::InvalidInput, "this server keeps no profiles"))
+    }
 }
 
 impl Backend for Store {
@@ -75,5 +85,13 @@ impl Backend for Store {
             return Err(Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {m} missing")));
         }
         Ok(self.cas_ref(name, old, new)?)
+    }
+
+    fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {
+        Ok(Store::list_profiles(self, capsule)?)
+    }
+
+    fn set_profile(&self, capsule: &Hash, name: &str, id: &Hash) -> Result<()> {
+        Ok(Store::set_profile(self, capsule, name, id)?)
     }
 }

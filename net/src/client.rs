@@ -186,6 +186,22 @@ impl Client {
         }
     }
 
+    /// Working-set profiles the server has for `capsule`.
+    pub async fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {
+        match self.call(Request::ListProfiles { capsule: *capsule }).await? {
+            Response::Profiles(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Names profile object `id` (already sent) as `name` of `capsule` on the server.
+    pub async fn set_profile(&self, capsule: &Hash, name: &str, id: &Hash) -> Result<()> {
+        match self.call(Request::SetProfile { capsule: *capsule, name: name.into(), id: *id }).await? {
+            Response::Stored { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Fetches blocks in their stored encoding; each is verified against its hash before
     /// it is returned, so a corrupt block is an error naming it.
     pub async fn get_blocks(&self, hashes: Vec<Hash>, priority: u8) -> Result<Vec<(Hash, Vec<u8>)>> {

@@ -72,6 +72,7 @@ fn kind_of(b: u8) -> Option<ObjectKind> {
         1 => Some(ObjectKind::Manifest),
         2 => Some(ObjectKind::Layer),
         3 => Some(ObjectKind::MapPage),
+        4 => Some(ObjectKind::Profile),
         _ => None,
     }
 }

@@ -39,6 +39,10 @@ pub enum Request {
     PutBlocks,
     /// Point `name` at `new` if it names `old` now (`None`: absent).
     UpdateRef { name: String, old: Option<Hash>, new: Hash },
+    /// Working-set profiles recorded for a capsule.
+    ListProfiles { capsule: Hash },
+    /// Name profile object `id` (sent before with PutObjects) as `name` of `capsule`.
+    SetProfile { capsule: Hash, name: String, id: Hash },
 }
 
 impl Request {
@@ -53,7 +57,7 @@ impl Request {
 
     /// True if it changes the server.
     pub fn is_write(&self) -> bool {
-        matches!(self, Request::PutObjects | Request::PutBlocks | Request::UpdateRef { .. })
+        matches!(self, Request::PutObjects | Request::PutBlocks | Request::UpdateRef { .. } | Request::SetProfile { .. })
     }
 }
 
@@ -76,6 +80,8 @@ pub enum Response {
     Refs(Vec<(String, Hash)>),
     /// Answer to `GetRef`.
     Ref(Option<Hash>),
+    /// Answer to `ListProfiles`: (name, profile object id).
+    Profiles(Vec<(String, Hash)>),
     /// Answer to `Missing*`: the subset the server lacks, in request order.
     Missing(Vec<Hash>),
     /// Answer to `Put*` (how many were new) and `UpdateRef` (0).

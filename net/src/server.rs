@@ -243,6 +243,11 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
             }
             write_control(send, true, &Response::Stored { new }).await
         }
+        Request::ListProfiles { capsule } => write_control(send, true, &Response::Profiles(backend.list_profiles(&capsule)?)).await,
+        Request::SetProfile { capsule, name, id } => {
+            blocking(backend, move |b| b.set_profile(&capsule, &name, &id)).await?;
+            write_control(send, true, &Response::Stored { new: 0 }).await
+        }
         Request::UpdateRef { name, old, new } => {
             let n = name.clone();
             blocking(backend, move |b| b.update_ref(&n, old.as_ref(), &new)).await?;

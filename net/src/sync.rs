@@ -137,8 +137,35 @@ pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str
             e
         }
     })?;
+    // Profiles travel with the capsule: the next machine can warm from them.
+    for (name, pid) in store.list_profiles(&id)? {
+        if !client.missing(vec![pid], true).await?.is_empty() {
+            client.put_objects(vec![(ObjectKind::Profile, pid, store.read_object(&pid)?)]).await?;
+        }
+        client.set_profile(&id, &name, &pid).await?;
+    }
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok(report)
+}
+
+/// Fetches the profiles the server has for capsule `id` into `store`; returns their names.
+pub async fn pull_profiles(client: &Client, id: &Hash, store: &Store) -> Result<Vec<String>> {
+    let listed = client.list_profiles(id).await?;
+    let wanted: Vec<Hash> = listed.iter().map(|(_, p)| *p).filter(|p| !store.has_object(p)).collect();
+    if !wanted.is_empty() {
+        for (kind, pid, bytes) in client.get_objects(wanted).await? {
+            if kind != ObjectKind::Profile {
+                return Err(Error::protocol(format!("object {pid} is a {}, not a profile", kind.name())));
+            }
+            store.put_encoded_object(kind, &pid, &bytes)?;
+        }
+    }
+    let mut names = Vec::new();
+    for (name, pid) in listed {
+        store.set_profile(id, &name, &pid)?;
+        names.push(name);
+    }
+    Ok(names)
 }
 
 /// Fetches every metadata object (manifests, layers, map pages) capsule `id` reaches that
@@ -176,6 +203,7 @@ pub async fn pull_metadata(client: &Client, id: &Hash, store: &Store) -> Result<
                         next.extend(children.iter().map(|(_, c)| (ObjectKind::MapPage, *c)));
                     }
                 }
+                ObjectKind::Profile => {}
             }
         }
         frontier = next;
@@ -214,6 +242,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     }
     drop(batches);
     progress.end();
+    pull_profiles(client, &id, store).await?;
     store.set_ref(local_name, &id)?;
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok((id, report))
