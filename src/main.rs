@@ -653,7 +653,12 @@ fn inspect_json(store: &Store, id: &Hash, m: &Manifest) -> Result<serde_json::Va
         "memory": opt(m.memory)?,
         "devstate": opt(m.devstate)?,
         "boot": boot,
-        "profiles": store.list_profiles(id)?.into_iter().map(|(n, p)| json!({"name": n, "id": p.to_hex(), "blocks": store.profile(&p).map(|p| p.blocks.len()).unwrap_or(0)})).collect::<Vec<_>>(),
+        "profiles": store.list_profiles(id)?.into_iter().map(|(n, p)| {
+            let blocks = store.profile(&p).map(|p| p.blocks).unwrap_or_default();
+            // Compressed bytes of the blocks this store holds: what warming them moves.
+            let stored: u64 = blocks.iter().filter_map(|h| store.block_stored_size(h).ok()).sum();
+            json!({"name": n, "id": p.to_hex(), "blocks": blocks.len(), "stored_bytes": stored})
+        }).collect::<Vec<_>>(),
     }))
 }
 
