@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest test demo bench clean
+.PHONY: all setup build guest test demo bench bench-link clean
 
 all: build
 
@@ -30,6 +30,11 @@ bench: setup guest
 	bash scripts/bench-format.sh | tee target/bench-format.md
 	bash scripts/bench-net.sh | tee target/bench-net.md
 	bash scripts/bench-mount.sh | tee target/bench-mount.md
+
+# Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).
+bench-link: setup guest
+	$(CARGO) build --release
+	bash scripts/bench-link.sh | tee target/bench-link.md
 
 clean:
 	$(CARGO) clean
