@@ -63,7 +63,9 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
             pins::pin(&dir, &id, &blocks).context("writing the pin")?;
         }
         let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
-        progress.begin("prefetch", missing.len() as u64 * 40_000);
+        // Progress in logical bytes: the block size is known, compressed sizes are not yet.
+        let block_size = cache.store().manifest(&id)?.disks.first().map_or(65536, |d| d.image.block_size());
+        progress.begin(if pin { "prefetch" } else { "warm" }, missing.len() as u64 * block_size);
         let keep = |h: &Hash, encoded: &[u8]| -> capsule_net::Result<()> { Ok(cache.insert_verified(h, encoded)?) };
         let bytes = capsule_net::fetch_blocks(&client, &missing, &keep, &progress).await;
         progress.end();

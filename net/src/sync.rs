@@ -257,7 +257,9 @@ pub async fn fetch_blocks(client: &Client, hashes: &[Hash], keep: &(dyn Fn(&Hash
         for (h, encoded) in batch? {
             keep(&h, &encoded)?;
             bytes += encoded.len() as u64;
-            progress.advance(encoded.len() as u64);
+            // The block header's raw length: progress counts logical bytes.
+            let raw = encoded.get(8..12).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            progress.advance(u64::from(raw));
         }
     }
     Ok(bytes)
