@@ -129,6 +129,10 @@ pub struct CapsuleFs {
     pending: Mutex<std::collections::HashSet<Hash>>,
     pending_done: std::sync::Condvar,
     recorder: Option<Arc<Recorder>>,
+    /// `stats.json` as it was when each handle opened it: a reader gets one consistent
+    /// document however many reads it takes.
+    snapshots: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+    next_fh: AtomicU64,
 }
 
 impl std::fmt::Debug for CapsuleFs {
@@ -217,6 +221,8 @@ impl CapsuleFs {
             pending: Mutex::new(std::collections::HashSet::new()),
             pending_done: std::sync::Condvar::new(),
             recorder: config.recorder.clone(),
+            snapshots: Mutex::new(std::collections::HashMap::new()),
+            next_fh: AtomicU64::new(1),
         })
     }
 
@@ -652,7 +658,13 @@ impl Filesystem for CapsuleFs {
         let ino = u64::from(ino);
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match ino {
-            STATS | INFO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            STATS => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let bytes = serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default();
+                self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, bytes);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+            INFO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             _ => match self.node(ino) {
                 Some(Node { content: Content::Image { overlay, .. }, .. }) => {
                     if writing && overlay.is_none() {
@@ -670,12 +682,15 @@ impl Filesystem for CapsuleFs {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         let ino = u64::from(ino);
         match ino {
             STATS => {
-                let bytes = serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default();
-                return reply.data(slice_from(&bytes, offset, size));
+                let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                return match snapshots.get(&fh.0) {
+                    Some(bytes) => reply.data(slice_from(bytes, offset, size)),
+                    None => reply.error(Errno::EBADF),
+                };
             }
             INFO => return reply.data(slice_from(&self.info_bytes(), offset, size)),
             _ => {}
@@ -725,6 +740,14 @@ impl Filesystem for CapsuleFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        if u64::from(ino) == STATS {
+            self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        }
         reply.ok();
     }
 
