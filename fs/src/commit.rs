@@ -1,8 +1,6 @@
 //! `capsule commit`: a mount's copy-on-write overlay becomes a child capsule holding only
 //! the blocks that changed, ready for `capsule push`.
 
-use std::collections::HashSet;
-
 use capsule_images::envelope::{peek_kind, ObjectKind};
 use capsule_images::map::{self, Entry};
 use capsule_images::{Hash, Image, ImageReader, Layer, Store};
@@ -96,18 +94,7 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitRepo
 
 /// Copies every metadata object capsule `id` reaches from `from` into `to`.
 fn copy_metadata(from: &Store, to: &Store, id: &Hash) -> Result<()> {
-    let mut objects = Vec::new();
-    let mut seen = HashSet::new();
-    from.walk_capsule(
-        id,
-        &mut |h| {
-            if seen.insert(*h) {
-                objects.push(*h);
-            }
-            Ok(())
-        },
-        &mut |_, _, _| Ok(()),
-    )?;
+    let (objects, _) = from.closure(id)?;
     for h in objects {
         if !to.has_object(&h) {
             let bytes = from.read_object(&h)?;

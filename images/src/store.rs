@@ -499,6 +499,29 @@ impl Store {
         Ok(())
     }
 
+    /// Everything capsule `id` reaches (ancestors included): metadata objects and blocks,
+    /// each once, in walk order.
+    pub fn closure(&self, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
+        let (mut objects, mut blocks) = (Vec::new(), Vec::new());
+        let (mut seen_o, mut seen_b) = (HashSet::new(), HashSet::new());
+        self.walk_capsule(
+            id,
+            &mut |h| {
+                if seen_o.insert(*h) {
+                    objects.push(*h);
+                }
+                Ok(())
+            },
+            &mut |_, _, h| {
+                if seen_b.insert(*h) {
+                    blocks.push(*h);
+                }
+                Ok(())
+            },
+        )?;
+        Ok((objects, blocks))
+    }
+
     /// Removes every block and object no ref reaches. Waits for other users of the store.
     pub fn gc(&self) -> Result<GcStats> {
         flock(&self.lock, FlockOperation::LockExclusive).map_err(|e| Error::io("store lock", e.into()))?;

@@ -45,24 +45,7 @@ fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
 
 /// Everything capsule `id` reaches locally: objects and blocks, each once.
 pub fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
-    let (mut objects, mut blocks) = (Vec::new(), Vec::new());
-    let (mut seen_o, mut seen_b) = (HashSet::new(), HashSet::new());
-    store.walk_capsule(
-        id,
-        &mut |h| {
-            if seen_o.insert(*h) {
-                objects.push(*h);
-            }
-            Ok(())
-        },
-        &mut |_, _, h| {
-            if seen_b.insert(*h) {
-                blocks.push(*h);
-            }
-            Ok(())
-        },
-    )?;
-    Ok((objects, blocks))
+    Ok(store.closure(id)?)
 }
 
 fn store_parallel(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> Result<()> {
