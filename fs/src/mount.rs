@@ -442,7 +442,9 @@ impl CapsuleFs {
         if let Some(r) = &self.recorder {
             r.touch(&demand);
         }
-        let ahead = self.readahead_plan(image, chain, readahead, offset, end, last)?;
+        // Resolving the readahead window costs map lookups: only when a fetch will happen.
+        let fetching = demand.iter().any(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
+        let ahead = self.readahead_plan(image, chain, readahead, offset, end, last, fetching)?;
         self.ensure_cached(&demand, &ahead)?;
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, src) in plan {
@@ -459,13 +461,17 @@ impl CapsuleFs {
 
     /// Blocks to fetch ahead of a sequential reader; the window doubles while reads stay
     /// sequential and collapses on a seek.
-    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], state: &Mutex<(u64, u64)>, offset: u64, end: u64, last: u64) -> Result<Vec<Hash>> {
+    #[allow(clippy::too_many_arguments)]
+    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], state: &Mutex<(u64, u64)>, offset: u64, end: u64, last: u64, fetching: bool) -> Result<Vec<Hash>> {
         let window = {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             let window = if s.0 == offset { (s.1 * 2).clamp(2, MAX_READAHEAD_BLOCKS) } else { 0 };
             *s = (end, window);
             window
         };
+        if !fetching {
+            return Ok(Vec::new());
+        }
         let mut ahead = Vec::new();
         for i in (last + 1)..(last + 1 + window).min(image.block_count()) {
             if let Some(h) = self.resolve(chain, i)? {
