@@ -162,7 +162,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &H
     };
     if args.prefetch == crate::PrefetchMode::All {
         let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
-        let (_, everything) = capsule_net::closure(store, id)?;
+        let (_, everything) = store.closure(id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
     }
     let (cache, source) = (cache.clone(), source.clone());

@@ -48,7 +48,7 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
         cache.store().set_ref(&remembered_ref(&url, &name), &id)?;
         capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching profiles")?;
-        let (_, everything) = capsule_net::closure(cache.store(), &id)?;
+        let (_, everything) = cache.store().closure(&id)?;
         let mut blocks = Vec::new();
         if let Some(name) = profile {
             let (_, pid) = cache.store().list_profiles(&id)?.into_iter().find(|(n, _)| n == name).with_context(|| format!("{name:?} is not a profile of {}", t.source))?;

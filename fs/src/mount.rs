@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsule_images::map::{self, Entry};
 use capsule_images::{Hash, Image, Layer, Manifest};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
@@ -265,14 +264,7 @@ impl CapsuleFs {
 
     /// Where block `i` of an image comes from: `None` for zero.
     fn resolve(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Hash>> {
-        for (id, layer) in chain {
-            match map::lookup(self.cache.store(), &layer.map, i).map_err(|e| Error::from(e).context(format!("layer {id}")))? {
-                Some(Entry::Data(h)) => return Ok(Some(h)),
-                Some(Entry::Zero) => return Ok(None),
-                None => {}
-            }
-        }
-        Ok(None)
+        Ok(capsule_images::image::resolve_chain(self.cache.store(), chain, i)?)
     }
 
     /// Makes sure the cache holds `hashes` (demand first, then `ahead`), fetching in one batch.
@@ -369,12 +361,14 @@ impl CapsuleFs {
         };
         let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
         for (h, encoded) in blocks {
+            // Keep the decoded block at hand: the read that asked for it is served from
+            // memory instead of reading back the file just written.
+            let raw = capsule_images::block::decode(&h, &encoded).map_err(|e| Error::from(e).context("block from the source"))?;
             if let Err(e) = self.cache.insert_verified(&h, &encoded) {
-                // A full disk must not fail the read: serve from memory, cache later.
+                // A full disk must not fail the read: it is served from memory all the same.
                 warn!("cannot cache block {h}: {e}; serving it from memory");
-                let raw = capsule_images::block::decode(&h, &encoded).map_err(|e| Error::from(e).context("block from the source"))?;
-                self.decoded.insert(h, Arc::new(raw));
             }
+            self.decoded.insert(h, Arc::new(raw));
         }
         Ok(())
     }

@@ -6,6 +6,19 @@ use crate::manifest::{Image, Layer, MAX_CHAIN};
 use crate::map::{self, Entry};
 use crate::store::Store;
 
+/// What block `index` is through `chain` (top first): the topmost layer that maps it
+/// decides; `None` means zero. Ignores the image size.
+pub fn resolve_chain(pages: &dyn map::PageSource, chain: &[(Hash, Layer)], index: u64) -> Result<Option<Hash>> {
+    for (id, layer) in chain {
+        match map::lookup(pages, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
+            Some(Entry::Data(h)) => return Ok(Some(h)),
+            Some(Entry::Zero) => return Ok(None),
+            None => {}
+        }
+    }
+    Ok(None)
+}
+
 /// An image opened for reading: its layer chain loaded, map pages fetched on demand.
 #[derive(Debug)]
 pub struct ImageReader<'s> {
@@ -56,14 +69,7 @@ impl<'s> ImageReader<'s> {
     /// The content hash of block `index` from the topmost layer mapping it, ignoring the
     /// image size; `None` means zero.
     pub fn resolve_in_chain(&self, index: u64) -> Result<Option<Hash>> {
-        for (id, layer) in &self.chain {
-            match map::lookup(self.store, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
-                Some(Entry::Data(h)) => return Ok(Some(h)),
-                Some(Entry::Zero) => return Ok(None),
-                None => {}
-            }
-        }
-        Ok(None)
+        resolve_chain(self.store, &self.chain, index)
     }
 
     /// The content hash of block `index`, `None` for zero (or past the end).

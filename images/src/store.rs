@@ -118,11 +118,10 @@ impl Store {
 
     fn create_layout(root: &Path) -> Result<()> {
         let mk = |p: PathBuf| fs::create_dir_all(&p).map_err(|e| Error::io(p.display(), e));
-        for sub in ["blocks", "objects"] {
-            for i in 0..=255u8 {
-                mk(root.join(sub).join(format!("{i:02x}")))?;
-            }
-        }
+        // Fan-out directories (blocks/ab/) appear on first write: a fresh cache or store
+        // costs no 512 mkdirs.
+        mk(root.join("blocks"))?;
+        mk(root.join("objects"))?;
         mk(root.join("refs"))?;
         mk(root.join("tmp"))?;
         let p = root.join("format");
@@ -165,7 +164,14 @@ impl Store {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
         write_file_synced(&tmp, bytes)?;
-        fs::rename(&tmp, dest).map_err(|e| {
+        let renamed = match fs::rename(&tmp, dest) {
+            Err(e) if e.kind() == IoKind::NotFound => match dest.parent() {
+                Some(dir) => fs::create_dir_all(dir).and_then(|_| fs::rename(&tmp, dest)),
+                None => Err(e),
+            },
+            r => r,
+        };
+        renamed.map_err(|e| {
             let _ = fs::remove_file(&tmp);
             Error::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
         })?;

@@ -30,4 +30,4 @@ pub use client::{Client, ConnectOptions, RemoteUrl};
 pub use error::{Error, ErrorKind, Result};
 pub use server::{ServeOptions, Server};
 pub use source::RemoteSource;
-pub use sync::{closure, fetch_blocks, pull, pull_metadata, pull_profiles, push, TransferReport};
+pub use sync::{fetch_blocks, pull, pull_metadata, pull_profiles, push, TransferReport};

@@ -43,11 +43,6 @@ fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
     Ok(store.manifest(id)?.images().iter().map(|(_, i)| i.size).sum())
 }
 
-/// Everything capsule `id` reaches locally: objects and blocks, each once.
-pub fn closure(store: &Store, id: &Hash) -> Result<(Vec<Hash>, Vec<Hash>)> {
-    Ok(store.closure(id)?)
-}
-
 fn store_parallel(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> Result<()> {
     const WRITERS: usize = 4;
     let per = blocks.len().div_ceil(WRITERS).max(1);
@@ -71,7 +66,7 @@ fn store_parallel(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> Result<()> {
 /// lacks travels. The remote ref moves last, by compare-and-swap.
 pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str, progress: &dyn Progress) -> Result<TransferReport> {
     let id = store.resolve(local)?;
-    let (objects, blocks) = closure(store, &id)?;
+    let (objects, blocks) = store.closure(&id)?;
     let old = client.get_ref(remote_name).await?;
     let mut report = TransferReport { logical_bytes: logical_bytes(store, &id)?, blocks_total: blocks.len() as u64, ..Default::default() };
 
@@ -205,7 +200,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
         .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
     let mut report = TransferReport { objects_transferred: pull_metadata(client, &id, store).await?, ..Default::default() };
 
-    let (_, blocks) = closure(store, &id)?;
+    let (_, blocks) = store.closure(&id)?;
     report.logical_bytes = logical_bytes(store, &id)?;
     report.blocks_total = blocks.len() as u64;
     let missing: Vec<Hash> = blocks.into_iter().filter(|h| !store.has_block(h)).collect();
