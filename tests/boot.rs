@@ -8,17 +8,10 @@ use common::*;
 
 #[test]
 fn child_capsule_exported_as_qcow2_chain_boots_in_qemu() {
-    let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    ok(capsule(&store)
-        .args(["import", "guest", "--cmdline", "console=ttyS0", "--disk"])
-        .arg(format!("root={}", guest.join("disk.raw").display()))
-        .arg("--kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.gz")));
-    ok(capsule(&store).args(["import", "guest-update", "--parent", "guest", "--disk"]).arg(format!("root={}", guest.join("disk-update.raw").display())));
+    import_guest(&store, true);
+    import_guest_update(&store);
     let out = dir.path().join("export");
     ok(capsule(&store).args(["export", "guest-update", "--format", "qcow2", "--out"]).arg(&out));
     let drive = format!("file={},format=qcow2,if=virtio,snapshot=on", out.join("root.qcow2").display());
@@ -29,20 +22,12 @@ fn child_capsule_exported_as_qcow2_chain_boots_in_qemu() {
 
 #[test]
 fn a_remote_capsule_cold_boots_from_the_mount_on_an_empty_cache() {
-    let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
     let server_store = dir.path().join("server");
-    ok(capsule(&server_store)
-        .args(["import", "guest", "--disk"])
-        .arg(format!("root={}", guest.join("disk.raw").display()))
-        .arg("--kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.gz")));
+    import_guest(&server_store, true);
     let server = ServerProcess::start(&server_store, &["--public-read"]);
     let m = Mounted::new(&dir.path().join("client"), &dir.path().join("cfg"), &format!("{}/guest", server.url), &dir.path().join("mnt"), &dir.path().join("cache"), &["--read-only"]);
-    let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
-    let console = boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 120);
+    let console = boot_from_mount(&m);
     assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
     let stats = m.stats();
     let disk_blocks = stats["files"]["root.raw"]["blocks"].as_u64().unwrap();

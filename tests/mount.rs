@@ -19,13 +19,11 @@ impl Env {
     }
 }
 
-/// Guest and update in `store`; returns the update's count of new block contents.
-fn import_guest(store: &Path) -> u64 {
-    let g = guest_dir();
-    ok(capsule(store).args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display())).arg("--kernel").arg(g.join("vmlinuz")));
-    let text = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
-    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
-    v["images"][0][1]["new_blocks"].as_u64().unwrap()
+/// Guest (with boot files) and its update in `store`; returns the update's count of new
+/// block contents.
+fn import_both(store: &Path) -> u64 {
+    import_guest(store, true);
+    import_guest_update(store)["images"][0][1]["new_blocks"].as_u64().unwrap()
 }
 
 fn same_file(a: &Path, b: &Path) {
@@ -37,7 +35,7 @@ fn same_file(a: &Path, b: &Path) {
 #[test]
 fn local_mount_serves_every_file_byte_for_byte_and_random_reads_match() {
     let e = Env::new();
-    import_guest(&e.p("store"));
+    import_both(&e.p("store"));
     let g = guest_dir();
     let m = Mounted::new(&e.p("store"), &e.p("cfg"), "guest-update", &e.p("mnt"), &e.p("cache"), &["--read-only"]);
     same_file(&m.dir.join("root.raw"), &g.join("disk-update.raw"));
@@ -66,7 +64,7 @@ fn local_mount_serves_every_file_byte_for_byte_and_random_reads_match() {
 #[test]
 fn a_child_mounted_on_the_parents_cache_fetches_only_its_changed_blocks() {
     let e = Env::new();
-    let new_blocks = import_guest(&e.p("server"));
+    let new_blocks = import_both(&e.p("server"));
     let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
     let g = guest_dir();
     {
@@ -85,7 +83,7 @@ fn a_child_mounted_on_the_parents_cache_fetches_only_its_changed_blocks() {
 #[test]
 fn a_read_larger_than_the_cache_completes_within_the_bound() {
     let e = Env::new();
-    import_guest(&e.p("server"));
+    import_both(&e.p("server"));
     let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
     let bound = 8u64 << 20;
     let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only", "--cache-size", "8M"]);
@@ -98,7 +96,7 @@ fn a_read_larger_than_the_cache_completes_within_the_bound() {
 #[test]
 fn cached_blocks_still_read_after_the_server_is_gone() {
     let e = Env::new();
-    import_guest(&e.p("server"));
+    import_both(&e.p("server"));
     let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
     let url = format!("{}/guest", server.url);
     {
@@ -115,12 +113,13 @@ fn cached_blocks_still_read_after_the_server_is_gone() {
 #[test]
 fn a_corrupt_block_from_the_server_is_eio_never_wrong_bytes_and_recovers_when_fixed() {
     let e = Env::new();
-    import_guest(&e.p("server"));
+    import_both(&e.p("server"));
     let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
-    let blocks = stored_blocks(&e.p("server"));
-    // A block of the root disk's payload: the biggest files are incompressible payload.
-    let victim = blocks.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap().clone();
-    let hash = victim.file_name().unwrap().to_string_lossy().into_owned();
+    // A non-zero block of the root disk, named by hashing the source image ourselves.
+    let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
+    let chunk = disk.chunks(65536).skip(disk.len() / 65536 / 2).find(|c| c.iter().any(|&b| b != 0)).unwrap();
+    let hash = blake3::hash(chunk).to_hex().to_string();
+    let victim = e.p("server").join("blocks").join(&hash[..2]).join(&hash);
     let good = std::fs::read(&victim).unwrap();
     let mut bad = good.clone();
     let last = bad.len() - 1;
@@ -141,7 +140,7 @@ fn a_corrupt_block_from_the_server_is_eio_never_wrong_bytes_and_recovers_when_fi
 fn writes_commit_push_and_show_up_on_an_empty_cache_elsewhere() {
     let e = Env::new();
     let local = e.p("local");
-    import_guest(&local);
+    import_both(&local);
     let token = ok(capsule(&e.p("server")).args(["token", "create", "--scope", "write"])).trim().to_string();
     let server = ServerProcess::start(&e.p("server"), &[]);
     let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
@@ -173,7 +172,7 @@ fn writes_commit_push_and_show_up_on_an_empty_cache_elsewhere() {
 fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
     let e = Env::new();
     let local = e.p("local");
-    import_guest(&local);
+    import_both(&local);
     let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
     let bs = 65536usize;
     let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
@@ -196,7 +195,8 @@ fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
     std::thread::sleep(std::time::Duration::from_millis(700));
     let pid = m.pid().unwrap();
     tool(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
-    let _rounds = writer.join().unwrap();
+    let rounds = writer.join().unwrap();
+    assert!(rounds >= 2, "the writer had not finished a round when the mount died");
     // The dead mount stays in place (its guard cleans up at the end, also on failure):
     // the next mount must clean it up itself.
     let _dead = m;
@@ -216,7 +216,7 @@ fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
 #[test]
 fn a_seed_supplies_the_blocks_it_has_and_a_changed_seed_is_not_trusted() {
     let e = Env::new();
-    let new_blocks = import_guest(&e.p("server"));
+    let new_blocks = import_both(&e.p("server"));
     let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
     let g = guest_dir();
     let url = format!("{}/guest-update", server.url);
@@ -245,7 +245,7 @@ fn a_seed_supplies_the_blocks_it_has_and_a_changed_seed_is_not_trusted() {
 #[test]
 fn mapped_and_o_direct_access_work_and_sigterm_unmounts_cleanly() {
     let e = Env::new();
-    import_guest(&e.p("store"));
+    import_both(&e.p("store"));
     let g = guest_dir();
     let source = std::fs::read(g.join("disk.raw")).unwrap();
     let mnt = e.p("mnt");
@@ -299,7 +299,7 @@ impl Drop for UnmountOnDrop {
 #[test]
 fn a_full_disk_gives_the_writer_enospc_and_keeps_what_was_written() {
     let e = Env::new();
-    import_guest(&e.p("store"));
+    import_both(&e.p("store"));
     let cache = e.p("cache");
     std::fs::create_dir_all(&cache).unwrap();
     // A small filesystem of our own for the cache and its overlay.

@@ -13,19 +13,17 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::Deserializer::from_str(&text[start..]).into_iter().next().unwrap().unwrap()
 }
 
-/// Imports the guest and its update into `store`; returns the child's new-block bytes.
-fn import_guest(store: &Path) -> u64 {
-    let g = guest_dir();
-    ok(capsule(store).args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display())));
-    let child = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
-    json(&child)["images"][0][1]["stored_bytes"].as_u64().unwrap()
+/// The guest and its update in `store`; returns the bytes the update's new blocks take.
+fn import_both(store: &Path) -> u64 {
+    import_guest(store, false);
+    import_guest_update(store)["images"][0][1]["stored_bytes"].as_u64().unwrap()
 }
 
 #[test]
 fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let (local, remote, cfg) = (dir.path().join("local"), dir.path().join("remote"), dir.path().join("cfg"));
-    let changed_bytes = import_guest(&local);
+    let changed_bytes = import_both(&local);
     let token = ok(capsule(&remote).args(["token", "create", "--scope", "write"])).trim().to_string();
     let server = ServerProcess::start(&remote, &[]);
 
@@ -57,7 +55,7 @@ fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
 fn a_block_altered_on_the_server_is_rejected_by_name_and_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (remote, cfg) = (dir.path().join("remote"), dir.path().join("cfg"));
-    import_guest(&remote);
+    import_both(&remote);
     let server = ServerProcess::start(&remote, &["--public-read"]);
     let blocks = stored_blocks(&remote);
     let victim = &blocks[blocks.len() / 3];

@@ -5,29 +5,12 @@
 mod common;
 
 use common::*;
-use std::path::Path;
-
-fn import_guest_with_boot_files(store: &Path) {
-    let g = guest_dir();
-    ok(capsule(store)
-        .args(["import", "guest", "--disk"])
-        .arg(format!("root={}", g.join("disk.raw").display()))
-        .arg("--kernel")
-        .arg(g.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(g.join("initrd.gz")));
-}
-
-fn boot_from(m: &Mounted) -> String {
-    let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
-    boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 150)
-}
 
 #[test]
 fn after_prefetch_offline_the_guest_boots_with_the_server_gone_and_no_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    import_guest_with_boot_files(&d.join("server"));
+    import_guest(&d.join("server"), true);
     let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
     let url = format!("{}/guest", server.url);
     let text = ok(client(&d.join("c"), &d.join("cfg")).args(["prefetch", "--offline", &url, "--cache"]).arg(d.join("cache")));
@@ -37,7 +20,7 @@ fn after_prefetch_offline_the_guest_boots_with_the_server_gone_and_no_fetch() {
     drop(server);
 
     let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt"), &d.join("cache"), &["--read-only", "--offline"]);
-    let console = boot_from(&m);
+    let console = boot_from_mount(&m);
     assert!(!console.contains("I/O error"), "{console}");
     let s = m.stats();
     assert_eq!(s["blocks_fetched"], 0, "{s}");
@@ -50,7 +33,7 @@ fn pinned_blocks_survive_cache_pressure_larger_than_the_cache_until_unpinned() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let server_store = d.join("server");
-    import_guest_with_boot_files(&server_store);
+    import_guest(&server_store, true);
     let other = d.join("other.raw");
     std::fs::write(&other, pseudo_random(32 << 20, 77)).unwrap();
     ok(capsule(&server_store).args(["import", "other", "--disk"]).arg(&other));
@@ -76,15 +59,16 @@ fn pinned_blocks_survive_cache_pressure_larger_than_the_cache_until_unpinned() {
         let m = Mounted::new(&d.join("c"), &d.join("cfg"), &format!("{}/other", server.url), &d.join("mnt"), &cache, &["--read-only", "--cache-size", "4M"]);
         let _ = std::fs::read(m.dir.join("other.raw")).unwrap();
     }
-    let status = c(&["status", &guest]);
-    assert!(!status.contains("disk root         100.0% resident"), "unpinned blocks stay evictable: {status}");
+    let status: serde_json::Value = serde_json::from_str(&c(&["status", &guest, "--json"])).unwrap();
+    let root = status["files"]["disk root"]["resident_pct"].as_f64().unwrap();
+    assert!(root < 100.0, "unpinned blocks stay evictable, yet the disk is still {root}% resident: {status}");
 }
 
 #[test]
 fn an_offline_mount_fails_a_missing_block_at_once_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    import_guest_with_boot_files(&d.join("server"));
+    import_guest(&d.join("server"), true);
     let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
     let url = format!("{}/guest", server.url);
     {
@@ -106,7 +90,7 @@ fn an_offline_mount_fails_a_missing_block_at_once_naming_file_and_offset() {
 fn a_server_killed_for_10_s_mid_boot_is_a_pause_and_the_boot_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
-    import_guest_with_boot_files(&d.join("server"));
+    import_guest(&d.join("server"), true);
     let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
     let addr = server.url.trim_start_matches("capsule://").to_string();
     let m = Mounted::new(&d.join("c"), &d.join("cfg"), &format!("{}/guest", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only"]);
@@ -122,7 +106,7 @@ fn a_server_killed_for_10_s_mid_boot_is_a_pause_and_the_boot_completes() {
             ServerProcess::start_at(&d.join("server"), &addr, &["--public-read"])
         })
     };
-    let console = boot_from(&m);
+    let console = boot_from_mount(&m);
     let _restarted = outage.join().unwrap();
     assert!(!console.contains("I/O error") && !console.contains("CAPSULE-GUEST-ERROR"), "{console}");
     assert!(m.stats()["reconnects"].as_u64().unwrap() >= 1, "{}", m.stats());
@@ -133,11 +117,11 @@ fn a_profile_recorded_on_one_machine_warms_another_whose_boot_then_fetches_nothi
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let publisher = d.join("publisher");
-    import_guest_with_boot_files(&publisher);
+    import_guest(&publisher, true);
     // Record the boot's working set on the publisher's own machine.
     {
         let m = Mounted::new(&publisher, &d.join("cfg"), "guest", &d.join("mnt"), &d.join("pcache"), &["--read-only", "--record-profile", "boot"]);
-        boot_from(&m);
+        boot_from_mount(&m);
     }
     let v = inspect(&publisher, "guest");
     let recorded = v["profiles"][0]["blocks"].as_u64().unwrap();
@@ -156,7 +140,7 @@ fn a_profile_recorded_on_one_machine_warms_another_whose_boot_then_fetches_nothi
     let text = ok(client(&d.join("c"), &d.join("cfg")).args(["warm", &url, "--profile", "boot", "--cache"]).arg(d.join("cache")));
     assert!(text.contains(&format!("warm: profile boot: {recorded} blocks")), "{text}");
     let m = Mounted::new(&d.join("c"), &d.join("cfg"), &url, &d.join("mnt2"), &d.join("cache"), &["--read-only"]);
-    boot_from(&m);
+    boot_from_mount(&m);
     let s = m.stats();
     assert_eq!(s["blocks_fetched"], 0, "the warmed boot still fetched: {s}");
 
@@ -167,6 +151,6 @@ fn a_profile_recorded_on_one_machine_warms_another_whose_boot_then_fetches_nothi
         assert!(start.elapsed().as_secs() < 60, "background prefetch stalled: {}", m.stats());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    boot_from(&m);
+    boot_from_mount(&m);
     assert_eq!(m.stats()["blocks_fetched"].as_u64().unwrap(), recorded, "the boot needed blocks beyond the profile: {}", m.stats());
 }

@@ -275,3 +275,29 @@ pub fn pread(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     buf.truncate(n);
     Ok(buf)
 }
+
+/// Imports the test guest as capsule `guest` into `store`, with its kernel and initrd
+/// when `boot_files`.
+pub fn import_guest(store: &Path, boot_files: bool) {
+    let g = guest_dir();
+    let mut cmd = capsule(store);
+    cmd.args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display()));
+    if boot_files {
+        cmd.arg("--kernel").arg(g.join("vmlinuz")).arg("--initrd").arg(g.join("initrd.gz"));
+    }
+    ok(&mut cmd);
+}
+
+/// Imports the updated guest disk as `guest-update` over `guest`; returns the import
+/// report (`images[0][1]` holds the disk's counters).
+pub fn import_guest_update(store: &Path) -> serde_json::Value {
+    let g = guest_dir();
+    let text = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
+    serde_json::from_str(&text[text.find('{').expect("JSON report")..]).expect("import report")
+}
+
+/// Boots the guest from a mount's files (read-only disk) to its boot marker.
+pub fn boot_from_mount(m: &Mounted) -> String {
+    let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
+    boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 150)
+}
