@@ -220,6 +220,9 @@ pub struct MountArgs {
     /// The profile `--prefetch profile` uses
     #[arg(long, value_name = "NAME", default_value = "boot")]
     pub profile: String,
+    /// Kernel readahead in bytes; `capsule run` sets 0 so guest-RAM faults read one page
+    #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
+    pub kernel_readahead: u32,
     #[command(flatten)]
     pub conn: ConnArgs,
 }

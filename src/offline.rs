@@ -72,6 +72,8 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         client.close().await;
         anyhow::Ok((id, blocks, bytes?))
     })?;
+    // Offline must survive a power cut: the cache skips per-block fsyncs, so flush once.
+    cache.store().sync_filesystem().context("flushing the cache to disk")?;
     // Every block, read back and hashed.
     let mut total = 0u64;
     for h in &blocks {

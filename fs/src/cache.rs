@@ -67,6 +67,9 @@ impl BlockCache {
     /// Opens the cache at `dir`; blocks already there count, oldest modification first.
     pub fn open(dir: &Path, max_bytes: u64) -> capsule_images::Result<Self> {
         let store = Store::open(dir)?;
+        // A cached block is verified on every read: one torn by a crash is fetched again,
+        // so the cache skips a per-block fsync (it dominated cold reads).
+        store.set_durable(false);
         let mut found = Vec::new();
         for (path, h) in store.list_dir_hashes("blocks")? {
             if let Ok(meta) = std::fs::metadata(&path) {

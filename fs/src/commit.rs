@@ -16,14 +16,37 @@ pub struct CommitReport {
     pub id: Hash,
     /// Blocks the child maps over its parent.
     pub changed_blocks: u64,
+    /// Of those, blocks of the guest RAM image (`memory.raw`).
+    pub memory_blocks: u64,
     /// Bytes written to the store for them.
     pub stored_bytes: u64,
+}
+
+/// What happens to the machine state (RAM image and device state) of the child.
+#[derive(Debug, Clone, Default)]
+pub enum MachineState {
+    /// As the mount has it: the parent's, plus whatever was written to `memory.raw`.
+    #[default]
+    Keep,
+    /// A suspend: the RAM as written to `memory.raw` and this device-state file.
+    Suspended(std::path::PathBuf),
+    /// The guest powered off: the child is a capsule to boot, with no RAM or device state.
+    PoweredOff,
+}
+
+/// Beyond the overlays: machine state and VM hints of the child.
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// RAM and device state.
+    pub state: MachineState,
+    /// Hints to set on the child's VM description (how the state was saved).
+    pub hints: std::collections::BTreeMap<String, String>,
 }
 
 /// Commits the overlays of mount `info` as capsule `name` in `target`. The parent's
 /// metadata is copied into `target` if it is not there (its blocks stay where they are:
 /// on the server for a remote mount), so the child can be pushed.
-pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitReport> {
+pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOptions) -> Result<CommitReport> {
     capsule_images::manifest::check_name(name)?;
     let cache = Store::open(&info.cache_store)?;
     let base_id = info.capsule_id;
@@ -36,9 +59,24 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitRepo
     child.name = name.to_string();
     child.parent = Some(base_id);
     child.created_unix = now_unix();
-    let mut report = CommitReport { id: base_id, changed_blocks: 0, stored_bytes: 0 };
+    let mut report = CommitReport { id: base_id, changed_blocks: 0, memory_blocks: 0, stored_bytes: 0 };
+    // Thousands of 4 KiB RAM blocks: one syncfs before anything names them, not one
+    // fsync each.
+    target.set_durable(false);
+    let result = commit_overlays(target, overlay_dir, &base, &mut child, options, &mut report);
+    target.set_durable(true);
+    result?;
+    target.sync_filesystem()?;
+    child.vm.hints.extend(options.hints.clone());
+    child.validate()?;
+    let (id, _) = target.put_object(ObjectKind::Manifest, &child)?;
+    target.set_ref(name, &id)?;
+    report.id = id;
+    Ok(report)
+}
 
-    let mut commit_image = |key: &str, image: &mut Image| -> Result<()> {
+fn commit_overlays(target: &Store, overlay_dir: &std::path::Path, base: &capsule_images::Manifest, child: &mut capsule_images::Manifest, options: &CommitOptions, report: &mut CommitReport) -> Result<()> {
+    let mut commit_image = |key: &str, image: &mut Image| -> Result<u64> {
         let overlay = Overlay::open(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
         let reader = ImageReader::open(target, *image)?;
         let mut entries = Vec::new();
@@ -61,23 +99,17 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitRepo
             }
         }
         if entries.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         report.changed_blocks += entries.len() as u64;
         let root = map::build(&entries, image.block_count(), &mut |page| Ok(target.put_object(ObjectKind::MapPage, page)?.0))?;
         let layer = Layer { block_size_log2: image.block_size_log2, parent: image.top, map: root, mapped: entries.len() as u64 };
         image.top = Some(target.put_object(ObjectKind::Layer, &layer)?.0);
-        Ok(())
+        Ok(entries.len() as u64)
     };
     for d in &mut child.disks {
         let key = format!("disk-{}", d.name);
         commit_image(&key, &mut d.image)?;
-    }
-    if let Some(m) = child.memory.as_mut() {
-        commit_image("memory", m)?;
-    }
-    if let Some(d) = child.devstate.as_mut() {
-        commit_image("devstate", d)?;
     }
     if let Some(b) = child.boot.as_mut() {
         commit_image("kernel", &mut b.kernel)?;
@@ -85,11 +117,40 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str) -> Result<CommitRepo
             commit_image("initrd", i)?;
         }
     }
-    child.validate()?;
-    let (id, _) = target.put_object(ObjectKind::Manifest, &child)?;
-    target.set_ref(name, &id)?;
-    report.id = id;
-    Ok(report)
+    let mut memory_blocks = 0;
+    match &options.state {
+        MachineState::PoweredOff => {
+            child.memory = None;
+            child.devstate = None;
+        }
+        MachineState::Keep | MachineState::Suspended(_) => {
+            // RAM a writable mount served as `memory.raw` (blank if the capsule never ran).
+            let has_overlay = overlay_dir.join("memory.state").exists();
+            if base.memory.is_some() || has_overlay {
+                let mut memory = base.memory_or_blank();
+                if has_overlay {
+                    memory_blocks = commit_image("memory", &mut memory)?;
+                }
+                child.memory = Some(memory);
+            }
+            if let MachineState::Suspended(path) = &options.state {
+                let opts = capsule_images::import::FileImport {
+                    block_size_log2: capsule_images::DEFAULT_BLOCK_SIZE_LOG2,
+                    parent: None,
+                    only: None,
+                    threads: 1,
+                    progress: &capsule_images::NoProgress,
+                };
+                let (image, stats) = capsule_images::import::import_file(target, path, &opts)?;
+                child.devstate = Some(image);
+                report.stored_bytes += stats.stored_bytes;
+            } else if let Some(d) = child.devstate.as_mut() {
+                commit_image("devstate", d)?;
+            }
+        }
+    }
+    report.memory_blocks = memory_blocks;
+    Ok(())
 }
 
 /// Copies every metadata object capsule `id` reaches from `from` into `to`.

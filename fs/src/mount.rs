@@ -63,6 +63,10 @@ enum Content {
 struct Node {
     name: String,
     content: Content,
+    /// Blocks of this file fetched from the source (demand and readahead).
+    fetched_blocks: AtomicU64,
+    /// Fetch ahead of sequential readers (not for guest RAM: its faults only look sequential).
+    readahead_on: bool,
 }
 
 /// Live counters.
@@ -89,7 +93,16 @@ pub struct MountConfig {
     pub seeds: Vec<PathBuf>,
     /// Record the blocks reads touch, in first-touch order, into this recorder.
     pub recorder: Option<Arc<Recorder>>,
+    /// The kernel's readahead for this mount, in bytes. 0 makes a fault on an mmap'd file
+    /// (guest RAM) read only the faulting page.
+    pub kernel_readahead: u32,
+    /// Where the mount appears (files that name other files, like a Cloud Hypervisor
+    /// `config.json`, point there).
+    pub mountpoint: PathBuf,
 }
+
+/// The kernel readahead a mount gets unless told otherwise.
+pub const DEFAULT_KERNEL_READAHEAD: u32 = 1 << 20;
 
 /// First-touch order of the blocks reads need, across all images: a working-set profile.
 #[derive(Debug, Default)]
@@ -132,6 +145,13 @@ pub struct CapsuleFs {
     /// document however many reads it takes.
     snapshots: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
     next_fh: AtomicU64,
+    kernel_readahead: u32,
+}
+
+impl Node {
+    fn bytes(name: &str, bytes: Vec<u8>) -> Self {
+        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), readahead_on: false }
+    }
 }
 
 impl std::fmt::Debug for CapsuleFs {
@@ -140,10 +160,12 @@ impl std::fmt::Debug for CapsuleFs {
     }
 }
 
-fn image_files(m: &Manifest) -> Vec<(String, String, Image)> {
+/// (file name, overlay key, image) of each image file. A writable mount always has
+/// `memory.raw`, blank if the capsule never ran, so a guest's RAM can live there.
+pub fn image_files(m: &Manifest, writable: bool) -> Vec<(String, String, Image)> {
     let mut out: Vec<(String, String, Image)> = m.disks.iter().map(|d| (format!("{}.raw", d.name), format!("disk-{}", d.name), d.image)).collect();
-    if let Some(i) = m.memory {
-        out.push(("memory.raw".into(), "memory".into(), i));
+    if m.memory.is_some() || (writable && m.vm.memory_mib > 0) {
+        out.push(("memory.raw".into(), "memory".into(), m.memory_or_blank()));
     }
     if let Some(i) = m.devstate {
         out.push(("devstate.bin".into(), "devstate".into(), i));
@@ -164,6 +186,7 @@ pub fn vm_json(id: &Hash, m: &Manifest) -> serde_json::Value {
         "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints,
         "disks": m.disks.iter().map(|d| serde_json::json!({"name": d.name, "file": format!("{}.raw", d.name), "size": d.image.size})).collect::<Vec<_>>(),
         "memory": m.memory.map(|i| serde_json::json!({"file": "memory.raw", "size": i.size})),
+        "suspended": m.devstate.is_some(),
         "devstate": m.devstate.map(|_| "devstate.bin"),
         "kernel": m.boot.as_ref().map(|_| "vmlinuz"),
         "initrd": m.boot.as_ref().and_then(|b| b.initrd).map(|_| "initrd.img"),
@@ -178,7 +201,7 @@ impl CapsuleFs {
         let manifest = store.manifest(&id)?;
         let mut nodes = Vec::new();
         let mut files = Vec::new();
-        for (name, key, image) in image_files(&manifest) {
+        for (name, key, image) in image_files(&manifest, !config.read_only) {
             let reader = capsule_images::ImageReader::open(store, image).map_err(|e| Error::from(e).context(&name))?;
             let chain = reader.chain().to_vec();
             let overlay = if config.read_only {
@@ -186,8 +209,9 @@ impl CapsuleFs {
             } else {
                 Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
+            let readahead_on = key != "memory";
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) } });
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), readahead_on });
         }
         let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
             Content::Image { image, .. } => Some(image.block_size()),
@@ -197,7 +221,7 @@ impl CapsuleFs {
         sizes.dedup();
         let seeds = crate::seed::Seeds::index(&config.seeds, &sizes).map_err(|e| Error::io("indexing seeds", e))?;
         let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
-        nodes.push(Node { name: "capsule.json".into(), content: Content::Bytes(vm) });
+        nodes.push(Node::bytes("capsule.json", vm));
         let info = MountInfo {
             capsule_id: id,
             name: manifest.name.clone(),
@@ -208,6 +232,7 @@ impl CapsuleFs {
             files,
         };
         Ok(Self {
+            kernel_readahead: config.kernel_readahead,
             cache,
             source,
             nodes,
@@ -437,8 +462,9 @@ impl CapsuleFs {
             r.touch(&demand);
         }
         // Resolving the readahead window costs map lookups: only when a fetch will happen.
-        let fetching = demand.iter().any(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
-        let ahead = self.readahead_plan(image, chain, readahead, offset, end, last, fetching)?;
+        let missing = demand.iter().filter(|h| self.decoded.get(*h).is_none() && !self.cache.contains(h)).count() as u64;
+        let ahead = if node.readahead_on { self.readahead_plan(image, chain, readahead, offset, end, last, missing > 0)? } else { Vec::new() };
+        node.fetched_blocks.fetch_add(missing + ahead.len() as u64, Ordering::Relaxed);
         self.ensure_cached(&demand, &ahead)?;
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, src) in plan {
@@ -556,9 +582,11 @@ impl CapsuleFs {
                     resident += u64::from(local);
                 }
                 let dirty = overlay.as_ref().map_or(0, |o| o.changed().len());
+                let fetched = node.fetched_blocks.load(Ordering::Relaxed);
                 files.insert(
                     node.name.clone(),
-                    serde_json::json!({"blocks": n, "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 }, "dirty_blocks": dirty}),
+                    serde_json::json!({"blocks": n, "block_size": image.block_size(), "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 },
+                                       "dirty_blocks": dirty, "fetched_blocks": fetched, "fetched_bytes": fetched * image.block_size()}),
                 );
             }
         }
@@ -607,8 +635,10 @@ fn slice_from(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
 
 impl Filesystem for CapsuleFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large requests: fewer round trips to the daemon for sequential readers.
-        let _ = config.set_max_readahead(1 << 20);
+        // Large readahead means fewer round trips for sequential readers; 0 (for a guest's
+        // RAM) makes a page fault read just its page.
+        // fuser refuses 0; the kernel rounds down to whole pages, so 1 byte means none.
+        let _ = config.set_max_readahead(self.kernel_readahead.max(1));
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }

@@ -140,7 +140,18 @@ pub struct Manifest {
     pub vm: VmDescription,
 }
 
+/// Block size of the guest RAM image a running capsule gets when it has none: the page
+/// size, so a resume fetches the pages the guest touches and a suspend stores the pages it
+/// dirtied, not 64 KiB around each.
+pub const MEMORY_BLOCK_SIZE_LOG2: u8 = 12;
+
 impl Manifest {
+    /// The guest RAM image, or for a capsule that never ran, an all-zero one of the VM's
+    /// memory size: where a running guest's RAM lives so a suspend can keep it.
+    pub fn memory_or_blank(&self) -> Image {
+        self.memory.unwrap_or(Image { size: self.vm.memory_mib << 20, block_size_log2: MEMORY_BLOCK_SIZE_LOG2, top: None })
+    }
+
     /// Every image of the capsule with a display name: `disk root`, `memory`, ...
     pub fn images(&self) -> Vec<(String, Image)> {
         let mut out: Vec<(String, Image)> = self.disks.iter().map(|d| (format!("disk {}", d.name), d.image)).collect();

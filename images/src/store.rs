@@ -40,6 +40,8 @@ pub struct Store {
     root: PathBuf,
     pages: quick_cache::sync::Cache<Hash, Arc<MapPage>>,
     tmp_counter: AtomicU64,
+    /// fsync every block and object before it is renamed into place (see `set_durable`).
+    durable: std::sync::atomic::AtomicBool,
     lock: File,
 }
 
@@ -112,6 +114,7 @@ impl Store {
             root,
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             tmp_counter: AtomicU64::new(0),
+            durable: std::sync::atomic::AtomicBool::new(true),
             lock,
         })
     }
@@ -137,6 +140,20 @@ impl Store {
         Ok(())
     }
 
+    /// With `false`, blocks are written without an fsync each (objects and refs still are). Right for a
+    /// cache (every block is verified when read, so one torn by a crash is fetched again)
+    /// and for a batch that ends with `sync_filesystem` before anything names its blocks.
+    pub fn set_durable(&self, durable: bool) {
+        self.durable.store(durable, Ordering::Relaxed);
+    }
+
+    /// Flushes everything written to the store's filesystem (one `syncfs`), ending a
+    /// non-durable batch.
+    pub fn sync_filesystem(&self) -> Result<()> {
+        let dir = File::open(&self.root).map_err(|e| Error::io(self.root.display(), e))?;
+        rustix::fs::syncfs(&dir).map_err(|e| Error::io(format!("syncfs {}", self.root.display()), e.into()))
+    }
+
     /// The store directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -158,12 +175,25 @@ impl Store {
 
     /// Writes `bytes` to `dest` atomically; false if `dest` already existed.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<bool> {
+        self.write_atomic_with(dest, bytes, true)
+    }
+
+    /// A block: fsynced only while the store is durable.
+    fn write_block_file(&self, dest: &Path, bytes: &[u8]) -> Result<bool> {
+        self.write_atomic_with(dest, bytes, self.durable.load(Ordering::Relaxed))
+    }
+
+    fn write_atomic_with(&self, dest: &Path, bytes: &[u8], sync: bool) -> Result<bool> {
         if dest.exists() {
             return Ok(false);
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
-        write_file_synced(&tmp, bytes)?;
+        if sync {
+            write_file_synced(&tmp, bytes)?;
+        } else {
+            fs::write(&tmp, bytes).map_err(|e| Error::io(tmp.display(), e))?;
+        }
         let renamed = match fs::rename(&tmp, dest) {
             Err(e) if e.kind() == IoKind::NotFound => match dest.parent() {
                 Some(dir) => fs::create_dir_all(dir).and_then(|_| fs::rename(&tmp, dest)),
@@ -198,20 +228,20 @@ impl Store {
             return Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: 0, new: false });
         }
         let encoded = block::encode(raw)?;
-        let new = self.write_atomic(&path, &encoded).with_context(|| format!("storing block {h}"))?;
+        let new = self.write_block_file(&path, &encoded).with_context(|| format!("storing block {h}"))?;
         Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
     }
 
     /// Stores a block received in its encoded form after verifying it against `h`.
     pub fn put_encoded_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
         block::decode(h, encoded)?;
-        self.write_atomic(&self.block_path(h), encoded)
+        self.write_block_file(&self.block_path(h), encoded)
     }
 
     /// Stores an encoded block the caller has already decoded and checked against `h`
     /// (the network client verifies every block it receives); saves a second decode.
     pub fn put_verified_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
-        self.write_atomic(&self.block_path(h), encoded)
+        self.write_block_file(&self.block_path(h), encoded)
     }
 
     /// The block's stored encoding (compressed or raw), not decoded.
