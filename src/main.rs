@@ -9,9 +9,14 @@ use capsule_images::{self as images, CapsuleSpec, Hash, Image, Manifest, Store};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod chv;
 mod mount;
 mod offline;
 mod progress;
+mod run;
+
+/// First argument of the hidden re-exec that starts QEMU under the no-hugepage filter.
+pub(crate) const LAUNCH_ARG: &str = "__launch-qemu";
 
 #[derive(Parser, Debug)]
 #[command(name = "capsule", version, about = "Move whole virtual machines over slow links and run them before they arrive")]
@@ -144,6 +149,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a capsule in an unmodified hypervisor straight from a mount (cold boot, or resume
+    /// a suspended capsule); ends when the guest powers off
+    Run(run::RunArgs),
+    /// Save a running capsule as a child capsule: device state plus only the changed disk
+    /// and RAM blocks, after shrinking the guest to what it uses
+    Suspend(run::SuspendArgs),
     /// Serve this store's capsules over QUIC
     Serve {
         /// UDP address to listen on
@@ -223,6 +234,13 @@ pub struct MountArgs {
     /// Kernel readahead in bytes; `capsule run` sets 0 so guest-RAM faults read one page
     #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
     pub kernel_readahead: u32,
+    /// Prepare for a VM run (`capsule run` sets it): drop RAM an earlier run left; for a
+    /// suspended capsule, refuse to mount over an earlier resume's changes
+    #[arg(long, hide = true)]
+    pub prepare_run: bool,
+    /// With --prepare-run: drop an earlier resume's uncommitted changes instead of refusing
+    #[arg(long, hide = true)]
+    pub discard_changes: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -259,10 +277,10 @@ enum ScopeArg {
 pub struct ConnArgs {
     /// Bearer token [default: $CAPSULE_TOKEN]
     #[arg(long, env = "CAPSULE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub token: Option<String>,
     /// Pin the server's certificate SHA-256 instead of trusting on first use
     #[arg(long, value_name = "HEX")]
-    server_fingerprint: Option<String>,
+    pub server_fingerprint: Option<String>,
 }
 
 impl ConnArgs {
@@ -302,6 +320,10 @@ fn parse_block_size(s: &str) -> Result<u8, String> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == LAUNCH_ARG) {
+        return launch_qemu(&argv[2..]);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -314,6 +336,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `capsule __launch-qemu QEMU ARGS...`: install the no-hugepage seccomp filter, then
+/// become QEMU (same pid, unmodified binary).
+fn launch_qemu(argv: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let Some((binary, args)) = argv.split_first() else {
+        eprintln!("capsule: {LAUNCH_ARG} needs a QEMU binary");
+        return ExitCode::FAILURE;
+    };
+    if let Err(e) = capsule_vmm_glue::launcher::disable_hugepage_advice() {
+        eprintln!("capsule: {e}");
+        return ExitCode::FAILURE;
+    }
+    let e = std::process::Command::new(binary).args(args).exec();
+    eprintln!("capsule: cannot start {}: {e}", binary.to_string_lossy());
+    ExitCode::FAILURE
 }
 
 pub(crate) fn open_store(dir: Option<PathBuf>) -> Result<Store> {
@@ -334,11 +373,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Unpin { target } => return offline::unpin(target).map(|_| ExitCode::SUCCESS),
         Command::Status { source, cache, json } => return offline::status(source, cache.clone(), *json).map(|_| ExitCode::SUCCESS),
+        Command::Run(args) => return run::run(cli.store.clone(), args.clone()),
+        Command::Suspend(args) => return run::suspend(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
         _ => {}
     }
     let store = open_store(cli.store)?;
     match cli.command {
-        Command::Mount(_) | Command::Umount { .. } | Command::Prefetch { .. } | Command::Warm { .. } | Command::Unpin { .. } | Command::Status { .. } => {
+        Command::Mount(_)
+        | Command::Umount { .. }
+        | Command::Prefetch { .. }
+        | Command::Warm { .. }
+        | Command::Unpin { .. }
+        | Command::Status { .. }
+        | Command::Run(_)
+        | Command::Suspend(_) => {
             unreachable!("handled above")
         }
         Command::Commit { mountpoint, name, json } => {

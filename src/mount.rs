@@ -104,6 +104,13 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
 fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, mut config: MountConfig, args: &MountArgs, mountpoint: &Path) -> Result<()> {
     // One writer per overlay: a second writable mount of the same capsule would interleave.
     let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&config.overlay_dir)?) };
+    if args.prepare_run && !args.read_only {
+        let suspended = cache.store().manifest(&id)?.devstate.is_some();
+        let dropped = capsule_fs::overlay::prepare_for_run(&config.overlay_dir, suspended, args.discard_changes).map_err(anyhow::Error::msg)?;
+        if !dropped.is_empty() {
+            eprintln!("capsule: dropped local state of an earlier run: {}", dropped.join(", "));
+        }
+    }
     let recorder = args.record_profile.as_ref().map(|_| Arc::new(capsule_fs::mount::Recorder::default()));
     config.recorder = recorder.clone();
     if let Some(source) = &source {

@@ -123,3 +123,93 @@ impl Overlay {
             .unwrap_or_default()
     }
 }
+
+/// Whether overlay `key` in `dir` holds any change (no overlay: none).
+pub fn has_changes(dir: &Path, key: &str) -> io::Result<bool> {
+    match std::fs::read(dir.join(format!("{key}.state"))) {
+        Ok(states) => Ok(states.iter().any(|&s| s != NONE)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Overlay keys present in `dir`.
+fn keys(dir: &Path) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                if let Some(key) = e.file_name().to_str().and_then(|n| n.strip_suffix(".state")) {
+                    out.push(key.to_string());
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(out)
+}
+
+fn remove(dir: &Path, key: &str) -> io::Result<()> {
+    for ext in ["data", "state"] {
+        match std::fs::remove_file(dir.join(format!("{key}.{ext}"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Before a VM runs from a writable mount. RAM left by an earlier run is garbage to a
+/// cold boot: dropped. A suspended capsule must resume with exactly its saved disks and
+/// RAM, so changes an earlier resume made are refused (they would be lost) unless
+/// `discard` says to drop them. Returns the keys dropped.
+pub fn prepare_for_run(dir: &Path, suspended: bool, discard: bool) -> std::result::Result<Vec<String>, String> {
+    let io = |e: io::Error| format!("{}: {e}", dir.display());
+    let keys = keys(dir).map_err(io)?;
+    let mut dropped = Vec::new();
+    for key in keys {
+        let changed = has_changes(dir, &key).map_err(io)?;
+        let drop = key == "memory" && !suspended || (suspended && changed && discard);
+        if suspended && changed && !discard {
+            return Err(format!(
+                "{}: uncommitted changes ({key}) from an earlier run of this suspended capsule; resuming would lose them. \
+                 Suspend or commit that run, or pass --discard-changes",
+                dir.display()
+            ));
+        }
+        if drop {
+            remove(dir, &key).map_err(io)?;
+            dropped.push(key);
+        }
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod run_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cold_boot_drops_old_ram_and_resume_guards_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Overlay::open(dir.path(), "memory", 8192, 4096).unwrap();
+        mem.write_block(1, &[7; 4096]).unwrap();
+        let disk = Overlay::open(dir.path(), "disk-root", 8192, 4096).unwrap();
+        disk.write_block(0, &[1; 4096]).unwrap();
+        drop((mem, disk));
+        // Resume: refused while changes exist, dropped when told.
+        let err = prepare_for_run(dir.path(), true, false).unwrap_err();
+        assert!(err.contains("--discard-changes"), "{err}");
+        assert!(has_changes(dir.path(), "disk-root").unwrap());
+        // Cold boot: RAM goes, the disk's changes stay.
+        assert_eq!(prepare_for_run(dir.path(), false, false).unwrap(), vec!["memory".to_string()]);
+        assert!(!dir.path().join("memory.state").exists());
+        assert!(has_changes(dir.path(), "disk-root").unwrap());
+        let mut dropped = prepare_for_run(dir.path(), true, true).unwrap();
+        dropped.sort();
+        assert_eq!(dropped, vec!["disk-root".to_string()]);
+        assert!(!has_changes(dir.path(), "disk-root").unwrap());
+    }
+}

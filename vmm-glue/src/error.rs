@@ -1,0 +1,53 @@
+//! The one error type of `capsule-vmm-glue`: a matchable kind plus what and where.
+
+use std::fmt;
+
+/// What went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Talking to the hypervisor's socket or files failed.
+    Io,
+    /// The hypervisor answered a QMP command with an error.
+    Qmp,
+    /// The hypervisor lacks something this needs (a capability, a binary).
+    Unsupported,
+    /// Waited too long.
+    Timeout,
+    /// Malformed input (a snapshot directory, a reply).
+    Invalid,
+}
+
+/// An error naming what failed and where.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    /// An I/O error about `what`.
+    pub fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
+        Self::new(ErrorKind::Io, format!("{what}: {e}"))
+    }
+
+    /// The kind, for callers that branch on it.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}

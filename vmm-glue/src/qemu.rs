@@ -1,0 +1,246 @@
+//! The QEMU command line for a mounted capsule, and the accelerator choice.
+//!
+//! Every device is named on the command line (`-nodefaults`), so a suspended machine and
+//! the one resuming it have the same device set: same disks in the same order, one
+//! virtio-balloon, guest RAM in a `memory-backend-file` on the mount.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which accelerator to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's emulator: slower, works everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The `-accel` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// Parses `kvm` or `tcg`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// A raw disk file for the guest.
+#[derive(Debug, Clone)]
+pub struct DiskFile {
+    /// The file (on the mount).
+    pub path: PathBuf,
+    /// Attach read-only (`readonly=on`); a read-only mount needs it.
+    pub read_only: bool,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone)]
+pub enum Serial {
+    /// The terminal, with QEMU's monitor multiplexed (Ctrl-A x quits).
+    Terminal,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// Everything the QEMU command line depends on.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Versioned machine type (`pc-i440fx-7.2`) or alias (`pc`).
+    pub machine: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Guest RAM lives in this file (shared mapping), so it can be saved in place.
+    pub memory_file: Option<PathBuf>,
+    /// Disks, in order.
+    pub disks: Vec<DiskFile>,
+    /// Direct kernel boot: kernel, initrd and command line.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: Option<String>,
+    /// The QMP socket QEMU listens on.
+    pub qmp_socket: PathBuf,
+    /// Serial console.
+    pub serial: Serial,
+    /// Wait for an incoming migration (`-incoming defer`), paused (`-S`).
+    pub incoming: bool,
+    /// Passed through as they are, last.
+    pub extra: Vec<String>,
+}
+
+/// Quotes a path for a QEMU option value (commas are doubled).
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+impl QemuConfig {
+    /// The arguments after the binary.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<String> = vec!["-nodefaults".into(), "-no-user-config".into(), "-display".into(), "none".into(), "-no-reboot".into()];
+        let mut machine = format!("{},accel={}", self.machine, self.accel.name());
+        if let Some(mem) = &self.memory_file {
+            a.push("-object".into());
+            a.push(format!("memory-backend-file,id=capsule-ram,size={}M,mem-path={},share=on", self.memory_mib, opt_path(mem)));
+            machine.push_str(",memory-backend=capsule-ram");
+        }
+        a.extend(["-machine".into(), machine, "-m".into(), format!("{}M", self.memory_mib), "-smp".into(), self.cpus.to_string()]);
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server=on,wait=off", opt_path(&self.qmp_socket)));
+        a.push("-serial".into());
+        a.push(match &self.serial {
+            Serial::Terminal => "mon:stdio".into(),
+            Serial::File(p) => format!("file:{}", p.display()),
+        });
+        // The balloon is always there: a suspend can shrink the guest before saving it,
+        // and the resuming machine needs the same devices.
+        a.extend(["-device".into(), "virtio-balloon-pci,id=balloon0".into()]);
+        for d in &self.disks {
+            a.push("-drive".into());
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            a.push(format!("file={},format=raw,if=virtio,cache=writeback,discard=unmap{ro}", opt_path(&d.path)));
+        }
+        if let Some(k) = &self.kernel {
+            a.push("-kernel".into());
+            a.push(k.display().to_string());
+            if let Some(i) = &self.initrd {
+                a.push("-initrd".into());
+                a.push(i.display().to_string());
+            }
+            if let Some(c) = &self.append {
+                a.push("-append".into());
+                a.push(c.clone());
+            }
+        }
+        if self.incoming {
+            a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a.into_iter().map(OsString::from).collect()
+    }
+
+    /// The command line as one shell-quoted string, for logs and `--dry-run`.
+    pub fn shell_line(&self) -> String {
+        std::iter::once(self.binary.as_os_str().to_os_string()).chain(self.args()).map(|a| shell_quote(&a.to_string_lossy())).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// Quotes `s` for a POSIX shell when it needs it.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=,:+@%".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Whether KVM really runs a guest here: `/dev/kvm` can exist and still hang a Linux boot
+/// right after the firmware (seen on these machines). Boots `kernel` under KVM with no
+/// disk and waits up to `limit` for its first console line; a working KVM prints it in
+/// well under a second.
+pub fn kvm_works(qemu: &Path, kernel: &Path, limit: Duration) -> bool {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    let child = Command::new(qemu)
+        .args(["-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none", "-m", "128", "-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 earlyprintk=serial panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let Some(mut out) = child.stdout.take() else { return false };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("Linux version") {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let ok = rx.recv_timeout(limit.saturating_sub(start.elapsed())).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            machine: "pc-i440fx-7.2".into(),
+            cpus: 2,
+            memory_mib: 256,
+            memory_file: Some("/mnt/c,x/memory.raw".into()),
+            disks: vec![DiskFile { path: "/mnt/c,x/root.raw".into(), read_only: false }, DiskFile { path: "/mnt/c,x/data.raw".into(), read_only: true }],
+            kernel: Some("/mnt/c,x/vmlinuz".into()),
+            initrd: Some("/mnt/c,x/initrd.img".into()),
+            append: Some("console=ttyS0 gmode=loop".into()),
+            qmp_socket: "/run/r1/qmp.sock".into(),
+            serial: Serial::File("/run/r1/serial.log".into()),
+            incoming: true,
+            extra: vec!["-rtc".into(), "base=utc".into()],
+        }
+    }
+
+    #[test]
+    fn command_line_names_every_device_and_escapes_commas() {
+        let args: Vec<String> = config().args().into_iter().map(|a| a.into_string().unwrap()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("memory-backend-file,id=capsule-ram,size=256M,mem-path=/mnt/c,,x/memory.raw,share=on"), "{joined}");
+        assert!(joined.contains("-machine pc-i440fx-7.2,accel=tcg,memory-backend=capsule-ram"), "{joined}");
+        assert!(joined.contains("file=/mnt/c,,x/root.raw,format=raw,if=virtio,cache=writeback,discard=unmap -drive"), "{joined}");
+        assert!(joined.contains("/mnt/c,,x/data.raw,format=raw,if=virtio,cache=writeback,discard=unmap,readonly=on"), "{joined}");
+        assert!(joined.contains("-S -incoming defer -rtc base=utc"), "extra args come last: {joined}");
+        assert!(args.contains(&"-nodefaults".to_string()) && args.contains(&"virtio-balloon-pci,id=balloon0".to_string()));
+        let i = args.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(args[i + 1], "console=ttyS0 gmode=loop");
+    }
+
+    #[test]
+    fn no_memory_file_means_plain_ram_and_shell_line_quotes() {
+        let mut c = config();
+        c.memory_file = None;
+        c.incoming = false;
+        let line = c.shell_line();
+        assert!(!line.contains("memory-backend"));
+        assert!(line.contains("-machine pc-i440fx-7.2,accel=tcg -m 256M"));
+        assert!(line.contains("-append 'console=ttyS0 gmode=loop'"), "{line}");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+}

@@ -1,0 +1,224 @@
+//! A QMP client: JSON lines over QEMU's Unix socket, synchronous, one command at a time.
+//!
+//! ```text
+//!  <- {"QMP": {"version": ..., "capabilities": [...]}}      greeting
+//!  -> {"execute": "qmp_capabilities"}                      leave negotiation mode
+//!  <- {"return": {}}
+//!  -> {"execute": CMD, "arguments": {...}}
+//!  <- {"event": ...}   (any number, kept in `events`)
+//!  <- {"return": ...} | {"error": {"class": ..., "desc": ...}}
+//! ```
+//! QEMU serves one QMP client per socket at a time: hold a connection only while using it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Longest reply line accepted (query-machines / query-qmp-schema are the big ones).
+const MAX_LINE: usize = 8 << 20;
+
+/// A connected, negotiated QMP session.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// QEMU's version from the greeting: (major, minor, micro).
+    pub version: (u64, u64, u64),
+    /// Events received while waiting for replies, oldest first.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects to `socket`, retrying until `wait` passes (QEMU creates it as it starts).
+    pub fn connect(socket: &Path, wait: Duration) -> Result<Self> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < wait => {
+                    tracing::debug!("QMP {}: {e}; retrying", socket.display());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(Error::io(format!("QMP socket {}", socket.display()), e)),
+            }
+        };
+        // A hypervisor that stops answering must not hang the caller forever.
+        stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| Error::io("QMP socket", e))?;
+        let writer = stream.try_clone().map_err(|e| Error::io("QMP socket", e))?;
+        let mut qmp = Self { reader: BufReader::new(stream), writer, version: (0, 0, 0), events: Vec::new() };
+        let greeting = qmp.read_message()?;
+        let v = &greeting["QMP"]["version"]["qemu"];
+        if greeting.get("QMP").is_none() {
+            return Err(Error::new(ErrorKind::Invalid, format!("{}: not a QMP greeting: {greeting}", socket.display())));
+        }
+        qmp.version = (v["major"].as_u64().unwrap_or(0), v["minor"].as_u64().unwrap_or(0), v["micro"].as_u64().unwrap_or(0));
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = (&mut self.reader).take(MAX_LINE as u64).read_line(&mut line).map_err(|e| Error::io("reading QMP", e))?;
+            if n == 0 {
+                return Err(Error::new(ErrorKind::Io, "QMP connection closed by QEMU"));
+            }
+            if !line.ends_with('\n') && n >= MAX_LINE {
+                return Err(Error::new(ErrorKind::Invalid, format!("QMP message longer than {MAX_LINE} bytes")));
+            }
+            if !line.trim().is_empty() {
+                return serde_json::from_str(&line).map_err(|e| Error::new(ErrorKind::Invalid, format!("malformed QMP message ({e}): {}", line.trim())));
+            }
+        }
+    }
+
+    /// Runs `command` with `arguments`; a QMP error names the command that failed.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| Error::new(ErrorKind::Invalid, e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes).map_err(|e| Error::io(format!("sending QMP {command}"), e))?;
+        loop {
+            let reply = self.read_message().map_err(|e| Error::new(e.kind(), format!("QMP {command}: {e}")))?;
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+                continue;
+            }
+            if let Some(err) = reply.get("error") {
+                return Err(Error::new(
+                    ErrorKind::Qmp,
+                    format!("QMP {command} failed: {}: {}", err["class"].as_str().unwrap_or("?"), err["desc"].as_str().unwrap_or("?")),
+                ));
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            return Err(Error::new(ErrorKind::Invalid, format!("QMP {command}: unexpected reply {reply}")));
+        }
+    }
+
+    /// Names of the migration capabilities this QEMU knows.
+    pub fn migration_capabilities(&mut self) -> Result<Vec<String>> {
+        let caps = self.execute("query-migrate-capabilities", None)?;
+        Ok(caps.as_array().map(|a| a.iter().filter_map(|c| c["capability"].as_str().map(String::from)).collect()).unwrap_or_default())
+    }
+
+    /// Turns migration capabilities on.
+    pub fn set_capabilities(&mut self, names: &[&str]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<Value> = names.iter().map(|n| json!({"capability": n, "state": true})).collect();
+        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))?;
+        Ok(())
+    }
+
+    /// Polls `query-migrate` until it completes; fails on `failed`/`cancelled` or after `limit`.
+    pub fn wait_migration(&mut self, limit: Duration) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            let info = self.execute("query-migrate", None)?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(info),
+                s @ ("failed" | "cancelled") => {
+                    let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                    return Err(Error::new(ErrorKind::Qmp, format!("migration {s}: {why}")));
+                }
+                _ => {}
+            }
+            if start.elapsed() > limit {
+                return Err(Error::new(ErrorKind::Timeout, format!("migration not done after {} s: {info}", limit.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The versioned machine type the `pc` (or other) alias stands for, e.g. `pc-i440fx-7.2`:
+    /// a resume must use the same one.
+    pub fn resolve_machine(&mut self, alias: &str) -> Result<String> {
+        let machines = self.execute("query-machines", None)?;
+        for m in machines.as_array().into_iter().flatten() {
+            if m["alias"].as_str() == Some(alias) || m["name"].as_str() == Some(alias) {
+                if let Some(name) = m["name"].as_str() {
+                    return Ok(name.to_string());
+                }
+            }
+        }
+        Err(Error::new(ErrorKind::Unsupported, format!("this QEMU has no machine type {alias:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted QMP peer: answers each command from `replies` in order.
+    fn fake_qemu(path: &Path, replies: Vec<&'static str>) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 22, "minor": 2, "major": 7}}}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = Vec::new();
+            for reply in std::iter::once(r#"{"return": {}}"#).chain(replies) {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    break;
+                }
+                got.push(line.trim().to_string());
+                writeln!(w, "{reply}").unwrap();
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn negotiates_skips_events_and_names_failed_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let peer = fake_qemu(
+            &sock,
+            vec![
+                "{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\"}}",
+                r#"{"error": {"class": "GenericError", "desc": "no such balloon"}}"#,
+            ],
+        );
+        let mut qmp = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
+        assert_eq!(qmp.version, (7, 2, 22));
+        assert_eq!(qmp.execute("query-status", None).unwrap()["status"], "paused");
+        assert_eq!(qmp.events.len(), 1);
+        let err = qmp.execute("balloon", Some(json!({"value": 1}))).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Qmp);
+        assert!(err.to_string().contains("QMP balloon failed") && err.to_string().contains("no such balloon"), "{err}");
+        drop(qmp);
+        let sent = peer.join().unwrap();
+        assert_eq!(sent[0], r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(sent[2], r#"{"arguments":{"value":1},"execute":"balloon"}"#);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"this is not json\n").unwrap();
+        });
+        let err = Qmp::connect(&sock, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        t.join().unwrap();
+    }
+}
