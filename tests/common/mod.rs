@@ -283,7 +283,7 @@ pub fn import_guest(store: &Path, boot_files: bool) {
     let mut cmd = capsule(store);
     cmd.args(["import", "guest", "--disk"]).arg(format!("root={}", g.join("disk.raw").display()));
     if boot_files {
-        cmd.arg("--kernel").arg(g.join("vmlinuz")).arg("--initrd").arg(g.join("initrd.gz"));
+        cmd.arg("--kernel").arg(g.join("vmlinuz")).arg("--initrd").arg(g.join("initrd.gz")).args(["--cmdline", GUEST_CMDLINE]);
     }
     ok(&mut cmd);
 }
@@ -300,4 +300,142 @@ pub fn import_guest_update(store: &Path) -> serde_json::Value {
 pub fn boot_from_mount(m: &Mounted) -> String {
     let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
     boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 150)
+}
+
+/// The kernel command line the test guest is imported with (`capsule run` appends modes).
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// A `capsule run` in the background (TCG, console to a log file). Dropping it stops the
+/// run (SIGINT, then kill) and kills its QEMU and mount if they outlive it.
+pub struct Run {
+    child: std::process::Child,
+    /// The run's id.
+    pub id: String,
+    /// `CAPSULE_RUN_DIR` it uses.
+    pub runs: PathBuf,
+    /// The guest's serial console.
+    pub log: PathBuf,
+    /// stdout + stderr of `capsule run`.
+    pub out: PathBuf,
+    store: PathBuf,
+    qemu_pid: Option<u32>,
+    mountpoint: Option<PathBuf>,
+}
+
+impl Run {
+    /// `capsule --store STORE run SOURCE --cache CACHE --id ID --accel tcg --serial-log .. [extra]`.
+    pub fn start(store: &Path, config: &Path, runs: &Path, source: &str, cache: &Path, id: &str, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(runs).unwrap();
+        let log = runs.join(format!("{id}.console"));
+        let out = runs.join(format!("{id}.out"));
+        let outf = std::fs::File::create(&out).unwrap();
+        let child = client(store, config)
+            .env("CAPSULE_RUN_DIR", runs)
+            .args(["run", source, "--accel", "tcg", "--quiet", "--id", id, "--cache"])
+            .arg(cache)
+            .arg("--serial-log")
+            .arg(&log)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(outf.try_clone().unwrap())
+            .stderr(outf)
+            .spawn()
+            .expect("start capsule run");
+        Self { child, id: id.to_string(), runs: runs.to_path_buf(), log, out, store: store.to_path_buf(), qemu_pid: None, mountpoint: None }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `capsule run`'s own output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `pattern`; panics with both logs after `timeout_s`
+    /// or if the run ends first.
+    pub fn wait_console(&mut self, pattern: &str, timeout_s: u64) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+        loop {
+            let text = self.console();
+            if text.contains(pattern) {
+                self.remember();
+                return text;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("run {} ended ({status}) before printing {pattern:?}\nconsole:\n{text}\noutput:\n{}", self.id, self.output());
+            }
+            assert!(std::time::Instant::now() < deadline, "run {} did not print {pattern:?} in {timeout_s} s\nconsole:\n{text}\noutput:\n{}", self.id, self.output());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// The run's `run.json`.
+    pub fn record(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.runs.join(&self.id).join("run.json")).expect("run.json")).unwrap()
+    }
+
+    fn remember(&mut self) {
+        if self.qemu_pid.is_none() {
+            if let Ok(b) = std::fs::read(self.runs.join(&self.id).join("run.json")) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                    self.qemu_pid = v["qemu_pid"].as_u64().map(|p| p as u32);
+                    self.mountpoint = v["mountpoint"].as_str().map(PathBuf::from);
+                }
+            }
+        }
+    }
+
+    /// Waits for the run to end by itself; returns its success and output.
+    pub fn wait(&mut self, timeout_s: u64) -> (bool, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.success(), self.output());
+            }
+            assert!(std::time::Instant::now() < deadline, "run {} still going after {timeout_s} s\nconsole:\n{}\noutput:\n{}", self.id, self.console(), self.output());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// `capsule suspend ID NAME --json [extra]` against this run.
+    pub fn suspend(&mut self, config: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+        self.remember();
+        let text = ok(client(&self.store, config).env("CAPSULE_RUN_DIR", &self.runs).args(["suspend", &self.id, name, "--json"]).args(extra));
+        serde_json::from_str(&text[text.find("{\n").expect("suspend --json output")..]).unwrap()
+    }
+
+    /// Sends SIGINT (as Ctrl-C would).
+    pub fn interrupt(&mut self) {
+        self.remember();
+        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).output();
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.remember();
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.interrupt();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(pid) = self.qemu_pid {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
+        }
+        if let Some(m) = &self.mountpoint {
+            let _ = Command::new("fusermount3").arg("-uz").arg(m).output();
+        }
+    }
+}
+
+/// Counter values a `gmode=loop` guest printed.
+pub fn counters(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
