@@ -1,13 +1,54 @@
-//! `capsule run --hypervisor cloud-hypervisor`.
+//! `capsule run --hypervisor cloud-hypervisor` and `capsule import-snapshot`.
+//!
+//! Cloud Hypervisor needs KVM. Where it is installed and KVM works, `run` starts it on the
+//! mount's files; elsewhere `--dry-run` prints the command line it would run.
 
 use std::path::Path;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use capsule_vmm_glue::cloud_hypervisor as chv;
 use serde_json::Value;
 
 use crate::run::RunArgs;
 
-pub fn run(_args: &RunArgs, _mnt: &Path, _vm: &Value, _dir: &Path) -> Result<ExitCode> {
-    bail!("cloud-hypervisor: not yet")
+pub fn run(args: &RunArgs, mnt: &Path, vm: &Value, dir: &Path) -> Result<ExitCode> {
+    let binary = std::env::var_os("CAPSULE_CLOUD_HYPERVISOR").unwrap_or_else(|| "cloud-hypervisor".into());
+    let mut vm = vm.clone();
+    vm["read_only"] = Value::Bool(args.read_only);
+    let argv = chv::command_line(mnt, &vm, &dir.join("ch.sock"), args.serial_log.as_deref(), &args.extra);
+    let line = std::iter::once(binary.to_string_lossy().into_owned()).chain(argv.iter().cloned()).map(|a| capsule_vmm_glue::qemu::shell_quote(&a)).collect::<Vec<_>>().join(" ");
+    if args.dry_run {
+        println!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = match Command::new(&binary).args(&argv).status() {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} is not installed (set CAPSULE_CLOUD_HYPERVISOR to its path); the command line would be:\n{line}", binary.to_string_lossy())
+        }
+        Err(e) => return Err(e).with_context(|| format!("starting {}", binary.to_string_lossy())),
+    };
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Imports a Cloud Hypervisor snapshot directory as capsule `name`.
+pub fn import_snapshot(store: &capsule_images::Store, name: &str, dir: &Path, block_size_log2: Option<u8>) -> Result<capsule_images::ImportReport> {
+    let snap = chv::read_snapshot(dir)?;
+    let spec = capsule_images::CapsuleSpec {
+        name: name.to_string(),
+        disks: snap.disks.clone(),
+        memory: Some(snap.memory.clone()),
+        devstate: Some(snap.state.clone()),
+        kernel: snap.kernel.clone(),
+        initrd: snap.initrd.clone(),
+        cmdline: snap.cmdline.clone(),
+        block_size_log2,
+        cpus: Some(snap.cpus),
+        memory_mib: (snap.memory_mib > 0).then_some(snap.memory_mib),
+        hypervisor: Some("cloud-hypervisor".into()),
+        hints: vec![(chv::CONFIG_HINT.to_string(), snap.config_template.clone())],
+        ..Default::default()
+    };
+    capsule_images::import_capsule(store, &spec, &crate::progress::Bar::new()).with_context(|| format!("importing snapshot {}", dir.display()))
 }

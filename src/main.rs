@@ -75,6 +75,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import a Cloud Hypervisor snapshot directory (config.json, state.json, memory-ranges
+    /// and the disks its config names) as a capsule; mounted, it is a snapshot directory again
+    ImportSnapshot {
+        /// Name of the new capsule
+        name: String,
+        /// The directory `cloud-hypervisor` wrote with `vm.snapshot`
+        dir: PathBuf,
+        /// Block size, a power of two from 4K to 1M [default: 64K]
+        #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
+        block_size: Option<u8>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List capsules in the store
     Ls {
         #[arg(long)]
@@ -421,6 +434,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let progress = progress::Bar::new();
             let report = images::import_capsule(&store, &spec, &progress).with_context(|| format!("importing capsule {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_import(&name, &report);
+            }
+        }
+        Command::ImportSnapshot { name, dir, block_size, json } => {
+            let report = chv::import_snapshot(&store, &name, &dir, block_size)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -164,11 +164,12 @@ impl std::fmt::Debug for CapsuleFs {
 /// `memory.raw`, blank if the capsule never ran, so a guest's RAM can live there.
 pub fn image_files(m: &Manifest, writable: bool) -> Vec<(String, String, Image)> {
     let mut out: Vec<(String, String, Image)> = m.disks.iter().map(|d| (format!("{}.raw", d.name), format!("disk-{}", d.name), d.image)).collect();
+    let (memory_name, devstate_name) = state_file_names(m);
     if m.memory.is_some() || (writable && m.vm.memory_mib > 0) {
-        out.push(("memory.raw".into(), "memory".into(), m.memory_or_blank()));
+        out.push((memory_name.into(), "memory".into(), m.memory_or_blank()));
     }
     if let Some(i) = m.devstate {
-        out.push(("devstate.bin".into(), "devstate".into(), i));
+        out.push((devstate_name.into(), "devstate".into(), i));
     }
     if let Some(b) = &m.boot {
         out.push(("vmlinuz".into(), "kernel".into(), b.kernel));
@@ -179,15 +180,25 @@ pub fn image_files(m: &Manifest, writable: bool) -> Vec<(String, String, Image)>
     out
 }
 
+/// File names of the RAM image and device state: a Cloud Hypervisor snapshot's own names
+/// (`memory-ranges`, `state.json`), so the mount is a snapshot directory; else QEMU's.
+fn state_file_names(m: &Manifest) -> (&'static str, &'static str) {
+    if m.vm.hints.contains_key(capsule_images::manifest::HINT_CHV_CONFIG) {
+        ("memory-ranges", "state.json")
+    } else {
+        ("memory.raw", "devstate.bin")
+    }
+}
+
 /// The VM description as `capsule.json` shows it.
 pub fn vm_json(id: &Hash, m: &Manifest) -> serde_json::Value {
     serde_json::json!({
         "capsule": m.name, "id": id.to_hex(), "parent": m.parent.map(|p| p.to_hex()),
         "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints,
         "disks": m.disks.iter().map(|d| serde_json::json!({"name": d.name, "file": format!("{}.raw", d.name), "size": d.image.size})).collect::<Vec<_>>(),
-        "memory": m.memory.map(|i| serde_json::json!({"file": "memory.raw", "size": i.size})),
+        "memory": m.memory.map(|i| serde_json::json!({"file": state_file_names(m).0, "size": i.size})),
         "suspended": m.devstate.is_some(),
-        "devstate": m.devstate.map(|_| "devstate.bin"),
+        "devstate": m.devstate.map(|_| state_file_names(m).1),
         "kernel": m.boot.as_ref().map(|_| "vmlinuz"),
         "initrd": m.boot.as_ref().and_then(|b| b.initrd).map(|_| "initrd.img"),
         "cmdline": m.boot.as_ref().map(|b| b.cmdline.clone()),
@@ -222,6 +233,9 @@ impl CapsuleFs {
         let seeds = crate::seed::Seeds::index(&config.seeds, &sizes).map_err(|e| Error::io("indexing seeds", e))?;
         let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
         nodes.push(Node::bytes("capsule.json", vm));
+        if let Some(template) = manifest.vm.hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
+            nodes.push(Node::bytes("config.json", capsule_images::manifest::config_for_mount(template, &config.mountpoint)));
+        }
         let info = MountInfo {
             capsule_id: id,
             name: manifest.name.clone(),

@@ -12,6 +12,7 @@
 //! Suspend and resume are sequences of QMP commands; the CLI (`capsule run`, `capsule
 //! suspend`) owns the processes and the mount, this crate owns the hypervisor dialogue.
 
+pub mod cloud_hypervisor;
 pub mod error;
 pub mod launcher;
 pub mod qemu;

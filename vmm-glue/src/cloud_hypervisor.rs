@@ -1,0 +1,187 @@
+//! Cloud Hypervisor: its snapshot directory as a capsule, and its command line.
+//!
+//! ```text
+//!  snapshot dir (cloud-hypervisor snapshot)      capsule                  mount
+//!  config.json  VmConfig, host paths       -->   hint chv.config    -->   config.json, paths
+//!                                                (paths -> @CAPSULE_MOUNT@/...)   into the mount
+//!  state.json   device state               -->   devstate image     -->   state.json
+//!  memory-ranges guest RAM                 -->   memory image       -->   memory-ranges
+//!  disks[i].path (raw)                     -->   disk disk<i>       -->   disk<i>.raw
+//!  payload.kernel / initramfs / cmdline    -->   boot files         -->   vmlinuz, initrd.img
+//! ```
+//! So `cloud-hypervisor --restore source_url=file://MOUNT` finds a complete snapshot whose
+//! disks are the mount's files. Cloud Hypervisor needs KVM; on machines without it only
+//! the round trip and the command line are tested (see ARCHITECTURE.md).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub use capsule_images::manifest::{HINT_CHV_CONFIG as CONFIG_HINT, MOUNT_PLACEHOLDER};
+/// Largest `config.json` accepted (real ones are a few KiB).
+const MAX_CONFIG: u64 = 256 << 10;
+
+/// A snapshot directory, read and checked, ready to import.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// (disk name, host file) in the order of `disks` in config.json.
+    pub disks: Vec<(String, PathBuf)>,
+    /// Direct-boot kernel, if the config names one that exists.
+    pub kernel: Option<PathBuf>,
+    /// Its initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Its command line.
+    pub cmdline: Option<String>,
+    /// `memory-ranges`.
+    pub memory: PathBuf,
+    /// `state.json`.
+    pub state: PathBuf,
+    /// config.json with every imported path replaced by [`MOUNT_PLACEHOLDER`]/file.
+    pub config_template: String,
+    /// Boot vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+}
+
+fn invalid(dir: &Path, what: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Invalid, format!("{}: {what}", dir.display()))
+}
+
+/// Reads a Cloud Hypervisor snapshot directory.
+pub fn read_snapshot(dir: &Path) -> Result<Snapshot> {
+    let config_path = dir.join("config.json");
+    let memory = dir.join("memory-ranges");
+    let state = dir.join("state.json");
+    for p in [&config_path, &memory, &state] {
+        if !p.is_file() {
+            return Err(invalid(dir, format!("not a Cloud Hypervisor snapshot: {} is missing", p.file_name().and_then(|n| n.to_str()).unwrap_or("?"))));
+        }
+    }
+    let len = std::fs::metadata(&config_path).map_err(|e| Error::io(config_path.display(), e))?.len();
+    if len > MAX_CONFIG {
+        return Err(invalid(dir, format!("config.json is {len} bytes, more than the {MAX_CONFIG} accepted")));
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(config_path.display(), e))?;
+    let mut config: Value = serde_json::from_str(&text).map_err(|e| invalid(dir, format!("config.json: {e}")))?;
+    let mut disks = Vec::new();
+    if let Some(list) = config.get_mut("disks").and_then(Value::as_array_mut) {
+        for (i, d) in list.iter_mut().enumerate() {
+            let Some(path) = d.get("path").and_then(Value::as_str).map(PathBuf::from) else {
+                return Err(invalid(dir, format!("config.json: disk {i} has no path (only file-backed disks can be imported)")));
+            };
+            if !path.is_file() {
+                return Err(invalid(dir, format!("config.json: disk {i}: {} does not exist here", path.display())));
+            }
+            let name = format!("disk{i}");
+            d["path"] = Value::String(format!("{MOUNT_PLACEHOLDER}/{name}.raw"));
+            disks.push((name, path));
+        }
+    }
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = None;
+    if let Some(payload) = config.get_mut("payload").and_then(Value::as_object_mut) {
+        if let Some(k) = payload.get("kernel").and_then(Value::as_str).map(PathBuf::from).filter(|p| p.is_file()) {
+            payload.insert("kernel".into(), Value::String(format!("{MOUNT_PLACEHOLDER}/vmlinuz")));
+            kernel = Some(k);
+        }
+        if let Some(i) = payload.get("initramfs").and_then(Value::as_str).map(PathBuf::from).filter(|p| p.is_file()) {
+            payload.insert("initramfs".into(), Value::String(format!("{MOUNT_PLACEHOLDER}/initrd.img")));
+            initrd = Some(i);
+        }
+        cmdline = payload.get("cmdline").and_then(Value::as_str).map(String::from);
+    }
+    let cpus = config["cpus"]["boot_vcpus"].as_u64().unwrap_or(1).clamp(1, 4096) as u32;
+    let memory_mib = config["memory"]["size"].as_u64().map(|b| b >> 20).unwrap_or(0);
+    let config_template = serde_json::to_string(&config).map_err(|e| invalid(dir, e))?;
+    Ok(Snapshot { disks, kernel, initrd, cmdline, memory, state, config_template, cpus, memory_mib })
+}
+
+pub use capsule_images::manifest::config_for_mount;
+
+/// What `cloud-hypervisor` runs: a restore of the mounted snapshot, or a cold boot from
+/// the mount's files. `vm` is the mount's `capsule.json`.
+pub fn command_line(mnt: &Path, vm: &Value, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Vec<String> {
+    let mut a = vec!["--api-socket".to_string(), format!("path={}", api_socket.display())];
+    if vm["suspended"].as_bool().unwrap_or(false) && mnt.join("config.json").exists() {
+        a.push("--restore".into());
+        a.push(format!("source_url=file://{}", mnt.display()));
+    } else {
+        if mnt.join("vmlinuz").exists() {
+            a.extend(["--kernel".into(), mnt.join("vmlinuz").display().to_string()]);
+            if mnt.join("initrd.img").exists() {
+                a.extend(["--initramfs".into(), mnt.join("initrd.img").display().to_string()]);
+            }
+            if let Some(c) = vm["cmdline"].as_str() {
+                a.extend(["--cmdline".into(), c.to_string()]);
+            }
+        }
+        a.extend(["--cpus".into(), format!("boot={}", vm["cpus"].as_u64().unwrap_or(1))]);
+        a.extend(["--memory".into(), format!("size={}M", vm["memory_mib"].as_u64().unwrap_or(256))]);
+        for d in vm["disks"].as_array().into_iter().flatten() {
+            if let Some(f) = d["file"].as_str() {
+                let ro = if vm["read_only"].as_bool().unwrap_or(false) { ",readonly=on" } else { "" };
+                a.extend(["--disk".into(), format!("path={}{ro}", mnt.join(f).display())]);
+            }
+        }
+        a.extend(["--console".into(), "off".into()]);
+        a.extend(["--serial".into(), serial_log.map_or("tty".into(), |p| format!("file={}", p.display()))]);
+    }
+    a.extend(extra.iter().cloned());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn snapshot_paths_become_mount_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("os.raw");
+        std::fs::write(&disk, [1u8; 4096]).unwrap();
+        let config = json!({"cpus": {"boot_vcpus": 2}, "memory": {"size": 512u64 << 20}, "disks": [{"path": disk, "readonly": false}], "payload": {"cmdline": "console=ttyS0"}});
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        std::fs::write(dir.path().join("state.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("memory-ranges"), [0u8; 8192]).unwrap();
+        let s = read_snapshot(dir.path()).unwrap();
+        assert_eq!((s.cpus, s.memory_mib, s.disks.len()), (2, 512, 1));
+        assert_eq!(s.cmdline.as_deref(), Some("console=ttyS0"));
+        let on_mount: Value = serde_json::from_slice(&config_for_mount(&s.config_template, Path::new("/mnt/x"))).unwrap();
+        assert_eq!(on_mount["disks"][0]["path"], "/mnt/x/disk0.raw");
+        assert_eq!(on_mount["memory"], config["memory"]);
+    }
+
+    #[test]
+    fn incomplete_or_hostile_snapshots_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_snapshot(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("config.json is missing"), "{err}");
+        std::fs::write(dir.path().join("config.json"), r#"{"disks": [{"path": "/nonexistent/disk"}]}"#).unwrap();
+        std::fs::write(dir.path().join("state.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("memory-ranges"), b"").unwrap();
+        let err = read_snapshot(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/disk does not exist"), "{err}");
+        std::fs::write(dir.path().join("config.json"), vec![b' '; 300 << 10]).unwrap();
+        assert!(read_snapshot(dir.path()).unwrap_err().to_string().contains("more than"));
+    }
+
+    #[test]
+    fn restore_and_cold_boot_command_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let vm = json!({"suspended": true, "cpus": 1, "memory_mib": 256, "disks": [{"file": "disk0.raw"}]});
+        let a = command_line(dir.path(), &vm, Path::new("/run/r/ch.sock"), None, &[]);
+        assert_eq!(a[2..], ["--restore".to_string(), format!("source_url=file://{}", dir.path().display())]);
+        let vm = json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"file": "root.raw"}]});
+        std::fs::write(dir.path().join("vmlinuz"), "k").unwrap();
+        let a = command_line(dir.path(), &vm, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).join(" ");
+        assert!(a.contains(&format!("--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw", dir.path().display(), dir.path().display())), "{a}");
+        assert!(a.ends_with("--serial file=/tmp/s.log"), "{a}");
+    }
+}
