@@ -1,24 +1,26 @@
 #!/bin/bash
 # The demo, Capsule's main job: import the test guest and its update as a capsule and a
-# child capsule, serve them over QUIC on loopback, mount the child from the server on an
-# empty cache, and boot an unmodified QEMU straight from the mount: only the blocks the
-# boot reads travel. Everything it starts is stopped on exit.
+# child capsule, serve them over QUIC on loopback, and `capsule run` the child from the
+# server on an empty cache: an unmodified QEMU boots straight from the mount and only the
+# blocks the boot reads travel. Then a running guest is suspended on "host A" and resumed
+# on "host B" (another empty cache). Everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${CAPSULE_GUEST_DIR:-target/guest}
 D=$PWD/target/demo
 BIN=$PWD/target/debug/capsule
 CAPSULE="$BIN --store $D/store"
-MNT=$D/mnt
-export CAPSULE_CONFIG_DIR=$D/config
-SERVER=
+export CAPSULE_CONFIG_DIR=$D/config CAPSULE_RUN_DIR=$D/runs
+SERVER= RUN_A= RUN_B=
 cleanup() {
-  $BIN umount "$MNT" >/dev/null 2>&1 || fusermount3 -uz "$MNT" 2>/dev/null || true
+  for p in $RUN_A $RUN_B; do kill -INT "$p" 2>/dev/null || true; done
+  for p in $RUN_A $RUN_B; do timeout 30 tail --pid="$p" -f /dev/null 2>/dev/null || kill -9 "$p" 2>/dev/null || true; done
+  for m in "$D"/runs/*/mnt; do [ -d "$m" ] && fusermount3 -uz "$m" 2>/dev/null; done
   if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 cleanup
-rm -rf "$D"; mkdir -p "$D" "$MNT"
+rm -rf "$D"; mkdir -p "$D"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -40,18 +42,29 @@ $CAPSULE serve --listen "127.0.0.1:$PORT" --public-read &
 SERVER=$!
 sleep 1
 
-step "on 'another machine' (an empty cache): mount the update straight from the server"
-$BIN mount "capsule://127.0.0.1:$PORT/guest-update" "$MNT" --cache "$D/cache" --read-only
-ls -l "$MNT"
+step "on 'another machine' (an empty cache): capsule run the update straight from the server"
+echo "(an unmodified QEMU, TCG, boots from the mount; the console follows)"
+$BIN --store "$D/host-c" run "capsule://127.0.0.1:$PORT/guest-update" --cache "$D/cache-c" --accel tcg \
+  --append gmode=boot --read-only 2>&1 | tr -d '\r' | grep -a --line-buffered -E 'CAPSULE-GUEST-[A-Z]+ |capsule: (fetched|guest stopped|running)'
+echo "disk image: $(du -h --apparent-size "$G/disk-update.raw" | cut -f1); kernel and initrd are read whole at start"
 
-step "boot an unmodified QEMU (TCG) from the mount"
-timeout --foreground 120 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \
-  -kernel "$MNT/vmlinuz" -initrd "$MNT/initrd.img" \
-  -append "console=ttyS0 quiet panic=-1 gmode=boot" \
-  -drive "file=$MNT/root.raw,format=raw,if=virtio,readonly=on" </dev/null \
-  | tr -d '\r' | grep -ao --line-buffered -E 'CAPSULE-GUEST-[A-Z]+ .*' || true
+step "host A: run a guest that counts, suspend it and push the suspended capsule"
+TOKEN=$($CAPSULE token create --scope write)
+$BIN --store "$D/host-a" run "capsule://127.0.0.1:$PORT/guest" --cache "$D/cache-a" --accel tcg --id on-a \
+  --append gmode=loop --quiet --serial-log "$D/a.console" --token "$TOKEN" >"$D/a.out" 2>&1 &
+RUN_A=$!
+for _ in $(seq 300); do grep -q 'COUNTER 3' "$D/a.console" 2>/dev/null && break; sleep 0.2; done
+tail -n 2 "$D/a.console" | tr -d '\r'
+$BIN --store "$D/host-a" suspend on-a guest-suspended --push "capsule://127.0.0.1:$PORT/guest-suspended" --token "$TOKEN"
+wait "$RUN_A" || true; RUN_A=
+echo "host A stopped at: $(grep -a COUNTER "$D/a.console" | tail -n1 | tr -d '\r')"
 
-step "what the boot cost"
-jq -r '"fetched \(.blocks_fetched) blocks, \(.bytes_fetched) bytes (compressed) for a capsule of \(.files | to_entries | map(.value.blocks) | add) blocks",
-       (.files | to_entries[] | "  \(.key): \(.value.resident_pct | floor)% resident (zero blocks need no fetch)")' "$MNT/.capsule/stats.json"
-echo "disk: $(stat -c %s "$G/disk-update.raw") bytes; kernel + initrd are read whole at start"
+step "host B (an empty cache): resume it; the counter goes on"
+$BIN --store "$D/host-b" run "capsule://127.0.0.1:$PORT/guest-suspended" --cache "$D/cache-b" --id on-b \
+  --quiet --serial-log "$D/b.console" --token "$TOKEN" >"$D/b.out" 2>&1 &
+RUN_B=$!
+for _ in $(seq 300); do [ "$(cat "$D/b.console" 2>/dev/null | grep -ac COUNTER || true)" -ge 3 ] && break; sleep 0.2; done
+grep -a 'resumed' "$D/b.out" || true
+grep -a COUNTER "$D/b.console" | head -n 3 | tr -d '\r'
+jq -r '"resume fetched \(.files["memory.raw"].fetched_bytes) bytes of \(.files["memory.raw"].blocks * 4096) bytes of RAM so far"' "$D/runs/on-b/mnt/.capsule/stats.json"
+kill -INT "$RUN_B"; wait "$RUN_B" || true; RUN_B=

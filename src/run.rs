@@ -379,6 +379,11 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         qmp.execute("migrate-incoming", Some(json!({ "uri": format!("exec:cat {}", capsule_vmm_glue::qemu::shell_quote(&devstate.display().to_string())) })))?;
         qmp.wait_migration(Duration::from_secs(600)).context("loading the device state")?;
         qmp.execute("cont", None)?;
+        // The suspend shrank the guest to save less; give it all its RAM back. The pages
+        // come back as holes in memory.raw: zero, nothing to fetch.
+        if let Err(e) = qmp.execute("balloon", Some(json!({ "value": memory_mib << 20 }))) {
+            tracing::warn!("cannot give the guest its RAM back: {e}");
+        }
         eprintln!("capsule: resumed {} in {:.2} s", vm["capsule"].as_str().unwrap_or("?"), started.elapsed().as_secs_f64());
     }
     // Balloon statistics every 2 s, so a suspend knows what the guest really uses.
@@ -447,7 +452,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
 /// "fetched 1.9 MiB of 128 MiB of disk, 4.5 MiB of 256 MiB of RAM ..." from the mount's stats.
 fn fetch_summary(mnt: &Path) -> Option<String> {
     let stats: Value = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
-    let (mut disk, mut disk_size, mut other, mut other_size) = (0u64, 0u64, Vec::new(), 0u64);
+    let (mut disk, mut disk_size, mut other) = (0u64, 0u64, Vec::new());
     for (name, f) in stats["files"].as_object()? {
         let fetched = f["fetched_bytes"].as_u64().unwrap_or(0);
         let size = f["blocks"].as_u64().unwrap_or(0) * f["block_size"].as_u64().unwrap_or(0);
@@ -456,10 +461,8 @@ fn fetch_summary(mnt: &Path) -> Option<String> {
             disk_size += size;
         } else {
             other.push(format!("{name} {}", crate::human(fetched)));
-            other_size += size;
         }
     }
-    let _ = other_size;
     Some(format!(
         "fetched {} of {} of disk ({}); {} on the wire ({} blocks) from {}",
         crate::human(disk),
