@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest test demo bench bench-link clean
+.PHONY: all setup build guest test demo bench bench-link bench-run clean
 
 all: build
 
@@ -30,6 +30,12 @@ bench: setup guest
 	bash scripts/bench-format.sh | tee target/bench-format.md
 	bash scripts/bench-net.sh | tee target/bench-net.md
 	bash scripts/bench-mount.sh | tee target/bench-mount.md
+
+# Boot, suspend (with and without ballooning) and resume (with and without the
+# fault-granularity fix) over loopback QUIC: a few minutes.
+bench-run: setup guest
+	$(CARGO) build --release
+	bash scripts/bench-run.sh | tee target/bench-run.md
 
 # Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).
 bench-link: setup guest

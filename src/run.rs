@@ -276,6 +276,10 @@ pub fn run(store: Option<PathBuf>, args: RunArgs) -> Result<ExitCode> {
 }
 
 fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<ExitCode> {
+    // From the start: a Ctrl-C while mounting or resuming must still stop QEMU and unmount.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let mount = mount_for_run(store, args, dir)?;
     let mnt = mount.dir.clone();
     let vm: Value = serde_json::from_slice(&std::fs::read(mnt.join("capsule.json")).context("reading the mount's capsule.json")?)?;
@@ -356,7 +360,10 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     };
     cmd.args(config.args());
     if !args.console {
-        cmd.stdin(Stdio::null());
+        // Its own process group: the terminal's Ctrl-C reaches `capsule run`, which stops
+        // the guest in order, not QEMU directly.
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(Stdio::null()).process_group(0);
     }
     let started = Instant::now();
     let child = cmd.spawn().with_context(|| format!("starting {}", config.binary.display()))?;
@@ -412,7 +419,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     std::fs::write(dir.join("run.json"), serde_json::to_vec_pretty(&record)?)?;
     eprintln!("capsule: running {} as {id} ({} under {}); suspend with: capsule suspend {id} NAME", record.capsule, mnt.display(), accel.name().to_uppercase());
 
-    let status = wait_or_stop(&mut vm_proc, &config.qmp_socket)?;
+    let status = wait_or_stop(&mut vm_proc, &config.qmp_socket, &stop)?;
     // A suspend in progress holds this lock until its commit is done.
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("suspend.lock"))?;
     lock.lock()?;
@@ -485,10 +492,7 @@ fn vm_memory_size(mnt: &Path) -> Option<u64> {
 
 /// Waits for QEMU to exit. Ctrl-C or SIGTERM asks the guest to power off (ACPI), then
 /// quits QEMU after 10 s (its disks are flushed either way), then kills it.
-fn wait_or_stop(vm: &mut Vm, qmp_socket: &Path) -> Result<std::process::ExitStatus> {
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+fn wait_or_stop(vm: &mut Vm, qmp_socket: &Path, stop: &AtomicBool) -> Result<std::process::ExitStatus> {
     loop {
         if let Some(status) = vm.child.try_wait()? {
             vm.done = Some(status);
@@ -645,6 +649,10 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let t_balloon = t0.elapsed();
 
     let caps = qmp.migration_capabilities()?;
+    let has = |c: &str| caps.iter().any(|k| k == c);
+    // mapped-ram (QEMU 9+) would write RAM into a file with holes for zeros; with RAM
+    // already on the mount x-ignore-shared is better still: RAM is not in the stream at all.
+    let detected = json!({"x-ignore-shared": has("x-ignore-shared"), "mapped-ram": has("mapped-ram")});
     // RAM stays in memory.raw; only device state (and ROMs) go into the stream.
     let mut used_caps = Vec::new();
     if caps.iter().any(|c| c == "x-ignore-shared") {
@@ -694,6 +702,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
         "name": args.name, "id": report.id.to_hex(), "parent": rec.capsule_id,
         "changed_blocks": report.changed_blocks, "memory_blocks": report.memory_blocks, "stored_bytes": report.stored_bytes,
         "devstate_bytes": devstate_bytes,
+        "qemu_capabilities": detected,
         "balloon": ballooned.map(|(t, a)| json!({"target_mib": t >> 20, "reached_mib": a >> 20})),
         "seconds": {"balloon": t_balloon.as_secs_f64(), "save": t_save.as_secs_f64(), "commit": t_commit.as_secs_f64(), "total": t_total.as_secs_f64()},
     });

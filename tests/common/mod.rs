@@ -435,7 +435,12 @@ impl Drop for Run {
     }
 }
 
-/// Counter values a `gmode=loop` guest printed.
+/// Counter values a `gmode=loop` guest printed, from complete lines only (a guest stopped
+/// mid-line leaves "COUNTER 1" of "COUNTER 12").
 pub fn counters(console: &str) -> Vec<u64> {
-    console.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")).filter_map(|n| n.trim().parse().ok()).collect()
+    let complete = match console.rfind('\n') {
+        Some(i) => &console[..i],
+        None => "",
+    };
+    complete.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
