@@ -30,6 +30,7 @@ bench: setup guest
 	bash scripts/bench-format.sh | tee target/bench-format.md
 	bash scripts/bench-net.sh | tee target/bench-net.md
 	bash scripts/bench-mount.sh | tee target/bench-mount.md
+	bash scripts/bench-run.sh | tee target/bench-run.md
 
 # Boot, suspend (with and without ballooning) and resume (with and without the
 # fault-granularity fix) over loopback QUIC: a few minutes.
