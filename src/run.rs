@@ -645,7 +645,17 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
 
     let mut qmp = Qmp::connect(&rec.qmp, Duration::from_secs(5)).with_context(|| format!("run {}: QMP", rec.id))?;
     let ram = qmp.execute("query-balloon", None).ok().and_then(|b| b["actual"].as_u64()).unwrap_or(0);
-    let ballooned = if args.no_balloon { None } else { balloon_down(&mut qmp, ram)? };
+    let ballooned = if args.no_balloon {
+        None
+    } else {
+        match balloon_down(&mut qmp, ram) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = qmp.execute("balloon", Some(json!({ "value": ram })));
+                return Err(e.context(format!("shrinking run {} before the suspend; the guest was left running", rec.id)));
+            }
+        }
+    };
     let t_balloon = t0.elapsed();
 
     let caps = qmp.migration_capabilities()?;
@@ -660,12 +670,23 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     } else {
         eprintln!("capsule: this QEMU lacks x-ignore-shared: the whole RAM goes into the device state");
     }
-    qmp.execute("stop", None)?;
-    qmp.set_capabilities(&used_caps)?;
     let devstate = dir.join("devstate.bin");
-    let quoted = capsule_vmm_glue::qemu::shell_quote(&devstate.display().to_string());
-    qmp.execute("migrate", Some(json!({ "uri": format!("exec:cat > {quoted}") })))?;
-    qmp.wait_migration(Duration::from_secs(600)).context("saving the device state")?;
+    let saved = (|| -> Result<()> {
+        qmp.execute("stop", None)?;
+        qmp.set_capabilities(&used_caps)?;
+        let quoted = capsule_vmm_glue::qemu::shell_quote(&devstate.display().to_string());
+        qmp.execute("migrate", Some(json!({ "uri": format!("exec:cat > {quoted}") })))?;
+        qmp.wait_migration(Duration::from_secs(600)).context("saving the device state")?;
+        Ok(())
+    })();
+    if let Err(e) = saved {
+        // Nothing is lost: the guest goes on running, with its RAM back.
+        let _ = qmp.execute("cont", None);
+        if ram > 0 {
+            let _ = qmp.execute("balloon", Some(json!({ "value": ram })));
+        }
+        return Err(e.context(format!("suspending run {}; the guest was left running", rec.id)));
+    }
     // Guest RAM writes sit in the page cache of the shared mapping: push them to the
     // mount (the VM is stopped, nothing changes them now).
     for (file, _) in &info.files {
