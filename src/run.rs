@@ -371,7 +371,9 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let stop_echo = Arc::new(AtomicBool::new(false));
     let echo = (!args.console && !args.quiet).then(|| echo_serial(serial_path.clone(), stop_echo.clone()));
 
-    let mut qmp = Qmp::connect(&config.qmp_socket, QMP_WAIT).with_context(|| format!("connecting to QEMU's QMP socket {}", config.qmp_socket.display()))?;
+    let child = &mut vm_proc.child;
+    let mut qmp = Qmp::connect_while(&config.qmp_socket, QMP_WAIT, || matches!(child.try_wait(), Ok(None)))
+        .with_context(|| format!("starting {} (its own error, if any, is above)", config.binary.display()))?;
     let machine = qmp.resolve_machine(&config.machine)?;
     if suspended {
         let caps = qmp.migration_capabilities()?;

@@ -166,3 +166,28 @@ fn ballooning_before_a_suspend_leaves_freed_ram_out_of_the_child() {
     let last = *counters(&shrunk.console()).last().unwrap();
     again.wait_console(&format!("COUNTER {}", last + 2), 120);
 }
+
+#[test]
+fn bad_runs_fail_cleanly_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    import_guest(&store, true);
+    let runs = dir.path().join("runs");
+    let err = fails(capsule(&store).env("CAPSULE_RUN_DIR", &runs).args(["suspend", "no-such-run", "child"]));
+    assert!(err.contains("no run \"no-such-run\""), "{err}");
+    let err = fails(capsule(&store).env("CAPSULE_RUN_DIR", &runs).args(["run", "no-such-capsule", "--accel", "tcg", "--id", "bad", "--cache"]).arg(dir.path().join("cache")));
+    assert!(err.contains("no-such-capsule"), "{err}");
+    assert!(!runs.join("bad").exists(), "run directory left behind");
+    // A QEMU that cannot start (a bad extra argument): the error is QEMU's, the mount is gone.
+    let err = fails(
+        capsule(&store)
+            .env("CAPSULE_RUN_DIR", &runs)
+            .args(["run", "guest", "--accel", "tcg", "--id", "bad-qemu", "--quiet", "--cache"])
+            .arg(dir.path().join("cache"))
+            .args(["--", "-no-such-qemu-option"]),
+    );
+    assert!(err.contains("QMP") || err.contains("qemu"), "{err}");
+    assert!(!runs.join("bad-qemu").exists(), "run directory left behind");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(dir.path().to_str().unwrap()), "mount left behind:\n{mounts}");
+}

@@ -36,10 +36,16 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `socket`, retrying until `wait` passes (QEMU creates it as it starts).
     pub fn connect(socket: &Path, wait: Duration) -> Result<Self> {
+        Self::connect_while(socket, wait, || true)
+    }
+
+    /// Like `connect`, giving up as soon as `alive()` says the hypervisor is gone.
+    pub fn connect_while(socket: &Path, wait: Duration, mut alive: impl FnMut() -> bool) -> Result<Self> {
         let start = Instant::now();
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
+                Err(e) if !alive() => return Err(Error::io(format!("QMP socket {} (the hypervisor exited)", socket.display()), e)),
                 Err(e) if start.elapsed() < wait => {
                     tracing::debug!("QMP {}: {e}; retrying", socket.display());
                     std::thread::sleep(Duration::from_millis(50));
