@@ -181,6 +181,21 @@ struct Vm {
 }
 
 impl Vm {
+    /// The exit status if QEMU ends within `limit`.
+    fn exited_within(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.done = Some(status);
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
         let status = self.child.wait()?;
         self.done = Some(status);
@@ -495,41 +510,22 @@ fn vm_memory_size(mnt: &Path) -> Option<u64> {
 /// Waits for QEMU to exit. Ctrl-C or SIGTERM asks the guest to power off (ACPI), then
 /// quits QEMU after 10 s (its disks are flushed either way), then kills it.
 fn wait_or_stop(vm: &mut Vm, qmp_socket: &Path, stop: &AtomicBool) -> Result<std::process::ExitStatus> {
-    loop {
-        if let Some(status) = vm.child.try_wait()? {
-            vm.done = Some(status);
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(status) = vm.exited_within(Duration::from_millis(100))? {
             return Ok(status);
         }
-        if stop.load(Ordering::Relaxed) {
-            eprintln!("capsule: stopping the guest");
-            if let Ok(mut q) = Qmp::connect(qmp_socket, Duration::from_secs(2)) {
-                let _ = q.execute("system_powerdown", None);
-                drop(q);
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if let Some(status) = vm.child.try_wait()? {
-                        vm.done = Some(status);
-                        return Ok(status);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                if let Ok(mut q) = Qmp::connect(qmp_socket, Duration::from_secs(2)) {
-                    let _ = q.execute("quit", None);
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Some(status) = vm.child.try_wait()? {
-                    vm.done = Some(status);
-                    return Ok(status);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            vm.child.kill()?;
-            return vm.wait_exit();
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("capsule: stopping the guest");
+    for command in ["system_powerdown", "quit"] {
+        if let Ok(mut q) = Qmp::connect(qmp_socket, Duration::from_secs(2)) {
+            let _ = q.execute(command, None);
+        }
+        if let Some(status) = vm.exited_within(Duration::from_secs(10))? {
+            return Ok(status);
+        }
+    }
+    vm.child.kill()?;
+    vm.wait_exit()
 }
 
 /// Echoes the serial log to stdout as it grows.
