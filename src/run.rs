@@ -97,6 +97,24 @@ pub struct RunArgs {
     /// benchmarks: each fault then reads 2-4 MiB of the mount)
     #[arg(long)]
     pub no_fault_fix: bool,
+    /// Never touch the network: run from what the cache holds (`capsule prefetch --offline`)
+    #[arg(long)]
+    pub offline: bool,
+    /// Record the blocks this run touches as working-set profile NAME (saved when it ends)
+    #[arg(long, value_name = "NAME")]
+    pub record_profile: Option<String>,
+    /// Fetch in the background, below the guest's reads: the profile's blocks, or all
+    #[arg(long, value_enum)]
+    pub prefetch: Option<crate::PrefetchMode>,
+    /// The profile `--prefetch profile` uses [default: boot]
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// A local file whose blocks count as present; repeatable
+    #[arg(long = "seed", value_name = "PATH")]
+    pub seeds: Vec<PathBuf>,
+    /// Seconds a read of a missing block waits for a lost server before the guest sees EIO
+    #[arg(long, value_name = "SECS")]
+    pub stall_timeout: Option<u64>,
     /// Print the hypervisor command line and stop
     #[arg(long)]
     pub dry_run: bool,
@@ -235,6 +253,28 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &Path) -> Result<Run
     }
     if args.discard_changes {
         cmd.arg("--discard-changes");
+    }
+    if args.offline {
+        cmd.arg("--offline");
+    }
+    if let Some(p) = &args.record_profile {
+        cmd.arg("--record-profile").arg(p);
+    }
+    if let Some(mode) = args.prefetch {
+        cmd.arg("--prefetch").arg(match mode {
+            crate::PrefetchMode::None => "none",
+            crate::PrefetchMode::Profile => "profile",
+            crate::PrefetchMode::All => "all",
+        });
+    }
+    if let Some(p) = &args.profile {
+        cmd.arg("--profile").arg(p);
+    }
+    for seed in &args.seeds {
+        cmd.arg("--seed").arg(seed);
+    }
+    if let Some(t) = args.stall_timeout {
+        cmd.arg("--stall-timeout").arg(t.to_string());
     }
     if let Some(t) = &args.conn.token {
         cmd.env("CAPSULE_TOKEN", t);

@@ -26,6 +26,13 @@ fn after_prefetch_offline_the_guest_boots_with_the_server_gone_and_no_fetch() {
     assert_eq!(s["blocks_fetched"], 0, "{s}");
     assert_eq!(s["read_errors"], 0, "{s}");
     assert_eq!(s["link"], "local", "an offline mount has no source at all: {s}");
+    drop(m);
+
+    // The same with `capsule run --offline`: the whole run, from the cache alone.
+    let mut run = Run::start(&d.join("c"), &d.join("cfg"), &d.join("runs"), &url, &d.join("cache"), "offline", &["--offline", "--read-only", "--append", "gmode=boot"]);
+    let (success, output) = run.wait(180);
+    assert!(success && run.console().contains("CAPSULE-GUEST-MARKER boot-ok"), "{output}\nconsole:\n{}", run.console());
+    assert!(output.contains("0 B on the wire (0 blocks)"), "{output}");
 }
 
 #[test]
