@@ -168,6 +168,11 @@ enum Command {
     /// Save a running capsule as a child capsule: device state plus only the changed disk
     /// and RAM blocks, after shrinking the guest to what it uses
     Suspend(run::SuspendArgs),
+    /// List the runs on this machine (id, capsule, QEMU pid, mount)
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve this store's capsules over QUIC
     Serve {
         /// UDP address to listen on
@@ -388,6 +393,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { source, cache, json } => return offline::status(source, cache.clone(), *json).map(|_| ExitCode::SUCCESS),
         Command::Run(args) => return run::run(cli.store.clone(), args.clone()),
         Command::Suspend(args) => return run::suspend(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
+        Command::Ps { json } => return run::ps(*json).map(|_| ExitCode::SUCCESS),
         _ => {}
     }
     let store = open_store(cli.store)?;
@@ -399,7 +405,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Command::Unpin { .. }
         | Command::Status { .. }
         | Command::Run(_)
-        | Command::Suspend(_) => {
+        | Command::Suspend(_)
+        | Command::Ps { .. } => {
             unreachable!("handled above")
         }
         Command::Commit { mountpoint, name, json } => {

@@ -783,3 +783,29 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `capsule ps`: the runs on this machine.
+pub fn ps(json: bool) -> Result<()> {
+    let mut runs = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(runs_dir()) {
+        for e in entries.flatten() {
+            let Ok(bytes) = std::fs::read(e.path().join("run.json")) else { continue };
+            let Ok(rec) = serde_json::from_slice::<RunRecord>(&bytes) else { continue };
+            let alive = Path::new(&format!("/proc/{}", rec.qemu_pid)).exists();
+            runs.push((rec, alive));
+        }
+    }
+    runs.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    if json {
+        let list: Vec<Value> = runs.iter().map(|(r, alive)| json!({"run": r, "running": alive})).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<24} {:>8}  {:<8} MOUNT", "RUN", "CAPSULE", "QEMU PID", "STATE");
+    for (r, alive) in runs {
+        let state = if alive { "running" } else { "gone" };
+        let suspendable = if r.memory_on_mount { "" } else { " (not suspendable)" };
+        println!("{:<24} {:<24} {:>8}  {:<8} {}{suspendable}", r.id, r.capsule, r.qemu_pid, state, r.mountpoint.display());
+    }
+    Ok(())
+}

@@ -107,6 +107,8 @@ fn a_guest_suspended_on_host_a_resumes_on_host_b_and_its_counter_continues() {
     let host_a = dir.path().join("host-a");
     let mut a = Run::start(&host_a, &cfg, &runs, &format!("{}/guest", server.url), &dir.path().join("cache-a"), "on-a", &["--append", "gmode=loop", "--token", &token]);
     a.wait_console("COUNTER 3", 120);
+    let ps: serde_json::Value = serde_json::from_str(&ok(client(&host_a, &cfg).env("CAPSULE_RUN_DIR", &runs).args(["ps", "--json"]))).unwrap();
+    assert!(ps.as_array().unwrap().iter().any(|r| r["run"]["id"] == "on-a" && r["running"] == true), "{ps}");
     let report = a.suspend(&cfg, "guest-suspended", &["--push", &format!("{}/guest-suspended", server.url), "--token", &token]);
     let (success, output) = a.wait(60);
     assert!(success, "run A did not end cleanly after the suspend:\n{output}");
