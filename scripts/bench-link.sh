@@ -27,7 +27,6 @@ PIDS=()
 # nsenter enters only the network namespace: `ip netns exec` would also unshare the mount
 # namespace and hide the FUSE mounts from everyone else.
 in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
-in_srv() { nsenter --net="/run/netns/$SNS" "$@"; }
 cleanup() {
   for m in "$W"/mnt*; do [ -d "$m" ] && { "$BIN" umount "$m" >/dev/null 2>&1 || fusermount3 -uz "$m" 2>/dev/null || true; }; done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -73,9 +72,9 @@ need=$("$BIN" --store "$PUB" inspect guest --json | jq '.profiles[0].stored_byte
 # The server, and the relay adding the delay, inside the namespace.
 SRV=$W/server
 cp -a "$PUB" "$SRV"
-in_srv "$BIN" --store "$SRV" serve --listen 127.0.0.1:7070 --public-read >/dev/null 2>&1 &
+nsenter --net="/run/netns/$SNS" "$BIN" --store "$SRV" serve --listen 127.0.0.1:7070 --public-read >/dev/null 2>&1 &
 PIDS+=($!)
-in_srv "$EMU" --listen "$SRV_IP:7071" --to 127.0.0.1:7070 --delay-ms 20 2>/dev/null &
+nsenter --net="/run/netns/$SNS" "$EMU" --listen "$SRV_IP:7071" --to 127.0.0.1:7070 --delay-ms 20 2>/dev/null &
 PIDS+=($!)
 URL=capsule://$SRV_IP:7071/guest
 mkdir -p "$W/rsync-src"
@@ -86,7 +85,7 @@ use chroot = no
   path = $W/rsync-src
   read only = yes
 CONF
-in_srv rsync --daemon --no-detach --config="$W/rsyncd.conf" --port=8730 --address="$SRV_IP" &
+nsenter --net="/run/netns/$SNS" rsync --daemon --no-detach --config="$W/rsyncd.conf" --port=8730 --address="$SRV_IP" &
 PIDS+=($!)
 sleep 1
 

@@ -376,6 +376,17 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
             None => base,
         })
     };
+    // A resumed guest never reads its boot files again (they sit in QEMU's fw_cfg for a
+    // reboot, and -no-reboot ends the run instead), yet QEMU reads them whole at start:
+    // 9.5 MiB of the test guest's, 38 s at 2 Mbit/s. Hand it stand-ins of the same size
+    // with the real kernel header.
+    let (kernel, initrd) = match (&kernel, suspended) {
+        (Some(k), true) => {
+            let (k, i) = boot_standins(dir, k, exists("initrd.img").as_deref())?;
+            (Some(k), i)
+        }
+        _ => (kernel.clone(), exists("initrd.img")),
+    };
     let disks: Vec<DiskFile> = vm["disks"].as_array().into_iter().flatten().filter_map(|d| d["file"].as_str()).map(|f| DiskFile { path: mnt.join(f), read_only: !writable }).collect();
     let serial_path = args.serial_log.clone().unwrap_or_else(|| dir.join("serial.log"));
     let config = QemuConfig {
@@ -387,7 +398,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         memory_file: memory_file.clone(),
         disks,
         kernel: kernel.clone(),
-        initrd: exists("initrd.img").filter(|_| kernel.is_some()),
+        initrd: initrd.filter(|_| kernel.is_some()),
         append: append.filter(|_| kernel.is_some()),
         qmp_socket: dir.join("qmp.sock"),
         serial: if args.console { Serial::Terminal } else { Serial::File(serial_path.clone()) },
@@ -540,6 +551,29 @@ fn fetch_summary(mnt: &Path) -> Option<String> {
 
 fn mount_was_ours(mnt: &Path, dir: &Path) -> bool {
     mnt.starts_with(dir)
+}
+
+/// Local stand-ins for a resume's kernel and initrd: the kernel's first 64 KiB (its setup
+/// header, which QEMU parses) and then holes, the initrd all holes; sizes as the real ones.
+fn boot_standins(dir: &Path, kernel: &Path, initrd: Option<&Path>) -> Result<(PathBuf, Option<PathBuf>)> {
+    const HEADER: u64 = 64 << 10;
+    let out = dir.join("boot-standin");
+    std::fs::create_dir_all(&out)?;
+    let k = out.join("vmlinuz");
+    let size = std::fs::metadata(kernel)?.len();
+    let mut header = Vec::new();
+    std::fs::File::open(kernel)?.take(HEADER).read_to_end(&mut header).with_context(|| format!("reading {}", kernel.display()))?;
+    std::fs::write(&k, &header)?;
+    std::fs::OpenOptions::new().write(true).open(&k)?.set_len(size)?;
+    let i = match initrd {
+        Some(real) => {
+            let path = out.join("initrd.img");
+            std::fs::File::create(&path)?.set_len(std::fs::metadata(real)?.len())?;
+            Some(path)
+        }
+        None => None,
+    };
+    Ok((k, i))
 }
 
 /// The size of the mount's memory.raw.

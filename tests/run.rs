@@ -130,6 +130,9 @@ fn a_guest_suspended_on_host_a_resumes_on_host_b_and_its_counter_continues() {
     assert_eq!(huge, 0, "guest RAM on the mount was mapped with huge pages");
     assert!(fetched > 0, "the resume fetched no RAM at all? {stats}");
     assert!(fetched as f64 <= 1.5 * rss as f64, "resume fetched {fetched} bytes of RAM in 10 s; QEMU touched {rss} bytes of it");
+    // The boot files are not needed to resume: only the kernel's header block travels.
+    let boot_files = stats["files"]["vmlinuz"]["fetched_bytes"].as_u64().unwrap() + stats["files"]["initrd.img"]["fetched_bytes"].as_u64().unwrap();
+    assert!(boot_files <= 64 << 10, "the resume fetched {boot_files} bytes of kernel and initrd");
 
     b.wait_console(&format!("COUNTER {}", last + 3), 60);
     let console = b.console();

@@ -1,0 +1,118 @@
+#!/bin/bash
+# Resume over slow links (make bench-resume-link): a suspended test guest (it prints a
+# counter every second) served across an emulated link, resumed by `capsule run` on an
+# empty cache, with and without the fault-granularity fix. The link is the one
+# bench-link.sh builds: two network namespaces of our own joined by a veth pair, tc tbf
+# on each end, capsule-linkemu beside the server adding 20 ms each way (40 ms RTT).
+# Measured per run: seconds to load the device state ("resumed in"), to the first counter
+# after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
+# RATES="2mbit 10mbit" picks the rates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
+BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
+EMU=$(dirname "$BIN")/capsule-linkemu
+RATES=${RATES:-2mbit 10mbit}
+NS=capsule-rbench-$$
+SNS=capsule-rbench-srv-$$
+SRV_IP=10.212.0.1
+CLI_IP=10.212.0.2
+W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-resume.XXXXXX")
+PIDS=()
+RUNS=()
+cleanup() {
+  # Runs first, while the server still answers: a run stops its guest, unmounts, exits.
+  for p in "${RUNS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${RUNS[@]}"; do timeout 40 tail --pid="$p" -f /dev/null 2>/dev/null || kill -9 "$p" 2>/dev/null || true; done
+  for rec in "$W"/runs/*/run.json; do [ -f "$rec" ] && kill -9 "$(jq -r .qemu_pid "$rec")" 2>/dev/null || true; done
+  awk -v w="$W" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do fusermount3 -uz "$m" 2>/dev/null || true; done
+  pkill -9 -f "mount .* $W/runs/" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  ip netns del "$NS" 2>/dev/null || true
+  ip netns del "$SNS" 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+export CAPSULE_CONFIG_DIR=$W/config CAPSULE_RUN_DIR=$W/runs
+die() { echo "bench-resume-link: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+wait_for() { # wait_for FILE PATTERN TIMEOUT_S PID: until FILE has PATTERN
+  local end=$((SECONDS + $3))
+  until grep -qaE -- "$2" "$1" 2>/dev/null; do
+    kill -0 "$4" 2>/dev/null || { cat "$1" "${1%.console}.out" >&2 2>/dev/null; die "run ended before '$2'"; }
+    [ "$SECONDS" -lt "$end" ] || die "no '$2' in $1 within $3 s"
+    sleep 0.1
+  done
+}
+
+ip netns add "$NS"
+ip netns add "$SNS"
+ip -n "$NS" link set lo up
+ip -n "$SNS" link set lo up
+ip link add caprb$$a netns "$SNS" type veth peer name caprb$$b netns "$NS"
+ip -n "$SNS" addr add "$SRV_IP/24" dev caprb$$a
+ip -n "$NS" addr add "$CLI_IP/24" dev caprb$$b
+ip -n "$SNS" link set caprb$$a mtu 1500 up
+ip -n "$NS" link set caprb$$b mtu 1500 up
+
+# The suspended capsule, made locally: boot, dirty and free 96 MiB, count, suspend.
+PUB=$W/publisher
+"$BIN" --store "$PUB" import guest --disk "root=$G/disk.raw" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" \
+  --cmdline "console=ttyS0 quiet panic=-1" >/dev/null
+"$BIN" --store "$PUB" run guest --cache "$W/pub-cache" --accel tcg --id pub --quiet --serial-log "$W/pub.console" \
+  --append "gmode=loop gdirty=96" >"$W/pub.out" 2>&1 &
+RUNS+=($!)
+wait_for "$W/pub.console" "COUNTER 3" 180 "${RUNS[0]}"
+"$BIN" --store "$PUB" suspend pub suspended --json >"$W/suspend.json"
+wait "${RUNS[0]}" || true
+RUNS=()
+ram_blocks=$(sed -n '/^{/,$p' "$W/suspend.json" | jq .memory_blocks)
+stored=$(sed -n '/^{/,$p' "$W/suspend.json" | jq .stored_bytes)
+
+SRV=$W/server
+cp -a "$PUB" "$SRV"
+nsenter --net="/run/netns/$SNS" "$BIN" --store "$SRV" serve --listen 127.0.0.1:7070 --public-read >/dev/null 2>&1 &
+PIDS+=($!)
+nsenter --net="/run/netns/$SNS" "$EMU" --listen "$SRV_IP:7071" --to 127.0.0.1:7070 --delay-ms 20 2>/dev/null &
+PIDS+=($!)
+URL=capsule://$SRV_IP:7071/suspended
+sleep 1
+
+echo "Resume of the suspended test guest over an emulated link (40 ms RTT), empty cache, one run each."
+echo "The suspended capsule carries $ram_blocks RAM blocks of 4 KiB ($(mib "$stored") MiB stored, ballooned)."
+echo
+echo "| link | fault fix | device state loaded s | first counter s | fifth counter s | RAM fetched by the fifth | wire bytes by the fifth |"
+echo "|---|---|---|---|---|---|---|"
+n=0
+for rate in $RATES; do
+  tc -n "$SNS" qdisc replace dev caprb$$a root tbf rate "$rate" burst 32kb latency 200ms
+  tc -n "$NS" qdisc replace dev caprb$$b root tbf rate "$rate" burst 32kb latency 200ms
+  for fix in on off; do
+    n=$((n + 1))
+    extra=()
+    [ "$fix" = off ] && extra=(--no-fault-fix)
+    t0=$(now)
+    # nsenter execs capsule: $! is the run itself, so SIGINT reaches it.
+    nsenter --net="/run/netns/$NS" "$BIN" --store "$W/client$n" run "$URL" --cache "$W/cache$n" --id "r$n" --quiet \
+      --serial-log "$W/r$n.console" "${extra[@]}" >"$W/r$n.out" 2>&1 &
+    pid=$!
+    RUNS+=($pid)
+    wait_for "$W/r$n.out" "resumed" 1800 "$pid"
+    loaded=$(sed -nE 's/.*resumed .* in ([0-9.]+) s.*/\1/p' "$W/r$n.out")
+    wait_for "$W/r$n.console" "COUNTER" 1800 "$pid"
+    first=$(secs "$t0" "$(now)")
+    until [ "$(grep -ac COUNTER "$W/r$n.console" || true)" -ge 5 ]; do
+      kill -0 "$pid" 2>/dev/null || die "run r$n ended"
+      sleep 0.1
+    done
+    fifth=$(secs "$t0" "$(now)")
+    stats=$W/runs/r$n/mnt/.capsule/stats.json
+    ram=$(jq '.files["memory.raw"].fetched_bytes' "$stats")
+    wire=$(jq '.bytes_fetched' "$stats")
+    kill -INT "$pid"
+    wait "$pid" || true
+    echo "| $rate | $fix | $loaded | $first | $fifth | $(mib "$ram") MiB | $(mib "$wire") MiB |"
+  done
+done
