@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest test demo bench bench-link bench-run clean
+.PHONY: all setup build guest test demo bench bench-link bench-run bench-resume-link clean
 
 all: build
 
@@ -37,6 +37,12 @@ bench: setup guest
 bench-run: setup guest
 	$(CARGO) build --release
 	bash scripts/bench-run.sh | tee target/bench-run.md
+
+# Resumes a suspended guest over emulated 2 and 10 Mbit/s links, with and without the
+# fault-granularity fix and with --prefetch memory: about 15 minutes.
+bench-resume-link: setup guest
+	$(CARGO) build --release
+	bash scripts/bench-resume-link.sh | tee target/bench-resume-link.md
 
 # Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).
 bench-link: setup guest

@@ -6,6 +6,8 @@
 # on each end, capsule-linkemu beside the server adding 20 ms each way (40 ms RTT).
 # Measured per run: seconds to load the device state ("resumed in"), to the first counter
 # after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
+# Three runs per rate: the fix (default), without it, and the fix with `--prefetch memory`
+# (the RAM image fetched in the background, below the guest's faults).
 # RATES="2mbit 10mbit" picks the rates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,16 +85,17 @@ sleep 1
 echo "Resume of the suspended test guest over an emulated link (40 ms RTT), empty cache, one run each."
 echo "The suspended capsule carries $ram_blocks RAM blocks of 4 KiB ($(mib "$stored") MiB stored, ballooned)."
 echo
-echo "| link | fault fix | device state loaded s | first counter s | fifth counter s | RAM fetched by the fifth | wire bytes by the fifth |"
+echo "| link | fault fix | device state loaded s | first counter s | fifth counter s | RAM fetched on demand by the fifth | wire bytes by the fifth (all) |"
 echo "|---|---|---|---|---|---|---|"
 n=0
 for rate in $RATES; do
   tc -n "$SNS" qdisc replace dev caprb$$a root tbf rate "$rate" burst 32kb latency 200ms
   tc -n "$NS" qdisc replace dev caprb$$b root tbf rate "$rate" burst 32kb latency 200ms
-  for fix in on off; do
+  for fix in on off "on + --prefetch memory"; do
     n=$((n + 1))
     extra=()
     [ "$fix" = off ] && extra=(--no-fault-fix)
+    [ "$fix" = "on + --prefetch memory" ] && extra=(--prefetch memory)
     t0=$(now)
     # nsenter execs capsule: $! is the run itself, so SIGINT reaches it.
     nsenter --net="/run/netns/$NS" "$BIN" --store "$W/client$n" run "$URL" --cache "$W/cache$n" --id "r$n" --quiet \

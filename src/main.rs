@@ -283,6 +283,9 @@ pub enum PrefetchMode {
     Profile,
     /// The profile's blocks, then every other block
     All,
+    /// The guest RAM image's blocks, lowest address first (for a resume over a link whose
+    /// round trips, not its bandwidth, are the limit)
+    Memory,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -153,20 +153,32 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     Ok(())
 }
 
-/// `--prefetch profile|all`: a background thread fetching, at bulk priority, what the
-/// profile lists (then everything else), skipping what the cache has.
+/// `--prefetch profile|all|memory`: a background thread fetching, at bulk priority, what
+/// the profile lists (then everything else), or the RAM image, skipping what the cache has.
 fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &Hash, args: &MountArgs) -> Result<()> {
     if args.prefetch == crate::PrefetchMode::None {
         return Ok(());
     }
     let store = cache.store();
-    let mut blocks = match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == args.profile) {
-        Some((_, pid)) => store.profile(&pid)?.blocks,
-        None => {
-            tracing::warn!("no profile {:?} for {id}; prefetching without one", args.profile);
-            Vec::new()
+    let mut blocks = Vec::new();
+    if args.prefetch == crate::PrefetchMode::Memory {
+        if let Some(memory) = store.manifest(id)?.memory {
+            let reader = capsule_images::ImageReader::open(store, memory)?;
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..memory.block_count() {
+                if let Some(h) = reader.resolve(i)? {
+                    if seen.insert(h) {
+                        blocks.push(h);
+                    }
+                }
+            }
         }
-    };
+    } else {
+        match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == args.profile) {
+            Some((_, pid)) => blocks = store.profile(&pid)?.blocks,
+            None => tracing::warn!("no profile {:?} for {id}; prefetching without one", args.profile),
+        }
+    }
     if args.prefetch == crate::PrefetchMode::All {
         let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
         let (_, everything) = store.closure(id)?;

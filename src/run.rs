@@ -265,6 +265,7 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &Path) -> Result<Run
             crate::PrefetchMode::None => "none",
             crate::PrefetchMode::Profile => "profile",
             crate::PrefetchMode::All => "all",
+            crate::PrefetchMode::Memory => "memory",
         });
     }
     if let Some(p) = &args.profile {
