@@ -347,6 +347,9 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         return crate::chv::run(args, &mnt, &vm, dir);
     }
     let writable = info.overlay_dir.is_some();
+    if !mount.ours && !args.no_fault_fix && info.kernel_readahead.is_some_and(|r| r > 0) {
+        eprintln!("capsule: {} has kernel readahead on: each RAM fault reads ahead (mount it with --kernel-readahead 0)", mnt.display());
+    }
     if suspended && !writable {
         bail!("{} is a suspended capsule: resuming needs a writable mount (its RAM is written in place)", args.source);
     }

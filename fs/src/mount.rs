@@ -53,6 +53,9 @@ pub struct MountInfo {
     pub pid: u32,
     /// (file name, overlay key) of each image file.
     pub files: Vec<(String, String)>,
+    /// The kernel readahead the mount asked for (0: a RAM fault reads one page).
+    #[serde(default)]
+    pub kernel_readahead: Option<u32>,
 }
 
 enum Content {
@@ -244,6 +247,7 @@ impl CapsuleFs {
             source: config.source_label.clone(),
             pid: std::process::id(),
             files,
+            kernel_readahead: Some(config.kernel_readahead),
         };
         Ok(Self {
             kernel_readahead: config.kernel_readahead,
