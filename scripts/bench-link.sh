@@ -21,7 +21,10 @@ RATES=${RATES:-384kbit 2mbit 10mbit}
 NS=capsule-bench-$$
 SNS=capsule-bench-srv-$$
 SRV_IP=10.211.0.1
+VETH=capbench$$
 CLI_IP=10.211.0.2
+# shellcheck source=scripts/link-lib.sh
+. scripts/link-lib.sh
 W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-link.XXXXXX")
 PIDS=()
 # nsenter enters only the network namespace: `ip netns exec` would also unshare the mount
@@ -31,23 +34,13 @@ cleanup() {
   for m in "$W"/mnt*; do [ -d "$m" ] && { "$BIN" umount "$m" >/dev/null 2>&1 || fusermount3 -uz "$m" 2>/dev/null || true; }; done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   pkill -f "rsync --daemon --no-detach --config=$W" 2>/dev/null || true
-  ip netns del "$NS" 2>/dev/null || true
-  ip netns del "$SNS" 2>/dev/null || true
+  link_delete
   rm -rf "$W"
 }
 trap cleanup EXIT
 export CAPSULE_CONFIG_DIR=$W/config
 
-ip netns add "$NS"
-ip netns add "$SNS"
-ip -n "$NS" link set lo up
-ip -n "$SNS" link set lo up
-ip link add capbench$$a netns "$SNS" type veth peer name capbench$$b netns "$NS"
-ip -n "$SNS" addr add "$SRV_IP/24" dev capbench$$a
-ip -n "$NS" addr add "$CLI_IP/24" dev capbench$$b
-# An Ethernet MTU: tbf drops packets larger than its burst.
-ip -n "$SNS" link set capbench$$a mtu 1500 up
-ip -n "$NS" link set capbench$$b mtu 1500 up
+link_create
 
 # The publisher's capsule and its boot profile, recorded from a local mount.
 PUB=$W/publisher
@@ -105,8 +98,7 @@ echo
 echo "| link | physical limit s | demand s | warm s + boot s | background prefetch s | full copy s + boot s | offline-ready s |"
 echo "|---|---|---|---|---|---|---|"
 for rate in $RATES; do
-  tc -n "$SNS" qdisc replace dev capbench$$a root tbf rate "$rate" burst 32kb latency 200ms
-  tc -n "$NS" qdisc replace dev capbench$$b root tbf rate "$rate" burst 32kb latency 200ms
+  link_rate "$rate"
   bits=$(echo "$rate" | awk '/kbit/ { sub("kbit",""); print $1 * 1000; next } /mbit/ { sub("mbit",""); print $1 * 1000000 }')
   limit=$(awk -v b="$need" -v r="$bits" 'BEGIN { printf "%.1f", b * 8 / r }')
 

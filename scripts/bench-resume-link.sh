@@ -18,7 +18,10 @@ RATES=${RATES:-2mbit 10mbit}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
+VETH=caprb$$
 CLI_IP=10.212.0.2
+# shellcheck source=scripts/link-lib.sh
+. scripts/link-lib.sh
 W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-resume.XXXXXX")
 PIDS=()
 RUNS=()
@@ -30,8 +33,7 @@ cleanup() {
   awk -v w="$W" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do fusermount3 -uz "$m" 2>/dev/null || true; done
   pkill -9 -f "mount .* $W/runs/" 2>/dev/null || true
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  ip netns del "$NS" 2>/dev/null || true
-  ip netns del "$SNS" 2>/dev/null || true
+  link_delete
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -49,15 +51,7 @@ wait_for() { # wait_for FILE PATTERN TIMEOUT_S PID: until FILE has PATTERN
   done
 }
 
-ip netns add "$NS"
-ip netns add "$SNS"
-ip -n "$NS" link set lo up
-ip -n "$SNS" link set lo up
-ip link add caprb$$a netns "$SNS" type veth peer name caprb$$b netns "$NS"
-ip -n "$SNS" addr add "$SRV_IP/24" dev caprb$$a
-ip -n "$NS" addr add "$CLI_IP/24" dev caprb$$b
-ip -n "$SNS" link set caprb$$a mtu 1500 up
-ip -n "$NS" link set caprb$$b mtu 1500 up
+link_create
 
 # The suspended capsule, made locally: boot, dirty and free 96 MiB, count, suspend.
 PUB=$W/publisher
@@ -89,8 +83,7 @@ echo "| link | fault fix | device state loaded s | first counter s | fifth count
 echo "|---|---|---|---|---|---|---|"
 n=0
 for rate in $RATES; do
-  tc -n "$SNS" qdisc replace dev caprb$$a root tbf rate "$rate" burst 32kb latency 200ms
-  tc -n "$NS" qdisc replace dev caprb$$b root tbf rate "$rate" burst 32kb latency 200ms
+  link_rate "$rate"
   for fix in on off "on + --prefetch memory"; do
     n=$((n + 1))
     extra=()
