@@ -8,13 +8,15 @@
 # after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
 # Three runs per rate: the fix (default), without it, and the fix with `--prefetch memory`
 # (the RAM image fetched in the background, below the guest's faults).
-# RATES="2mbit 10mbit" picks the rates.
+# RATES="2mbit 10mbit" picks the rates, VARIANTS="fix nofix prefetch cluster8" the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
+# fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N)
+VARIANTS=${VARIANTS:-fix nofix prefetch}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
@@ -84,11 +86,15 @@ echo "|---|---|---|---|---|---|---|"
 n=0
 for rate in $RATES; do
   link_rate "$rate"
-  for fix in on off "on + --prefetch memory"; do
+  for variant in $VARIANTS; do
     n=$((n + 1))
-    extra=()
-    [ "$fix" = off ] && extra=(--no-fault-fix)
-    [ "$fix" = "on + --prefetch memory" ] && extra=(--prefetch memory)
+    case $variant in
+      fix) fix="on"; extra=() ;;
+      nofix) fix="off"; extra=(--no-fault-fix) ;;
+      prefetch) fix="on + --prefetch memory"; extra=(--prefetch memory) ;;
+      cluster*) fix="on + --memory-cluster ${variant#cluster}"; extra=(--memory-cluster "${variant#cluster}") ;;
+      *) die "unknown variant $variant" ;;
+    esac
     t0=$(now)
     # nsenter execs capsule: $! is the run itself, so SIGINT reaches it.
     nsenter --net="/run/netns/$NS" "$BIN" --store "$W/client$n" run "$URL" --cache "$W/cache$n" --id "r$n" --quiet \

@@ -62,7 +62,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let remembered = remembered_ref(&url, &name);
         if args.offline {
             let id = cache.store().read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
-            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, mountpoint: mountpoint.clone() };
+            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone() };
             return serve_mount(cache, None, id, config, &args, &mountpoint);
         }
         let id = crate::runtime()?.block_on(async {
@@ -97,7 +97,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 
-    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, mountpoint: mountpoint.clone() };
+    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone() };
     serve_mount(cache, source, id, config, &args, &mountpoint)
 }
 

@@ -70,6 +70,9 @@ struct Node {
     fetched_blocks: AtomicU64,
     /// Fetch ahead of sequential readers (not for guest RAM: its faults only look sequential).
     readahead_on: bool,
+    /// Guest RAM: a fault also fetches the other uncached blocks of its aligned group of
+    /// this many (1: just the page).
+    cluster: u64,
 }
 
 /// Live counters.
@@ -99,6 +102,8 @@ pub struct MountConfig {
     /// The kernel's readahead for this mount, in bytes. 0 makes a fault on an mmap'd file
     /// (guest RAM) read only the faulting page.
     pub kernel_readahead: u32,
+    /// Guest RAM faults fetch aligned groups of this many blocks (1: one page).
+    pub memory_cluster: u32,
     /// Where the mount appears (files that name other files, like a Cloud Hypervisor
     /// `config.json`, point there).
     pub mountpoint: PathBuf,
@@ -153,7 +158,7 @@ pub struct CapsuleFs {
 
 impl Node {
     fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), readahead_on: false }
+        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), readahead_on: false, cluster: 1 }
     }
 }
 
@@ -224,8 +229,9 @@ impl CapsuleFs {
                 Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
             let readahead_on = key != "memory";
+            let cluster = if key == "memory" { u64::from(config.memory_cluster.max(1)) } else { 1 };
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), readahead_on });
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), readahead_on, cluster });
         }
         let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
             Content::Image { image, .. } => Some(image.block_size()),
@@ -481,7 +487,13 @@ impl CapsuleFs {
         }
         // Resolving the readahead window costs map lookups: only when a fetch will happen.
         let missing = demand.iter().filter(|h| self.decoded.get(*h).is_none() && !self.cache.contains(h)).count() as u64;
-        let ahead = if node.readahead_on { self.readahead_plan(image, chain, readahead, offset, end, last, missing > 0)? } else { Vec::new() };
+        let ahead = if node.readahead_on {
+            self.readahead_plan(image, chain, readahead, offset, end, last, missing > 0)?
+        } else if node.cluster > 1 && missing > 0 {
+            self.cluster_plan(image, chain, overlay, first, node.cluster)?
+        } else {
+            Vec::new()
+        };
         node.fetched_blocks.fetch_add(missing + ahead.len() as u64, Ordering::Relaxed);
         self.ensure_cached(&demand, &ahead)?;
         let mut out = Vec::with_capacity((end - offset) as usize);
@@ -492,6 +504,24 @@ impl CapsuleFs {
             match src {
                 Some(h) => out.extend_from_slice(&self.block(&h)?[from as usize..to as usize]),
                 None => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from as usize..to as usize]),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
+    /// mapped, not overlaid, not cached.
+    fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
+        let start = i - i % n;
+        let mut out = Vec::new();
+        for j in start..(start + n).min(image.block_count()) {
+            if j == i || overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve(chain, j)? {
+                if !self.cache.contains(&h) && !out.contains(&h) {
+                    out.push(h);
+                }
             }
         }
         Ok(out)
