@@ -68,11 +68,18 @@ struct Node {
     content: Content,
     /// Blocks of this file fetched from the source (demand and readahead).
     fetched_blocks: AtomicU64,
-    /// Fetch ahead of sequential readers (not for guest RAM: its faults only look sequential).
-    readahead_on: bool,
-    /// Guest RAM: a fault also fetches the other uncached blocks of its aligned group of
-    /// this many (1: just the page).
-    cluster: u64,
+    /// What a read that fetches brings along.
+    ahead: Ahead,
+}
+
+/// Blocks fetched beside the ones a read needs.
+#[derive(Debug, Clone, Copy)]
+enum Ahead {
+    /// A window ahead of sequential readers (disks, boot files).
+    Sequential,
+    /// The rest of the read's aligned group of this many blocks (guest RAM, whose faults
+    /// only look sequential; 1: none).
+    Aligned(u64),
 }
 
 /// Live counters.
@@ -158,7 +165,7 @@ pub struct CapsuleFs {
 
 impl Node {
     fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), readahead_on: false, cluster: 1 }
+        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), ahead: Ahead::Aligned(1) }
     }
 }
 
@@ -228,10 +235,9 @@ impl CapsuleFs {
             } else {
                 Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
-            let readahead_on = key != "memory";
-            let cluster = if key == "memory" { u64::from(config.memory_cluster.max(1)) } else { 1 };
+            let ahead = if key == "memory" { Ahead::Aligned(u64::from(config.memory_cluster.max(1))) } else { Ahead::Sequential };
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), readahead_on, cluster });
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), ahead });
         }
         let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
             Content::Image { image, .. } => Some(image.block_size()),
@@ -317,8 +323,9 @@ impl CapsuleFs {
     }
 
     /// Makes sure the cache holds `hashes` (demand first, then `ahead`), fetching in one batch.
-    /// A block another thread is already fetching is waited for, not fetched again.
-    fn ensure_cached(&self, hashes: &[Hash], ahead: &[Hash]) -> Result<()> {
+    /// A block another thread is already fetching is waited for, not fetched again. Returns
+    /// how many blocks this call took from the source.
+    fn ensure_cached(&self, hashes: &[Hash], ahead: &[Hash]) -> Result<u64> {
         let mut missing: Vec<Hash> = Vec::new();
         for h in hashes {
             if self.decoded.get(h).is_some() || self.cache.contains(h) {
@@ -330,20 +337,21 @@ impl CapsuleFs {
                 }
             }
         }
+        let mut fetched = 0;
         // Twice at most: a block whose other fetcher failed is then fetched here.
         for _ in 0..2 {
             if missing.is_empty() {
-                return Ok(());
+                return Ok(fetched);
             }
             let (mine, theirs) = self.claim(&missing, ahead);
-            let result = if mine.is_empty() { Ok(()) } else { self.fetch_into_cache(&mine) };
+            let result = if mine.is_empty() { Ok(0) } else { self.fetch_into_cache(&mine) };
             self.release(&mine);
-            result?;
+            fetched += result?;
             self.wait_for(&theirs);
             missing.retain(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
         }
         match missing.first() {
-            None => Ok(()),
+            None => Ok(fetched),
             Some(h) => Err(Error::new(ErrorKind::Missing, format!("block {h} could not be fetched"))),
         }
     }
@@ -390,7 +398,7 @@ impl CapsuleFs {
     }
 
     /// Seeds first, then the source, for blocks this thread claimed; each lands in the cache.
-    fn fetch_into_cache(&self, want: &[Hash]) -> Result<()> {
+    fn fetch_into_cache(&self, want: &[Hash]) -> Result<u64> {
         let mut want = want.to_vec();
         if !self.seeds.is_empty() {
             want.retain(|h| match self.seeds.get(h) {
@@ -402,13 +410,14 @@ impl CapsuleFs {
                 None => true,
             });
             if want.is_empty() {
-                return Ok(());
+                return Ok(0);
             }
         }
         let Some(source) = &self.source else {
             return Err(Error::new(ErrorKind::Missing, format!("block {} is not cached and nothing can fetch it (source: {})", want[0], self.info.source)));
         };
         let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
+        let fetched = blocks.len() as u64;
         for (h, encoded) in blocks {
             // Keep the decoded block at hand: the read that asked for it is served from
             // memory instead of reading back the file just written.
@@ -419,7 +428,7 @@ impl CapsuleFs {
             }
             self.decoded.insert(h, Arc::new(raw));
         }
-        Ok(())
+        Ok(fetched)
     }
 
     /// Caches a verified raw block (from a seed); in memory only if the disk refuses it.
@@ -486,16 +495,14 @@ impl CapsuleFs {
             r.touch(&demand);
         }
         // Resolving the readahead window costs map lookups: only when a fetch will happen.
-        let missing = demand.iter().filter(|h| self.decoded.get(*h).is_none() && !self.cache.contains(h)).count() as u64;
-        let ahead = if node.readahead_on {
-            self.readahead_plan(image, chain, readahead, offset, end, last, missing > 0)?
-        } else if node.cluster > 1 && missing > 0 {
-            self.cluster_plan(image, chain, overlay, first, node.cluster)?
-        } else {
-            Vec::new()
+        let fetching = demand.iter().any(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
+        let ahead = match node.ahead {
+            Ahead::Sequential => self.readahead_plan(image, chain, readahead, offset, end, last, fetching)?,
+            Ahead::Aligned(n) if n > 1 && fetching => self.cluster_plan(image, chain, overlay, first, n)?,
+            Ahead::Aligned(_) => Vec::new(),
         };
-        node.fetched_blocks.fetch_add(missing + ahead.len() as u64, Ordering::Relaxed);
-        self.ensure_cached(&demand, &ahead)?;
+        let fetched = self.ensure_cached(&demand, &ahead)?;
+        node.fetched_blocks.fetch_add(fetched, Ordering::Relaxed);
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, src) in plan {
             let block_start = i * bs;
