@@ -91,25 +91,20 @@ start_run() {
 
 alive() { kill -0 "${RPID[$1]}" 2>/dev/null; }
 
-# wait_console ID PATTERN TIMEOUT_S
-wait_console() {
-  local id=$1 pat=$2 t=$3 end=$((SECONDS + $3))
-  until grep -qaF -- "$pat" "$W/$id.console" 2>/dev/null; do
-    alive "$id" || run_fail "$id" "ended before the console showed '$pat'"
-    [ "$SECONDS" -lt "$end" ] || run_fail "$id" "console did not show '$pat' within ${t} s"
-    sleep 0.2
-  done
-}
-
-# wait_record ID TIMEOUT_S: until run.json is there and whole (QEMU started, resumed if suspended).
-wait_record() {
-  local id=$1 t=$2 end=$((SECONDS + $2))
-  until jq -e '.qemu_pid and .mountpoint' "$W/runs/$id/run.json" >/dev/null 2>&1; do
-    alive "$id" || run_fail "$id" "ended before writing run.json"
-    [ "$SECONDS" -lt "$end" ] || run_fail "$id" "no run.json within ${t} s"
+# wait_until ID TIMEOUT_S WHAT COMMAND...: until COMMAND succeeds, failing if run ID ends first.
+wait_until() {
+  local id=$1 t=$2 what=$3 end=$(($2 + SECONDS))
+  shift 3
+  until "$@" >/dev/null 2>&1; do
+    alive "$id" || run_fail "$id" "ended before $what"
+    [ "$SECONDS" -lt "$end" ] || run_fail "$id" "no $what within ${t} s"
     sleep 0.1
   done
 }
+# wait_console ID PATTERN TIMEOUT_S
+wait_console() { wait_until "$1" "$3" "'$2' on the console" grep -qaF -- "$2" "$W/$1.console"; }
+# wait_record ID TIMEOUT_S: until run.json is there and whole (QEMU started, resumed if suspended).
+wait_record() { wait_until "$1" "$2" "run.json" jq -e '.qemu_pid and .mountpoint' "$W/runs/$1/run.json"; }
 
 # wait_exit ID TIMEOUT_S: until `capsule run` exits; sets RC to its exit status.
 wait_exit() {
@@ -186,7 +181,7 @@ suspend_one() {
     >"$W/$id.suspend.out" 2>"$W/$id.suspend.err" || { cat "$W/$id.suspend.out" "$W/$id.suspend.err" >&2; run_fail "$id" "suspend failed"; }
   sed -n '/^{/,$p' "$W/$id.suspend.out" >"$W/$id.suspend.json"
   jq -e '.memory_blocks' "$W/$id.suspend.json" >/dev/null || { cat "$W/$id.suspend.out" >&2; die "suspend $id: no JSON report"; }
-  grep -a "^pushed $name as " "$W/$id.suspend.out" >"$W/$id.push" || { cat "$W/$id.suspend.out" >&2; die "suspend $id: no push line"; }
+  grep -a "^pushed $name: " "$W/$id.suspend.out" >"$W/$id.push" || { cat "$W/$id.suspend.out" >&2; die "suspend $id: no push line"; }
   wait_exit "$id" 90
   [ "$RC" = 0 ] || run_fail "$id" "exited with status $RC after the suspend"
   grep -qa "suspended as $name" "$W/$id.out" || run_fail "$id" "run did not report the suspend"
@@ -199,9 +194,9 @@ start_server "$W/server2"
 suspend_one plain guest-noballoon --no-balloon
 URL=$RESUME_URL
 
-# push line: pushed N as N: B blocks (X U) sent, K skipped; wire W U
+# push line: pushed N: L logical, B blocks sent/received (X U encoded), K blocks skipped (...), O objects; wire: W U sent, R received
 push_field() {
-  sed -nE 's/^pushed .* as .*: ([0-9]+) blocks \(([0-9.]+) ([KMGT]?i?B)\) sent, ([0-9]+) skipped; wire ([0-9.]+) ([KMGT]?i?B).*/\1 \2 \3 \4 \5 \6/p' "$W/$1.push"
+  sed -nE 's/^pushed [^:]*: .* logical, ([0-9]+) blocks sent\/received \(([0-9.]+) ([KMGT]?i?B) encoded\), ([0-9]+) blocks skipped.*; wire: ([0-9.]+) ([KMGT]?i?B) sent.*/\1 \2 \3 \4 \5 \6/p' "$W/$1.push"
 }
 declare -A SUS=()
 for id in shrunk plain; do

@@ -553,14 +553,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", capsule_net::auth::create_token(store.root(), scope, &prefix)?);
         }
         Command::Push { name, remote, conn, json } => {
-            let url = capsule_net::RemoteUrl::parse(&remote)?;
-            let remote_name = url.name.clone().unwrap_or_else(|| name.clone());
-            let report = runtime()?.block_on(async {
-                let client = connect(&url, &conn).await?;
-                let r = capsule_net::push(&store, &name, &client, &remote_name, &progress::Bar::new()).await;
-                client.close().await;
-                r.with_context(|| format!("pushing {name} to {remote}"))
-            })?;
+            let report = push(&store, &name, &remote, &conn)?;
             print_transfer(json, "pushed", &name, &report, None)?;
         }
         Command::Pull { remote, local, conn, json } => {
@@ -587,6 +580,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Pushes local capsule `name` to `remote` (capsule://HOST:PORT[/REMOTENAME]).
+pub(crate) fn push(store: &Store, name: &str, remote: &str, conn: &ConnArgs) -> Result<capsule_net::TransferReport> {
+    let url = capsule_net::RemoteUrl::parse(remote)?;
+    let remote_name = url.name.clone().unwrap_or_else(|| name.to_string());
+    runtime()?.block_on(async {
+        let client = connect(&url, conn).await?;
+        let r = capsule_net::push(store, name, &client, &remote_name, &progress::Bar::new()).await;
+        client.close().await;
+        r.with_context(|| format!("pushing {name} to {remote}"))
+    })
 }
 
 pub(crate) async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
@@ -618,7 +623,7 @@ fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Resul
     })
 }
 
-fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net::TransferReport, id: Option<Hash>) -> Result<()> {
+pub(crate) fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net::TransferReport, id: Option<Hash>) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());

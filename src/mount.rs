@@ -277,17 +277,23 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         }
     }
     if let Some(info) = info {
-        let proc = PathBuf::from(format!("/proc/{}", info.pid));
-        let start = Instant::now();
-        while proc.exists() && start.elapsed() < Duration::from_secs(10) {
-            if std::fs::read_to_string(proc.join("stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_gone(info.pid, Duration::from_secs(10));
     }
     println!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Waits up to `limit` for process `pid` to exit (a zombie counts as gone: its parent, not
+/// us, reaps it).
+pub fn wait_gone(pid: u32, limit: Duration) {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let start = Instant::now();
+    while proc.exists() && start.elapsed() < limit {
+        if std::fs::read_to_string(proc.join("stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn commit(target: &Store, mountpoint: &Path, name: &str) -> Result<capsule_fs::commit::CommitReport> {

@@ -12,7 +12,7 @@
 //! RUNS is `$CAPSULE_RUN_DIR`, else `$XDG_RUNTIME_DIR/capsule/runs`, else `/tmp/capsule-runs-<uid>`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -324,7 +324,7 @@ fn new_run_id(capsule: &str) -> String {
 
 pub fn run(store: Option<PathBuf>, args: RunArgs) -> Result<ExitCode> {
     let root = runs_dir();
-    let id = args.id.clone().unwrap_or_else(|| new_run_id(args.source.rsplit('/').next().unwrap_or("vm")));
+    let id = args.id.clone().unwrap_or_else(|| new_run_id(&args.source));
     let dir = root.join(&id);
     if dir.join("run.json").exists() {
         let rec: Option<RunRecord> = std::fs::read(dir.join("run.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -365,7 +365,8 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let kernel = exists("vmlinuz");
     let capsule_mib = vm["memory_mib"].as_u64().unwrap_or(256);
     let memory_mib = args.memory.map_or(capsule_mib, |b| b >> 20);
-    let memory_file = exists("memory.raw").filter(|_| writable && memory_mib == capsule_mib && vm_memory_size(&mnt) == Some(capsule_mib << 20));
+    let ram_on_mount = std::fs::metadata(mnt.join("memory.raw")).is_ok_and(|m| m.len() == capsule_mib << 20);
+    let memory_file = (writable && memory_mib == capsule_mib && ram_on_mount).then(|| mnt.join("memory.raw"));
     if suspended && memory_file.is_none() {
         bail!("resuming needs the capsule's RAM size ({capsule_mib} MiB); drop --memory");
     }
@@ -517,16 +518,18 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         println!("committed {id} as {name} ({}): {} changed blocks, {} stored", report.id, report.changed_blocks, crate::human(report.stored_bytes));
         committed = true;
         if let Some(url) = &args.push {
-            push(&target, name, url, &args.conn)?;
+            let report = crate::push(&target, name, url, &args.conn)?;
+            crate::print_transfer(false, "pushed", name, &report, None)?;
         }
     }
-    if let Some(line) = fetch_summary(&mnt) {
+    if let Some(line) = fetch_summary(&mnt, &vm) {
         eprintln!("capsule: {line}");
     }
     let overlay = info.overlay_dir.clone();
+    let ours = mount.ours;
     drop(mount);
     // What the run changed now lives in the child: the next run of the parent starts clean.
-    if committed && mount_was_ours(&mnt, dir) {
+    if committed && ours {
         if let Some(o) = overlay {
             let _ = std::fs::remove_dir_all(o);
         }
@@ -535,14 +538,16 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
 }
 
-/// "fetched 1.9 MiB of 128 MiB of disk, 4.5 MiB of 256 MiB of RAM ..." from the mount's stats.
-fn fetch_summary(mnt: &Path) -> Option<String> {
+/// "fetched 3.1 MiB of 128 MiB of disk (vmlinuz 7.9 MiB, ...); ..." from the mount's stats;
+/// the disks are the ones `capsule.json` (`vm`) lists.
+fn fetch_summary(mnt: &Path, vm: &Value) -> Option<String> {
+    let disk_files: Vec<&str> = vm["disks"].as_array()?.iter().filter_map(|d| d["file"].as_str()).collect();
     let stats: Value = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
     let (mut disk, mut disk_size, mut other) = (0u64, 0u64, Vec::new());
     for (name, f) in stats["files"].as_object()? {
         let fetched = f["fetched_bytes"].as_u64().unwrap_or(0);
         let size = f["blocks"].as_u64().unwrap_or(0) * f["block_size"].as_u64().unwrap_or(0);
-        if name.ends_with(".raw") && name != "memory.raw" {
+        if disk_files.contains(&name.as_str()) {
             disk += fetched;
             disk_size += size;
         } else {
@@ -558,10 +563,6 @@ fn fetch_summary(mnt: &Path) -> Option<String> {
         stats["blocks_fetched"].as_u64().unwrap_or(0),
         stats["source"].as_str().unwrap_or("?")
     ))
-}
-
-fn mount_was_ours(mnt: &Path, dir: &Path) -> bool {
-    mnt.starts_with(dir)
 }
 
 /// Local stand-ins for a resume's kernel and initrd: the kernel's first 64 KiB (its setup
@@ -585,11 +586,6 @@ fn boot_standins(dir: &Path, kernel: &Path, initrd: Option<&Path>) -> Result<(Pa
         None => None,
     };
     Ok((k, i))
-}
-
-/// The size of the mount's memory.raw.
-fn vm_memory_size(mnt: &Path) -> Option<u64> {
-    std::fs::metadata(mnt.join("memory.raw")).ok().map(|m| m.len())
 }
 
 /// Waits for QEMU to exit. Ctrl-C or SIGTERM asks the guest to power off (ACPI), then
@@ -629,29 +625,9 @@ fn echo_serial(path: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let _ = f.stream_position();
             std::thread::sleep(Duration::from_millis(100));
         }
     })
-}
-
-fn push(store: &capsule_images::Store, name: &str, url: &str, conn: &ConnArgs) -> Result<()> {
-    let url = capsule_net::RemoteUrl::parse(url)?;
-    let remote_name = url.name.clone().unwrap_or_else(|| name.to_string());
-    let report = crate::runtime()?.block_on(async {
-        let client = crate::connect(&url, conn).await?;
-        let r = capsule_net::push(store, name, &client, &remote_name, &crate::progress::Bar::new()).await;
-        client.close().await;
-        r.with_context(|| format!("pushing {name}"))
-    })?;
-    println!(
-        "pushed {name} as {remote_name}: {} blocks ({}) sent, {} skipped; wire {}",
-        report.blocks_transferred,
-        crate::human(report.block_bytes),
-        report.blocks_skipped,
-        crate::human(report.wire_sent)
-    );
-    Ok(())
 }
 
 fn find_run(run: &str) -> Result<PathBuf> {
@@ -669,21 +645,18 @@ fn find_run(run: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// What the guest uses by its own account: (total, available) bytes from the balloon's
-/// statistics, if the driver reports them.
-fn guest_memory(qmp: &mut Qmp) -> Option<(u64, u64)> {
+/// The memory the guest could give up by its own account (its available memory, from the
+/// balloon's statistics), if the driver reports it.
+fn guest_available(qmp: &mut Qmp) -> Option<u64> {
     let stats = qmp.execute("qom-get", Some(json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats"}))).ok()?;
-    let s = &stats["stats"];
-    let total = s["stat-total-memory"].as_i64().filter(|&v| v > 0)?;
-    let avail = s["stat-available-memory"].as_i64().filter(|&v| v > 0)?;
-    Some((total as u64, avail as u64))
+    stats["stats"]["stat-available-memory"].as_i64().filter(|&v| v > 0).map(|v| v as u64)
 }
 
 /// Shrinks the guest to what it uses plus a margin, so free RAM is handed back (and
 /// punched out of memory.raw) before the save. Never below use: a guest ballooned below
 /// its working set dies of OOM.
 fn balloon_down(qmp: &mut Qmp, ram: u64) -> Result<Option<(u64, u64)>> {
-    let Some((_total, avail)) = guest_memory(qmp) else {
+    let Some(avail) = guest_available(qmp) else {
         eprintln!("capsule: the guest reports no memory statistics (no virtio_balloon driver?): saving without ballooning");
         return Ok(None);
     };
@@ -748,7 +721,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let detected = json!({"x-ignore-shared": has("x-ignore-shared"), "mapped-ram": has("mapped-ram")});
     // RAM stays in memory.raw; only device state (and ROMs) go into the stream.
     let mut used_caps = Vec::new();
-    if caps.iter().any(|c| c == "x-ignore-shared") {
+    if has("x-ignore-shared") {
         used_caps.push("x-ignore-shared");
     } else {
         eprintln!("capsule: this QEMU lacks x-ignore-shared: the whole RAM goes into the device state");
@@ -780,13 +753,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     }
     let _ = qmp.execute("quit", None);
     drop(qmp);
-    let start = Instant::now();
-    while Path::new(&format!("/proc/{}", rec.qemu_pid)).exists() && start.elapsed() < Duration::from_secs(30) {
-        if std::fs::read_to_string(format!("/proc/{}/stat", rec.qemu_pid)).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z")) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::mount::wait_gone(rec.qemu_pid, Duration::from_secs(30));
     let t_save = t0.elapsed() - t_balloon;
 
     let mut hints = rec.hints.clone();
@@ -798,7 +765,8 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     std::fs::write(dir.join("suspended.json"), serde_json::to_vec(&json!({"name": args.name, "id": report.id.to_hex()}))?)?;
     let t_commit = t0.elapsed() - t_balloon - t_save;
     if let Some(url) = &args.push {
-        push(&target, &args.name, url, &args.conn)?;
+        let pushed = crate::push(&target, &args.name, url, &args.conn)?;
+        crate::print_transfer(false, "pushed", &args.name, &pushed, None)?;
     }
     let t_total = t0.elapsed();
     drop(lock);
