@@ -157,6 +157,8 @@ fn writes_commit_push_and_show_up_on_an_empty_cache_elsewhere() {
         let text = ok(capsule(&local).args(["commit"]).arg(&m.dir).args(["edited", "--json"]));
         let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
         assert_eq!(v["changed_blocks"], 2, "{v}");
+        // The mount showed a blank memory.raw; nothing wrote to it, so the child has no RAM.
+        assert!(inspect(&local, "edited")["memory"].is_null(), "{}", inspect(&local, "edited"));
     }
     ok(client(&local, &e.p("cfg")).args(["push", "edited", &server.url, "--token", &token]));
     let m = Mounted::new(&e.p("elsewhere"), &e.p("cfg"), &format!("{}/edited", server.url), &e.p("mnt2"), &e.p("cache2"), &["--read-only", "--token", &token]);

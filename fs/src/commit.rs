@@ -62,9 +62,9 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOpti
     let mut report = CommitReport { id: base_id, changed_blocks: 0, memory_blocks: 0, stored_bytes: 0 };
     // Thousands of 4 KiB RAM blocks: one syncfs before anything names them, not one
     // fsync each.
-    target.set_durable(false);
+    let was_durable = target.set_durable(false);
     let result = commit_overlays(target, overlay_dir, &base, &mut child, options, &mut report);
-    target.set_durable(true);
+    target.set_durable(was_durable);
     result?;
     target.sync_filesystem()?;
     child.vm.hints.extend(options.hints.clone());
@@ -124,13 +124,13 @@ fn commit_overlays(target: &Store, overlay_dir: &std::path::Path, base: &capsule
             child.devstate = None;
         }
         MachineState::Keep | MachineState::Suspended(_) => {
-            // RAM a writable mount served as `memory.raw` (blank if the capsule never ran).
-            let has_overlay = overlay_dir.join("memory.state").exists();
-            if base.memory.is_some() || has_overlay {
-                let mut memory = base.memory_or_blank();
-                if has_overlay {
-                    memory_blocks = commit_image("memory", &mut memory)?;
-                }
+            // RAM a writable mount served as `memory.raw` (blank if the capsule never ran);
+            // a blank one nothing wrote to stays out of the child.
+            let mut memory = base.memory_or_blank();
+            if crate::overlay::exists(overlay_dir, "memory") {
+                memory_blocks = commit_image("memory", &mut memory)?;
+            }
+            if base.memory.is_some() || memory_blocks > 0 {
                 child.memory = Some(memory);
             }
             if let MachineState::Suspended(path) = &options.state {

@@ -124,6 +124,11 @@ impl Overlay {
     }
 }
 
+/// Whether `dir` has an overlay `key` (changed or not).
+pub fn exists(dir: &Path, key: &str) -> bool {
+    dir.join(format!("{key}.state")).exists()
+}
+
 /// Whether overlay `key` in `dir` holds any change (no overlay: none).
 pub fn has_changes(dir: &Path, key: &str) -> io::Result<bool> {
     match std::fs::read(dir.join(format!("{key}.state"))) {

@@ -143,8 +143,9 @@ impl Store {
     /// With `false`, blocks are written without an fsync each (objects and refs still are). Right for a
     /// cache (every block is verified when read, so one torn by a crash is fetched again)
     /// and for a batch that ends with `sync_filesystem` before anything names its blocks.
-    pub fn set_durable(&self, durable: bool) {
-        self.durable.store(durable, Ordering::Relaxed);
+    /// Returns the previous setting, for a batch to restore.
+    pub fn set_durable(&self, durable: bool) -> bool {
+        self.durable.swap(durable, Ordering::Relaxed)
     }
 
     /// Flushes everything written to the store's filesystem (one `syncfs`), ending a
