@@ -14,10 +14,8 @@ use crate::run::RunArgs;
 
 pub fn run(args: &RunArgs, mnt: &Path, vm: &Value, dir: &Path) -> Result<ExitCode> {
     let binary = std::env::var_os("CAPSULE_CLOUD_HYPERVISOR").unwrap_or_else(|| "cloud-hypervisor".into());
-    let mut vm = vm.clone();
-    vm["read_only"] = Value::Bool(args.read_only);
-    let argv = chv::command_line(mnt, &vm, &dir.join("ch.sock"), args.serial_log.as_deref(), &args.extra);
-    let line = std::iter::once(binary.to_string_lossy().into_owned()).chain(argv.iter().cloned()).map(|a| capsule_vmm_glue::qemu::shell_quote(&a)).collect::<Vec<_>>().join(" ");
+    let argv = chv::command_line(mnt, vm, args.read_only, &dir.join("ch.sock"), args.serial_log.as_deref(), &args.extra);
+    let line = capsule_vmm_glue::qemu::shell_line(&binary, &argv);
     if args.dry_run {
         println!("{line}");
         return Ok(ExitCode::SUCCESS);

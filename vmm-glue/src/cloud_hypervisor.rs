@@ -100,11 +100,9 @@ pub fn read_snapshot(dir: &Path) -> Result<Snapshot> {
     Ok(Snapshot { disks, kernel, initrd, cmdline, memory, state, config_template, cpus, memory_mib })
 }
 
-pub use capsule_images::manifest::config_for_mount;
-
 /// What `cloud-hypervisor` runs: a restore of the mounted snapshot, or a cold boot from
-/// the mount's files. `vm` is the mount's `capsule.json`.
-pub fn command_line(mnt: &Path, vm: &Value, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Vec<String> {
+/// the mount's files (disks `readonly=on` when `read_only`). `vm` is the mount's `capsule.json`.
+pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Vec<String> {
     let mut a = vec!["--api-socket".to_string(), format!("path={}", api_socket.display())];
     if vm["suspended"].as_bool().unwrap_or(false) && mnt.join("config.json").exists() {
         a.push("--restore".into());
@@ -123,7 +121,7 @@ pub fn command_line(mnt: &Path, vm: &Value, api_socket: &Path, serial_log: Optio
         a.extend(["--memory".into(), format!("size={}M", vm["memory_mib"].as_u64().unwrap_or(256))]);
         for d in vm["disks"].as_array().into_iter().flatten() {
             if let Some(f) = d["file"].as_str() {
-                let ro = if vm["read_only"].as_bool().unwrap_or(false) { ",readonly=on" } else { "" };
+                let ro = if read_only { ",readonly=on" } else { "" };
                 a.extend(["--disk".into(), format!("path={}{ro}", mnt.join(f).display())]);
             }
         }
@@ -138,6 +136,7 @@ pub fn command_line(mnt: &Path, vm: &Value, api_socket: &Path, serial_log: Optio
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use capsule_images::manifest::config_for_mount;
     use serde_json::json;
 
     #[test]
@@ -176,12 +175,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
         let vm = json!({"suspended": true, "cpus": 1, "memory_mib": 256, "disks": [{"file": "disk0.raw"}]});
-        let a = command_line(dir.path(), &vm, Path::new("/run/r/ch.sock"), None, &[]);
+        let a = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]);
         assert_eq!(a[2..], ["--restore".to_string(), format!("source_url=file://{}", dir.path().display())]);
         let vm = json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"file": "root.raw"}]});
         std::fs::write(dir.path().join("vmlinuz"), "k").unwrap();
-        let a = command_line(dir.path(), &vm, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).join(" ");
-        assert!(a.contains(&format!("--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw", dir.path().display(), dir.path().display())), "{a}");
+        let a = command_line(dir.path(), &vm, true, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).join(" ");
+        assert!(a.contains(&format!("--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw,readonly=on", dir.path().display(), dir.path().display())), "{a}");
         assert!(a.ends_with("--serial file=/tmp/s.log"), "{a}");
     }
 }

@@ -141,8 +141,15 @@ impl QemuConfig {
 
     /// The command line as one shell-quoted string, for logs and `--dry-run`.
     pub fn shell_line(&self) -> String {
-        std::iter::once(self.binary.as_os_str().to_os_string()).chain(self.args()).map(|a| shell_quote(&a.to_string_lossy())).collect::<Vec<_>>().join(" ")
+        shell_line(self.binary.as_os_str(), self.args())
     }
+}
+
+/// `binary args...` as one shell-quoted string.
+pub fn shell_line<A: AsRef<std::ffi::OsStr>>(binary: &std::ffi::OsStr, args: impl IntoIterator<Item = A>) -> String {
+    let mut words = vec![shell_quote(&binary.to_string_lossy())];
+    words.extend(args.into_iter().map(|a| shell_quote(&a.as_ref().to_string_lossy())));
+    words.join(" ")
 }
 
 /// Quotes `s` for a POSIX shell when it needs it.
