@@ -1,0 +1,570 @@
+//! The engine: the scheduler driven by real time and a real source, with the readers
+//! waiting on it. Each block is decoded and hashed once, on arrival, then goes to the
+//! local cache (its stored encoding) and to its readers (its raw bytes, kept in memory
+//! while they are likely to be read again).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use capsule_images::Hash;
+use tracing::{debug, warn};
+
+use crate::sched::{Arrival, Rejection, SchedConfig, Scheduler};
+use crate::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, LocalBlocks, SourceCounters, Urgency};
+
+/// How the engine behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A wait fails when nothing arrived from the source for this long.
+    pub stall_timeout: Duration,
+    /// Scheduling.
+    pub sched: SchedConfig,
+    /// Bytes of decoded blocks kept in memory for readers.
+    pub memory_bytes: u64,
+    /// Names the source in errors (a URL).
+    pub source_label: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { stall_timeout: Duration::from_secs(60), sched: SchedConfig::default(), memory_bytes: 64 << 20, source_label: "the source".into() }
+    }
+}
+
+/// Live counters.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Blocks fetched because a reader waited for them.
+    pub demand_blocks: AtomicU64,
+    /// Blocks fetched ahead of sequential readers.
+    pub readahead_blocks: AtomicU64,
+    /// Blocks fetched by prefetch and warming.
+    pub background_blocks: AtomicU64,
+    /// Encoded bytes of the blocks above.
+    pub fetched_bytes: AtomicU64,
+    /// Encoded bytes fetched at demand urgency.
+    pub demand_bytes: AtomicU64,
+    /// Blocks that arrived when nobody wanted them any more (wasted transfers).
+    pub unwanted_blocks: AtomicU64,
+    /// Blocks that failed verification.
+    pub corrupt_blocks: AtomicU64,
+    /// Blocks decoded and hashed on arrival (one per arrival: never twice).
+    pub verified_blocks: AtomicU64,
+    /// Reads served from memory or the local cache.
+    pub local_hits: AtomicU64,
+    /// Reads that had to wait for the source.
+    pub misses: AtomicU64,
+    /// Waits that ran out of time.
+    pub timeouts: AtomicU64,
+}
+
+/// A point-in-time view of the engine, for `.capsule/stats.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineSnapshot {
+    /// See [`EngineStats`].
+    pub demand_blocks: u64,
+    /// See [`EngineStats`].
+    pub readahead_blocks: u64,
+    /// See [`EngineStats`].
+    pub background_blocks: u64,
+    /// See [`EngineStats`].
+    pub fetched_bytes: u64,
+    /// See [`EngineStats`].
+    pub demand_bytes: u64,
+    /// See [`EngineStats`].
+    pub unwanted_blocks: u64,
+    /// See [`EngineStats`].
+    pub corrupt_blocks: u64,
+    /// See [`EngineStats`].
+    pub verified_blocks: u64,
+    /// See [`EngineStats`].
+    pub local_hits: u64,
+    /// See [`EngineStats`].
+    pub misses: u64,
+    /// See [`EngineStats`].
+    pub timeouts: u64,
+    /// Measured round trip, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Measured bandwidth, bytes per second.
+    pub bandwidth: Option<f64>,
+    /// Bytes readahead and background may have in flight.
+    pub window_bytes: u64,
+    /// Batches in flight.
+    pub batches_in_flight: u64,
+    /// Blocks wanted and not here yet.
+    pub wanted_blocks: u64,
+    /// The source's own counters.
+    pub source: SourceCounters,
+}
+
+/// One block on its way: set once, when it arrives or fails.
+#[derive(Debug, Default)]
+struct Flight {
+    /// `Ok(None)`: in the local cache, not kept in memory (nobody was reading it).
+    result: OnceLock<Result<Option<Arc<Vec<u8>>>, FetchError>>,
+    tag: u32,
+}
+
+#[derive(Debug)]
+struct State {
+    sched: Scheduler,
+    flights: HashMap<Hash, Arc<Flight>>,
+    /// When the source last delivered anything: waits time out after a stall, not after
+    /// a fixed time, so a slow link that moves is never an error.
+    last_progress: Instant,
+}
+
+#[derive(Clone)]
+struct ByteWeight;
+
+impl quick_cache::Weighter<Hash, Arc<Vec<u8>>> for ByteWeight {
+    fn weight(&self, _key: &Hash, val: &Arc<Vec<u8>>) -> u64 {
+        val.len().max(1) as u64
+    }
+}
+
+/// Hands a source's deliveries to the engine without keeping it alive.
+struct Sink(Weak<Engine>);
+
+impl BatchSink for Sink {
+    fn block(&self, batch: u64, hash: Hash, encoded: Vec<u8>) {
+        if let Some(e) = self.0.upgrade() {
+            e.on_block(batch, hash, encoded);
+        }
+    }
+
+    fn end(&self, batch: u64, result: Result<(), FetchError>) {
+        if let Some(e) = self.0.upgrade() {
+            e.on_end(batch, result);
+        }
+    }
+}
+
+/// The fetch engine. See the crate documentation.
+pub struct Engine {
+    cfg: EngineConfig,
+    source: Option<Arc<dyn BlockSource>>,
+    local: Arc<dyn LocalBlocks>,
+    decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>, ByteWeight>,
+    state: Mutex<State>,
+    /// Flights completing.
+    done: Condvar,
+    /// Wakes the timer thread early.
+    timer: Condvar,
+    stats: EngineStats,
+    tags: Mutex<HashMap<u32, u64>>,
+    sink: Arc<dyn BatchSink>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("source", &self.cfg.source_label).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine over `local` (the cache) and `source` (`None`: offline, the cache only).
+    pub fn new(local: Arc<dyn LocalBlocks>, source: Option<Arc<dyn BlockSource>>, cfg: EngineConfig) -> Arc<Self> {
+        let engine = Arc::new_cyclic(|me: &Weak<Engine>| Self {
+            decoded: quick_cache::sync::Cache::with_weighter(1024, cfg.memory_bytes.max(1 << 20), ByteWeight),
+            state: Mutex::new(State { sched: Scheduler::new(cfg.sched.clone()), flights: HashMap::new(), last_progress: Instant::now() }),
+            done: Condvar::new(),
+            timer: Condvar::new(),
+            stats: EngineStats::default(),
+            tags: Mutex::new(HashMap::new()),
+            sink: Arc::new(Sink(me.clone())),
+            cfg,
+            source,
+            local,
+        });
+        if engine.source.is_some() {
+            let weak = Arc::downgrade(&engine);
+            let spawned = std::thread::Builder::new().name("capsule-fetch-timer".into()).spawn(move || timer_loop(&weak));
+            if let Err(e) = spawned {
+                warn!("fetch engine: no timer thread ({e}): stalled batches are not abandoned");
+            }
+        }
+        engine
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True if the engine can fetch (it has a source).
+    pub fn is_online(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// The measured round trip, if any.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.lock().sched.estimator().rtt()
+    }
+
+    /// A block from memory or the local cache, without fetching.
+    pub fn local(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+        if let Some(b) = self.decoded.get(hash) {
+            return Some(b);
+        }
+        let raw = Arc::new(self.local.get(hash)?);
+        self.decoded.insert(*hash, raw.clone());
+        Some(raw)
+    }
+
+    /// True if the block is here (memory or the local cache), unverified.
+    pub fn is_local(&self, hash: &Hash) -> bool {
+        self.decoded.get(hash).is_some() || self.local.contains(hash)
+    }
+
+    /// Blocks `wait` (raw, verified, in order), fetching the missing ones at `urgency`;
+    /// `also` go in the same request but are not waited for. `tag` attributes fetched
+    /// blocks (a file of a mount) in [`Engine::fetched_by_tag`].
+    pub fn get(&self, wait: &[Hash], also: &[Hash], urgency: Urgency, tag: u32) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(wait.len());
+        let mut missing = Vec::new();
+        for (i, h) in wait.iter().enumerate() {
+            let got = self.local(h);
+            if got.is_none() {
+                missing.push(i);
+            }
+            out.push(got);
+        }
+        self.stats.local_hits.fetch_add((wait.len() - missing.len()) as u64, Ordering::Relaxed);
+        if missing.is_empty() && also.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let extra: Vec<Hash> = also.iter().filter(|h| !self.is_local(h)).copied().collect();
+        if !missing.is_empty() && self.source.is_none() {
+            let h = wait[missing[0]];
+            return Err(FetchError::new(FetchErrorKind::Offline, format!("block {h} is not in the cache and the mount is offline")));
+        }
+        self.stats.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
+        let mut waiting: Vec<(usize, Arc<Flight>)> = Vec::new();
+        let mut reread = Vec::new();
+        let batches = {
+            let mut st = self.lock();
+            for &i in &missing {
+                let h = wait[i];
+                match self.join_or_lead(&mut st, h, urgency, tag) {
+                    Some(f) => waiting.push((i, f)),
+                    None => reread.push(i),
+                }
+            }
+            for h in extra {
+                let _ = self.join_or_lead(&mut st, h, urgency, tag);
+            }
+            self.poll(&mut st)
+        };
+        self.start(batches);
+        for i in reread {
+            // Arrived between our first look and taking the lock.
+            out[i] = Some(self.local(&wait[i]).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {} left the cache as it arrived", wait[i])))?);
+        }
+        let flights: Vec<Arc<Flight>> = waiting.iter().map(|(_, f)| f.clone()).collect();
+        self.wait_all(&flights, wait_hashes(&waiting, wait))?;
+        for (i, f) in waiting {
+            let h = wait[i];
+            let block = match f.result.get() {
+                Some(Ok(Some(b))) => b.clone(),
+                Some(Ok(None)) => self.local(&h).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {h} left the cache as it arrived")))?,
+                Some(Err(e)) => return Err(e.clone()),
+                None => return Err(FetchError::new(FetchErrorKind::Unavailable, format!("block {h}: wait ended early"))),
+            };
+            out[i] = Some(block);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Asks for blocks without waiting (readahead, background); those already here or
+    /// on their way are skipped.
+    pub fn want(&self, hashes: &[Hash], urgency: Urgency, tag: u32) {
+        if self.source.is_none() {
+            return;
+        }
+        let fresh: Vec<Hash> = hashes.iter().filter(|h| !self.is_local(h)).copied().collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let batches = {
+            let mut st = self.lock();
+            for h in fresh {
+                let _ = self.join_or_lead(&mut st, h, urgency, tag);
+            }
+            self.poll(&mut st)
+        };
+        self.start(batches);
+    }
+
+    /// Fetches every block of `hashes` the cache lacks at `urgency`, keeping a bounded
+    /// number in flight; `progress` gets each block's raw size as it lands. Returns the
+    /// encoded bytes fetched. The first block that fails fails the whole call.
+    pub fn fetch_all(&self, hashes: &[Hash], urgency: Urgency, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, FetchError> {
+        // Enough to keep any window full, few enough to bound memory.
+        const OUTSTANDING: usize = 8192;
+        let before = self.stats.fetched_bytes.load(Ordering::Relaxed);
+        let mut pending: std::collections::VecDeque<(Hash, Arc<Flight>)> = std::collections::VecDeque::new();
+        let mut next = 0;
+        while next < hashes.len() || !pending.is_empty() {
+            if next < hashes.len() && pending.len() < OUTSTANDING {
+                let end = (next + OUTSTANDING - pending.len()).min(hashes.len());
+                let chunk: Vec<Hash> = hashes[next..end].iter().filter(|h| !self.is_local(h)).copied().collect();
+                next = end;
+                if !chunk.is_empty() {
+                    let Some(_) = &self.source else {
+                        return Err(FetchError::new(FetchErrorKind::Offline, format!("block {} is not in the cache and there is no source", chunk[0])));
+                    };
+                    let batches = {
+                        let mut st = self.lock();
+                        for h in chunk {
+                            if let Some(f) = self.join_or_lead(&mut st, h, urgency, u32::MAX) {
+                                pending.push_back((h, f));
+                            }
+                        }
+                        self.poll(&mut st)
+                    };
+                    self.start(batches);
+                }
+                continue;
+            }
+            let Some((h, f)) = pending.pop_front() else { break };
+            self.wait_all(std::slice::from_ref(&f), vec![h])?;
+            match f.result.get() {
+                Some(Ok(Some(b))) => progress(b.len() as u64),
+                Some(Ok(None)) => progress(0),
+                Some(Err(e)) => return Err(e.clone()),
+                None => {}
+            }
+        }
+        Ok(self.stats.fetched_bytes.load(Ordering::Relaxed) - before)
+    }
+
+    /// Joins the flight of `h` (raising its urgency) or starts one. `None`: no need, it
+    /// arrived meanwhile.
+    fn join_or_lead(&self, st: &mut State, h: Hash, urgency: Urgency, tag: u32) -> Option<Arc<Flight>> {
+        if let Some(f) = st.flights.get(&h) {
+            let f = f.clone();
+            st.sched.want(h, urgency);
+            return Some(f);
+        }
+        // Deliveries reach the cache before they leave the flight table.
+        if self.decoded.get(&h).is_some() || self.local.contains(&h) {
+            return None;
+        }
+        let f = Arc::new(Flight { result: OnceLock::new(), tag });
+        st.flights.insert(h, f.clone());
+        st.sched.want(h, urgency);
+        Some(f)
+    }
+
+    fn wait_all(&self, flights: &[Arc<Flight>], hashes: Vec<Hash>) -> Result<(), FetchError> {
+        let started = Instant::now();
+        let mut st = self.lock();
+        loop {
+            if flights.iter().all(|f| f.result.get().is_some()) {
+                return Ok(());
+            }
+            let deadline = started.max(st.last_progress) + self.cfg.stall_timeout;
+            let now = Instant::now();
+            if now >= deadline {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                let pending: Vec<&Hash> = hashes.iter().zip(flights).filter(|(_, f)| f.result.get().is_none()).map(|(h, _)| h).collect();
+                for h in &pending {
+                    // Stop asking while nobody waits; a later reader joins the flight and
+                    // wants it again.
+                    st.sched.give_up(h);
+                }
+                let why = st.sched.last_error().map(|e| format!(": {e}")).unwrap_or_default();
+                return Err(FetchError::new(
+                    FetchErrorKind::Unavailable,
+                    format!(
+                        "{} block(s) (first {}) not received from {} within the stall timeout of {:.0} s{why}",
+                        pending.len(),
+                        pending.first().map(|h| h.to_hex()).unwrap_or_default(),
+                        self.cfg.source_label,
+                        self.cfg.stall_timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            st = self.done.wait_timeout(st, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn poll(&self, st: &mut State) -> Vec<BatchRequest> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while let Some(b) = st.sched.poll_batch(now) {
+            out.push(b);
+        }
+        out
+    }
+
+    fn start(&self, batches: Vec<BatchRequest>) {
+        let Some(source) = &self.source else { return };
+        if batches.is_empty() {
+            return;
+        }
+        for b in batches {
+            debug!(batch = b.id, blocks = b.hashes.len(), urgency = ?b.urgency, "fetch batch");
+            source.start(b, self.sink.clone());
+        }
+        self.timer.notify_one();
+    }
+
+    fn complete(&self, st: &mut State, h: &Hash, result: Result<Option<Arc<Vec<u8>>>, FetchError>) {
+        if let Some(f) = st.flights.remove(h) {
+            if result.is_ok() && f.tag != u32::MAX {
+                *self.tags.lock().unwrap_or_else(|p| p.into_inner()).entry(f.tag).or_default() += 1;
+            }
+            let _ = f.result.set(result);
+        }
+    }
+
+    fn on_block(&self, batch: u64, hash: Hash, encoded: Vec<u8>) {
+        self.stats.verified_blocks.fetch_add(1, Ordering::Relaxed);
+        let decoded = capsule_images::block::decode(&hash, &encoded);
+        let now = Instant::now();
+        let batches = match decoded {
+            Ok(raw) => {
+                // To the cache before the flight ends: a reader who finds no flight
+                // finds the block.
+                if let Err(e) = self.local.insert_verified(&hash, &encoded) {
+                    warn!("cannot cache block {hash}: {e}; serving it from memory");
+                }
+                let raw = Arc::new(raw);
+                let mut st = self.lock();
+                st.last_progress = now;
+                match st.sched.on_block(now, batch, &hash, encoded.len() as u64) {
+                    Arrival::Wanted(urgency) => {
+                        self.stats.fetched_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                        let counter = match urgency {
+                            Urgency::Demand => {
+                                self.stats.demand_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                                &self.stats.demand_blocks
+                            }
+                            Urgency::Readahead => &self.stats.readahead_blocks,
+                            Urgency::Background => &self.stats.background_blocks,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        // Background blocks nobody reads yet stay on disk only.
+                        let keep = urgency > Urgency::Background;
+                        if keep {
+                            self.decoded.insert(hash, raw.clone());
+                        }
+                        self.complete(&mut st, &hash, Ok(keep.then_some(raw)));
+                    }
+                    Arrival::Unwanted => {
+                        self.stats.unwanted_blocks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                self.poll(&mut st)
+            }
+            Err(e) => {
+                self.stats.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+                warn!("block {hash} from {} failed verification: {e}", self.cfg.source_label);
+                let mut st = self.lock();
+                match st.sched.on_corrupt(now, batch, &hash, &e.to_string()) {
+                    Rejection::Retried => {}
+                    Rejection::Failed(err) => self.complete(&mut st, &hash, Err(FetchError::new(err.kind, format!("{} (from {})", err.message, self.cfg.source_label)))),
+                    Rejection::Dropped => self.complete(&mut st, &hash, Err(FetchError::new(FetchErrorKind::Corrupt, format!("block {hash} from {} is corrupt: {e}", self.cfg.source_label)))),
+                }
+                self.poll(&mut st)
+            }
+        };
+        self.done.notify_all();
+        self.start(batches);
+    }
+
+    fn on_end(&self, batch: u64, result: Result<(), FetchError>) {
+        let now = Instant::now();
+        if let Err(e) = &result {
+            debug!(batch, "batch failed: {e}");
+        }
+        let batches = {
+            let mut st = self.lock();
+            for (h, e) in st.sched.on_end(now, batch, result) {
+                self.complete(&mut st, &h, Err(e));
+            }
+            self.poll(&mut st)
+        };
+        self.done.notify_all();
+        self.timer.notify_one();
+        self.start(batches);
+    }
+
+    fn tick(&self) -> Duration {
+        let now = Instant::now();
+        let (cancelled, batches, next) = {
+            let mut st = self.lock();
+            let (cancelled, failed) = st.sched.expire(now);
+            for (h, e) in failed {
+                self.complete(&mut st, &h, Err(FetchError::new(e.kind, format!("{} from {}: {}", h, self.cfg.source_label, e.message))));
+            }
+            let batches = self.poll(&mut st);
+            (cancelled, batches, st.sched.next_deadline())
+        };
+        if let Some(source) = &self.source {
+            for id in cancelled {
+                warn!(batch = id, "abandoning a batch {} did not answer", self.cfg.source_label);
+                source.cancel(id);
+            }
+        }
+        self.done.notify_all();
+        self.start(batches);
+        next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now())).clamp(Duration::from_millis(1), Duration::from_secs(1))
+    }
+
+    /// Blocks fetched for each tag so far.
+    pub fn fetched_by_tag(&self, tag: u32) -> u64 {
+        self.tags.lock().map(|t| t.get(&tag).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// The counters and measurements now.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (rtt, bw, window, batches, wanted) = {
+            let st = self.lock();
+            (st.sched.estimator().rtt(), st.sched.estimator().bandwidth(), st.sched.window(), st.sched.batches_in_flight(), st.sched.wanted())
+        };
+        EngineSnapshot {
+            demand_blocks: l(&s.demand_blocks),
+            readahead_blocks: l(&s.readahead_blocks),
+            background_blocks: l(&s.background_blocks),
+            fetched_bytes: l(&s.fetched_bytes),
+            demand_bytes: l(&s.demand_bytes),
+            unwanted_blocks: l(&s.unwanted_blocks),
+            corrupt_blocks: l(&s.corrupt_blocks),
+            verified_blocks: l(&s.verified_blocks),
+            local_hits: l(&s.local_hits),
+            misses: l(&s.misses),
+            timeouts: l(&s.timeouts),
+            rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3),
+            bandwidth: bw,
+            window_bytes: window,
+            batches_in_flight: batches as u64,
+            wanted_blocks: wanted as u64,
+            source: self.source.as_ref().map(|s| s.counters()).unwrap_or_default(),
+        }
+    }
+
+    /// The source, if any (for its own counters and metadata fetches).
+    pub fn source(&self) -> Option<&Arc<dyn BlockSource>> {
+        self.source.as_ref()
+    }
+}
+
+fn wait_hashes(waiting: &[(usize, Arc<Flight>)], wait: &[Hash]) -> Vec<Hash> {
+    waiting.iter().map(|(i, _)| wait[*i]).collect()
+}
+
+fn timer_loop(weak: &Weak<Engine>) {
+    loop {
+        let Some(engine) = weak.upgrade() else { return };
+        let sleep = engine.tick();
+        let st = engine.lock();
+        // Woken early when a batch starts or ends (a new deadline).
+        let _ = engine.timer.wait_timeout(st, sleep);
+    }
+}

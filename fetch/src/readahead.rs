@@ -1,0 +1,141 @@
+//! Earned readahead: a stream that really reads sequentially gets a window ahead of it
+//! that grows with the rate it reads at; a random reader gets none.
+//!
+//! A file keeps a few streams (a guest runs several readers at once). A read that starts
+//! where a stream ended (within a small slack: the kernel skips pages it holds) continues
+//! it; after [`EARN_AFTER`] such continuations the stream reads ahead
+//! `rate × horizon` bytes, where `horizon` is what a fetch takes to come back (a couple
+//! of round trips) — just enough to hide the link, not a fixed guess that doubles the
+//! bytes of a reader who stops. Any other read starts a new stream, replacing the
+//! longest idle one.
+
+use std::time::{Duration, Instant};
+
+/// Sequential continuations a stream needs before it gets any readahead.
+pub const EARN_AFTER: u32 = 2;
+/// A read this far past where a stream ended still continues it.
+pub const SLACK: u64 = 128 << 10;
+/// Streams tracked per file.
+pub const STREAMS: usize = 4;
+
+#[derive(Debug, Clone)]
+struct Stream {
+    /// Where the stream's next read is expected.
+    next: u64,
+    started: Instant,
+    last: Instant,
+    bytes: u64,
+    hits: u32,
+    /// Everything below this was already asked for.
+    ahead_to: u64,
+}
+
+/// One file's readers.
+#[derive(Debug, Default, Clone)]
+pub struct Readahead {
+    streams: Vec<Stream>,
+}
+
+impl Readahead {
+    /// Notes a read of `len` bytes at `offset`; returns the byte range to fetch ahead of
+    /// it, if the stream earned one. `horizon` is how long a fetch takes to come back;
+    /// `max_window` caps the window.
+    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, horizon: Duration, max_window: u64) -> Option<(u64, u64)> {
+        let end = offset.saturating_add(len);
+        let hit = self.streams.iter_mut().find(|s| offset >= s.next.saturating_sub(len) && offset <= s.next.saturating_add(SLACK));
+        let Some(s) = hit else {
+            let fresh = Stream { next: end, started: now, last: now, bytes: len, hits: 0, ahead_to: end };
+            if self.streams.len() < STREAMS {
+                self.streams.push(fresh);
+            } else if let Some(idle) = self.streams.iter_mut().min_by_key(|s| s.last) {
+                *idle = fresh;
+            }
+            return None;
+        };
+        s.hits += 1;
+        s.bytes += len;
+        s.next = s.next.max(end);
+        s.last = now;
+        if s.hits < EARN_AFTER {
+            return None;
+        }
+        // The rate since the stream began, including the time it waited for fetches: a
+        // reader held up by the link earns a window that lets it go faster, a reader that
+        // is slow on its own (a guest parsing what it read) earns a small one.
+        let secs = now.saturating_duration_since(s.started).as_secs_f64().max(1e-3);
+        let rate = s.bytes as f64 / secs;
+        let window = ((rate * horizon.as_secs_f64()) as u64).clamp(2 * len, max_window.max(2 * len));
+        let from = s.ahead_to.max(s.next);
+        let to = s.next.saturating_add(window);
+        if to <= from {
+            return None;
+        }
+        s.ahead_to = to;
+        Some((from, to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn random_reads_get_no_readahead() {
+        let mut ra = Readahead::default();
+        let t0 = Instant::now();
+        let mut x = 12345u64;
+        for i in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let offset = (x % (1 << 30)) & !0xfff;
+            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, 80 * MS, 8 << 20), None, "read {i} at {offset}");
+        }
+    }
+
+    #[test]
+    fn a_sequential_reader_earns_a_window_that_grows_with_its_rate() {
+        let len = 64 << 10;
+        let (mut slow, mut fast) = (Readahead::default(), Readahead::default());
+        let t0 = Instant::now();
+        let (mut slow_window, mut fast_window) = (0, 0);
+        for i in 0..50u64 {
+            // The same stream of reads, one 10x faster than the other.
+            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, 100 * MS, 64 << 20) {
+                assert!(from >= (i + 1) * len, "never behind the reader");
+                slow_window = to - (i + 1) * len;
+            }
+            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, 100 * MS, 64 << 20) {
+                fast_window = to - (i + 1) * len;
+            }
+            if i < u64::from(EARN_AFTER) {
+                assert_eq!(slow_window, 0, "earned only after {EARN_AFTER} continuations");
+            }
+        }
+        assert!(slow_window >= 2 * len, "{slow_window}");
+        assert!(fast_window >= 5 * slow_window, "window grows with the rate: fast {fast_window}, slow {slow_window}");
+    }
+
+    #[test]
+    fn ranges_never_overlap_and_interleaved_streams_are_told_apart() {
+        let len = 64 << 10;
+        let mut ra = Readahead::default();
+        let t0 = Instant::now();
+        let mut asked: Vec<(u64, u64)> = Vec::new();
+        for i in 0..100u64 {
+            // Two sequential readers far apart, interleaved.
+            for base in [0u64, 1 << 30] {
+                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, 50 * MS, 1 << 20) {
+                    asked.push(r);
+                }
+            }
+        }
+        assert!(asked.iter().any(|(f, _)| *f < 1 << 30) && asked.iter().any(|(f, _)| *f >= 1 << 30), "both streams read ahead");
+        asked.sort_unstable();
+        for pair in asked.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "overlapping readahead {pair:?}");
+        }
+    }
+}
