@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use capsule_fs::cache::BlockCache;
 use capsule_fs::mount::{CapsuleFs, MountConfig, MountInfo};
-use capsule_fs::BlockSource;
+use capsule_fetch::BlockSource;
 use capsule_images::{Hash, Store};
 
 use crate::MountArgs;
@@ -62,7 +62,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let remembered = remembered_ref(&url, &name);
         if args.offline {
             let id = cache.store().read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
-            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone() };
+            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone(), stall_timeout: Duration::from_secs(args.stall_timeout) };
             return serve_mount(cache, None, id, config, &args, &mountpoint);
         }
         let id = crate::runtime()?.block_on(async {
@@ -72,7 +72,13 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                         eprintln!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
                     }
                     let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
-                    capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                    // Manifests and layers now; map pages when a read needs them, unless
+                    // everything will be fetched anyway.
+                    if args.prefetch == crate::PrefetchMode::All {
+                        capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                    } else {
+                        capsule_net::pull_head(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                    }
                     capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching the capsule's profiles")?;
                     cache.store().set_ref(&remembered, &id)?;
                     client.close().await;
@@ -97,7 +103,17 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 
-    let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: label, seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone() };
+    let config = MountConfig {
+        read_only: args.read_only,
+        overlay_dir: cache_dir.join("cow").join(id.to_hex()),
+        source_label: label,
+        seeds: args.seeds.clone(),
+        recorder: None,
+        kernel_readahead: args.kernel_readahead,
+        memory_cluster: args.memory_cluster,
+        mountpoint: mountpoint.clone(),
+        stall_timeout: Duration::from_secs(args.stall_timeout),
+    };
     serve_mount(cache, source, id, config, &args, &mountpoint)
 }
 
@@ -113,11 +129,12 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     }
     let recorder = args.record_profile.as_ref().map(|_| Arc::new(capsule_fs::mount::Recorder::default()));
     config.recorder = recorder.clone();
-    if let Some(source) = &source {
-        start_prefetch(&cache, source, &id, args)?;
-    }
     let store_cache = cache.clone();
+    let online = source.is_some();
     let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
+    if online {
+        start_prefetch(&store_cache, &fs, &id, args)?;
+    }
     let name = fs.info().name.clone();
 
     let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into())];
@@ -126,7 +143,8 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     }
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = options;
-    fuse_config.n_threads = Some(4);
+    // Readers blocked on the link do not use a core; more of them keep more demand in flight.
+    fuse_config.n_threads = Some(8);
     if is_root() {
         // Let a hypervisor running as another user open the files.
         fuse_config.acl = fuser::SessionACL::All;
@@ -153,9 +171,10 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     Ok(())
 }
 
-/// `--prefetch profile|all|memory`: a background thread fetching, at bulk priority, what
-/// the profile lists (then everything else), or the RAM image, skipping what the cache has.
-fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &Hash, args: &MountArgs) -> Result<()> {
+/// `--prefetch profile|all|memory`: a background thread asking the mount's own fetch
+/// engine, at background urgency (below every demand read and readahead), for what the
+/// profile lists (then everything else), or the RAM image; what the cache has is skipped.
+fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &MountArgs) -> Result<()> {
     if args.prefetch == crate::PrefetchMode::None {
         return Ok(());
     }
@@ -164,9 +183,11 @@ fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &H
     if args.prefetch == crate::PrefetchMode::Memory {
         if let Some(memory) = store.manifest(id)?.memory {
             let reader = capsule_images::ImageReader::open(store, memory)?;
+            // Map pages may still be on the server.
+            let pages = capsule_fs::blocks::LazyPages::new(cache.clone(), fs.engine().source().cloned());
             let mut seen = std::collections::HashSet::new();
             for i in 0..memory.block_count() {
-                if let Some(h) = reader.resolve(i)? {
+                if let Some(h) = capsule_images::image::resolve_chain(&pages, reader.chain(), i)? {
                     if seen.insert(h) {
                         blocks.push(h);
                     }
@@ -184,30 +205,12 @@ fn start_prefetch(cache: &Arc<BlockCache>, source: &Arc<dyn BlockSource>, id: &H
         let (_, everything) = store.closure(id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
     }
-    let (cache, source) = (cache.clone(), source.clone());
+    let engine = fs.engine();
     std::thread::Builder::new().name("capsule-prefetch".into()).spawn(move || {
-        let mut fetched = 0usize;
-        for chunk in blocks.chunks(32) {
-            let missing: Vec<Hash> = chunk.iter().filter(|h| !cache.contains(h)).copied().collect();
-            if missing.is_empty() {
-                continue;
-            }
-            match source.fetch(&missing, capsule_fs::Urgency::Background) {
-                Ok(got) => {
-                    for (h, encoded) in got {
-                        if let Err(e) = cache.insert_verified(&h, &encoded) {
-                            tracing::warn!("prefetch: cannot cache block {h}: {e}");
-                        }
-                        fetched += 1;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("prefetch stopped after {fetched} blocks: {e}");
-                    return;
-                }
-            }
+        match engine.fetch_all(&blocks, capsule_fetch::Urgency::Background, &|_| {}) {
+            Ok(bytes) => tracing::info!("prefetch done: {} blocks listed, {bytes} bytes fetched", blocks.len()),
+            Err(e) => tracing::warn!("prefetch stopped: {e}"),
         }
-        tracing::info!("prefetch done: {fetched} blocks fetched");
     })?;
     Ok(())
 }

@@ -24,6 +24,9 @@ pub struct CacheTarget {
     /// Bound of the block cache for unpinned blocks
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size, default_value = "10G")]
     pub cache_size: u64,
+    /// Give up when nothing arrives from the server for this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub stall_timeout: u64,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -42,7 +45,7 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
     let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
     let progress = crate::progress::Bar::new();
-    let (id, blocks, fetched_bytes) = crate::runtime()?.block_on(async {
+    let (id, blocks, missing) = crate::runtime()?.block_on(async {
         let client = crate::connect(&url, &t.conn).await?;
         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
@@ -63,15 +66,25 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
             pins::pin(&dir, &id, &blocks).context("writing the pin")?;
         }
         let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
-        // Progress in logical bytes: the block size is known, compressed sizes are not yet.
-        let block_size = cache.store().manifest(&id)?.disks.first().map_or(65536, |d| d.image.block_size());
-        progress.begin(if pin { "prefetch" } else { "warm" }, missing.len() as u64 * block_size);
-        let keep = |h: &Hash, encoded: &[u8]| -> capsule_net::Result<()> { Ok(cache.insert_verified(h, encoded)?) };
-        let bytes = capsule_net::fetch_blocks(&client, &missing, &keep, &progress).await;
-        progress.end();
         client.close().await;
-        anyhow::Ok((id, blocks, bytes?))
+        anyhow::Ok((id, blocks, missing))
     })?;
+    // The blocks through the fetch engine, the same path a mount's reads take: batches
+    // pipelined to the measured bandwidth-delay product, each block verified once.
+    let block_size = cache.store().manifest(&id)?.disks.first().map_or(65536, |d| d.image.block_size());
+    progress.begin(if pin { "prefetch" } else { "warm" }, missing.len() as u64 * block_size);
+    let source = capsule_net::RemoteSource::new(url.clone(), t.conn.options(), std::time::Duration::from_secs(t.stall_timeout))?;
+    let config = capsule_fetch::EngineConfig {
+        stall_timeout: std::time::Duration::from_secs(t.stall_timeout),
+        source_label: source.label(),
+        sched: capsule_fetch::sched::SchedConfig { block_bytes_guess: block_size, ..Default::default() },
+        ..Default::default()
+    };
+    let local = Arc::new(capsule_fs::blocks::CacheBlocks::new(cache.clone(), capsule_fs::seed::Seeds::default()));
+    let engine = capsule_fetch::Engine::new(local, Some(Arc::new(source)), config);
+    let fetched = engine.fetch_all(&missing, capsule_fetch::Urgency::Background, &|raw| progress.advance(raw));
+    progress.end();
+    let fetched_bytes = fetched.with_context(|| format!("fetching from {}", t.source))?;
     // Offline must survive a power cut: the cache skips per-block fsyncs, so flush once.
     cache.store().sync_filesystem().context("flushing the cache to disk")?;
     // Every block, read back and hashed.

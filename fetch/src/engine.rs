@@ -99,11 +99,19 @@ pub struct EngineSnapshot {
     pub source: SourceCounters,
 }
 
+/// A block that arrived.
+#[derive(Debug, Clone)]
+struct Delivered {
+    /// Its raw length.
+    len: u64,
+    /// `None`: in the local cache, not kept in memory (nobody was reading it).
+    data: Option<Arc<Vec<u8>>>,
+}
+
 /// One block on its way: set once, when it arrives or fails.
 #[derive(Debug, Default)]
 struct Flight {
-    /// `Ok(None)`: in the local cache, not kept in memory (nobody was reading it).
-    result: OnceLock<Result<Option<Arc<Vec<u8>>>, FetchError>>,
+    result: OnceLock<Result<Delivered, FetchError>>,
     tag: u32,
 }
 
@@ -222,6 +230,12 @@ impl Engine {
     /// `also` go in the same request but are not waited for. `tag` attributes fetched
     /// blocks (a file of a mount) in [`Engine::fetched_by_tag`].
     pub fn get(&self, wait: &[Hash], also: &[Hash], urgency: Urgency, tag: u32) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        self.get_with(wait, urgency, also, urgency, tag)
+    }
+
+    /// As [`Engine::get`], with `also` asked at its own urgency (readahead beside a
+    /// demand read). `also` is queued after `wait`, so it never goes first.
+    pub fn get_with(&self, wait: &[Hash], urgency: Urgency, also: &[Hash], also_urgency: Urgency, tag: u32) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         let mut out: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(wait.len());
         let mut missing = Vec::new();
         for (i, h) in wait.iter().enumerate() {
@@ -253,7 +267,7 @@ impl Engine {
                 }
             }
             for h in extra {
-                let _ = self.join_or_lead(&mut st, h, urgency, tag);
+                let _ = self.join_or_lead(&mut st, h, also_urgency, tag);
             }
             self.poll(&mut st)
         };
@@ -267,8 +281,8 @@ impl Engine {
         for (i, f) in waiting {
             let h = wait[i];
             let block = match f.result.get() {
-                Some(Ok(Some(b))) => b.clone(),
-                Some(Ok(None)) => self.local(&h).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {h} left the cache as it arrived")))?,
+                Some(Ok(Delivered { data: Some(b), .. })) => b.clone(),
+                Some(Ok(Delivered { data: None, .. })) => self.local(&h).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {h} left the cache as it arrived")))?,
                 Some(Err(e)) => return Err(e.clone()),
                 None => return Err(FetchError::new(FetchErrorKind::Unavailable, format!("block {h}: wait ended early"))),
             };
@@ -331,8 +345,7 @@ impl Engine {
             let Some((h, f)) = pending.pop_front() else { break };
             self.wait_all(std::slice::from_ref(&f), vec![h])?;
             match f.result.get() {
-                Some(Ok(Some(b))) => progress(b.len() as u64),
-                Some(Ok(None)) => progress(0),
+                Some(Ok(d)) => progress(d.len),
                 Some(Err(e)) => return Err(e.clone()),
                 None => {}
             }
@@ -412,7 +425,7 @@ impl Engine {
         self.timer.notify_one();
     }
 
-    fn complete(&self, st: &mut State, h: &Hash, result: Result<Option<Arc<Vec<u8>>>, FetchError>) {
+    fn complete(&self, st: &mut State, h: &Hash, result: Result<Delivered, FetchError>) {
         if let Some(f) = st.flights.remove(h) {
             if result.is_ok() && f.tag != u32::MAX {
                 *self.tags.lock().unwrap_or_else(|p| p.into_inner()).entry(f.tag).or_default() += 1;
@@ -452,7 +465,7 @@ impl Engine {
                         if keep {
                             self.decoded.insert(hash, raw.clone());
                         }
-                        self.complete(&mut st, &hash, Ok(keep.then_some(raw)));
+                        self.complete(&mut st, &hash, Ok(Delivered { len: raw.len() as u64, data: keep.then_some(raw) }));
                     }
                     Arrival::Unwanted => {
                         self.stats.unwanted_blocks.fetch_add(1, Ordering::Relaxed);

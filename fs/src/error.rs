@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::FetchErrorKind;
+use capsule_fetch::{FetchError, FetchErrorKind};
 
 /// What went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,12 @@ impl From<capsule_images::Error> for Error {
         let message = e.to_string();
         let kind = if kind == ErrorKind::Io && message.contains("No space left") { ErrorKind::NoSpace } else { kind };
         Self { kind, message }
+    }
+}
+
+impl From<FetchError> for Error {
+    fn from(e: FetchError) -> Self {
+        Self { kind: ErrorKind::Fetch(e.kind), message: e.message }
     }
 }
 

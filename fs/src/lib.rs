@@ -5,9 +5,12 @@
 //! local copy-on-write layer for writes ([`overlay`]) that [`commit`] turns into a child
 //! capsule. Errors become errnos in one place ([`error::errno`]).
 //!
-//! The mount asks a [`BlockSource`] for the blocks it lacks; `capsule-net` implements it
-//! over QUIC, so this crate never depends on quinn.
+//! The mount asks the fetch engine (`capsule-fetch`) for the blocks it lacks; the engine
+//! asks a `BlockSource`, which `capsule-net` implements over QUIC, so this crate never
+//! depends on quinn, nor `capsule-net` on this one. [`blocks`] gives the engine the cache
+//! and seeds, and fetches map pages when a read first needs them.
 
+pub mod blocks;
 pub mod cache;
 pub mod commit;
 pub mod error;
@@ -15,70 +18,3 @@ pub mod mount;
 pub mod overlay;
 pub mod pins;
 pub mod seed;
-
-use std::fmt;
-
-use capsule_images::Hash;
-
-/// How soon a block is needed: a guest waiting on a read goes before any warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Urgency {
-    /// Prefetch, warming, bulk copies.
-    Background,
-    /// A reader is blocked on it.
-    Demand,
-}
-
-/// Why a fetch failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchErrorKind {
-    /// The source does not have it (or will not say).
-    NotFound,
-    /// What arrived failed its hash: never handed to a reader.
-    Corrupt,
-    /// The source stayed unreachable past the stall timeout.
-    Unavailable,
-    /// The source refused our credentials.
-    Denied,
-}
-
-/// A failed fetch, naming what failed.
-#[derive(Debug, Clone)]
-pub struct FetchError {
-    /// Matchable kind.
-    pub kind: FetchErrorKind,
-    /// What and where.
-    pub message: String,
-}
-
-impl fmt::Display for FetchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for FetchError {}
-
-/// What a source moved so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SourceCounters {
-    /// Blocks transferred (each once, however many readers waited for it).
-    pub blocks: u64,
-    /// Their encoded bytes.
-    pub bytes: u64,
-    /// Reconnections after a lost link.
-    pub reconnects: u64,
-}
-
-/// Where missing blocks come from.
-pub trait BlockSource: Send + Sync {
-    /// Counters for `.capsule/stats.json`.
-    fn counters(&self) -> SourceCounters {
-        SourceCounters::default()
-    }
-
-    /// Fetches the blocks named by `hashes`, returning each in its stored encoding
-    /// (`capsule_images::block`), already verified against its hash, in request order.
-    /// Concurrent callers asking for the same hash cause one transfer.
-    fn fetch(&self, hashes: &[Hash], urgency: Urgency) -> Result<Vec<(Hash, Vec<u8>)>, FetchError>;
-}

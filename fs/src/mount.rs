@@ -22,10 +22,14 @@ use fuser::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use capsule_fetch::readahead::Readahead;
+use capsule_fetch::sched::SchedConfig;
+use capsule_fetch::{BlockSource, Engine, EngineConfig, Urgency};
+
+use crate::blocks::{CacheBlocks, LazyPages};
 use crate::cache::BlockCache;
 use crate::error::{errno, Error, ErrorKind, Result};
 use crate::overlay::{Overlay, DATA, ZERO};
-use crate::{BlockSource, Urgency};
 
 const ROOT: u64 = 1;
 const META_DIR: u64 = 2;
@@ -33,8 +37,8 @@ const STATS: u64 = 3;
 const INFO: u64 = 4;
 const FIRST_FILE: u64 = 5;
 const TTL: Duration = Duration::from_secs(3600);
-/// Most blocks read ahead of a sequential reader in one request.
-const MAX_READAHEAD_BLOCKS: u64 = 32;
+/// Most bytes read ahead of one sequential stream.
+const MAX_READAHEAD_BYTES: u64 = 8 << 20;
 
 /// What `.capsule/info.json` says about a mount.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,15 +63,13 @@ pub struct MountInfo {
 }
 
 enum Content {
-    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<(u64, u64)> },
+    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead> },
     Bytes(Vec<u8>),
 }
 
 struct Node {
     name: String,
     content: Content,
-    /// Blocks of this file fetched from the source (demand and readahead).
-    fetched_blocks: AtomicU64,
     /// What a read that fetches brings along.
     ahead: Ahead,
 }
@@ -75,7 +77,7 @@ struct Node {
 /// Blocks fetched beside the ones a read needs.
 #[derive(Debug, Clone, Copy)]
 enum Ahead {
-    /// A window ahead of sequential readers (disks, boot files).
+    /// A window ahead of readers that earn it by reading sequentially (disks, boot files).
     Sequential,
     /// The rest of the read's aligned group of this many blocks (guest RAM, whose faults
     /// only look sequential; 1: none).
@@ -85,12 +87,9 @@ enum Ahead {
 /// Live counters.
 #[derive(Debug, Default)]
 pub struct Stats {
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
     reads_in_flight: AtomicU64,
     read_errors: AtomicU64,
     bytes_written: AtomicU64,
-    seed_blocks: AtomicU64,
 }
 
 /// How to mount.
@@ -114,6 +113,8 @@ pub struct MountConfig {
     /// Where the mount appears (files that name other files, like a Cloud Hypervisor
     /// `config.json`, point there).
     pub mountpoint: PathBuf,
+    /// A read waiting on the source fails after this long without any block arriving.
+    pub stall_timeout: Duration,
 }
 
 /// The kernel readahead a mount gets unless told otherwise.
@@ -144,17 +145,14 @@ impl Recorder {
 /// The filesystem.
 pub struct CapsuleFs {
     cache: Arc<BlockCache>,
-    source: Option<Arc<dyn BlockSource>>,
+    engine: Arc<Engine>,
+    local: Arc<CacheBlocks>,
+    pages: LazyPages,
     nodes: Vec<Node>,
     read_only: bool,
     stats: Stats,
     info: MountInfo,
-    decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>>,
     mounted_at: SystemTime,
-    seeds: crate::seed::Seeds,
-    /// Blocks some thread is fetching and will have cached when it removes them here.
-    pending: Mutex<std::collections::HashSet<Hash>>,
-    pending_done: std::sync::Condvar,
     recorder: Option<Arc<Recorder>>,
     /// `stats.json` as it was when each handle opened it: a reader gets one consistent
     /// document however many reads it takes.
@@ -165,7 +163,7 @@ pub struct CapsuleFs {
 
 impl Node {
     fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self { name: name.into(), content: Content::Bytes(bytes), fetched_blocks: AtomicU64::new(0), ahead: Ahead::Aligned(1) }
+        Self { name: name.into(), content: Content::Bytes(bytes), ahead: Ahead::Aligned(1) }
     }
 }
 
@@ -237,7 +235,7 @@ impl CapsuleFs {
             };
             let ahead = if key == "memory" { Ahead::Aligned(u64::from(config.memory_cluster.max(1))) } else { Ahead::Sequential };
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new((u64::MAX, 0)) }, fetched_blocks: AtomicU64::new(0), ahead });
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) }, ahead });
         }
         let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
             Content::Image { image, .. } => Some(image.block_size()),
@@ -246,6 +244,15 @@ impl CapsuleFs {
         sizes.sort_unstable();
         sizes.dedup();
         let seeds = crate::seed::Seeds::index(&config.seeds, &sizes).map_err(|e| Error::io("indexing seeds", e))?;
+        let local = Arc::new(CacheBlocks::new(cache.clone(), seeds));
+        let engine_config = EngineConfig {
+            stall_timeout: config.stall_timeout,
+            sched: SchedConfig { block_bytes_guess: sizes.last().copied().unwrap_or(65536), batch_stall: config.stall_timeout, ..SchedConfig::default() },
+            source_label: config.source_label.clone(),
+            ..EngineConfig::default()
+        };
+        let pages = LazyPages::new(cache.clone(), source.clone());
+        let engine = Engine::new(local.clone(), source, engine_config);
         let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
         nodes.push(Node::bytes("capsule.json", vm));
         if let Some(template) = manifest.vm.hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
@@ -264,16 +271,14 @@ impl CapsuleFs {
         Ok(Self {
             kernel_readahead: config.kernel_readahead,
             cache,
-            source,
+            engine,
+            local,
+            pages,
             nodes,
             read_only: config.read_only,
             stats: Stats::default(),
             info,
-            decoded: quick_cache::sync::Cache::new(256),
             mounted_at: SystemTime::now(),
-            seeds,
-            pending: Mutex::new(std::collections::HashSet::new()),
-            pending_done: std::sync::Condvar::new(),
             recorder: config.recorder.clone(),
             snapshots: Mutex::new(std::collections::HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -319,142 +324,18 @@ impl CapsuleFs {
 
     /// Where block `i` of an image comes from: `None` for zero.
     fn resolve(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Hash>> {
-        Ok(capsule_images::image::resolve_chain(self.cache.store(), chain, i)?)
+        Ok(capsule_images::image::resolve_chain(&self.pages, chain, i)?)
     }
 
-    /// Makes sure the cache holds `hashes` (demand first, then `ahead`), fetching in one batch.
-    /// A block another thread is already fetching is waited for, not fetched again. Returns
-    /// how many blocks this call took from the source.
-    fn ensure_cached(&self, hashes: &[Hash], ahead: &[Hash]) -> Result<u64> {
-        let mut missing: Vec<Hash> = Vec::new();
-        for h in hashes {
-            if self.decoded.get(h).is_some() || self.cache.contains(h) {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-                if !missing.contains(h) {
-                    missing.push(*h);
-                }
-            }
-        }
-        let mut fetched = 0;
-        // Twice at most: a block whose other fetcher failed is then fetched here.
-        for _ in 0..2 {
-            if missing.is_empty() {
-                return Ok(fetched);
-            }
-            let (mine, theirs) = self.claim(&missing, ahead);
-            let result = if mine.is_empty() { Ok(0) } else { self.fetch_into_cache(&mine) };
-            self.release(&mine);
-            fetched += result?;
-            self.wait_for(&theirs);
-            missing.retain(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
-        }
-        match missing.first() {
-            None => Ok(fetched),
-            Some(h) => Err(Error::new(ErrorKind::Missing, format!("block {h} could not be fetched"))),
-        }
+    /// The fetch engine (for prefetching through the same single flight).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 
-    /// Splits `missing` into blocks this thread will fetch (with readahead that nobody
-    /// fetches yet) and blocks others are fetching.
-    fn claim(&self, missing: &[Hash], ahead: &[Hash]) -> (Vec<Hash>, Vec<Hash>) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for h in missing {
-            if pending.insert(*h) {
-                mine.push(*h);
-            } else {
-                theirs.push(*h);
-            }
-        }
-        // Readahead rides along with a demand fetch, never alone.
-        if !mine.is_empty() {
-            for h in ahead {
-                if !self.cache.contains(h) && pending.insert(*h) {
-                    mine.push(*h);
-                }
-            }
-        }
-        (mine, theirs)
-    }
-
-    fn release(&self, mine: &[Hash]) {
-        if mine.is_empty() {
-            return;
-        }
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        for h in mine {
-            pending.remove(h);
-        }
-        self.pending_done.notify_all();
-    }
-
-    fn wait_for(&self, theirs: &[Hash]) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        while theirs.iter().any(|h| pending.contains(h)) {
-            pending = self.pending_done.wait(pending).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Seeds first, then the source, for blocks this thread claimed; each lands in the cache.
-    fn fetch_into_cache(&self, want: &[Hash]) -> Result<u64> {
-        let mut want = want.to_vec();
-        if !self.seeds.is_empty() {
-            want.retain(|h| match self.seeds.get(h) {
-                Some(raw) => {
-                    self.stats.seed_blocks.fetch_add(1, Ordering::Relaxed);
-                    self.keep(h, raw);
-                    false
-                }
-                None => true,
-            });
-            if want.is_empty() {
-                return Ok(0);
-            }
-        }
-        let Some(source) = &self.source else {
-            return Err(Error::new(ErrorKind::Missing, format!("block {} is not cached and nothing can fetch it (source: {})", want[0], self.info.source)));
-        };
-        let blocks = source.fetch(&want, Urgency::Demand).map_err(|e| Error::new(ErrorKind::Fetch(e.kind), e.message))?;
-        let fetched = blocks.len() as u64;
-        for (h, encoded) in blocks {
-            // Keep the decoded block at hand: the read that asked for it is served from
-            // memory instead of reading back the file just written.
-            let raw = capsule_images::block::decode(&h, &encoded).map_err(|e| Error::from(e).context("block from the source"))?;
-            if let Err(e) = self.cache.insert_verified(&h, &encoded) {
-                // A full disk must not fail the read: it is served from memory all the same.
-                warn!("cannot cache block {h}: {e}; serving it from memory");
-            }
-            self.decoded.insert(h, Arc::new(raw));
-        }
-        Ok(fetched)
-    }
-
-    /// Caches a verified raw block (from a seed); in memory only if the disk refuses it.
-    fn keep(&self, h: &Hash, raw: Vec<u8>) {
-        let stored = capsule_images::block::encode(&raw).and_then(|encoded| self.cache.insert_verified(h, &encoded));
-        if let Err(e) = stored {
-            warn!("cannot cache block {h}: {e}; serving it from memory");
-        }
-        self.decoded.insert(*h, Arc::new(raw));
-    }
-
-    /// The verified content of block `h`, fetching it if the cache lost it meanwhile.
+    /// The verified content of block `h`, fetching it if needed.
     fn block(&self, h: &Hash) -> Result<Arc<Vec<u8>>> {
-        if let Some(b) = self.decoded.get(h) {
-            return Ok(b);
-        }
-        let data = match self.cache.get(h) {
-            Some(d) => d,
-            None => {
-                self.ensure_cached(&[*h], &[])?;
-                self.cache.get(h).ok_or_else(|| Error::new(ErrorKind::Missing, format!("block {h} vanished from the cache")))?
-            }
-        };
-        let data = Arc::new(data);
-        self.decoded.insert(*h, data.clone());
-        Ok(data)
+        let mut got = self.engine.get(&[*h], &[], Urgency::Demand, u32::MAX)?;
+        got.pop().ok_or_else(|| Error::new(ErrorKind::Missing, format!("block {h} could not be fetched")))
     }
 
     /// Current content of block `i` of an image (overlay first).
@@ -468,11 +349,15 @@ impl CapsuleFs {
         }
         match self.resolve(chain, i)? {
             None => Ok(vec![0; image.block_size() as usize]),
-            Some(h) => Ok(self.block(&h)?.as_ref().clone()),
+            Some(h) => {
+                let b = self.block(&h)?;
+                check_len(&h, &b, image.block_size())?;
+                Ok(b.as_ref().clone())
+            }
         }
     }
 
-    fn read_image(&self, node: &Node, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read_image(&self, tag: u32, node: &Node, offset: u64, size: u32) -> Result<Vec<u8>> {
         let Content::Image { image, chain, overlay, readahead } = &node.content else { return Err(Error::new(ErrorKind::Invalid, "not an image")) };
         let end = image.size.min(offset.saturating_add(u64::from(size)));
         if offset >= end {
@@ -494,30 +379,37 @@ impl CapsuleFs {
         if let Some(r) = &self.recorder {
             r.touch(&demand);
         }
-        // Resolving the readahead window costs map lookups: only when a fetch will happen.
-        let fetching = demand.iter().any(|h| self.decoded.get(h).is_none() && !self.cache.contains(h));
-        let ahead = match node.ahead {
-            Ahead::Sequential => self.readahead_plan(image, chain, readahead, offset, end, last, fetching)?,
-            Ahead::Aligned(n) if n > 1 && fetching => self.cluster_plan(image, chain, overlay, first, n)?,
-            Ahead::Aligned(_) => Vec::new(),
+        let (extra, extra_urgency) = if self.engine.is_online() {
+            match node.ahead {
+                Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end)?, Urgency::Readahead),
+                // A RAM fault brings its group along, in the same request, if it fetches at all.
+                Ahead::Aligned(n) if n > 1 && demand.iter().any(|h| !self.engine.is_local(h)) => (self.cluster_plan(image, chain, overlay, first, n)?, Urgency::Demand),
+                Ahead::Aligned(_) => (Vec::new(), Urgency::Demand),
+            }
+        } else {
+            (Vec::new(), Urgency::Demand)
         };
-        let fetched = self.ensure_cached(&demand, &ahead)?;
-        node.fetched_blocks.fetch_add(fetched, Ordering::Relaxed);
+        let blocks = self.engine.get_with(&demand, Urgency::Demand, &extra, extra_urgency, tag)?;
+        let mut blocks = blocks.into_iter();
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, src) in plan {
             let block_start = i * bs;
-            let from = offset.max(block_start) - block_start;
-            let to = end.min(block_start + bs) - block_start;
+            let from = (offset.max(block_start) - block_start) as usize;
+            let to = (end.min(block_start + bs) - block_start) as usize;
             match src {
-                Some(h) => out.extend_from_slice(&self.block(&h)?[from as usize..to as usize]),
-                None => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from as usize..to as usize]),
+                Some(h) => {
+                    let b = blocks.next().ok_or_else(|| Error::new(ErrorKind::Missing, format!("block {h} of {} was not fetched", node.name)))?;
+                    check_len(&h, &b, bs)?;
+                    out.extend_from_slice(&b[from..to]);
+                }
+                None => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from..to]),
             }
         }
         Ok(out)
     }
 
     /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
-    /// mapped, not overlaid, not cached.
+    /// mapped, not overlaid, not here.
     fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
         let start = i - i % n;
         let mut out = Vec::new();
@@ -526,7 +418,7 @@ impl CapsuleFs {
                 continue;
             }
             if let Some(h) = self.resolve(chain, j)? {
-                if !self.cache.contains(&h) && !out.contains(&h) {
+                if !self.engine.is_local(&h) && !out.contains(&h) {
                     out.push(h);
                 }
             }
@@ -534,23 +426,22 @@ impl CapsuleFs {
         Ok(out)
     }
 
-    /// Blocks to fetch ahead of a sequential reader; the window doubles while reads stay
-    /// sequential and collapses on a seek.
+    /// Blocks to fetch ahead of this read, if its stream earned readahead
+    /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
     #[allow(clippy::too_many_arguments)]
-    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], state: &Mutex<(u64, u64)>, offset: u64, end: u64, last: u64, fetching: bool) -> Result<Vec<Hash>> {
-        let window = {
-            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            let window = if s.0 == offset { (s.1 * 2).clamp(2, MAX_READAHEAD_BLOCKS) } else { 0 };
-            *s = (end, window);
-            window
-        };
-        if !fetching {
-            return Ok(Vec::new());
-        }
+    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64) -> Result<Vec<Hash>> {
+        // Long enough for a fetch to come back: two round trips and some slack.
+        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 2 + Duration::from_millis(20);
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, horizon, MAX_READAHEAD_BYTES);
+        let Some((from, to)) = range else { return Ok(Vec::new()) };
+        let bs = image.block_size();
         let mut ahead = Vec::new();
-        for i in (last + 1)..(last + 1 + window).min(image.block_count()) {
+        for i in from.div_ceil(bs).max(from / bs)..to.div_ceil(bs).min(image.block_count()) {
+            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
+                continue;
+            }
             if let Some(h) = self.resolve(chain, i)? {
-                if !self.cache.contains(&h) {
+                if !self.engine.is_local(&h) {
                     ahead.push(h);
                 }
             }
@@ -621,15 +512,16 @@ impl CapsuleFs {
     /// `.capsule/stats.json`.
     pub fn stats_json(&self) -> serde_json::Value {
         let s = &self.stats;
-        let fetched = self.source.as_ref().map(|src| src.counters()).unwrap_or_default();
+        let snap = self.engine.snapshot();
         let mut files = serde_json::Map::new();
-        for node in &self.nodes {
+        for (tag, node) in self.nodes.iter().enumerate() {
             if let Content::Image { image, chain, overlay, .. } = &node.content {
                 let n = image.block_count();
                 let mut resident = 0u64;
                 for i in 0..n {
+                    // The store's pages only: counting must not fetch a map.
                     let local = overlay.as_ref().is_some_and(|o| o.state(i) != crate::overlay::NONE)
-                        || match self.resolve(chain, i) {
+                        || match capsule_images::image::resolve_chain(self.cache.store(), chain, i) {
                             Ok(None) => true,
                             Ok(Some(h)) => self.cache.contains(&h),
                             Err(_) => false,
@@ -637,7 +529,7 @@ impl CapsuleFs {
                     resident += u64::from(local);
                 }
                 let dirty = overlay.as_ref().map_or(0, |o| o.changed().len());
-                let fetched = node.fetched_blocks.load(Ordering::Relaxed);
+                let fetched = self.engine.fetched_by_tag(tag as u32);
                 files.insert(
                     node.name.clone(),
                     serde_json::json!({"blocks": n, "block_size": image.block_size(), "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 },
@@ -649,16 +541,25 @@ impl CapsuleFs {
             "capsule": self.info.name,
             "id": self.info.capsule_id.to_hex(),
             "source": self.info.source,
-            "link": if self.source.is_some() { "remote" } else { "local" },
-            "blocks_fetched": fetched.blocks,
-            "bytes_fetched": fetched.bytes,
-            "reconnects": fetched.reconnects,
-            "cache_hits": s.cache_hits.load(Ordering::Relaxed),
-            "cache_misses": s.cache_misses.load(Ordering::Relaxed),
+            "link": if self.engine.is_online() { "remote" } else { "local" },
+            "blocks_fetched": snap.source.blocks,
+            "bytes_fetched": snap.source.bytes,
+            "reconnects": snap.source.reconnects,
+            "cache_hits": snap.local_hits,
+            "cache_misses": snap.misses,
             "reads_in_flight": s.reads_in_flight.load(Ordering::Relaxed),
             "read_errors": s.read_errors.load(Ordering::Relaxed),
             "bytes_written": s.bytes_written.load(Ordering::Relaxed),
-            "seed_blocks": s.seed_blocks.load(Ordering::Relaxed),
+            "seed_blocks": self.local.seed_blocks.load(Ordering::Relaxed),
+            "fetch": {
+                "demand_blocks": snap.demand_blocks, "readahead_blocks": snap.readahead_blocks, "background_blocks": snap.background_blocks,
+                "demand_bytes": snap.demand_bytes, "fetched_bytes": snap.fetched_bytes, "unwanted_blocks": snap.unwanted_blocks,
+                "corrupt_blocks": snap.corrupt_blocks, "verified_blocks": snap.verified_blocks, "timeouts": snap.timeouts,
+                "requests": snap.source.requests, "wire_received_bytes": snap.source.wire_received,
+                "map_pages_fetched": self.pages.fetched.load(Ordering::Relaxed),
+                "rtt_ms": snap.rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
+                "batches_in_flight": snap.batches_in_flight, "wanted_blocks": snap.wanted_blocks,
+            },
             "cache_bytes": self.cache.used_bytes(),
             "cache_unpinned_bytes": self.cache.unpinned_bytes(),
             "files": files,
@@ -680,6 +581,15 @@ impl CapsuleFs {
             _ => None,
         }
     }
+}
+
+/// A block that hashes right but has the wrong length (a hostile capsule) must not be
+/// sliced past its end: it fails the read instead.
+fn check_len(h: &Hash, block: &[u8], block_size: u64) -> Result<()> {
+    if block.len() as u64 != block_size {
+        return Err(Error::new(ErrorKind::Corrupt, format!("block {h} holds {} bytes where the image's block size is {block_size}", block.len())));
+    }
+    Ok(())
 }
 
 fn slice_from(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
@@ -785,7 +695,7 @@ impl Filesystem for CapsuleFs {
             Content::Bytes(b) => reply.data(slice_from(b, offset, size)),
             Content::Image { .. } => {
                 self.stats.reads_in_flight.fetch_add(1, Ordering::Relaxed);
-                let result = self.read_image(node, offset, size);
+                let result = self.read_image((ino - FIRST_FILE) as u32, node, offset, size);
                 self.stats.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
                 match result {
                     Ok(data) => reply.data(&data),

@@ -56,6 +56,11 @@ impl Seeds {
         self.index.len()
     }
 
+    /// True if a seed was indexed with this block (it is verified when read).
+    pub fn contains(&self, h: &Hash) -> bool {
+        self.index.contains_key(h)
+    }
+
     /// The block's raw bytes from a seed, if a seed holds it and still matches.
     pub fn get(&self, h: &Hash) -> Option<Vec<u8>> {
         let &(file, offset, bs) = self.index.get(h)?;

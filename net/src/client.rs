@@ -226,6 +226,29 @@ impl Client {
         }
     }
 
+    /// Streams blocks in their stored encoding to `each` as they arrive, in request order,
+    /// unverified: the fetch engine verifies each block once, where it lands.
+    pub async fn stream_blocks(&self, hashes: Vec<Hash>, priority: u8, mut each: impl FnMut(Hash, Vec<u8>)) -> Result<()> {
+        let wanted = hashes.clone();
+        let (mut send, mut reader) = self.open(Request::GetBlocks { hashes }, priority).await?;
+        let _ = send.finish();
+        let mut got = 0;
+        loop {
+            match reader.expect().await? {
+                Frame::Block { hash, encoded } => {
+                    if wanted.get(got) != Some(&hash) {
+                        return Err(Error::protocol(format!("server sent block {hash} out of order")));
+                    }
+                    got += 1;
+                    each(hash, encoded);
+                }
+                Frame::End if got == wanted.len() => return Ok(()),
+                Frame::Response(p) => return Err(response_error(&p)),
+                _ => return Err(Error::protocol("unexpected frame in a block batch")),
+            }
+        }
+    }
+
     /// Fetches metadata objects; each is checked against its id.
     pub async fn get_objects(&self, ids: Vec<Hash>) -> Result<Vec<(ObjectKind, Hash, Vec<u8>)>> {
         let wanted = ids.clone();

@@ -8,8 +8,8 @@
 //! - [`tls`]: the server's self-signed identity, trust on first use, pinning;
 //! - [`backend`]: the storage trait the server serves from (the local store today);
 //! - [`sync`]: push and pull with hash negotiation: only missing blocks travel;
-//! - [`source`]: the client as `capsule_fs::BlockSource`, with single-flight fetches and
-//!   reconnects with backoff.
+//! - [`source`]: the client as the fetch engine's `capsule_fetch::BlockSource`: one
+//!   stream per batch, connection bounded in time, reconnects after a loss.
 //!
 //! Blocks travel in the store's encoding (`capsule_images::block`), compressed as stored,
 //! so a server never recompresses; every received block is verified against its hash.
@@ -30,4 +30,4 @@ pub use client::{Client, ConnectOptions, RemoteUrl};
 pub use error::{Error, ErrorKind, Result};
 pub use server::{ServeOptions, Server};
 pub use source::RemoteSource;
-pub use sync::{fetch_blocks, pull, pull_metadata, pull_profiles, push, TransferReport};
+pub use sync::{pull, pull_head, pull_metadata, pull_profiles, push, TransferReport};

@@ -1,75 +1,59 @@
-//! [`RemoteSource`]: the QUIC client as the mount's `BlockSource`. Blocking API for FUSE
-//! worker threads; one transfer per hash however many readers ask; a lost server is a
-//! pause (reconnect with backoff) until the stall timeout, not an error.
+//! [`RemoteSource`]: a capsule server as the fetch engine's `BlockSource`. Each batch is
+//! one QUIC stream on one shared connection, started without blocking and delivered a
+//! block at a time as frames arrive; the engine decides what to ask, verifies what comes
+//! and retries what a lost link dropped. Here: connecting (bounded in time), reconnecting
+//! after a loss, and counting.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capsule_fs::{BlockSource, FetchError, FetchErrorKind, Urgency};
+use capsule_fetch::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, SourceCounters};
 use capsule_images::Hash;
 use tracing::{info, warn};
 
 use crate::client::{Client, ConnectOptions, RemoteUrl};
 use crate::error::{Error, ErrorKind, Result};
 
+/// Longest wait for one connection attempt (the engine retries with backoff).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Counters, for `.capsule/stats.json` and tests.
 #[derive(Debug, Default)]
 pub struct SourceStats {
-    /// GetBlocks requests sent (retries included).
+    /// Batch requests started (retries included).
     pub requests: AtomicU64,
-    /// Blocks received and verified.
+    /// Blocks received.
     pub blocks: AtomicU64,
     /// Their encoded bytes.
     pub bytes: AtomicU64,
     /// Connections made after the first.
     pub reconnects: AtomicU64,
+    /// UDP bytes received on connections already closed.
+    wire_closed: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Flight {
-    result: Mutex<Option<std::result::Result<Vec<u8>, FetchError>>>,
-    done: Condvar,
-}
-
-impl Flight {
-    fn set(&self, r: std::result::Result<Vec<u8>, FetchError>) {
-        if let Ok(mut slot) = self.result.lock() {
-            *slot = Some(r);
-        }
-        self.done.notify_all();
-    }
-
-    fn wait(&self) -> std::result::Result<Vec<u8>, FetchError> {
-        let unavailable = || FetchError { kind: FetchErrorKind::Unavailable, message: "fetch abandoned".into() };
-        let Ok(mut slot) = self.result.lock() else { return Err(unavailable()) };
-        loop {
-            if let Some(r) = slot.as_ref() {
-                return r.clone();
-            }
-            slot = match self.done.wait(slot) {
-                Ok(s) => s,
-                Err(_) => return Err(unavailable()),
-            };
-        }
-    }
+#[derive(Debug)]
+struct Shared {
+    url: RemoteUrl,
+    opts: ConnectOptions,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    /// The connection now, for counters without awaiting.
+    current: Mutex<Option<Arc<Client>>>,
+    stall_timeout: Duration,
+    stats: SourceStats,
+    connected_once: AtomicU64,
 }
 
 /// Blocks from a capsule server.
 #[derive(Debug)]
 pub struct RemoteSource {
-    url: RemoteUrl,
-    opts: ConnectOptions,
+    shared: Arc<Shared>,
     runtime: tokio::runtime::Runtime,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
-    inflight: Mutex<HashMap<Hash, Arc<Flight>>>,
-    stall_timeout: Duration,
-    /// What it did so far.
-    pub stats: SourceStats,
+    tasks: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>,
 }
 
 fn retryable(kind: ErrorKind) -> bool {
@@ -79,133 +63,167 @@ fn retryable(kind: ErrorKind) -> bool {
 fn fetch_error(e: &Error) -> FetchError {
     let kind = match e.kind() {
         ErrorKind::NotFound => FetchErrorKind::NotFound,
-        ErrorKind::Corrupt => FetchErrorKind::Corrupt,
+        ErrorKind::Corrupt | ErrorKind::Protocol => FetchErrorKind::Corrupt,
         ErrorKind::Denied | ErrorKind::Fingerprint => FetchErrorKind::Denied,
         _ => FetchErrorKind::Unavailable,
     };
-    FetchError { kind, message: e.to_string() }
+    FetchError::new(kind, e.to_string())
 }
 
-impl RemoteSource {
-    /// A source for `url`; nothing is connected until the first fetch. A fetch that cannot
-    /// reach the server waits (retrying) up to `stall_timeout`, then fails.
-    pub fn new(url: RemoteUrl, opts: ConnectOptions, stall_timeout: Duration) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("capsule-net")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Io, format!("starting the network runtime: {e}")))?;
-        Ok(Self {
-            url,
-            opts,
-            runtime,
-            client: tokio::sync::Mutex::new(None),
-            inflight: Mutex::new(HashMap::new()),
-            stall_timeout,
-            stats: SourceStats::default(),
-        })
-    }
-
+impl Shared {
     async fn connected(&self) -> Result<Arc<Client>> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.connection().close_reason().is_none() {
                 return Ok(c.clone());
             }
-            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.retire(c);
+            *slot = None;
         }
-        let c = Arc::new(Client::connect(&self.url, &self.opts).await?);
+        let c = match tokio::time::timeout(CONNECT_TIMEOUT.min(self.stall_timeout), Client::connect(&self.url, &self.opts)).await {
+            Ok(c) => Arc::new(c?),
+            Err(_) => return Err(Error::new(ErrorKind::Unavailable, format!("server {} did not answer within {:.0} s", self.url.host_port(), CONNECT_TIMEOUT.min(self.stall_timeout).as_secs_f64()))),
+        };
+        if self.connected_once.fetch_add(1, Ordering::Relaxed) > 0 {
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            info!(server = %self.url.host_port(), "reconnected");
+        }
         *slot = Some(c.clone());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
         Ok(c)
     }
 
-    async fn fetch_retrying(&self, hashes: &[Hash], urgency: Urgency) -> Result<Vec<(Hash, Vec<u8>)>> {
-        let start = Instant::now();
-        let mut delay = FIRST_BACKOFF;
-        let priority = u8::from(urgency == Urgency::Demand);
-        loop {
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let attempt = async { self.connected().await?.get_blocks(hashes.to_vec(), priority).await };
-            match attempt.await {
-                Ok(blocks) => {
-                    if delay > FIRST_BACKOFF {
-                        info!(server = %self.url.host_port(), "server reachable again after {:.1} s", start.elapsed().as_secs_f64());
-                    }
-                    return Ok(blocks);
-                }
-                Err(e) if retryable(e.kind()) => {
-                    if let Some(c) = self.client.lock().await.take() {
-                        c.connection().close(quinn::VarInt::from_u32(0), b"retry");
-                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if start.elapsed() + delay > self.stall_timeout {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            format!("server {} unreachable for {:.0} s (stall timeout): {e}", self.url.host_port(), start.elapsed().as_secs_f64()),
-                        ));
-                    }
-                    warn!(server = %self.url.host_port(), "fetch of {} block(s) waits for the server: {e}; retrying in {delay:?}", hashes.len());
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                }
-                Err(e) => return Err(e),
+    fn retire(&self, c: &Arc<Client>) {
+        self.stats.wire_closed.fetch_add(c.wire_bytes().1, Ordering::Relaxed);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
+            *current = None;
+        }
+    }
+
+    /// Drops the connection after a link failure, so the next batch connects afresh.
+    async fn forget(&self, failed: &Arc<Client>) {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            failed.connection().close(quinn::VarInt::from_u32(0), b"retry");
+            self.retire(failed);
+            *slot = None;
+        }
+    }
+
+    async fn run_batch(&self, batch: &BatchRequest, sink: &dyn BatchSink) -> std::result::Result<(), FetchError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let client = self.connected().await.map_err(|e| fetch_error(&e))?;
+        let result = client
+            .stream_blocks(batch.hashes.clone(), batch.urgency.priority(), |hash, encoded| {
+                self.stats.blocks.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                sink.block(batch.id, hash, encoded);
+            })
+            .await;
+        if let Err(e) = &result {
+            if retryable(e.kind()) {
+                warn!(server = %self.url.host_port(), "batch of {} block(s) lost: {e}", batch.hashes.len());
+                self.forget(&client).await;
             }
         }
+        result.map_err(|e| fetch_error(&e))
+    }
+}
+
+impl RemoteSource {
+    /// A source for `url`; nothing is connected until the first fetch. Metadata fetches
+    /// that cannot reach the server retry up to `stall_timeout`, then fail.
+    pub fn new(url: RemoteUrl, opts: ConnectOptions, stall_timeout: Duration) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("capsule-net")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("starting the network runtime: {e}")))?;
+        let shared = Arc::new(Shared {
+            url,
+            opts,
+            client: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            stall_timeout,
+            stats: SourceStats::default(),
+            connected_once: AtomicU64::new(0),
+        });
+        Ok(Self { shared, runtime, tasks: Arc::new(Mutex::new(HashMap::new())) })
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> &SourceStats {
+        &self.shared.stats
+    }
+
+    /// The server, as `HOST:PORT`.
+    pub fn label(&self) -> String {
+        format!("capsule://{}", self.shared.url.host_port())
     }
 }
 
 impl BlockSource for RemoteSource {
-    fn counters(&self) -> capsule_fs::SourceCounters {
-        capsule_fs::SourceCounters {
-            blocks: self.stats.blocks.load(Ordering::Relaxed),
-            bytes: self.stats.bytes.load(Ordering::Relaxed),
-            reconnects: self.stats.reconnects.load(Ordering::Relaxed),
+    fn start(&self, batch: BatchRequest, sink: Arc<dyn BatchSink>) {
+        let shared = self.shared.clone();
+        let tasks = self.tasks.clone();
+        let id = batch.id;
+        // The table is locked across the spawn so the task cannot finish (and remove
+        // itself) before it is listed.
+        let mut table = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = self.runtime.spawn(async move {
+            let result = shared.run_batch(&batch, &*sink).await;
+            tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&batch.id);
+            sink.end(batch.id, result);
+        });
+        table.insert(id, handle.abort_handle());
+    }
+
+    fn cancel(&self, batch: u64) {
+        if let Some(h) = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&batch) {
+            h.abort();
         }
     }
 
-    fn fetch(&self, hashes: &[Hash], urgency: Urgency) -> std::result::Result<Vec<(Hash, Vec<u8>)>, FetchError> {
-        // Join flights already in the air; lead the rest.
-        let mut lead = Vec::new();
-        let mut flights = Vec::with_capacity(hashes.len());
-        {
-            let mut map = self.inflight.lock().map_err(|_| FetchError { kind: FetchErrorKind::Unavailable, message: "fetch state poisoned".into() })?;
-            for h in hashes {
-                let flight = map.entry(*h).or_insert_with(|| {
-                    lead.push(*h);
-                    Arc::new(Flight::default())
-                });
-                flights.push(flight.clone());
-            }
-        }
-        if !lead.is_empty() {
-            let result = self.runtime.block_on(self.fetch_retrying(&lead, urgency));
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(blocks) => {
-                    for (h, encoded) in blocks {
-                        self.stats.blocks.fetch_add(1, Ordering::Relaxed);
-                        self.stats.bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                        if let Some(f) = map.remove(&h) {
-                            f.set(Ok(encoded));
+    fn fetch_objects(&self, ids: &[Hash]) -> std::result::Result<Vec<Vec<u8>>, FetchError> {
+        let shared = &self.shared;
+        self.runtime.block_on(async {
+            let start = Instant::now();
+            let mut delay = FIRST_BACKOFF;
+            loop {
+                let attempt = async { shared.connected().await?.get_objects(ids.to_vec()).await };
+                match attempt.await {
+                    Ok(objects) => return Ok(objects.into_iter().map(|(_, _, bytes)| bytes).collect()),
+                    Err(e) if retryable(e.kind()) && start.elapsed() + delay <= shared.stall_timeout => {
+                        warn!(server = %shared.url.host_port(), "metadata fetch waits for the server: {e}; retrying in {delay:?}");
+                        if let Some(c) = shared.client.lock().await.clone() {
+                            shared.forget(&c).await;
                         }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(MAX_BACKOFF);
                     }
-                    for h in &lead {
-                        if let Some(f) = map.remove(h) {
-                            f.set(Err(FetchError { kind: FetchErrorKind::NotFound, message: format!("server did not send block {h}") }));
-                        }
+                    Err(e) if retryable(e.kind()) => {
+                        return Err(FetchError::new(
+                            FetchErrorKind::Unavailable,
+                            format!("server {} unreachable for {:.0} s (stall timeout): {e}", shared.url.host_port(), start.elapsed().as_secs_f64()),
+                        ))
                     }
-                }
-                Err(e) => {
-                    let err = fetch_error(&e);
-                    for h in &lead {
-                        if let Some(f) = map.remove(h) {
-                            f.set(Err(err.clone()));
-                        }
-                    }
+                    Err(e) => return Err(fetch_error(&e)),
                 }
             }
+        })
+    }
+
+    fn counters(&self) -> SourceCounters {
+        let s = &self.shared.stats;
+        let live = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |c| c.wire_bytes().1);
+        SourceCounters {
+            requests: s.requests.load(Ordering::Relaxed),
+            blocks: s.blocks.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            wire_received: s.wire_closed.load(Ordering::Relaxed) + live,
         }
-        hashes.iter().zip(flights).map(|(h, f)| f.wait().map(|encoded| (*h, encoded))).collect()
     }
 }

@@ -146,6 +146,59 @@ pub async fn pull_profiles(client: &Client, id: &Hash, store: &Store) -> Result<
     Ok(names)
 }
 
+/// Fetches what a mount needs before its first read: the manifests of capsule `id` and its
+/// ancestors and the layers of their images, not the map pages (a mount fetches those when
+/// a read needs them). Returns how many objects travelled; two round trips per ancestor
+/// at most.
+pub async fn pull_head(client: &Client, id: &Hash, store: &Store) -> Result<u64> {
+    let mut fetched = 0u64;
+    let mut next = Some(*id);
+    let mut seen = HashSet::new();
+    while let Some(mid) = next.take() {
+        if !seen.insert(mid) || seen.len() > capsule_images::manifest::MAX_CHAIN {
+            return Err(Error::new(ErrorKind::Corrupt, format!("capsule {id}: ancestry loops or exceeds {} generations", capsule_images::manifest::MAX_CHAIN)));
+        }
+        if !store.has_object(&mid) {
+            fetched += store_objects(client, store, vec![mid], ObjectKind::Manifest).await?;
+        }
+        let m = store.manifest(&mid)?;
+        // Each image's layer chain, level by level, all images at once.
+        let mut layers: Vec<Hash> = m.images().into_iter().filter_map(|(_, i)| i.top).collect();
+        let mut depth = 0;
+        while !layers.is_empty() {
+            depth += 1;
+            if depth > capsule_images::manifest::MAX_CHAIN {
+                return Err(Error::new(ErrorKind::Corrupt, format!("capsule {mid}: a layer chain exceeds {}", capsule_images::manifest::MAX_CHAIN)));
+            }
+            let wanted: Vec<Hash> = layers.iter().filter(|h| !store.has_object(h)).copied().collect();
+            if !wanted.is_empty() {
+                fetched += store_objects(client, store, wanted, ObjectKind::Layer).await?;
+            }
+            let mut parents = Vec::new();
+            for l in &layers {
+                parents.extend(store.layer(l)?.parent);
+            }
+            parents.sort_unstable();
+            parents.dedup();
+            layers = parents;
+        }
+        next = m.parent;
+    }
+    Ok(fetched)
+}
+
+async fn store_objects(client: &Client, store: &Store, ids: Vec<Hash>, expect: ObjectKind) -> Result<u64> {
+    let mut n = 0;
+    for (kind, oid, bytes) in client.get_objects(ids).await? {
+        if kind != expect {
+            return Err(Error::protocol(format!("object {oid} is a {}, not a {}", kind.name(), expect.name())));
+        }
+        store.put_encoded_object(kind, &oid, &bytes).map_err(|e| Error::from(e).context(format!("object {oid} from the server")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Fetches every metadata object (manifests, layers, map pages) capsule `id` reaches that
 /// `store` lacks, level by level, each checked against its id. Returns how many travelled.
 pub async fn pull_metadata(client: &Client, id: &Hash, store: &Store) -> Result<u64> {
@@ -224,21 +277,4 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     store.set_ref(local_name, &id)?;
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok((id, report))
-}
-
-/// Fetches `hashes` in pipelined batches (bulk priority), handing each verified block to
-/// `keep`; for warming and offline prefetch.
-pub async fn fetch_blocks(client: &Client, hashes: &[Hash], keep: &(dyn Fn(&Hash, &[u8]) -> Result<()> + Sync), progress: &dyn Progress) -> Result<u64> {
-    let mut bytes = 0u64;
-    let mut batches = futures_util::stream::iter(hashes.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0))).buffer_unordered(PARALLEL_BATCHES);
-    while let Some(batch) = batches.next().await {
-        for (h, encoded) in batch? {
-            keep(&h, &encoded)?;
-            bytes += encoded.len() as u64;
-            // The block header's raw length: progress counts logical bytes.
-            let raw = encoded.get(8..12).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            progress.advance(u64::from(raw));
-        }
-    }
-    Ok(bytes)
 }

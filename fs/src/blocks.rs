@@ -1,0 +1,104 @@
+//! What the fetch engine gets from this crate: the machine's cache and the seeds as one
+//! [`LocalBlocks`], and map pages fetched from the source when a read first needs them
+//! ([`LazyPages`]), so a mount of a large sparse disk starts after a few round trips
+//! instead of after fetching its whole map.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use capsule_fetch::{BlockSource, LocalBlocks};
+use capsule_images::envelope::ObjectKind;
+use capsule_images::map::{MapPage, PageSource};
+use capsule_images::{Hash, Store};
+use tracing::warn;
+
+use crate::cache::BlockCache;
+use crate::seed::Seeds;
+
+/// The cache, then the seeds (a seed's block is cached when first used).
+#[derive(Debug)]
+pub struct CacheBlocks {
+    cache: Arc<BlockCache>,
+    seeds: Seeds,
+    /// Blocks taken from seeds.
+    pub seed_blocks: AtomicU64,
+}
+
+impl CacheBlocks {
+    /// The cache with these seeds.
+    pub fn new(cache: Arc<BlockCache>, seeds: Seeds) -> Self {
+        Self { cache, seeds, seed_blocks: AtomicU64::new(0) }
+    }
+}
+
+impl LocalBlocks for CacheBlocks {
+    fn get(&self, hash: &Hash) -> Option<Vec<u8>> {
+        if let Some(raw) = self.cache.get(hash) {
+            return Some(raw);
+        }
+        let raw = self.seeds.get(hash)?;
+        self.seed_blocks.fetch_add(1, Ordering::Relaxed);
+        match capsule_images::block::encode(&raw) {
+            Ok(encoded) => {
+                if let Err(e) = self.cache.insert_verified(hash, &encoded) {
+                    warn!("cannot cache seed block {hash}: {e}");
+                }
+            }
+            Err(e) => warn!("cannot encode seed block {hash}: {e}"),
+        }
+        Some(raw)
+    }
+
+    fn contains(&self, hash: &Hash) -> bool {
+        self.cache.contains(hash) || self.seeds.contains(hash)
+    }
+
+    fn insert_verified(&self, hash: &Hash, encoded: &[u8]) -> Result<(), String> {
+        self.cache.insert_verified(hash, encoded).map_err(|e| e.to_string())
+    }
+}
+
+/// Map pages from the store, else from the source (verified against their id and
+/// checked before they are stored).
+#[derive(Clone)]
+pub struct LazyPages {
+    cache: Arc<BlockCache>,
+    source: Option<Arc<dyn BlockSource>>,
+    /// Pages fetched.
+    pub fetched: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for LazyPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyPages").field("online", &self.source.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl LazyPages {
+    /// Pages of the cache's store, fetched from `source` when missing.
+    pub fn new(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>) -> Self {
+        Self { cache, source, fetched: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn store(&self) -> &Store {
+        self.cache.store()
+    }
+}
+
+impl PageSource for LazyPages {
+    fn page(&self, id: &Hash) -> capsule_images::Result<Arc<MapPage>> {
+        match self.store().page(id) {
+            Err(e) if e.kind() == capsule_images::ErrorKind::NotFound => {
+                let Some(source) = &self.source else { return Err(e) };
+                let objects = source
+                    .fetch_objects(&[*id])
+                    .map_err(|f| capsule_images::Error::new(capsule_images::ErrorKind::Io, format!("fetching map page {id}: {f}")))?;
+                let bytes = objects.into_iter().next().ok_or_else(|| capsule_images::Error::not_found(format!("the source sent no map page {id}")))?;
+                self.store().put_encoded_object(ObjectKind::MapPage, id, &bytes)?;
+                self.fetched.fetch_add(1, Ordering::Relaxed);
+                self.store().page(id)
+            }
+            r => r,
+        }
+    }
+}
