@@ -361,8 +361,10 @@ impl Engine {
             st.sched.want(h, urgency);
             return Some(f);
         }
-        // Deliveries reach the cache before they leave the flight table.
-        if self.decoded.get(&h).is_some() || self.local.contains(&h) {
+        // Demand and readahead deliveries reach memory before they leave the flight table.
+        // (Not `local.contains`: a seed that changed since it was indexed is listed there
+        // but cannot serve the block.)
+        if self.decoded.get(&h).is_some() {
             return None;
         }
         let f = Arc::new(Flight { result: OnceLock::new(), tag });

@@ -39,8 +39,10 @@ pub struct Readahead {
 impl Readahead {
     /// Notes a read of `len` bytes at `offset`; returns the byte range to fetch ahead of
     /// it, if the stream earned one. `horizon` is how long a fetch takes to come back;
-    /// `max_window` caps the window.
-    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, horizon: Duration, max_window: u64) -> Option<(u64, u64)> {
+    /// `max_window` caps the window. `missed`: the read needed a fetch. A stream reading
+    /// what is already here gets no new window unless it is consuming one it was given
+    /// (a warmed working set must not drag in its neighbours).
+    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, missed: bool, horizon: Duration, max_window: u64) -> Option<(u64, u64)> {
         let end = offset.saturating_add(len);
         let hit = self.streams.iter_mut().find(|s| offset >= s.next.saturating_sub(len) && offset <= s.next.saturating_add(SLACK));
         let Some(s) = hit else {
@@ -52,11 +54,12 @@ impl Readahead {
             }
             return None;
         };
+        let in_window = s.ahead_to > s.next;
         s.hits += 1;
         s.bytes += len;
         s.next = s.next.max(end);
         s.last = now;
-        if s.hits < EARN_AFTER {
+        if s.hits < EARN_AFTER || !(missed || in_window) {
             return None;
         }
         // The rate since the stream began, including the time it waited for fetches: a
@@ -91,7 +94,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let offset = (x % (1 << 30)) & !0xfff;
-            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, 80 * MS, 8 << 20), None, "read {i} at {offset}");
+            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, true, 80 * MS, 8 << 20), None, "read {i} at {offset}");
         }
     }
 
@@ -103,11 +106,11 @@ mod tests {
         let (mut slow_window, mut fast_window) = (0, 0);
         for i in 0..50u64 {
             // The same stream of reads, one 10x faster than the other.
-            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, 100 * MS, 64 << 20) {
+            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, true, 100 * MS, 64 << 20) {
                 assert!(from >= (i + 1) * len, "never behind the reader");
                 slow_window = to - (i + 1) * len;
             }
-            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, 100 * MS, 64 << 20) {
+            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, true, 100 * MS, 64 << 20) {
                 fast_window = to - (i + 1) * len;
             }
             if i < u64::from(EARN_AFTER) {
@@ -119,6 +122,18 @@ mod tests {
     }
 
     #[test]
+    fn reads_of_what_is_here_earn_nothing_until_a_miss() {
+        let len = 64 << 10;
+        let mut ra = Readahead::default();
+        let t0 = Instant::now();
+        for i in 0..10u64 {
+            assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, 50 * MS, 1 << 20), None, "read {i} hit the cache");
+        }
+        assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, 50 * MS, 1 << 20).is_some(), "a miss in a sequential stream earns a window");
+        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, 50 * MS, 1 << 20).is_some(), "reading through its window extends it");
+    }
+
+    #[test]
     fn ranges_never_overlap_and_interleaved_streams_are_told_apart() {
         let len = 64 << 10;
         let mut ra = Readahead::default();
@@ -127,7 +142,7 @@ mod tests {
         for i in 0..100u64 {
             // Two sequential readers far apart, interleaved.
             for base in [0u64, 1 << 30] {
-                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, 50 * MS, 1 << 20) {
+                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, true, 50 * MS, 1 << 20) {
                     asked.push(r);
                 }
             }

@@ -380,10 +380,11 @@ impl CapsuleFs {
             r.touch(&demand);
         }
         let (extra, extra_urgency) = if self.engine.is_online() {
+            let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
-                Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end)?, Urgency::Readahead),
+                Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
-                Ahead::Aligned(n) if n > 1 && demand.iter().any(|h| !self.engine.is_local(h)) => (self.cluster_plan(image, chain, overlay, first, n)?, Urgency::Demand),
+                Ahead::Aligned(n) if n > 1 && missed => (self.cluster_plan(image, chain, overlay, first, n)?, Urgency::Demand),
                 Ahead::Aligned(_) => (Vec::new(), Urgency::Demand),
             }
         } else {
@@ -429,10 +430,10 @@ impl CapsuleFs {
     /// Blocks to fetch ahead of this read, if its stream earned readahead
     /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
     #[allow(clippy::too_many_arguments)]
-    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64) -> Result<Vec<Hash>> {
+    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64, missed: bool) -> Result<Vec<Hash>> {
         // Long enough for a fetch to come back: two round trips and some slack.
         let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 2 + Duration::from_millis(20);
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, horizon, MAX_READAHEAD_BYTES);
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, horizon, MAX_READAHEAD_BYTES);
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
         let mut ahead = Vec::new();

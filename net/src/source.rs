@@ -197,7 +197,9 @@ impl BlockSource for RemoteSource {
                     Ok(objects) => return Ok(objects.into_iter().map(|(_, _, bytes)| bytes).collect()),
                     Err(e) if retryable(e.kind()) && start.elapsed() + delay <= shared.stall_timeout => {
                         warn!(server = %shared.url.host_port(), "metadata fetch waits for the server: {e}; retrying in {delay:?}");
-                        if let Some(c) = shared.client.lock().await.clone() {
+                        // The guard must be gone before `forget` locks again.
+                        let current = shared.client.lock().await.clone();
+                        if let Some(c) = current {
                             shared.forget(&c).await;
                         }
                         tokio::time::sleep(delay).await;
