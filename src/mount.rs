@@ -303,5 +303,6 @@ pub fn commit(target: &Store, mountpoint: &Path, name: &str) -> Result<capsule_f
     let path = info_path(mountpoint);
     let bytes = std::fs::read(&path).with_context(|| format!("{} is not a capsule mount (no {})", mountpoint.display(), path.display()))?;
     let info: MountInfo = serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    capsule_fs::commit::complete_metadata(mountpoint)?;
     Ok(capsule_fs::commit::commit(&info, target, name, &capsule_fs::commit::CommitOptions::default())?)
 }

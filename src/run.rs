@@ -513,6 +513,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         eprintln!("capsule: {id} suspended as {}", s["name"].as_str().unwrap_or("?"));
     } else if let Some(name) = &args.commit {
         let target = crate::open_store(store.map(Path::to_path_buf))?;
+        capsule_fs::commit::complete_metadata(&mnt)?;
         let report = capsule_fs::commit::commit(&info, &target, name, &CommitOptions { state: MachineState::PoweredOff, hints: BTreeMap::new() })
             .with_context(|| format!("committing the run as {name}"))?;
         println!("committed {id} as {name} ({}): {} changed blocks, {} stored", report.id, report.changed_blocks, crate::human(report.stored_bytes));
@@ -759,6 +760,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let mut hints = rec.hints.clone();
     hints.insert("qemu.capabilities".into(), used_caps.join(","));
     hints.insert("suspended_unix".into(), capsule_fs::mount::now_unix().to_string());
+    capsule_fs::commit::complete_metadata(&rec.mountpoint)?;
     let report = capsule_fs::commit::commit(&info, &target, &args.name, &CommitOptions { state: MachineState::Suspended(devstate.clone()), hints })
         .with_context(|| format!("committing the suspended run as {}", args.name))?;
     let devstate_bytes = std::fs::metadata(&devstate).map(|m| m.len()).unwrap_or(0);

@@ -102,3 +102,40 @@ impl PageSource for LazyPages {
         }
     }
 }
+
+impl LazyPages {
+    /// Fetches every map page below `roots` that the store lacks, a tree level at a time
+    /// (one request per level, not per page). Returns how many pages travelled. A commit
+    /// needs this: the child names its parent, whose whole map must be here to push it.
+    pub fn complete(&self, roots: Vec<Hash>) -> capsule_images::Result<u64> {
+        const CHUNK: usize = 1024;
+        let mut fetched = 0;
+        let mut frontier = roots;
+        let mut seen = std::collections::HashSet::new();
+        while !frontier.is_empty() {
+            frontier.retain(|h| seen.insert(*h));
+            let missing: Vec<Hash> = frontier.iter().filter(|h| !self.store().has_object(h)).copied().collect();
+            if let Some(source) = &self.source {
+                for chunk in missing.chunks(CHUNK) {
+                    let objects = source.fetch_objects(chunk).map_err(|f| capsule_images::Error::new(capsule_images::ErrorKind::Io, format!("fetching map pages: {f}")))?;
+                    if objects.len() != chunk.len() {
+                        return Err(capsule_images::Error::corrupt(format!("asked for {} map pages, got {}", chunk.len(), objects.len())));
+                    }
+                    for (id, bytes) in chunk.iter().zip(objects) {
+                        self.store().put_encoded_object(ObjectKind::MapPage, id, &bytes)?;
+                        fetched += 1;
+                    }
+                }
+            }
+            let mut next = Vec::new();
+            for id in &frontier {
+                if let MapPage::Node(children) = &*self.store().page(id)? {
+                    next.extend(children.iter().map(|(_, c)| *c));
+                }
+            }
+            frontier = next;
+        }
+        self.fetched.fetch_add(fetched, Ordering::Relaxed);
+        Ok(fetched)
+    }
+}

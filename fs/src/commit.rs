@@ -43,6 +43,14 @@ pub struct CommitOptions {
     pub hints: std::collections::BTreeMap<String, String>,
 }
 
+/// Makes the mount at `mountpoint` complete its capsule's metadata in the cache (a
+/// remote mount fetches map pages only as reads need them, but a child must name a
+/// parent whose whole map is here). Call before [`commit`] while the mount is up.
+pub fn complete_metadata(mountpoint: &std::path::Path) -> Result<()> {
+    let path = mountpoint.join(".capsule/metadata");
+    std::fs::read(&path).map(|_| ()).map_err(|e| Error::io(format!("completing the capsule's metadata through {} (see the mount's log)", path.display()), e))
+}
+
 /// Commits the overlays of mount `info` as capsule `name` in `target`. The parent's
 /// metadata is copied into `target` if it is not there (its blocks stay where they are:
 /// on the server for a remote mount), so the child can be pushed.

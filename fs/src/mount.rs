@@ -6,6 +6,8 @@
 //!                         capsule.json (the VM description)
 //!  /.capsule/stats.json   live counters (read it again for fresh numbers)
 //!  /.capsule/info.json    what `capsule commit` and `capsule umount` need
+//!  /.capsule/metadata     reading it completes the capsule's metadata in the cache
+//!                         (map pages are otherwise fetched when a read needs them)
 //! ```
 
 use std::ffi::OsStr;
@@ -35,7 +37,9 @@ const ROOT: u64 = 1;
 const META_DIR: u64 = 2;
 const STATS: u64 = 3;
 const INFO: u64 = 4;
-const FIRST_FILE: u64 = 5;
+/// Reading it fetches every map page of the capsule the cache lacks (for a commit).
+const METADATA: u64 = 5;
+const FIRST_FILE: u64 = 6;
 const TTL: Duration = Duration::from_secs(3600);
 /// Most bytes read ahead of one sequential stream.
 const MAX_READAHEAD_BYTES: u64 = 8 << 20;
@@ -292,7 +296,7 @@ impl CapsuleFs {
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let (kind, size, perm) = match ino {
             ROOT | META_DIR => (FileType::Directory, 0, 0o755),
-            STATS => (FileType::RegularFile, 0, 0o444),
+            STATS | METADATA => (FileType::RegularFile, 0, 0o444),
             INFO => (FileType::RegularFile, self.info_bytes().len() as u64, 0o444),
             _ => match &self.node(ino)?.content {
                 Content::Image { image, overlay, .. } => (FileType::RegularFile, image.size, if overlay.is_some() { 0o644 } else { 0o444 }),
@@ -567,6 +571,27 @@ impl CapsuleFs {
         })
     }
 
+    /// Fetches the map pages of the capsule and its ancestors that the cache lacks.
+    fn complete_metadata(&self) -> Result<u64> {
+        let store = self.cache.store();
+        let mut roots = Vec::new();
+        let mut next = Some(self.info.capsule_id);
+        let mut generations = 0;
+        while let Some(id) = next {
+            generations += 1;
+            if generations > capsule_images::manifest::MAX_CHAIN {
+                return Err(Error::new(ErrorKind::Corrupt, format!("capsule {}: ancestry longer than {}", self.info.capsule_id, capsule_images::manifest::MAX_CHAIN)));
+            }
+            let m = store.manifest(&id)?;
+            for (_, image) in m.images() {
+                let reader = capsule_images::ImageReader::open(store, image)?;
+                roots.extend(reader.chain().iter().filter_map(|(_, l)| l.map.root));
+            }
+            next = m.parent;
+        }
+        Ok(self.pages.complete(roots)?)
+    }
+
     /// What info.json says.
     pub fn info(&self) -> &MountInfo {
         &self.info
@@ -578,6 +603,7 @@ impl CapsuleFs {
             (ROOT, ".capsule") => Some(META_DIR),
             (META_DIR, "stats.json") => Some(STATS),
             (META_DIR, "info.json") => Some(INFO),
+            (META_DIR, "metadata") => Some(METADATA),
             (ROOT, n) => self.nodes.iter().position(|node| node.name == n).map(|i| FIRST_FILE + i as u64),
             _ => None,
         }
@@ -661,6 +687,18 @@ impl Filesystem for CapsuleFs {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
             INFO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            METADATA => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let bytes = match self.complete_metadata() {
+                    Ok(pages) => serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default(),
+                    Err(e) => {
+                        error!("completing the metadata of {}: {e}", self.info.capsule_id);
+                        return reply.error(errno(&e));
+                    }
+                };
+                self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, bytes);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
             _ => match self.node(ino) {
                 Some(Node { content: Content::Image { overlay, .. }, .. }) => {
                     if writing && overlay.is_none() {
@@ -681,7 +719,7 @@ impl Filesystem for CapsuleFs {
     fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         let ino = u64::from(ino);
         match ino {
-            STATS => {
+            STATS | METADATA => {
                 let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
                 return match snapshots.get(&fh.0) {
                     Some(bytes) => reply.data(slice_from(bytes, offset, size)),
@@ -741,7 +779,7 @@ impl Filesystem for CapsuleFs {
 
     #[allow(clippy::too_many_arguments)]
     fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        if u64::from(ino) == STATS {
+        if matches!(u64::from(ino), STATS | METADATA) {
             self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         }
         reply.ok();
@@ -779,6 +817,7 @@ impl Filesystem for CapsuleFs {
                 (ROOT, FileType::Directory, "..".into()),
                 (STATS, FileType::RegularFile, "stats.json".into()),
                 (INFO, FileType::RegularFile, "info.json".into()),
+                (METADATA, FileType::RegularFile, "metadata".into()),
             ],
             _ => return reply.error(Errno::ENOTDIR),
         };
