@@ -82,7 +82,10 @@ impl BlockSource for ThreadSource {
     }
 }
 
-fn blocks(n: usize) -> (Vec<Hash>, HashMap<Hash, Vec<u8>>, HashMap<Hash, Vec<u8>>) {
+type ByHash = HashMap<Hash, Vec<u8>>;
+
+/// `n` blocks: (hashes, raw by hash, encoded by hash).
+fn blocks(n: usize) -> (Vec<Hash>, ByHash, ByHash) {
     let mut raw = HashMap::new();
     let mut enc = HashMap::new();
     let mut hs = Vec::new();
