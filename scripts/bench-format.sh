@@ -52,7 +52,7 @@ boot_blocks() {
 }
 to_bytes() { case $1 in *K) echo $(( ${1%K} * 1024 ));; *M) echo $(( ${1%M} * 1048576 ));; esac; }
 
-changed=$(cmp -l "$G/disk.raw" "$G/disk-update.raw" | wc -l)
+changed=$({ cmp -l "$G/disk.raw" "$G/disk-update.raw" || true; } | wc -l)
 result_line format "$(jq -n --argjson runs "$RUNS" '{tool: "casync", chunking: "content-defined, 64 KiB average", runs: $runs}')" \
   "$(jq -n --argjson disk "$size" --argjson changed "$changed" --argjson secs "$cz_secs" --argjson index "$cz_index" \
         --argjson base "$cz_base" --argjson child "$cz_child" \
