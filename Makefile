@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest test demo bench bench-tables bench-link bench-run bench-resume-link clean
+.PHONY: all setup build guest guest-debian test demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link clean
 
 all: build
 
@@ -18,6 +18,10 @@ build: setup
 guest: setup
 	bash tests/guest/build.sh $(GUEST)
 
+# The realistic guest (Debian bookworm, systemd, nginx; about 2 minutes): benchmarks only.
+guest-debian: setup
+	bash tests/guest/build-debian.sh target/guest-debian
+
 test: setup guest
 	bash scripts/test.sh
 
@@ -27,7 +31,7 @@ demo: setup guest
 
 # The short benchmarks: each appends its raw results to results/*.jsonl; then the tables
 # of BENCHMARKS.md are regenerated from them.
-bench: setup guest
+bench: setup guest guest-debian
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/bench-format.sh | tee target/bench-format.md'
 	bash -o pipefail -c 'bash scripts/bench-net.sh | tee target/bench-net.md'
@@ -58,6 +62,12 @@ bench-link: setup guest
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/bench-link.sh | tee target/bench-link.md'
 	python3 scripts/gen-benchmarks.py
+
+# The Debian guest over emulated 2 and 10 Mbit/s links with 40 ms RTT: qemu-nbd against
+# capsule run (cold, seeded, profile prefetch), side by side (RATES=, VARIANTS= for a subset).
+bench-boot-link: setup guest-debian
+	$(CARGO) build --release
+	bash -o pipefail -c 'bash scripts/bench-boot-link.sh | tee target/bench-boot-link.md'
 
 clean:
 	$(CARGO) clean
