@@ -51,7 +51,7 @@ bench-run: setup guest
 	python3 scripts/gen-benchmarks.py
 
 # Resumes a suspended guest over emulated 2 and 10 Mbit/s links, with and without the
-# fault-granularity fix and with --prefetch memory: about 15 minutes.
+# fault-granularity fix, with --prefetch memory and with --memory-cluster 8: about 20 minutes.
 bench-resume-link: setup guest
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/bench-resume-link.sh | tee target/bench-resume-link.md'

@@ -6,8 +6,9 @@
 # on each end, capsule-linkemu beside the server adding 20 ms each way (40 ms RTT).
 # Measured per run: seconds to load the device state ("resumed in"), to the first counter
 # after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
-# Three runs per rate: the fix (default), without it, and the fix with `--prefetch memory`
-# (the RAM image fetched in the background, below the guest's faults).
+# Four runs per rate: the fix (default), without it, the fix with `--prefetch memory`
+# (the RAM image fetched in the background, below the guest's faults) and with
+# `--memory-cluster 8` (a fault fetches its aligned group of 8 pages).
 # RATES="2mbit 10mbit" picks the rates, VARIANTS="fix nofix prefetch cluster8" the runs.
 # Every time runs from the start of `capsule run` (mount over the link, QEMU start, device
 # state load): "device state loaded" is when its "resumed" line appears (polled every 0.1 s).
@@ -23,7 +24,7 @@ BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
 # fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N)
-VARIANTS=${VARIANTS:-fix nofix prefetch}
+VARIANTS=${VARIANTS:-fix nofix prefetch cluster8}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
