@@ -15,17 +15,19 @@ scratch=$(mktemp -d /tmp/capsule-test.XXXXXX)
 export TMPDIR=$scratch
 
 cleanup() {
-  # FUSE connections of mounts under the scratch directory: abort them (a hung read then
-  # fails at once) and detach the mount points. From mountinfo, never touching the mounts.
-  while read -r dev mnt; do
-    echo 1 > "/sys/fs/fuse/connections/${dev#*:}/abort" 2>/dev/null
-    fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null
-  done < <(awk -v d="$scratch/" 'index($5, d) == 1 {print $3, $5}' /proc/self/mountinfo | sort -r -k2)
-  # Processes that outlived their test: mount daemons and QEMUs run on files under the
-  # scratch directory (their own sessions, so the timeout's signal did not reach them).
+  # Processes that outlived their test: mount daemons, servers and QEMUs run on files
+  # under the scratch directory, in sessions of their own that the timeout's signal missed.
+  # A daemon's death also fails any read still waiting on its mount (ENOTCONN).
   for pid in $(pgrep -f -- "$scratch/"); do
     kill -9 "$pid" 2>/dev/null
   done
+  # Then the mounts under it (from mountinfo, never touching them), deepest first: abort
+  # the FUSE connection where fusectl is mounted, and detach.
+  while read -r dev mnt; do
+    abort=/sys/fs/fuse/connections/${dev#*:}/abort
+    [ -e "$abort" ] && echo 1 > "$abort"
+    fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null
+  done < <(awk -v d="$scratch/" 'index($5, d) == 1 {print $3, $5}' /proc/self/mountinfo | sort -r -k2)
   rm -rf "$scratch" 2>/dev/null
 }
 trap cleanup EXIT
