@@ -227,9 +227,12 @@ pub struct Mounted {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// How long a mount may live before its watchdog kills the daemon: a hung FUSE read then
-/// fails (ENOTCONN) and the test fails, instead of stalling the whole run.
-pub const MOUNT_WATCHDOG_S: u64 = 600;
+/// How long a mount may live before its watchdog kills the daemon (seconds;
+/// `CAPSULE_TEST_MOUNT_WATCHDOG`, default 600): a hung FUSE read then fails (ENOTCONN) and
+/// the test fails, instead of stalling the whole run.
+pub fn mount_watchdog_s() -> u64 {
+    std::env::var("CAPSULE_TEST_MOUNT_WATCHDOG").ok().and_then(|v| v.parse().ok()).unwrap_or(600)
+}
 
 impl Mounted {
     /// `capsule --store STORE mount SOURCE DIR --cache CACHE [extra]`, waiting until it serves.
@@ -240,15 +243,16 @@ impl Mounted {
         let m = Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf(), done: Default::default() };
         if let Some(pid) = m.pid() {
             let (done, dir) = (m.done.clone(), m.dir.clone());
+            let limit = mount_watchdog_s();
             std::thread::spawn(move || {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(MOUNT_WATCHDOG_S);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
                 while std::time::Instant::now() < deadline {
                     if done.load(std::sync::atomic::Ordering::Relaxed) {
                         return;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
-                eprintln!("watchdog: {} still mounted after {MOUNT_WATCHDOG_S} s; killing its daemon {pid}", dir.display());
+                eprintln!("watchdog: {} still mounted after {limit} s; killing its daemon {pid}", dir.display());
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
             });
         }
