@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest test demo bench bench-link bench-run bench-resume-link clean
+.PHONY: all setup build guest guest-debian test demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link clean
 
 all: build
 
@@ -18,6 +18,10 @@ build: setup
 guest: setup
 	bash tests/guest/build.sh $(GUEST)
 
+# The realistic guest (Debian bookworm, systemd, nginx; about 2 minutes): benchmarks only.
+guest-debian: setup
+	bash tests/guest/build-debian.sh target/guest-debian
+
 test: setup guest
 	bash scripts/test.sh
 
@@ -25,29 +29,45 @@ demo: setup guest
 	$(CARGO) build
 	bash scripts/demo.sh
 
-bench: setup guest
+# The short benchmarks: each appends its raw results to results/*.jsonl; then the tables
+# of BENCHMARKS.md are regenerated from them.
+bench: setup guest guest-debian
 	$(CARGO) build --release
-	bash scripts/bench-format.sh | tee target/bench-format.md
-	bash scripts/bench-net.sh | tee target/bench-net.md
-	bash scripts/bench-mount.sh | tee target/bench-mount.md
-	bash scripts/bench-run.sh | tee target/bench-run.md
+	bash -o pipefail -c 'bash scripts/bench-format.sh | tee target/bench-format.md'
+	bash -o pipefail -c 'bash scripts/bench-net.sh | tee target/bench-net.md'
+	bash -o pipefail -c 'bash scripts/bench-mount.sh | tee target/bench-mount.md'
+	bash -o pipefail -c 'bash scripts/bench-run.sh | tee target/bench-run.md'
+	python3 scripts/gen-benchmarks.py
+
+# BENCHMARKS.md's tables from results/*.jsonl (--check: fail if BENCHMARKS.md is stale).
+bench-tables:
+	python3 scripts/gen-benchmarks.py
 
 # Boot, suspend (with and without ballooning) and resume (with and without the
 # fault-granularity fix) over loopback QUIC: a few minutes.
 bench-run: setup guest
 	$(CARGO) build --release
-	bash scripts/bench-run.sh | tee target/bench-run.md
+	bash -o pipefail -c 'bash scripts/bench-run.sh | tee target/bench-run.md'
+	python3 scripts/gen-benchmarks.py
 
 # Resumes a suspended guest over emulated 2 and 10 Mbit/s links, with and without the
-# fault-granularity fix and with --prefetch memory: about 15 minutes.
+# fault-granularity fix, with --prefetch memory and with --memory-cluster 8: about 20 minutes.
 bench-resume-link: setup guest
 	$(CARGO) build --release
-	bash scripts/bench-resume-link.sh | tee target/bench-resume-link.md
+	bash -o pipefail -c 'bash scripts/bench-resume-link.sh | tee target/bench-resume-link.md'
+	python3 scripts/gen-benchmarks.py
 
 # Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).
 bench-link: setup guest
 	$(CARGO) build --release
-	bash scripts/bench-link.sh | tee target/bench-link.md
+	bash -o pipefail -c 'bash scripts/bench-link.sh | tee target/bench-link.md'
+	python3 scripts/gen-benchmarks.py
+
+# The Debian guest over emulated 2 and 10 Mbit/s links with 40 ms RTT: qemu-nbd against
+# capsule run (cold, seeded, profile prefetch), side by side (RATES=, VARIANTS= for a subset).
+bench-boot-link: setup guest-debian
+	$(CARGO) build --release
+	bash -o pipefail -c 'bash scripts/bench-boot-link.sh | tee target/bench-boot-link.md'
 
 clean:
 	$(CARGO) clean

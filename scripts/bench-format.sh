@@ -2,9 +2,13 @@
 # Block-size benchmark of the capsule format (make bench): for the test guest disk and its
 # update, at 4K..1M blocks, what the manifest, maps and blocks cost, what the child adds
 # over its parent, and import speed. casync (content-defined chunking) runs side by side
-# in the same run on the same files as the peer. Prints a Markdown table.
+# in the same run on the same files as the peer. Writes one JSON line per block size and
+# one for casync to results/format.jsonl (scripts/results-lib.sh); the table in
+# BENCHMARKS.md is generated from them (scripts/gen-benchmarks.py), and printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
 G=${CAPSULE_GUEST_DIR:-target/guest}
 BIN=${CAPSULE_BIN:-target/release/capsule}
 W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench.XXXXXX")
@@ -40,19 +44,22 @@ timeout --foreground 120 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reb
   -drive "file=$G/disk.raw,format=raw,if=virtio,readonly=on" \
   -trace bdrv_co_preadv_part -D "$W/boot-trace.log" </dev/null >"$W/boot-console.log" 2>&1 || true
 grep -q 'CAPSULE-GUEST-MARKER boot-ok' "$W/boot-console.log" || { echo "bench: guest did not boot" >&2; exit 1; }
-# boot_blocks BS: distinct blocks of size BS the boot touched, and their MiB.
+# boot_blocks BS: how many distinct blocks of size BS the boot touched.
 boot_blocks() {
   awk -v bs="$1" '/offset/ { for (i = 1; i <= NF; i++) { if ($i == "offset") o = $(i+1); if ($i == "bytes") n = $(i+1) }
       for (b = int(o / bs); b <= int((o + n - 1) / bs); b++) seen[b] = 1 }
-    END { c = 0; for (k in seen) c++; printf "%d (%.2f MiB)", c, c * bs / 1048576 }' "$W/boot-trace.log"
+    END { c = 0; for (k in seen) c++; print c }' "$W/boot-trace.log"
 }
 to_bytes() { case $1 in *K) echo $(( ${1%K} * 1024 ));; *M) echo $(( ${1%M} * 1048576 ));; esac; }
 
-echo "Import times: best of $RUNS runs each. Test guest: disk.raw $(mib "$size") MiB, update changes $(cmp -l "$G/disk.raw" "$G/disk-update.raw" | wc -l) bytes."
-echo
-echo "| block size | manifest B | base maps B | base stored MiB | child: blocks | child adds MiB (blocks + maps) | boot reads: blocks (MiB) | import MB/s | import time / casync |"
-echo "|---|---|---|---|---|---|---|---|---|"
+changed=$({ cmp -l "$G/disk.raw" "$G/disk-update.raw" || true; } | wc -l)
+result_line format "$(jq -n --argjson runs "$RUNS" '{tool: "casync", chunking: "content-defined, 64 KiB average", runs: $runs}')" \
+  "$(jq -n --argjson disk "$size" --argjson changed "$changed" --argjson secs "$cz_secs" --argjson index "$cz_index" \
+        --argjson base "$cz_base" --argjson child "$cz_child" \
+        '{disk_bytes: $disk, update_changed_bytes: $changed, import_seconds_best: $secs, index_bytes: $index,
+          base_stored_bytes: $base, child_added_bytes: $child}')"
 for bs in 4K 16K 64K 256K 1M; do
+  echo "bench-format: block size $bs" >&2
   secs=
   for run in $(seq "$RUNS"); do
     S=$W/$bs-$run
@@ -62,13 +69,15 @@ for bs in 4K 16K 64K 256K 1M; do
     secs=$(best "$secs" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
   done
   child=$("$BIN" --store "$S" import update --parent base --disk "root=$G/disk-update.raw" --json)
-  rate=$(awk -v s="$size" -v t="$secs" 'BEGIN { printf "%.0f", s / t / 1e6 }')
-  ratio=$(awk -v a="$secs" -v b="$cz_secs" 'BEGIN { printf "%.2f", a / b }')
-  m_bytes=$(jq '.manifest_bytes' <<<"$base")
-  b_meta=$(jq '.images[0][1].metadata_bytes' <<<"$base")
-  b_stored=$(jq '.images[0][1].stored_bytes' <<<"$base")
-  c_blocks=$(jq '.images[0][1].mapped_blocks' <<<"$child")
-  c_bytes=$(jq '.images[0][1].stored_bytes + .images[0][1].metadata_bytes + .manifest_bytes' <<<"$child")
-  echo "| $bs | $m_bytes | $b_meta | $(mib "$b_stored") | $c_blocks | $(mib "$c_bytes") | $(boot_blocks "$(to_bytes "$bs")") | $rate | $ratio |"
+  bsb=$(to_bytes "$bs")
+  result_line format "$(jq -n --arg bs "$bs" --argjson bsb "$bsb" --argjson runs "$RUNS" '{tool: "capsule", block_size: $bs, block_size_bytes: $bsb, runs: $runs}')" \
+    "$(jq -n --argjson disk "$size" --argjson changed "$changed" --argjson secs "$secs" --argjson base "$base" --argjson child "$child" \
+          --argjson boot "$(boot_blocks "$bsb")" --argjson bsb "$bsb" \
+          '{disk_bytes: $disk, update_changed_bytes: $changed, import_seconds_best: $secs,
+            manifest_bytes: $base.manifest_bytes, base_metadata_bytes: $base.images[0][1].metadata_bytes,
+            base_stored_bytes: $base.images[0][1].stored_bytes, child_blocks: $child.images[0][1].mapped_blocks,
+            child_added_bytes: ($child.images[0][1].stored_bytes + $child.images[0][1].metadata_bytes + $child.manifest_bytes),
+            boot_blocks: $boot, boot_bytes: ($boot * $bsb)}')"
 done
-echo "| casync (peer) | - | $cz_index (index) | $(mib "$cz_base") | - | $(mib "$cz_child") | - | $cz_rate | 1.00 |"
+result_flush
+python3 scripts/gen-benchmarks.py --show format

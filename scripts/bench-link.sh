@@ -12,8 +12,14 @@
 # Beside them, the physical limit: compressed bytes the boot needs / link rate, and the
 # time `capsule prefetch --offline` takes. RATES="2mbit 10mbit" picks rates;
 # SKIP_BULK=1 skips the full copy and offline-ready runs (over 20 min each at 384 kbit/s).
+# Boot times run from the start of `capsule mount` (its start-up over the link included)
+# to the guest's boot marker; the full copy's boot from QEMU's start (local files).
+# Writes one JSON line per rate and variant to results/link.jsonl (scripts/results-lib.sh);
+# BENCHMARKS.md's table is generated from them (scripts/gen-benchmarks.py), printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
 G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
@@ -33,7 +39,6 @@ in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
 cleanup() {
   for m in "$W"/mnt*; do [ -d "$m" ] && { "$BIN" umount "$m" >/dev/null 2>&1 || fusermount3 -uz "$m" 2>/dev/null || true; }; done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  pkill -f "rsync --daemon --no-detach --config=$W" 2>/dev/null || true
   link_delete
   rm -rf "$W"
 }
@@ -46,19 +51,19 @@ link_create
 PUB=$W/publisher
 "$BIN" --store "$PUB" import guest --disk "root=$G/disk.raw" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" \
   --cmdline "console=ttyS0 quiet panic=-1" >/dev/null
-boot() { # boot MOUNTDIR -> seconds from QEMU start to the guest's marker
-  local t0 t1
-  t0=$(date +%s.%N)
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+boot() { # boot MOUNTDIR T0 -> seconds from T0 (taken before the mount) to the guest's marker
   in_ns timeout --foreground 1800 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \
     -kernel "$1/vmlinuz" -initrd "$1/initrd.img" -append "console=ttyS0 quiet panic=-1 gmode=boot" \
     -drive "file=$1/root.raw,format=raw,if=virtio,readonly=on" </dev/null | grep -aq 'CAPSULE-GUEST-MARKER boot-ok' \
     || { echo "bench: boot from $1 failed" >&2; exit 1; }
-  t1=$(date +%s.%N)
-  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }'
+  secs "$2" "$(now)"
 }
 mkdir -p "$W/mnt-rec"
+t0=$(now)
 "$BIN" --store "$PUB" mount guest "$W/mnt-rec" --cache "$W/rec-cache" --read-only --record-profile boot >/dev/null
-local_boot=$(boot "$W/mnt-rec")
+local_boot=$(boot "$W/mnt-rec" "$t0")
 "$BIN" umount "$W/mnt-rec" >/dev/null
 need=$("$BIN" --store "$PUB" inspect guest --json | jq '.profiles[0].stored_bytes')
 
@@ -82,7 +87,6 @@ nsenter --net="/run/netns/$SNS" rsync --daemon --no-detach --config="$W/rsyncd.c
 PIDS+=($!)
 sleep 1
 
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 n=0
 dir=
 mount_remote() { # mount_remote EXTRA...: a fresh cache; sets $dir (no subshell: $n must count)
@@ -92,43 +96,47 @@ mount_remote() { # mount_remote EXTRA...: a fresh cache; sets $dir (no subshell:
   in_ns "$BIN" mount "$URL" "$dir" --cache "$W/cache$n" --read-only "$@" >/dev/null
 }
 
-echo "Boot of the test guest over an emulated link (40 ms RTT); local boot from a mount: ${local_boot} s."
-echo "The boot reads $(awk -v b="$need" 'BEGIN { printf "%.1f", b / 1048576 }') MiB compressed (kernel and initrd whole, then the disk blocks it touches)."
-echo
-echo "| link | physical limit s | demand s | warm s + boot s | background prefetch s | full copy s + boot s | offline-ready s |"
-echo "|---|---|---|---|---|---|---|"
+# line VARIANT RATE MEASUREMENTS_JSON
+line() {
+  result_line link "$(jq -n --arg v "$1" --arg rate "$2" --argjson bits "${3:-null}" '{variant: $v, rate: $rate, rate_bits_per_s: $bits, rtt_ms: 40}')" "$4"
+}
+line local "" "" "$(jq -n --argjson s "$local_boot" --argjson need "$need" '{boot_seconds: $s, boot_profile_stored_bytes: $need}')"
 for rate in $RATES; do
+  echo "bench-link: $rate" >&2
   link_rate "$rate"
   bits=$(echo "$rate" | awk '/kbit/ { sub("kbit",""); print $1 * 1000; next } /mbit/ { sub("mbit",""); print $1 * 1000000 }')
-  limit=$(awk -v b="$need" -v r="$bits" 'BEGIN { printf "%.1f", b * 8 / r }')
 
-  mount_remote; demand=$(boot "$dir"); "$BIN" umount "$dir" >/dev/null
+  t0=$(now); mount_remote; demand=$(boot "$dir" "$t0"); "$BIN" umount "$dir" >/dev/null
+  line demand "$rate" "$bits" "$(jq -n --argjson s "$demand" '{boot_seconds: $s}')"
 
-  n=$((n + 1)); t0=$(date +%s.%N)
+  n=$((n + 1)); t0=$(now)
   in_ns "$BIN" warm "$URL" --profile boot --cache "$W/cache$n" >/dev/null
-  warm=$(secs "$t0" "$(date +%s.%N)")
+  warm=$(secs "$t0" "$(now)")
   mkdir -p "$W/mnt$n"
+  t0=$(now)
   in_ns "$BIN" mount "$URL" "$W/mnt$n" --cache "$W/cache$n" --read-only >/dev/null
-  warmed=$(boot "$W/mnt$n"); "$BIN" umount "$W/mnt$n" >/dev/null
+  warmed=$(boot "$W/mnt$n" "$t0"); "$BIN" umount "$W/mnt$n" >/dev/null
+  line warm "$rate" "$bits" "$(jq -n --argjson w "$warm" --argjson s "$warmed" '{warm_seconds: $w, boot_seconds: $s}')"
 
-  mount_remote --prefetch profile; prefetched=$(boot "$dir"); "$BIN" umount "$dir" >/dev/null
+  t0=$(now); mount_remote --prefetch profile; prefetched=$(boot "$dir" "$t0"); "$BIN" umount "$dir" >/dev/null
+  line prefetch "$rate" "$bits" "$(jq -n --argjson s "$prefetched" '{boot_seconds: $s}')"
 
-  if [ -n "${SKIP_BULK:-}" ]; then
-    echo "| $rate | $limit | $demand | $warm + $warmed | $prefetched | not run | not run |"
-    continue
-  fi
-  rm -rf "$W/copy"; mkdir -p "$W/copy"; t0=$(date +%s.%N)
+  [ -z "${SKIP_BULK:-}" ] || continue
+  rm -rf "$W/copy"; mkdir -p "$W/copy"; t0=$(now)
   in_ns rsync -az "rsync://$SRV_IP:8730/guest/" "$W/copy/"
-  copy=$(secs "$t0" "$(date +%s.%N)")
-  t0=$(date +%s.%N)
+  copy=$(secs "$t0" "$(now)")
+  t0=$(now)
   in_ns timeout --foreground 300 qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \
     -kernel "$W/copy/vmlinuz" -initrd "$W/copy/initrd.gz" -append "console=ttyS0 quiet panic=-1 gmode=boot" \
-    -drive "file=$W/copy/disk.raw,format=raw,if=virtio,readonly=on" </dev/null | grep -aq 'CAPSULE-GUEST-MARKER boot-ok'
-  copyboot=$(secs "$t0" "$(date +%s.%N)")
+    -drive "file=$W/copy/disk.raw,format=raw,if=virtio,readonly=on" </dev/null | grep -aq 'CAPSULE-GUEST-MARKER boot-ok' \
+    || { echo "bench: boot of the copy failed" >&2; exit 1; }
+  copyboot=$(secs "$t0" "$(now)")
+  line copy "$rate" "$bits" "$(jq -n --argjson c "$copy" --argjson s "$copyboot" '{copy_seconds: $c, boot_seconds: $s}')"
 
-  n=$((n + 1)); t0=$(date +%s.%N)
+  n=$((n + 1)); t0=$(now)
   in_ns "$BIN" prefetch --offline "$URL" --cache "$W/cache$n" >/dev/null
-  offline=$(secs "$t0" "$(date +%s.%N)")
-
-  echo "| $rate | $limit | $demand | $warm + $warmed | $prefetched | $copy + $copyboot | $offline |"
+  offline=$(secs "$t0" "$(now)")
+  line offline "$rate" "$bits" "$(jq -n --argjson s "$offline" '{seconds: $s}')"
 done
+result_flush
+python3 scripts/gen-benchmarks.py --show link

@@ -3,9 +3,15 @@
 # 4 KiB reads/s of the test guest disk, side by side in one run: the raw file read locally,
 # `capsule mount` of the capsule served on loopback, and qemu-nbd serving the raw file
 # over TCP (sequential: QEMU's own NBD client, `qemu-img bench`; random: fio's nbd engine).
-# Each figure is also given as a ratio to the local read. Prints a Markdown table.
+# Cold: the page cache dropped and (capsule) an empty capsule cache; warm: a second pass,
+# the page cache dropped again before it for every path, so only the capsule cache is warm.
+# A failed drop of the page cache aborts the benchmark. Writes one JSON line per path to
+# results/mount.jsonl (scripts/results-lib.sh); BENCHMARKS.md's table, with the ratios
+# to the local file, is generated from them (scripts/gen-benchmarks.py) and printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
 G=${CAPSULE_GUEST_DIR:-target/guest}
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-mount.XXXXXX")
@@ -22,7 +28,10 @@ export CAPSULE_CONFIG_DIR=$W/config
 SIZE=$(stat -c %s "$G/disk.raw")
 RAND_SECS=${RAND_SECS:-5}
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+drop_caches() {
+  sync
+  echo 3 >/proc/sys/vm/drop_caches || { echo "bench-mount: cannot drop the page cache (needs root): cold and warm would mean nothing" >&2; exit 1; }
+}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # fio_seq FILE -> MB/s of one sequential pass (1 MiB reads through the page cache)
 fio_seq() { fio --name=seq --filename="$1" --rw=read --bs=1M --size="$SIZE" --ioengine=psync --output-format=json --output="$W/fio.json" >/dev/null 2>&1; jq '.jobs[0].read.bw_bytes / 1e6 | floor' "$W/fio.json"; }
@@ -31,7 +40,7 @@ fio_rand() { fio --name=rand --rw=randread --bs=4k --size="$SIZE" --runtime="$RA
 
 cp "$G/disk.raw" "$W/local.raw"
 drop_caches; l_cold=$(fio_seq "$W/local.raw")
-l_warm=$(fio_seq "$W/local.raw")
+drop_caches; l_warm=$(fio_seq "$W/local.raw")
 l_rand=$(fio_rand --filename="$W/local.raw" --direct=1 --ioengine=psync)
 
 "$BIN" --store "$W/server" import guest --disk "root=$G/disk.raw" >/dev/null
@@ -61,16 +70,18 @@ nbd_seq() {
   awk -v s="$SIZE" -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", s / (b - a) / 1e6 }'
 }
 drop_caches; n_cold=$(nbd_seq)
-n_warm=$(nbd_seq)
+drop_caches; n_warm=$(nbd_seq)
 n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-echo "Test guest disk ($((SIZE >> 20)) MiB, 48 MiB of it data). Sequential: one pass, 1 MiB reads; random: 4 KiB O_DIRECT reads for ${RAND_SECS} s. Ratios are to the local file."
-echo
-echo "| path | seq cold MB/s | seq warm MB/s | rand 4K reads/s (warm) | seq cold / local | seq warm / local | rand / local |"
-echo "|---|---|---|---|---|---|---|"
-echo "| local raw file | $l_cold | $l_warm | $l_rand | 1.00 | 1.00 | 1.00 |"
-echo "| capsule mount (QUIC loopback) | $c_cold | $c_warm | $c_rand | $(ratio "$c_cold" "$l_cold") | $(ratio "$c_warm" "$l_warm") | $(ratio "$c_rand" "$l_rand") |"
-echo "| qemu-nbd (TCP loopback) | $n_cold | $n_warm | $n_rand | $(ratio "$n_cold" "$l_cold") | $(ratio "$n_warm" "$l_warm") | $(ratio "$n_rand" "$l_rand") |"
-echo
-echo "Random 4K reads on an empty cache (each miss fetches its 64 KiB block): $c_rand_cold reads/s ($(ratio "$c_rand_cold" "$l_rand") of local)."
+row() { # row PATH COLD WARM RAND [PEER]
+  result_line mount "$(jq -n --arg path "$1" --argjson secs "$RAND_SECS" '{path: $path, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
+    "$(jq -n --argjson size "$SIZE" --argjson cold "$2" --argjson warm "$3" --argjson rand "$4" \
+          '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
+}
+row local "$l_cold" "$l_warm" "$l_rand"
+row capsule "$c_cold" "$c_warm" "$c_rand"
+row qemu-nbd "$n_cold" "$n_warm" "$n_rand"
+result_line mount "$(jq -n --argjson secs "$RAND_SECS" '{path: "capsule-empty-cache", rand_read_bytes: 4096, rand_seconds: $secs}')" \
+  "$(jq -n --argjson size "$SIZE" --argjson rand "$c_rand_cold" '{disk_bytes: $size, rand_reads_per_s: $rand}')"
+result_flush
+python3 scripts/gen-benchmarks.py --show mount

@@ -6,17 +6,25 @@
 # on each end, capsule-linkemu beside the server adding 20 ms each way (40 ms RTT).
 # Measured per run: seconds to load the device state ("resumed in"), to the first counter
 # after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
-# Three runs per rate: the fix (default), without it, and the fix with `--prefetch memory`
-# (the RAM image fetched in the background, below the guest's faults).
+# Four runs per rate: the fix (default), without it, the fix with `--prefetch memory`
+# (the RAM image fetched in the background, below the guest's faults) and with
+# `--memory-cluster 8` (a fault fetches its aligned group of 8 pages).
 # RATES="2mbit 10mbit" picks the rates, VARIANTS="fix nofix prefetch cluster8" the runs.
+# Every time runs from the start of `capsule run` (mount over the link, QEMU start, device
+# state load): "device state loaded" is when its "resumed" line appears (polled every 0.1 s).
+# Writes one JSON line per rate and variant to results/resume-link.jsonl
+# (scripts/results-lib.sh); BENCHMARKS.md's table is generated from them
+# (scripts/gen-benchmarks.py) and printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
 G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
 # fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N)
-VARIANTS=${VARIANTS:-fix nofix prefetch}
+VARIANTS=${VARIANTS:-fix nofix prefetch cluster8}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
@@ -78,21 +86,16 @@ PIDS+=($!)
 URL=capsule://$SRV_IP:7071/suspended
 sleep 1
 
-echo "Resume of the suspended test guest over an emulated link (40 ms RTT), empty cache, one run each."
-echo "The suspended capsule carries $ram_blocks RAM blocks of 4 KiB ($(mib "$stored") MiB stored, ballooned)."
-echo
-echo "| link | fault fix | device state loaded s | first counter s | fifth counter s | RAM fetched on demand by the fifth | wire bytes by the fifth (all) |"
-echo "|---|---|---|---|---|---|---|"
 n=0
 for rate in $RATES; do
   link_rate "$rate"
   for variant in $VARIANTS; do
     n=$((n + 1))
     case $variant in
-      fix) fix="on"; extra=() ;;
-      nofix) fix="off"; extra=(--no-fault-fix) ;;
-      prefetch) fix="on + --prefetch memory"; extra=(--prefetch memory) ;;
-      cluster*) fix="on + --memory-cluster ${variant#cluster}"; extra=(--memory-cluster "${variant#cluster}") ;;
+      fix) extra=() ;;
+      nofix) extra=(--no-fault-fix) ;;
+      prefetch) extra=(--prefetch memory) ;;
+      cluster*) extra=(--memory-cluster "${variant#cluster}") ;;
       *) die "unknown variant $variant" ;;
     esac
     t0=$(now)
@@ -102,7 +105,8 @@ for rate in $RATES; do
     pid=$!
     RUNS+=($pid)
     wait_for "$W/r$n.out" "resumed" 1800 "$pid"
-    loaded=$(sed -nE 's/.*resumed .* in ([0-9.]+) s.*/\1/p' "$W/r$n.out")
+    loaded=$(secs "$t0" "$(now)")
+    qemu_loaded=$(sed -nE 's/.*resumed .* in ([0-9.]+) s.*/\1/p' "$W/r$n.out")
     wait_for "$W/r$n.console" "COUNTER" 1800 "$pid"
     first=$(secs "$t0" "$(now)")
     until [ "$(grep -ac COUNTER "$W/r$n.console" || true)" -ge 5 ]; do
@@ -115,6 +119,14 @@ for rate in $RATES; do
     wire=$(jq '.bytes_fetched' "$stats")
     kill -INT "$pid"
     wait "$pid" || true
-    echo "| $rate | $fix | $loaded | $first | $fifth | $(mib "$ram") MiB | $(mib "$wire") MiB |"
+    result_line resume-link "$(jq -n --arg v "$variant" --arg rate "$rate" --argjson args "$(jq -n '$ARGS.positional' --args -- "${extra[@]}")" \
+        '{variant: $v, args: $args, rate: $rate, rtt_ms: 40, cache: "empty"}')" \
+      "$(jq -n --argjson loaded "$loaded" --argjson q "${qemu_loaded:-null}" --argjson first "$first" --argjson fifth "$fifth" \
+            --argjson ram "$ram" --argjson wire "$wire" --argjson blocks "$ram_blocks" --argjson stored "$stored" \
+            '{loaded_seconds: $loaded, resumed_seconds_from_qemu_start: $q, first_counter_seconds: $first,
+              fifth_counter_seconds: $fifth, ram_fetched_bytes_by_fifth: $ram, wire_bytes_by_fifth: $wire,
+              capsule_ram_blocks: $blocks, capsule_stored_bytes: $stored}')"
   done
 done
+result_flush
+python3 scripts/gen-benchmarks.py --show resume-link

@@ -7,14 +7,18 @@
 #      the child, bytes stored and pushed, device state, seconds per phase;
 #   3. resume of the ballooned child on an empty cache with and without the
 #      fault-granularity fix: RAM fetched in the first 10 s against what QEMU touched.
-# One run of each, one VM at a time. Prints a Markdown report on stdout; progress and
-# failures go to stderr. Everything it starts is stopped, and its work dir removed, on exit.
+# One run of each, one VM at a time. Writes one JSON line per measured variant to
+# results/run.jsonl (scripts/results-lib.sh); BENCHMARKS.md's tables are generated from
+# them (scripts/gen-benchmarks.py) and printed at the end. Progress and failures go to
+# stderr. Everything it starts is stopped, and its work dir removed, on exit.
 #
 #   bash scripts/bench-run.sh | tee target/bench-run.md
 # Environment: CAPSULE (binary, default target/release/capsule), CAPSULE_GUEST_DIR
 # (default target/guest), TMPDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
 G=${CAPSULE_GUEST_DIR:-target/guest}
 CAPSULE=${CAPSULE:-target/release/capsule}
 
@@ -83,10 +87,10 @@ udp_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.S
 start_run() {
   local id=$1 store=$2 source=$3 cache=$4
   shift 4
+  date +%s.%N >"$W/$id.start"
   env --default-signal=INT "$BIN" --store "$store" run "$source" --cache "$cache" --accel tcg --quiet \
     --id "$id" --serial-log "$W/$id.console" "$@" </dev/null >"$W/$id.out" 2>&1 &
   RPID[$id]=$!
-  date +%s.%N >"$W/$id.start"
 }
 
 alive() { kill -0 "${RPID[$1]}" 2>/dev/null; }
@@ -121,9 +125,6 @@ wait_exit() {
 # "1.9 MiB" -> bytes (as precise as the one decimal the CLI prints)
 bytes() { awk -v v="$1" -v u="$2" 'BEGIN { m["B"]=1; m["KiB"]=1024; m["MiB"]=1048576; m["GiB"]=1073741824; m["TiB"]=1099511627776;
   if (!(u in m)) { print "bad unit " u > "/dev/stderr"; exit 1 } printf "%.0f", v * m[u] }'; }
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
-secs() { awk -v v="$1" 'BEGIN { printf "%.2f", v }'; }
 
 # ---------------------------------------------------------------- server
 log "work dir $W"
@@ -203,13 +204,6 @@ for id in shrunk plain; do
   j=$W/$id.suspend.json
   read -r p_blocks p_xv p_xu p_skip p_wv p_wu < <(push_field "$id") || true
   [ -n "${p_wu:-}" ] || die "cannot parse push line: $(cat "$W/$id.push")"
-  SUS[$id.mem]=$(jq -r .memory_blocks "$j")
-  SUS[$id.changed]=$(jq -r .changed_blocks "$j")
-  SUS[$id.stored]=$(jq -r .stored_bytes "$j")
-  SUS[$id.dev]=$(jq -r .devstate_bytes "$j")
-  SUS[$id.balloon]=$(jq -r 'if .balloon then "\(.balloon.reached_mib) MiB (asked \(.balloon.target_mib))" else "none" end' "$j")
-  for k in balloon save commit total; do SUS[$id.t_$k]=$(jq -r ".seconds.$k" "$j"); done
-  SUS[$id.t_push]=$(jq -r '.seconds.total - .seconds.balloon - .seconds.save - .seconds.commit' "$j")
   SUS[$id.sent_blocks]=$p_blocks
   SUS[$id.sent]=$(bytes "$p_xv" "$p_xu")
   SUS[$id.skipped]=$p_skip
@@ -225,6 +219,10 @@ resume_one() {
   local id=$1
   shift
   start_run "$id" "$W/host-b-$id" "$URL/guest-balloon" "$W/cache-b-$id" --token "$TOKEN" "$@"
+  # Device state loaded: from the start of `capsule run` (mount, QEMU start, load, cont) to
+  # its "resumed" line, polled every 0.1 s.
+  wait_until "$id" 120 "the 'resumed' line" grep -qa "capsule: resumed " "$W/$id.out"
+  RES[$id.loaded]=$(awk -v a="$(cat "$W/$id.start")" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
   wait_record "$id" 120
   local rec=$W/runs/$id/run.json pid mnt
   pid=$(jq -r .qemu_pid "$rec")
@@ -258,66 +256,36 @@ resume_one fix
 log "3/3 resume without it (--no-fault-fix)"
 resume_one nofix --no-fault-fix
 
-# ---------------------------------------------------------------- report
-cat <<EOF
-# capsule run / suspend / resume benchmark
-
-Test guest (${DISK_SIZE} B = $(mib "$DISK_SIZE") MiB disk, 256 MiB RAM), QEMU $(qemu-system-x86_64 --version | sed -nE '1s/.*version ([^ ]+).*/\1/p') under TCG, served over QUIC
-on loopback by \`capsule serve\`. **One run of each measurement** (no repeats, no error bars), one VM at a time.
-$(date -u +%Y-%m-%d), $(nproc) CPUs, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)').
-
-## 1. Cold boot from an empty cache
-
-\`capsule run capsule://.../guest --append gmode=boot\` to the boot-ok marker and power-off; figures
-from the run's fetch summary line (one decimal as printed, so bytes are approximate).
-
-| disk fetched | disk size | fetched / disk size | other files fetched | wire bytes (compressed) | wire / disk size | blocks | guest run time | whole \`capsule run\` |
-|---|---|---|---|---|---|---|---|---|
-| $b_dv $b_du | $b_sv $b_su | $(ratio "$B_DISK" "$DISK_SIZE") | $b_others | $b_wv $b_wu | $(ratio "$B_WIRE" "$DISK_SIZE") | $b_blocks | ${B_GUEST_S:-?} s | $BOOT_WALL s |
-
-Summary line: \`${LINE#capsule: }\`
-
-## 2. Suspend with and without ballooning
-
-Guest \`gmode=loop gdirty=96\` (fills 96 MiB of tmpfs with random data and deletes it), suspended at
-\`COUNTER 5\` and pushed, each to a server of its own holding only the base capsule; pushed bytes come
-from the push line (one decimal).
-
-| | without balloon | with balloon | with / without |
-|---|---|---|---|
-| balloon reached | ${SUS[plain.balloon]} | ${SUS[shrunk.balloon]} | |
-| RAM (memory) blocks in the child | ${SUS[plain.mem]} | ${SUS[shrunk.mem]} | $(ratio "${SUS[shrunk.mem]}" "${SUS[plain.mem]}") |
-| changed blocks (RAM + disk) | ${SUS[plain.changed]} | ${SUS[shrunk.changed]} | $(ratio "${SUS[shrunk.changed]}" "${SUS[plain.changed]}") |
-| stored bytes | ${SUS[plain.stored]} ($(mib "${SUS[plain.stored]}") MiB) | ${SUS[shrunk.stored]} ($(mib "${SUS[shrunk.stored]}") MiB) | $(ratio "${SUS[shrunk.stored]}" "${SUS[plain.stored]}") |
-| device state bytes | ${SUS[plain.dev]} | ${SUS[shrunk.dev]} | $(ratio "${SUS[shrunk.dev]}" "${SUS[plain.dev]}") |
-| push: blocks sent / skipped | ${SUS[plain.sent_blocks]} / ${SUS[plain.skipped]} | ${SUS[shrunk.sent_blocks]} / ${SUS[shrunk.skipped]} | $(ratio "${SUS[shrunk.sent_blocks]}" "${SUS[plain.sent_blocks]}") (sent) |
-| push: block bytes sent | $(mib "${SUS[plain.sent]}") MiB | $(mib "${SUS[shrunk.sent]}") MiB | $(ratio "${SUS[shrunk.sent]}" "${SUS[plain.sent]}") |
-| push: bytes on the wire | $(mib "${SUS[plain.wire]}") MiB | $(mib "${SUS[shrunk.wire]}") MiB | $(ratio "${SUS[shrunk.wire]}" "${SUS[plain.wire]}") |
-| seconds: balloon | $(secs "${SUS[plain.t_balloon]}") | $(secs "${SUS[shrunk.t_balloon]}") | |
-| seconds: save | $(secs "${SUS[plain.t_save]}") | $(secs "${SUS[shrunk.t_save]}") | $(ratio "${SUS[shrunk.t_save]}" "${SUS[plain.t_save]}") |
-| seconds: commit | $(secs "${SUS[plain.t_commit]}") | $(secs "${SUS[shrunk.t_commit]}") | $(ratio "${SUS[shrunk.t_commit]}" "${SUS[plain.t_commit]}") |
-| seconds: push (total − the rest) | $(secs "${SUS[plain.t_push]}") | $(secs "${SUS[shrunk.t_push]}") | $(ratio "${SUS[shrunk.t_push]}" "${SUS[plain.t_push]}") |
-| seconds: total | $(secs "${SUS[plain.t_total]}") | $(secs "${SUS[shrunk.t_total]}") | $(ratio "${SUS[shrunk.t_total]}" "${SUS[plain.t_total]}") |
-| last COUNTER before suspend | ${SUS[plain.last]} | ${SUS[shrunk.last]} | |
-
-Push lines: \`$(cat "$W/plain.push")\`; \`$(cat "$W/shrunk.push")\`
-
-## 3. Resume of the ballooned child with and without the fault-granularity fix
-
-\`capsule run capsule://.../guest-balloon\` on an empty cache; sampled 10 s after \`run.json\` appeared
-(i.e. 10 s after the resume completed): \`.capsule/stats.json\` and QEMU's \`/proc/PID/smaps\` (Rss of its
-\`memory.raw\` mappings = pages touched). Then Ctrl-C.
-
-| | fix (default) | --no-fault-fix | no-fix / fix |
-|---|---|---|---|
-| resume seconds ("resumed ... in X s") | ${RES[fix.secs]} | ${RES[nofix.secs]} | $(ratio "${RES[nofix.secs]}" "${RES[fix.secs]}") |
-| RAM bytes fetched in the first 10 s | ${RES[fix.ram]} ($(mib "${RES[fix.ram]}") MiB) | ${RES[nofix.ram]} ($(mib "${RES[nofix.ram]}") MiB) | $(ratio "${RES[nofix.ram]}" "${RES[fix.ram]}") |
-| RAM touched by QEMU (Rss of memory.raw) | ${RES[fix.rss]} ($(mib "${RES[fix.rss]}") MiB) | ${RES[nofix.rss]} ($(mib "${RES[nofix.rss]}") MiB) | $(ratio "${RES[nofix.rss]}" "${RES[fix.rss]}") |
-| fetched / touched | $(ratio "${RES[fix.ram]}" "${RES[fix.rss]}") | $(ratio "${RES[nofix.ram]}" "${RES[nofix.rss]}") | |
-| of it mapped as huge pages (FilePmdMapped) | ${RES[fix.pmd]} | ${RES[nofix.pmd]} | |
-| wire bytes (all files, compressed) | ${RES[fix.wire]} ($(mib "${RES[fix.wire]}") MiB) | ${RES[nofix.wire]} ($(mib "${RES[nofix.wire]}") MiB) | $(ratio "${RES[nofix.wire]}" "${RES[fix.wire]}") |
-| blocks fetched (all files) | ${RES[fix.blocks]} | ${RES[nofix.blocks]} | $(ratio "${RES[nofix.blocks]}" "${RES[fix.blocks]}") |
-| COUNTER after resume: first .. last (suspended at ${SUS[shrunk.last]}) | ${RES[fix.first]:-none} .. ${RES[fix.last]:-none} | ${RES[nofix.first]:-none} .. ${RES[nofix.last]:-none} | |
-| \`capsule run\` exit status after Ctrl-C | ${RES[fix.rc]} | ${RES[nofix.rc]} | |
-EOF
+# ---------------------------------------------------------------- results
+result_line run '{"section": "boot", "accel": "tcg", "append": "gmode=boot", "cache": "empty"}' \
+  "$(jq -n --argjson disk "$DISK_SIZE" --argjson fetched "$B_DISK" --argjson wire "$B_WIRE" --argjson blocks "$b_blocks" \
+        --arg others "$b_others" --argjson guest "${B_GUEST_S:-null}" --argjson wall "$BOOT_WALL" --arg line "${LINE#capsule: }" \
+        '{disk_bytes: $disk, disk_fetched_bytes_approx: $fetched, other_files_fetched: $others, wire_bytes_approx: $wire,
+          blocks_fetched: $blocks, guest_seconds: $guest, run_seconds: $wall, summary_line: $line}')"
+for id in plain shrunk; do
+  j=$W/$id.suspend.json
+  if [ "$id" = plain ]; then variant=no-balloon; else variant=balloon; fi
+  result_line run "$(jq -n --arg v "$variant" '{section: "suspend", variant: $v, append: "gmode=loop gdirty=96", at_counter: 5}')" \
+    "$(jq -n --slurpfile r "$j" --argjson sent_blocks "${SUS[$id.sent_blocks]}" --argjson sent "${SUS[$id.sent]}" \
+          --argjson skipped "${SUS[$id.skipped]}" --argjson wire "${SUS[$id.wire]}" --argjson last "${SUS[$id.last]:-null}" \
+          --arg line "$(cat "$W/$id.push")" \
+          '$r[0] as $r | {memory_blocks: $r.memory_blocks, changed_blocks: $r.changed_blocks, stored_bytes: $r.stored_bytes,
+            devstate_bytes: $r.devstate_bytes, balloon_reached_mib: ($r.balloon.reached_mib // null),
+            balloon_target_mib: ($r.balloon.target_mib // null), seconds: $r.seconds,
+            push_blocks_sent: $sent_blocks, push_block_bytes_sent_approx: $sent, push_blocks_skipped: $skipped,
+            push_wire_bytes_approx: $wire, last_counter: $last, push_line: $line}')"
+done
+for id in fix nofix; do
+  if [ "$id" = fix ]; then variant=fix; else variant=no-fault-fix; fi
+  result_line run "$(jq -n --arg v "$variant" '{section: "resume", variant: $v, capsule: "guest-balloon", cache: "empty", sample_after_seconds: 10}')" \
+    "$(jq -n --argjson loaded "${RES[$id.loaded]}" --argjson qemu "${RES[$id.secs]}" --argjson ram "${RES[$id.ram]}" \
+          --argjson rss "${RES[$id.rss]}" --argjson pmd "${RES[$id.pmd]}" --argjson wire "${RES[$id.wire]}" \
+          --argjson blocks "${RES[$id.blocks]}" --argjson first "${RES[$id.first]:-null}" --argjson last "${RES[$id.last]:-null}" \
+          --argjson rc "${RES[$id.rc]}" --argjson at "${SUS[shrunk.last]:-null}" \
+          '{loaded_seconds_from_run_start: $loaded, resumed_seconds_from_qemu_start: $qemu, ram_fetched_bytes: $ram,
+            ram_touched_bytes: $rss, ram_huge_mapped_bytes: $pmd, wire_bytes: $wire, blocks_fetched: $blocks,
+            first_counter: $first, last_counter: $last, suspended_at_counter: $at, exit_status_after_ctrl_c: $rc}')"
+done
+result_flush
+python3 scripts/gen-benchmarks.py --show run
 log "done"

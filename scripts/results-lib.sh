@@ -4,7 +4,13 @@
 # result_line BENCH PARAMS_JSON MEASUREMENTS_JSON
 #   appends {"bench", "commit", "dirty", "date", "machine", "params", "measurements"} to
 #   results/BENCH.jsonl. PARAMS_JSON and MEASUREMENTS_JSON are JSON objects (use jq -n).
+#   params gets "run": $RESULT_RUN, one id per run of a script (its start time and pid),
+#   so that the generator keeps one run's lines together. Lines wait in $RESULT_PENDING
+#   until result_flush (the script's last step) appends them: a run that fails half way
+#   adds nothing (its lines stay in $RESULT_PENDING for a look).
+RESULT_RUN=${RESULT_RUN:-$(date -u +%Y%m%dT%H%M%SZ)-$$}
 RESULTS_DIR=${RESULTS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/results}
+RESULT_PENDING=${TMPDIR:-/tmp}/capsule-results-$RESULT_RUN.jsonl
 
 result_machine() {
   jq -n --arg host "$(hostname)" --arg kernel "$(uname -r)" --argjson cpus "$(nproc)" \
@@ -14,16 +20,29 @@ result_machine() {
      '{host: $host, kernel: $kernel, cpus: $cpus, cpu: $cpu, mem_mib: $mem_mib, qemu: $qemu}'
 }
 
+# The commit (and whether the tree differed from it) when the script started: a commit
+# made by someone else during a long run does not split the run.
+RESULT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RESULT_COMMIT=$(git -C "$RESULT_ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+RESULT_DIRTY=false
+git -C "$RESULT_ROOT" diff --quiet HEAD -- . ':!results' ':!BENCHMARKS.md' 2>/dev/null || RESULT_DIRTY=true
+
 result_line() {
-  local bench=$1 params=$2 measurements=$3 root commit dirty
-  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-  commit=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
-  dirty=false
-  git -C "$root" diff --quiet HEAD -- . ':!results' ':!BENCHMARKS.md' 2>/dev/null || dirty=true
-  mkdir -p "$RESULTS_DIR"
-  jq -cn --arg bench "$bench" --arg commit "$commit" --argjson dirty "$dirty" \
+  local bench=$1 params=$2 measurements=$3
+  jq -cn --arg bench "$bench" --arg commit "$RESULT_COMMIT" --argjson dirty "$RESULT_DIRTY" \
      --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --argjson machine "$(result_machine)" \
-     --argjson params "$params" --argjson measurements "$measurements" \
-     '{bench: $bench, commit: $commit, dirty: $dirty, date: $date, machine: $machine, params: $params, measurements: $measurements}' \
-     >> "$RESULTS_DIR/$bench.jsonl"
+     --argjson params "$params" --arg run "$RESULT_RUN" --argjson measurements "$measurements" \
+     '{bench: $bench, commit: $commit, dirty: $dirty, date: $date, machine: $machine, params: ({run: $run} + $params), measurements: $measurements}' \
+     >> "$RESULT_PENDING"
+}
+
+# result_flush: appends this run's lines to results/BENCH.jsonl, each to its bench's file.
+result_flush() {
+  local bench
+  [ -f "$RESULT_PENDING" ] || return 0
+  mkdir -p "$RESULTS_DIR"
+  for bench in $(jq -r .bench "$RESULT_PENDING" | sort -u); do
+    jq -c --arg b "$bench" 'select(.bench == $b)' "$RESULT_PENDING" >>"$RESULTS_DIR/$bench.jsonl"
+  done
+  rm -f "$RESULT_PENDING"
 }

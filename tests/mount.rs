@@ -19,11 +19,13 @@ impl Env {
     }
 }
 
-/// Guest (with boot files) and its update in `store`; returns the update's count of new
-/// block contents.
+/// Guest (with boot files) and its update in `store`; returns the count of block contents
+/// the update has and the guest lacks, hashed here from the two images (not capsule's count).
 fn import_both(store: &Path) -> u64 {
     import_guest(store, true);
-    import_guest_update(store)["images"][0][1]["new_blocks"].as_u64().unwrap()
+    import_guest_update(store);
+    let g = guest_dir();
+    new_contents(&g.join("disk.raw"), &g.join("disk-update.raw"), 65536).len() as u64
 }
 
 fn same_file(a: &Path, b: &Path) {
@@ -171,48 +173,100 @@ fn writes_commit_push_and_show_up_on_an_empty_cache_elsewhere() {
 }
 
 #[test]
-fn kill_9_of_the_mount_during_writes_leaves_cache_and_overlay_consistent() {
+fn kill_9_of_the_mount_mid_write_keeps_every_acknowledged_write_through_commit() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let e = Env::new();
     let local = e.p("local");
     import_both(&local);
     let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
     let bs = 65536usize;
+    let targets: Vec<usize> = (0..64).map(|b| b * 7 + 3).collect();
+    let rounds = 50u8;
     let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
-    let path = m.dir.join("root.raw");
-    let writer = std::thread::spawn(move || {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let mut round = 1u8;
-        // Whole blocks, each filled with one byte value: any torn block would show two.
-        while round < 250 {
-            for b in 0..64u64 {
-                if f.write_all_at(&vec![round; 65536], (b * 7 + 3) * 65536).is_err() {
-                    return round;
+    // (block, round) of every write the mount acknowledged (write and fdatasync returned),
+    // and the one in flight: the writer's own record, kept apart from the mount's counters.
+    let acked: Arc<Mutex<Vec<(usize, u8)>>> = Arc::default();
+    let in_flight: Arc<Mutex<Option<(usize, u8)>>> = Arc::default();
+    let finished = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, acked, in_flight, finished, targets) = (m.dir.join("root.raw"), acked.clone(), in_flight.clone(), finished.clone(), targets.clone());
+        std::thread::spawn(move || -> std::io::Error {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            // Whole blocks, each filled with its round's byte: a torn block would show two.
+            for round in 1..=rounds {
+                for &i in &targets {
+                    *in_flight.lock().unwrap() = Some((i, round));
+                    if let Err(err) = f.write_all_at(&vec![round; bs], (i * bs) as u64).and_then(|_| f.sync_data()) {
+                        return err;
+                    }
+                    acked.lock().unwrap().push((i, round));
                 }
             }
-            round += 1;
+            finished.store(true, Ordering::SeqCst);
+            std::io::Error::other("the writer finished every round: the kill came too late")
+        })
+    };
+    // Kill once the writer is into its second round (so blocks were overwritten) and the
+    // mount itself has counted those bytes as written.
+    let start = std::time::Instant::now();
+    loop {
+        let n = acked.lock().unwrap().len();
+        let written = m.stats()["bytes_written"].as_u64().unwrap_or(0);
+        if n >= targets.len() + 20 && written >= ((targets.len() + 20) * bs) as u64 {
+            break;
         }
-        round
-    });
-    std::thread::sleep(std::time::Duration::from_millis(700));
+        assert!(start.elapsed().as_secs() < 120 && !finished.load(Ordering::SeqCst), "the writer made no progress: {n} writes, {written} bytes written per stats");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let pid = m.pid().unwrap();
     tool(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
-    let rounds = writer.join().unwrap();
-    assert!(rounds >= 2, "the writer had not finished a round when the mount died");
+    let err = writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    let in_flight = *in_flight.lock().unwrap();
+    assert!(!finished.load(Ordering::SeqCst) && acked.len() < targets.len() * rounds as usize, "the writer was not interrupted: {err}");
+    eprintln!("writer interrupted after {} acknowledged writes: {err}", acked.len());
     // The dead mount stays in place (its guard cleans up at the end, also on failure):
     // the next mount must clean it up itself.
     let _dead = m;
 
-    // Remount: the stale mount is cleaned up, every block is whole (old or one round).
-    let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
-    let root = std::fs::read(m.dir.join("root.raw")).unwrap();
-    for b in 0..64usize {
-        let i = b * 7 + 3;
-        let block = &root[i * bs..(i + 1) * bs];
-        let whole = block.iter().all(|&x| x == block[0]) && block[0] != 0;
-        assert!(whole || block == &disk[i * bs..(i + 1) * bs], "block {i} is torn");
+    // What each block must hold: its last acknowledged round (else the disk's own bytes),
+    // or, for the write in flight at the kill, that round.
+    let mut last = std::collections::HashMap::new();
+    for &(i, r) in &acked {
+        last.insert(i, r);
     }
-    ok(capsule(&local).arg("verify"));
+    let check = |root: &[u8], what: &str| {
+        for &i in &targets {
+            let block = &root[i * bs..(i + 1) * bs];
+            let expected = match last.get(&i) {
+                Some(&r) => block.iter().all(|&x| x == r),
+                None => block == &disk[i * bs..(i + 1) * bs],
+            };
+            let was_in_flight = in_flight.is_some_and(|(j, r)| j == i && block.iter().all(|&x| x == r));
+            assert!(expected || was_in_flight, "{what}: block {i} holds neither its acknowledged write ({:?}) nor the one in flight ({in_flight:?}); first bytes {:?}", last.get(&i), &block[..8]);
+        }
+    };
+    // Remount (the stale mount is cleaned up), then commit the overlay as a child capsule.
+    {
+        let m = Mounted::new(&local, &e.p("cfg"), "guest", &e.p("mnt"), &e.p("cache"), &[]);
+        check(&std::fs::read(m.dir.join("root.raw")).unwrap(), "remount");
+        ok(capsule(&local).arg("commit").arg(&m.dir).arg("after-kill"));
+    }
+    ok(capsule(&local).args(["verify", "after-kill"]));
+    // A fresh mount of the child, on a fresh cache: the acknowledged writes are in it.
+    let m = Mounted::new(&local, &e.p("cfg"), "after-kill", &e.p("mnt2"), &e.p("cache2"), &["--read-only"]);
+    let root = std::fs::read(m.dir.join("root.raw")).unwrap();
+    check(&root, "child");
+    // Everything else is the parent's disk.
+    let mut rest = root.clone();
+    let mut expected = disk.clone();
+    for &i in &targets {
+        rest[i * bs..(i + 1) * bs].fill(0);
+        expected[i * bs..(i + 1) * bs].fill(0);
+    }
+    assert!(rest == expected, "the child differs from its parent outside the written blocks");
 }
 
 #[test]

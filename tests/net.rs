@@ -13,25 +13,33 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::Deserializer::from_str(&text[start..]).into_iter().next().unwrap().unwrap()
 }
 
-/// The guest and its update in `store`; returns the bytes the update's new blocks take.
-fn import_both(store: &Path) -> u64 {
+/// The guest and its update in `store`; returns the update's new block contents (hashed
+/// here from the two images) and the bytes their files take in `store`.
+fn import_both(store: &Path) -> (std::collections::HashSet<String>, u64) {
     import_guest(store, false);
-    import_guest_update(store)["images"][0][1]["stored_bytes"].as_u64().unwrap()
+    import_guest_update(store);
+    let g = guest_dir();
+    let new = new_contents(&g.join("disk.raw"), &g.join("disk-update.raw"), 65536);
+    let bytes = new.iter().map(|h| std::fs::metadata(store.join("blocks").join(&h[..2]).join(h)).unwrap().len()).sum();
+    (new, bytes)
 }
 
 #[test]
 fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let (local, remote, cfg) = (dir.path().join("local"), dir.path().join("remote"), dir.path().join("cfg"));
-    let changed_bytes = import_both(&local);
+    let (new_blocks, changed_bytes) = import_both(&local);
     let token = ok(capsule(&remote).args(["token", "create", "--scope", "write"])).trim().to_string();
     let server = ServerProcess::start(&remote, &[]);
 
     let first = json(&ok(client(&local, &cfg).args(["push", "guest", &server.url, "--json", "--token", &token])));
     assert_eq!(first["blocks_skipped"], 0);
+    let before = stored_block_names(&remote);
     let child = json(&ok(client(&local, &cfg).args(["push", "guest-update", &format!("{}/guest-update", server.url), "--json", "--token", &token])));
     let sent = child["wire_sent"].as_u64().unwrap();
     assert!(child["blocks_skipped"].as_u64().unwrap() > 0);
+    let arrived: std::collections::HashSet<String> = stored_block_names(&remote).difference(&before).cloned().collect();
+    assert_eq!(arrived, new_blocks, "the child push moved other blocks than the update's new contents");
     assert!(
         sent as f64 <= changed_bytes as f64 * 1.10,
         "child push sent {sent} bytes on the wire for {changed_bytes} bytes of changed blocks"

@@ -6,6 +6,19 @@ mod common;
 
 use common::*;
 
+/// "3.1" "MiB" -> bytes (capsule prints sizes this way).
+fn human_bytes(n: &str, unit: &str) -> f64 {
+    let n: f64 = n.parse().unwrap_or_else(|_| panic!("not a number: {n}"));
+    let unit = unit.trim_end_matches([',', ';', ')']);
+    n * match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => panic!("unknown unit {unit}"),
+    }
+}
+
 /// A server holding the test guest (with boot files) as `guest`, and a write token.
 fn serve_guest(dir: &std::path::Path) -> (ServerProcess, String) {
     let server_store = dir.join("server");
@@ -28,13 +41,18 @@ fn a_remote_capsule_cold_boots_with_capsule_run_from_an_empty_cache() {
         "cold",
         &["--append", "gmode=boot", "--token", &token],
     );
-    let (success, output) = run.wait(180);
+    let output = run.wait_marker(BOOT_OK, 180);
     let console = run.console();
-    assert!(success, "run failed:\n{output}\nconsole:\n{console}");
-    assert!(console.contains("CAPSULE-GUEST-MARKER boot-ok") && console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
-    // The run reports what it fetched; of a 128 MiB disk the boot needs a small part.
+    assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
+    // "fetched X of Y of disk (...); W on the wire (N blocks)": of the disk (its size from
+    // the image itself) a booted guest needs some, and far from all.
+    let disk_size = std::fs::metadata(guest_dir().join("disk.raw")).unwrap().len() as f64;
     let line = output.lines().find(|l| l.contains("of disk")).unwrap_or_else(|| panic!("no fetch summary:\n{output}"));
-    assert!(!line.contains("fetched 0 B of"), "nothing fetched? {line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "fetched").unwrap_or_else(|| panic!("{line}"));
+    let (fetched, of) = (human_bytes(words[at + 1], words[at + 2]), human_bytes(words[at + 4], words[at + 5]));
+    assert!((of - disk_size).abs() <= 0.01 * disk_size, "the summary's disk size {of} is not the image's {disk_size}: {line}");
+    assert!(fetched > 64.0 * 1024.0 && fetched < disk_size / 4.0, "the boot fetched {fetched} bytes of a {disk_size}-byte disk: {line}");
     // Unmounted and cleaned up at the end.
     assert!(!dir.path().join("runs/cold").exists(), "run directory left behind:\n{output}");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
@@ -58,8 +76,7 @@ fn a_file_written_by_the_guest_is_committed_pushed_and_found_on_another_cache() 
         "writer",
         &["--append", &format!("gmode=write rw gtoken={tok}"), "--commit", "guest-written", "--push", &format!("{}/guest-written", server.url), "--token", &token],
     );
-    let (success, output) = a.wait(240);
-    assert!(success && a.console().contains("CAPSULE-GUEST-MARKER write-ok"), "{output}\nconsole:\n{}", a.console());
+    let output = a.wait_marker("CAPSULE-GUEST-MARKER write-ok", 240);
     assert!(output.contains("pushed guest-written"), "{output}");
 
     let mut b = Run::start(
@@ -71,9 +88,8 @@ fn a_file_written_by_the_guest_is_committed_pushed_and_found_on_another_cache() 
         "reader",
         &["--append", "gmode=read", "--token", &token, "--read-only"],
     );
-    let (success, output) = b.wait(240);
+    b.wait_marker("CAPSULE-GUEST-MARKER read-ok", 240);
     let console = b.console();
-    assert!(success, "{output}\nconsole:\n{console}");
     assert!(console.contains(&format!("CAPSULE-GUEST-READ {tok}")), "the file written on host A is not there:\n{console}");
 }
 
@@ -147,6 +163,79 @@ fn a_guest_suspended_on_host_a_resumes_on_host_b_and_its_counter_continues() {
     assert!(second * 4 < first, "second suspend stored {second} RAM blocks, the first {first}: {again}");
     let (success, output) = b.wait(60);
     assert!(success && output.contains("suspended as guest-suspended-2"), "{output}");
+
+    // The same child resumed twice more from empty caches, side by side: with
+    // --memory-cluster 8 and with --prefetch memory. Its RAM pages, hashed here from an
+    // export (from the server's store, which holds the whole chain), tell what each cache
+    // must hold.
+    let export = dir.path().join("export");
+    ok(capsule(&dir.path().join("server")).args(["export", "guest-suspended", "--out"]).arg(&export));
+    let pages = block_hashes(&std::fs::read(export.join("memory.raw")).unwrap(), 4096);
+    let url = format!("{}/guest-suspended", server.url);
+    let mut c = Run::start(&dir.path().join("host-c"), &cfg, &runs, &url, &dir.path().join("cache-c"), "on-c", &["--token", &token, "--memory-cluster", "8"]);
+    let mut d = Run::start(&dir.path().join("host-d"), &cfg, &runs, &url, &dir.path().join("cache-d"), "on-d", &["--token", &token, "--prefetch", "memory"]);
+    c.wait_console(&format!("COUNTER {}", last + 2), 120);
+    d.wait_console(&format!("COUNTER {}", last + 2), 120);
+    // A fault fetches its whole aligned group of 8 pages: every group the guest touched is
+    // complete in C's cache, unlike B's (page by page).
+    let (c_full, c_groups) = complete_groups(&pages, &stored_block_names(&dir.path().join("cache-c")), 8);
+    let (b_full, b_groups) = complete_groups(&pages, &stored_block_names(&dir.path().join("cache-b")), 8);
+    eprintln!("complete groups of 8 RAM pages: {c_full}/{c_groups} with --memory-cluster 8, {b_full}/{b_groups} without");
+    assert!(c_groups > 0 && c_full as f64 >= 0.98 * c_groups as f64, "--memory-cluster 8 left groups incomplete: {c_full} of {c_groups} complete");
+    assert!((b_full as f64) < 0.9 * b_groups as f64, "without clustering {b_full} of {b_groups} groups are complete: the check cannot tell");
+    // --prefetch memory: the whole RAM image arrives in the background, the disk does not.
+    let mnt_d = std::path::PathBuf::from(d.record()["mountpoint"].as_str().unwrap());
+    let start = std::time::Instant::now();
+    loop {
+        let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt_d.join(".capsule/stats.json")).unwrap()).unwrap();
+        if stats["files"]["memory.raw"]["resident_pct"].as_f64().unwrap() >= 100.0 {
+            assert!(stats["files"]["root.raw"]["resident_pct"].as_f64().unwrap() < 100.0, "--prefetch memory fetched the disk too: {stats}");
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 180, "--prefetch memory did not bring the RAM image in 180 s: {stats}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let cached = stored_block_names(&dir.path().join("cache-d"));
+    let missing = pages.iter().flatten().filter(|h| !cached.contains(*h)).count();
+    assert_eq!(missing, 0, "RAM pages not in the cache after --prefetch memory");
+    d.wait_console(&format!("COUNTER {}", last + 4), 60);
+    c.interrupt();
+    d.interrupt();
+}
+
+/// Aligned groups of `n` pages holding a cached page whose content no other page has (so
+/// it was fetched for that page): how many of them have every non-zero page cached, of how many.
+fn complete_groups(pages: &[Option<String>], cached: &std::collections::HashSet<String>, n: usize) -> (usize, usize) {
+    let mut count = std::collections::HashMap::new();
+    for h in pages.iter().flatten() {
+        *count.entry(h.as_str()).or_insert(0) += 1;
+    }
+    let (mut full, mut touched) = (0, 0);
+    for group in pages.chunks(n) {
+        if group.iter().flatten().any(|h| count[h.as_str()] == 1 && cached.contains(h)) {
+            touched += 1;
+            full += usize::from(group.iter().flatten().all(|h| cached.contains(h)));
+        }
+    }
+    (full, touched)
+}
+
+/// QEMU's seccomp mode (`Seccomp:` in /proc/PID/status): 2 under a filter, 0 without.
+fn seccomp_mode(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Seccomp:")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{status}"))
+}
+
+/// The kernel readahead (KiB) of the FUSE mount at `mnt`, from its device's sysfs entry.
+fn mount_readahead_kb(mnt: &std::path::Path) -> u64 {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dev = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&mnt.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not mounted", mnt.display()))[2]
+        .to_string();
+    std::fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap().trim().parse().unwrap()
 }
 
 #[test]
@@ -158,10 +247,17 @@ fn ballooning_before_a_suspend_leaves_freed_ram_out_of_the_child() {
     let runs = dir.path().join("runs");
     // The guest fills 96 MiB of tmpfs with random data and deletes it: freed, not zero.
     let dirty = ["--append", "gmode=loop gdirty=96"];
-    let mut plain = Run::start(&store, &cfg, &runs, "guest", &dir.path().join("cache-1"), "plain", &dirty);
+    // `plain` also runs without the fault-granularity fix; `shrunk` has it.
+    let mut plain = Run::start(&store, &cfg, &runs, "guest", &dir.path().join("cache-1"), "plain", &[&dirty[..], &["--no-fault-fix"]].concat());
     let mut shrunk = Run::start(&store, &cfg, &runs, "guest", &dir.path().join("cache-2"), "shrunk", &dirty);
     plain.wait_console("COUNTER 4", 180);
     shrunk.wait_console("COUNTER 4", 180);
+    // The fix: QEMU under the seccomp filter, and no kernel readahead on the mount.
+    let place = |r: &Run| (r.record()["qemu_pid"].as_u64().unwrap(), std::path::PathBuf::from(r.record()["mountpoint"].as_str().unwrap()));
+    let ((fixed_pid, fixed_mnt), (plain_pid, plain_mnt)) = (place(&shrunk), place(&plain));
+    assert_eq!((seccomp_mode(fixed_pid), mount_readahead_kb(&fixed_mnt)), (2, 0), "the fault fix is off by default");
+    assert_eq!(seccomp_mode(plain_pid), 0, "--no-fault-fix still filters QEMU's system calls");
+    assert!(mount_readahead_kb(&plain_mnt) > 0, "--no-fault-fix still turns kernel readahead off");
     let without = plain.suspend(&cfg, "without-balloon", &["--no-balloon"]);
     let with = shrunk.suspend(&cfg, "with-balloon", &[]);
     let (n_without, n_with) = (without["memory_blocks"].as_u64().unwrap(), with["memory_blocks"].as_u64().unwrap());

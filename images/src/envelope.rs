@@ -177,16 +177,20 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// Inputs kept under the layer cap (at most 50 * (5 + 1 + 16 * 4) + 1 = 3501 bytes of
+        /// postcard, cap 4096): every one must encode and come back.
         #[test]
-        fn round_trip(v in proptest::collection::vec(any::<(u32, String)>(), 0..50)) {
-            let bytes = encode(ObjectKind::Layer, &v);
-            match bytes {
-                Ok(bytes) => {
-                    let back: Vec<(u32, String)> = decode(ObjectKind::Layer, &bytes).unwrap();
-                    prop_assert_eq!(back, v);
-                }
-                Err(e) => prop_assert_eq!(e.kind(), ErrorKind::TooLarge),
-            }
+        fn round_trip(v in proptest::collection::vec((any::<u32>(), "\\PC{0,16}"), 0..50)) {
+            let bytes = encode(ObjectKind::Layer, &v).unwrap();
+            let back: Vec<(u32, String)> = decode(ObjectKind::Layer, &bytes).unwrap();
+            prop_assert_eq!(back, v);
+        }
+
+        /// Over the cap by any amount: refused as too large, whatever the bytes.
+        #[test]
+        fn over_the_cap_is_too_large(extra in 1usize..5000, fill in any::<u8>()) {
+            let v = vec![fill; ObjectKind::Layer.max_payload() + extra];
+            prop_assert_eq!(encode(ObjectKind::Layer, &v).unwrap_err().kind(), ErrorKind::TooLarge);
         }
 
         #[test]
@@ -216,6 +220,17 @@ mod tests {
         bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         let err = decode::<u32>(ObjectKind::Layer, &bytes).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn a_payload_of_exactly_the_cap_encodes_and_one_byte_more_does_not() {
+        // postcard: a Vec<u8> of n < 16384 bytes is a 2-byte length and the bytes.
+        let cap = ObjectKind::Layer.max_payload();
+        let fits = vec![7u8; cap - 2];
+        let bytes = encode(ObjectKind::Layer, &fits).unwrap();
+        assert_eq!(bytes.len(), HEADER_LEN + cap + CHECKSUM_LEN);
+        assert_eq!(decode::<Vec<u8>>(ObjectKind::Layer, &bytes).unwrap(), fits);
+        assert_eq!(encode(ObjectKind::Layer, &vec![7u8; cap - 1]).unwrap_err().kind(), ErrorKind::TooLarge);
     }
 
     #[test]

@@ -267,12 +267,32 @@ mod tests {
             prop_assert_eq!(dec.buffered(), 0);
         }
 
+        /// Random bytes never decode to a frame; once a header's worth has arrived, they are
+        /// an error (a bad magic), not a wait for more.
         #[test]
         fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            prop_assume!(bytes.len() < 4 || &bytes[..4] != MAGIC);
             let mut dec = Decoder::new();
-            if dec.push(&bytes).is_ok() {
-                while let Ok(Some(_)) = dec.next_frame() {}
+            let result = dec.push(&bytes).and_then(|_| dec.next_frame());
+            if bytes.len() >= HEADER {
+                prop_assert!(result.is_err(), "{} garbage bytes gave {:?}", bytes.len(), result);
+            } else {
+                prop_assert!(matches!(result, Ok(None)), "{:?}", result);
             }
+        }
+
+        /// A well-formed header over random payload and checksum: a checksum error, no frame.
+        #[test]
+        fn garbage_behind_a_good_header_is_an_error(t in 1u8..=5, body in proptest::collection::vec(any::<u8>(), 4..600)) {
+            let len = if t == 5 { 0 } else { body.len() - CHECKSUM };
+            let mut wire = MAGIC.to_vec();
+            wire.extend_from_slice(&[VERSION, t, 0, 0]);
+            wire.extend_from_slice(&(len as u32).to_le_bytes());
+            wire.extend_from_slice(&body[..len + CHECKSUM]);
+            prop_assume!(checksum(&wire[..HEADER + len]) != wire[HEADER + len..]);
+            let mut dec = Decoder::new();
+            let result = dec.push(&wire).and_then(|_| dec.next_frame());
+            prop_assert!(result.as_ref().is_err_and(|e| e.to_string().contains("checksum")), "{:?}", result);
         }
 
         #[test]

@@ -97,9 +97,10 @@ impl Drop for Qemu {
 }
 
 /// Boots the test guest's kernel and initrd under TCG with `drive` (a `-drive` value) and
-/// extra kernel arguments; returns the console output once `until` appears or the guest
-/// powers off, panicking after `timeout_s`.
-pub fn boot_guest(kernel: &Path, initrd: &Path, drive: &str, append: &str, until: &str, timeout_s: u64) -> String {
+/// extra kernel arguments; returns the console once `marker` appears. Panics with the
+/// console if the guest stops (or `timeout_s` passes) without printing it: a guest that
+/// dies early reads nothing, and must not pass for a boot that fetched little.
+pub fn boot_guest(kernel: &Path, initrd: &Path, drive: &str, append: &str, marker: &str, timeout_s: u64) -> String {
     use std::io::Read;
     use std::process::Stdio;
     let child = Command::new("qemu-system-x86_64")
@@ -134,13 +135,20 @@ pub fn boot_guest(kernel: &Path, initrd: &Path, drive: &str, append: &str, until
         match rx.recv_timeout(left) {
             Ok(chunk) => {
                 console.extend(chunk);
-                if String::from_utf8_lossy(&console).contains(until) {
+                if String::from_utf8_lossy(&console).contains(marker) {
                     break;
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = qemu.0.wait();
+                let mut err = String::new();
+                if let Some(mut e) = qemu.0.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("the guest stopped without printing {marker:?}; qemu stderr:\n{err}\nconsole:\n{}", String::from_utf8_lossy(&console))
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                panic!("guest did not print {until:?} within {timeout_s} s; console:\n{}", String::from_utf8_lossy(&console))
+                panic!("guest did not print {marker:?} within {timeout_s} s; console:\n{}", String::from_utf8_lossy(&console))
             }
         }
     }
@@ -216,6 +224,14 @@ pub struct Mounted {
     /// The cache it uses.
     pub cache: PathBuf,
     store: PathBuf,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a mount may live before its watchdog kills the daemon (seconds;
+/// `CAPSULE_TEST_MOUNT_WATCHDOG`, default 600): a hung FUSE read then fails (ENOTCONN) and
+/// the test fails, instead of stalling the whole run.
+pub fn mount_watchdog_s() -> u64 {
+    std::env::var("CAPSULE_TEST_MOUNT_WATCHDOG").ok().and_then(|v| v.parse().ok()).unwrap_or(600)
 }
 
 impl Mounted {
@@ -224,7 +240,23 @@ impl Mounted {
         // A stale mount left by a killed daemon makes this fail; `capsule mount` cleans it.
         let _ = std::fs::create_dir_all(dir);
         ok(client(store, config).args(["mount", source]).arg(dir).arg("--cache").arg(cache).args(extra));
-        Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf() }
+        let m = Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf(), done: Default::default() };
+        if let Some(pid) = m.pid() {
+            let (done, dir) = (m.done.clone(), m.dir.clone());
+            let limit = mount_watchdog_s();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
+                while std::time::Instant::now() < deadline {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                eprintln!("watchdog: {} still mounted after {limit} s; killing its daemon {pid}", dir.display());
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
+            });
+        }
+        m
     }
 
     /// The daemon's pid, from `.capsule/info.json`.
@@ -257,6 +289,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
         let pid = self.pid();
         self.unmount();
         let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).output();
@@ -296,10 +329,16 @@ pub fn import_guest_update(store: &Path) -> serde_json::Value {
     serde_json::from_str(&text[text.find('{').expect("JSON report")..]).expect("import report")
 }
 
-/// Boots the guest from a mount's files (read-only disk) to its boot marker.
+/// The test guest's marker of a completed `gmode=boot`.
+pub const BOOT_OK: &str = "CAPSULE-GUEST-MARKER boot-ok";
+
+/// Boots the guest from a mount's files (read-only disk); panics unless it printed its boot
+/// marker with no I/O error and no guest error on the way.
 pub fn boot_from_mount(m: &Mounted) -> String {
     let drive = format!("file={},format=raw,if=virtio,readonly=on", m.dir.join("root.raw").display());
-    boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", "CAPSULE-GUEST-MARKER boot-ok", 150)
+    let console = boot_guest(&m.dir.join("vmlinuz"), &m.dir.join("initrd.img"), &drive, "gmode=boot", BOOT_OK, 150);
+    assert!(!console.contains("I/O error") && !console.contains("CAPSULE-GUEST-ERROR"), "the boot hit errors:\n{console}");
+    console
 }
 
 /// The kernel command line the test guest is imported with (`capsule run` appends modes).
@@ -370,6 +409,15 @@ impl Run {
             assert!(std::time::Instant::now() < deadline, "run {} did not print {pattern:?} in {timeout_s} s\nconsole:\n{text}\noutput:\n{}", self.id, self.output());
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+    }
+
+    /// Waits for the run to end by itself; panics unless it succeeded and the console shows
+    /// `marker`. Returns `capsule run`'s output.
+    pub fn wait_marker(&mut self, marker: &str, timeout_s: u64) -> String {
+        let (success, output) = self.wait(timeout_s);
+        let console = self.console();
+        assert!(success && console.contains(marker), "run {} ended (success: {success}) without {marker:?}\noutput:\n{output}\nconsole:\n{console}", self.id);
+        output
     }
 
     /// The run's `run.json`.
@@ -443,4 +491,37 @@ pub fn counters(console: &str) -> Vec<u64> {
         None => "",
     };
     complete.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")).filter_map(|n| n.trim().parse().ok()).collect()
+}
+
+/// BLAKE3 of each `bs`-byte block of `data` (the last one zero-padded, as capsule stores
+/// it), `None` for an all-zero block: the block names the format gives, computed here
+/// without capsule, so tests compare capsule's behaviour with an independent expectation.
+pub fn block_hashes(data: &[u8], bs: usize) -> Vec<Option<String>> {
+    data.chunks(bs)
+        .map(|c| {
+            if c.iter().all(|&b| b == 0) {
+                return None;
+            }
+            let mut padded = c.to_vec();
+            padded.resize(bs, 0);
+            Some(blake3::hash(&padded).to_hex().to_string())
+        })
+        .collect()
+}
+
+/// The distinct non-zero block contents of `files` at block size `bs`.
+pub fn distinct_blocks(files: &[&Path], bs: usize) -> std::collections::HashSet<String> {
+    files.iter().flat_map(|f| block_hashes(&std::fs::read(f).unwrap(), bs)).flatten().collect()
+}
+
+/// The distinct non-zero contents `update` has and `base` lacks, at block size `bs`: what
+/// a child over `base` must store, and what a cache holding `base` must fetch to read it.
+pub fn new_contents(base: &Path, update: &Path, bs: usize) -> std::collections::HashSet<String> {
+    let old = distinct_blocks(&[base], bs);
+    distinct_blocks(&[update], bs).into_iter().filter(|h| !old.contains(h)).collect()
+}
+
+/// Names (hashes) of the block files in a store or cache.
+pub fn stored_block_names(store: &Path) -> std::collections::HashSet<String> {
+    stored_blocks(store).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
 }
