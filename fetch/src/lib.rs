@@ -91,6 +91,8 @@ pub struct SourceCounters {
     pub bytes: u64,
     /// Reconnections after a lost link.
     pub reconnects: u64,
+    /// Metadata requests ([`BlockSource::fetch_objects`] calls, retries included).
+    pub object_requests: u64,
     /// Bytes on the wire, received (0 if the source cannot tell).
     pub wire_received: u64,
 }

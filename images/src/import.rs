@@ -99,6 +99,53 @@ impl std::fmt::Debug for FileImport<'_> {
     }
 }
 
+/// What a worker learnt of a sparse file's layout: `[.., hole_until)` is a hole from
+/// `known_from`, `[.., data_until)` data, so most blocks need no `lseek` at all.
+#[derive(Debug, Default)]
+struct Extents {
+    known_from: u64,
+    hole_until: u64,
+    data_until: u64,
+}
+
+impl Extents {
+    /// True if `[offset, offset + len)` lies in a hole (SEEK_DATA/SEEK_HOLE; a file system
+    /// without them reports data everywhere, which is only slower).
+    fn is_hole(&mut self, file: &File, offset: u64, len: u64, size: u64) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        let end = offset + len;
+        if offset >= self.known_from && end <= self.hole_until {
+            return true;
+        }
+        if offset >= self.known_from && end <= self.data_until {
+            return false;
+        }
+        self.known_from = offset;
+        match seek(file, SeekFrom::Data(offset)) {
+            Ok(data) if data >= end => {
+                self.hole_until = data;
+                self.data_until = 0;
+                true
+            }
+            Ok(_) => {
+                self.hole_until = 0;
+                self.data_until = seek(file, SeekFrom::Hole(offset)).unwrap_or(size);
+                false
+            }
+            // ENXIO: no data at or after `offset`.
+            Err(e) if e == rustix::io::Errno::NXIO => {
+                self.hole_until = size.max(end);
+                true
+            }
+            Err(_) => {
+                self.hole_until = 0;
+                self.data_until = size;
+                false
+            }
+        }
+    }
+}
+
 /// Imports the file at `path` as a new top layer; returns the image and what it cost.
 pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<(Image, ImportStats)> {
     check_block_size_log2(opts.block_size_log2)?;
@@ -121,6 +168,7 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
         let mut entries = Vec::new();
         let mut stats = ImportStats::default();
         let mut buf = vec![0u8; bs as usize];
+        let mut extents = Extents::default();
         loop {
             let start = next.fetch_add(BATCH, Ordering::Relaxed);
             if start >= nblocks || stop.load(Ordering::Relaxed) {
@@ -133,10 +181,15 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
                     opts.progress.advance(len as u64);
                     continue;
                 }
-                file.read_exact_at(&mut buf[..len], offset)
-                    .map_err(|e| Error::io(format!("{}: block {index} at offset {offset}", path.display()), e))?;
-                buf[len..].fill(0);
-                let content = if block::is_zero(&buf) { None } else { Some(Hash::of(&buf)) };
+                // A hole in a sparse file reads as zeros: no need to read it.
+                let content = if extents.is_hole(&file, offset, len as u64, size) {
+                    None
+                } else {
+                    file.read_exact_at(&mut buf[..len], offset)
+                        .map_err(|e| Error::io(format!("{}: block {index} at offset {offset}", path.display()), e))?;
+                    buf[len..].fill(0);
+                    if block::is_zero(&buf) { None } else { Some(Hash::of(&buf)) }
+                };
                 if content.is_none() {
                     stats.zero_blocks += 1;
                 }

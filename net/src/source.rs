@@ -32,6 +32,8 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     /// Connections made after the first.
     pub reconnects: AtomicU64,
+    /// Metadata (map page) requests.
+    pub object_requests: AtomicU64,
     /// UDP bytes received on connections already closed.
     wire_closed: AtomicU64,
 }
@@ -192,8 +194,16 @@ impl BlockSource for RemoteSource {
             let start = Instant::now();
             let mut delay = FIRST_BACKOFF;
             loop {
+                shared.stats.object_requests.fetch_add(1, Ordering::Relaxed);
+                // A server that accepts the request and never answers must not hold the
+                // reader past the stall timeout.
+                let left = shared.stall_timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
                 let attempt = async { shared.connected().await?.get_objects(ids.to_vec()).await };
-                match attempt.await {
+                let attempt = match tokio::time::timeout(left, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::new(ErrorKind::Unavailable, format!("no answer within {:.0} s", left.as_secs_f64()))),
+                };
+                match attempt {
                     Ok(objects) => return Ok(objects.into_iter().map(|(_, _, bytes)| bytes).collect()),
                     Err(e) if retryable(e.kind()) && start.elapsed() + delay <= shared.stall_timeout => {
                         warn!(server = %shared.url.host_port(), "metadata fetch waits for the server: {e}; retrying in {delay:?}");
@@ -225,6 +235,7 @@ impl BlockSource for RemoteSource {
             blocks: s.blocks.load(Ordering::Relaxed),
             bytes: s.bytes.load(Ordering::Relaxed),
             reconnects: s.reconnects.load(Ordering::Relaxed),
+            object_requests: s.object_requests.load(Ordering::Relaxed),
             wire_received: s.wire_closed.load(Ordering::Relaxed) + live,
         }
     }

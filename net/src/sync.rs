@@ -147,9 +147,9 @@ pub async fn pull_profiles(client: &Client, id: &Hash, store: &Store) -> Result<
 }
 
 /// Fetches what a mount needs before its first read: the manifests of capsule `id` and its
-/// ancestors and the layers of their images, not the map pages (a mount fetches those when
-/// a read needs them). Returns how many objects travelled; two round trips per ancestor
-/// at most.
+/// ancestors, the layers of their images and the root page of each layer's map, not the
+/// pages below (a mount fetches those when a read needs them). Returns how many objects
+/// travelled.
 pub async fn pull_head(client: &Client, id: &Hash, store: &Store) -> Result<u64> {
     let mut fetched = 0u64;
     let mut next = Some(*id);
@@ -162,8 +162,10 @@ pub async fn pull_head(client: &Client, id: &Hash, store: &Store) -> Result<u64>
             fetched += store_objects(client, store, vec![mid], ObjectKind::Manifest).await?;
         }
         let m = store.manifest(&mid)?;
-        // Each image's layer chain, level by level, all images at once.
+        // Each image's layer chain, level by level, all images at once; then the root
+        // page of each layer's map, so a first read needs only the pages below it.
         let mut layers: Vec<Hash> = m.images().into_iter().filter_map(|(_, i)| i.top).collect();
+        let mut roots = Vec::new();
         let mut depth = 0;
         while !layers.is_empty() {
             depth += 1;
@@ -176,11 +178,18 @@ pub async fn pull_head(client: &Client, id: &Hash, store: &Store) -> Result<u64>
             }
             let mut parents = Vec::new();
             for l in &layers {
-                parents.extend(store.layer(l)?.parent);
+                let layer = store.layer(l)?;
+                parents.extend(layer.parent);
+                roots.extend(layer.map.root.filter(|r| !store.has_object(r)));
             }
             parents.sort_unstable();
             parents.dedup();
             layers = parents;
+        }
+        roots.sort_unstable();
+        roots.dedup();
+        if !roots.is_empty() {
+            fetched += store_objects(client, store, roots, ObjectKind::MapPage).await?;
         }
         next = m.parent;
     }

@@ -1,0 +1,184 @@
+//! The fetch engine as a user meets it through a remote mount: only the blocks reads need
+//! travel, sequential readers earn readahead and random ones do not, a lost link fails a
+//! read after the stall timeout instead of hanging it, and a huge sparse disk mounts and
+//! serves its first read after a handful of requests.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BS: u64 = 64 << 10;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        Self { _dir: dir, root }
+    }
+    fn p(&self, name: &str) -> std::path::PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// The non-zero 64 KiB blocks of `file` whose index is in `indexes`, as distinct contents
+/// (hashed here, independently of capsule).
+fn distinct_nonzero_blocks(file: &Path, indexes: impl IntoIterator<Item = u64>) -> usize {
+    let data = std::fs::read(file).unwrap();
+    let mut seen = HashSet::new();
+    for i in indexes {
+        let start = (i * BS) as usize;
+        let block = &data[start..(start + BS as usize).min(data.len())];
+        if block.iter().any(|&b| b != 0) {
+            seen.insert(blake3::hash(block));
+        }
+    }
+    seen.len()
+}
+
+fn fetch_stat(s: &serde_json::Value, key: &str) -> u64 {
+    s["fetch"][key].as_u64().unwrap_or_else(|| panic!("stats.json has no fetch.{key}: {s}"))
+}
+
+#[test]
+fn random_readers_fetch_only_what_they_read_and_sequential_readers_earn_readahead() {
+    let e = Env::new();
+    import_guest(&e.p("server"), false);
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let url = format!("{}/guest", server.url);
+    let disk = guest_dir().join("disk.raw");
+    let size = std::fs::metadata(&disk).unwrap().len();
+
+    // Scattered 4 KiB reads: each fetches its own block and nothing else.
+    let m = Mounted::new(&e.p("c1"), &e.p("cfg"), &url, &e.p("m1"), &e.p("cache1"), &["--read-only"]);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut touched = Vec::new();
+    for _ in 0..64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offset = (x % (size - 4096)) & !4095;
+        let got = pread(&m.dir.join("root.raw"), offset, 4096).unwrap();
+        assert_eq!(got, pread(&disk, offset, 4096).unwrap(), "bytes at {offset}");
+        touched.push(offset / BS);
+    }
+    let s = m.stats();
+    let needed = distinct_nonzero_blocks(&disk, touched) as u64;
+    assert!(needed > 0);
+    assert_eq!(s["blocks_fetched"].as_u64().unwrap(), needed, "random reads fetched exactly the blocks they touched: {s}");
+    assert_eq!(fetch_stat(&s, "readahead_blocks"), 0, "random readers earn no readahead: {s}");
+    drop(m);
+
+    // One sequential pass: readahead kicks in, and still no block travels twice.
+    let m = Mounted::new(&e.p("c2"), &e.p("cfg"), &url, &e.p("m2"), &e.p("cache2"), &["--read-only"]);
+    let file = std::fs::File::open(m.dir.join("root.raw")).unwrap();
+    let reference = std::fs::read(&disk).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    let mut offset = 0u64;
+    while offset < size {
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut buf, offset).unwrap();
+        assert!(n > 0);
+        assert!(buf[..n] == reference[offset as usize..offset as usize + n], "bytes at {offset}");
+        offset += n as u64;
+    }
+    let s = m.stats();
+    let all = distinct_nonzero_blocks(&disk, 0..size.div_ceil(BS)) as u64;
+    assert_eq!(s["blocks_fetched"].as_u64().unwrap(), all, "every distinct block once: {s}");
+    assert!(fetch_stat(&s, "readahead_blocks") > all / 2, "a sequential reader earns readahead: {s}");
+    assert_eq!(fetch_stat(&s, "unwanted_blocks"), 0, "{s}");
+    assert_eq!(fetch_stat(&s, "verified_blocks"), all, "each block decoded and hashed once: {s}");
+}
+
+/// A free UDP port on loopback (bound and released: good enough for a test).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Relay(std::process::Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_cut_link_fails_a_read_after_the_stall_timeout_and_reads_resume_when_it_returns() {
+    let e = Env::new();
+    import_guest(&e.p("server"), false);
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let port = free_udp_port();
+    let cut = e.p("cut");
+    let _relay = Relay(
+        std::process::Command::new(env!("CARGO_BIN_EXE_capsule-linkemu"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--to", server.url.trim_start_matches("capsule://")])
+            .arg("--cut-file")
+            .arg(&cut)
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let url = format!("capsule://127.0.0.1:{port}/guest");
+    let m = Mounted::new(&e.p("c"), &e.p("cfg"), &url, &e.p("m"), &e.p("cache"), &["--read-only", "--stall-timeout", "3"]);
+    let disk = guest_dir().join("disk.raw");
+    let file = m.dir.join("root.raw");
+    assert_eq!(pread(&file, 0, 4096).unwrap(), pread(&disk, 0, 4096).unwrap());
+
+    std::fs::write(&cut, b"").unwrap();
+    // The relay looks at the file every 50 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let err = pread(&file, 64 << 20, 4096).map(|_| ()).expect_err("a read across a cut link fails");
+    let took = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "failed after {took:?}, stall timeout 3 s");
+    assert!(m.log().contains("stall timeout"), "the log says why: {}", m.log());
+
+    std::fs::remove_file(&cut).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let back = pread(&file, 64 << 20, 4096).expect("the link is back");
+    assert_eq!(back, pread(&disk, 64 << 20, 4096).unwrap());
+}
+
+#[test]
+fn a_sparse_100_gib_disk_mounts_and_serves_its_first_read_after_a_few_requests() {
+    let e = Env::new();
+    let raw = e.p("big.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(100 << 30).unwrap();
+    let data = pseudo_random(BS as usize, 5);
+    let at = 50u64 << 30;
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, at).unwrap();
+    drop(f);
+    let t = Instant::now();
+    ok(capsule(&e.p("server")).args(["import", "big", "--disk"]).arg(format!("root={}", raw.display())));
+    assert!(t.elapsed() < Duration::from_secs(30), "a sparse import skips the holes: {:?}", t.elapsed());
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+    let m = Mounted::new(&e.p("c"), &e.p("cfg"), &format!("{}/big", server.url), &e.p("m"), &e.p("cache"), &["--read-only"]);
+    let before = m.stats();
+    assert_eq!(fetch_stat(&before, "map_pages_fetched"), 0, "no map page below the roots before a read: {before}");
+
+    let got = pread(&m.dir.join("root.raw"), at + 4096, 4096).unwrap();
+    assert_eq!(got, data[4096..8192]);
+    let s = m.stats();
+    // 1.6 M blocks: a three-level map whose root came with the mount; the read needs the
+    // two pages below it and its block.
+    assert_eq!(fetch_stat(&s, "object_requests"), 2, "{s}");
+    assert_eq!(fetch_stat(&s, "requests"), 1, "{s}");
+    assert!(s["bytes_fetched"].as_u64().unwrap() <= BS + 64, "{s}");
+
+    // A hole answers zeros without asking anything.
+    assert_eq!(pread(&m.dir.join("root.raw"), 10 << 30, 4096).unwrap(), vec![0; 4096]);
+    let after = m.stats();
+    assert_eq!(fetch_stat(&after, "object_requests") + fetch_stat(&after, "requests"), 3, "{after}");
+}
