@@ -17,7 +17,7 @@
 # blocks cost nothing) plus kernel and initrd (which QEMU reads whole). The boot profile is
 # recorded first on a local mount (`capsule mount --record-profile boot`) and served.
 # Every run also leaves a bytes-over-time trace (SAMPLE_S apart): TRACE_DIR/<run>.csv and,
-# for capsule, the mount's raw .capsule/stats.json samples in <run>.stats.jsonl.
+# for capsule, the mount's raw .capsule/stats.json samples in <run>.stats.jsonl.gz.
 # Results: one JSON line per run in results/bench-boot-link.jsonl (scripts/results-lib.sh).
 # Environment: RATES="2mbit 10mbit", VARIANTS="nbd cold seed profile", DELAY_MS=20,
 # BLOCK_SIZE=64K, GUEST_MEM=512 (MiB), BOOT_TIMEOUT=1200 (s per boot), SAMPLE_S=0.5,
@@ -266,6 +266,8 @@ one() {
   await "$pid" "$con" "$t0"
   local t1; t1=$(now)
   kill "$spid" 2>/dev/null || true
+  # Raw stats samples compress about 10x: keep them small enough to commit with the results.
+  [ -f "$TRACE_DIR/$name.stats.jsonl" ] && gzip -9nf "$TRACE_DIR/$name.stats.jsonl"
   read -r -a b1 < <(link_bytes)
   [ -f "$W/$name.err" ] && summary=$(grep -a '^capsule: fetched' "$W/$name.err" | tail -n1 | sed 's/^capsule: //' || true)
   local link=$(( bm[0] + bm[1] - b0[0] - b0[1] ))
@@ -314,7 +316,8 @@ echo "| link | how | s to marker | MB on link | link / working set | time vs qem
 echo "|---|---|---|---|---|---|---|"
 for rate in $RATES; do
   for v in $VARIANTS; do
-    echo "| $rate | $v | ${RES[$rate.$v.s]} | ${RES[$rate.$v.mb]} | ${RES[$rate.$v.ws]} | ${RES[$rate.$v.vs]} | ${RES[$rate.$v.sum]} |"
+    vs=${RES[$rate.$v.vs]}; [ "$vs" = null ] && vs=-
+    echo "| $rate | $v | ${RES[$rate.$v.s]} | ${RES[$rate.$v.mb]} | ${RES[$rate.$v.ws]} | $vs | ${RES[$rate.$v.sum]:--} |"
   done
 done
 echo

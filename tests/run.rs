@@ -53,6 +53,12 @@ fn a_remote_capsule_cold_boots_with_capsule_run_from_an_empty_cache() {
     let (fetched, of) = (human_bytes(words[at + 1], words[at + 2]), human_bytes(words[at + 4], words[at + 5]));
     assert!((of - disk_size).abs() <= 0.01 * disk_size, "the summary's disk size {of} is not the image's {disk_size}: {line}");
     assert!(fetched > 64.0 * 1024.0 && fetched < disk_size / 4.0, "the boot fetched {fetched} bytes of a {disk_size}-byte disk: {line}");
+    // And on the wire (background fetches included): the kernel and initrd, read whole,
+    // and that part of the disk.
+    let at = words.iter().position(|w| *w == "wire").unwrap_or_else(|| panic!("{line}"));
+    let wire = human_bytes(words[at - 4], words[at - 3]);
+    let boot_files: u64 = ["vmlinuz", "initrd.gz"].iter().map(|f| std::fs::metadata(guest_dir().join(f)).unwrap().len()).sum();
+    assert!(wire > fetched && wire < boot_files as f64 + disk_size / 4.0, "{wire} bytes on the wire for a boot: {line}");
     // Unmounted and cleaned up at the end.
     assert!(!dir.path().join("runs/cold").exists(), "run directory left behind:\n{output}");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
