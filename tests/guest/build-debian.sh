@@ -22,9 +22,9 @@
 # `CAPSULE-GUEST-MARKER debian-ready` (or `debian-failed`) and `CAPSULE-GUEST-UPTIME s` to
 # /dev/ttyS0, and powers off if the kernel command line has `gmode=boot`.
 #
-# Reproducible as far as practical: fixed UUID/hash seed/machine-id/timestamps/ctimes and a
-# pinned mke2fs.conf; package versions are whatever the mirror serves (listed in the
-# manifest) and debootstrap's maintainer scripts may leave a few run-dependent bytes.
+# Reproducible: fixed UUID/hash seed/machine-id/timestamps/ctimes, a pinned mke2fs.conf and
+# run-dependent leftovers removed, so two builds from the same packages are byte-identical
+# (checked). Package versions are whatever the mirror serves (listed in the manifest).
 # Needs root (debootstrap chroots), debootstrap, busybox-static, cpio, e2fsprogs, apt.
 # MIRROR=URL overrides the Debian mirror (default: the one /etc/apt uses for bookworm).
 set -euo pipefail
@@ -244,7 +244,9 @@ ln -sfn /etc/systemd/system/capsule-marker.service "$R/etc/systemd/system/multi-
 dpkg-query --admindir="$R/var/lib/dpkg" -W -f '${Package} ${Version}\n' | LC_ALL=C sort > "$B/packages.txt"
 rm -rf "$R"/var/cache/apt/*.bin "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/* \
        "$R"/var/log/* "$R"/var/cache/debconf/*-old "$R"/var/lib/dpkg/*-old "$R"/tmp/* "$R"/var/tmp/* \
-       "$R"/etc/ssh/ssh_host_* "$R/debootstrap"
+       "$R"/etc/ssh/ssh_host_* "$R/debootstrap" "$R/var/cache/ldconfig/aux-cache"
+# dbus's postinst made a random id; Debian's own images link it to the (fixed) system one.
+ln -sfn /etc/machine-id "$R/var/lib/dbus/machine-id"
 find "$R" -exec touch -h -d "@$EPOCH" {} +
 
 cat > "$B/mke2fs.conf" <<'EOF'
