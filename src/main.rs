@@ -253,8 +253,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
     pub kernel_readahead: u32,
     /// A guest-RAM fault also fetches the rest of its aligned group of N pages (fewer round
-    /// trips, more bytes)
-    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
+    /// trips, more bytes); 0: sized from the measured round trip and bandwidth
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
     pub memory_cluster: u32,
     /// Prepare for a VM run (`capsule run` sets it): drop RAM an earlier run left; for a
     /// suspended capsule, refuse to mount over an earlier resume's changes

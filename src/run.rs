@@ -116,8 +116,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub stall_timeout: Option<u64>,
     /// A RAM fault also fetches the rest of its aligned group of N pages: fewer round trips
-    /// on a high-latency link, more bytes
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// on a high-latency link, more bytes. 0 (the default): sized from the measured round
+    /// trip and bandwidth (1 on a LAN, up to 16 on a slow long link)
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub memory_cluster: u32,
     /// Print the hypervisor command line and stop
     #[arg(long)]
@@ -261,9 +262,7 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &Path) -> Result<Run
     if args.offline {
         cmd.arg("--offline");
     }
-    if args.memory_cluster > 1 {
-        cmd.arg("--memory-cluster").arg(args.memory_cluster.to_string());
-    }
+    cmd.arg("--memory-cluster").arg(args.memory_cluster.to_string());
     if let Some(p) = &args.record_profile {
         cmd.arg("--record-profile").arg(p);
     }

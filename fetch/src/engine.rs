@@ -211,6 +211,11 @@ impl Engine {
         self.lock().sched.estimator().rtt()
     }
 
+    /// The measured bandwidth in bytes per second, if any.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.lock().sched.estimator().bandwidth()
+    }
+
     /// A block from memory or the local cache, without fetching.
     pub fn local(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
         if let Some(b) = self.decoded.get(hash) {

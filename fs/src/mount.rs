@@ -84,7 +84,7 @@ enum Ahead {
     /// A window ahead of readers that earn it by reading sequentially (disks, boot files).
     Sequential,
     /// The rest of the read's aligned group of this many blocks (guest RAM, whose faults
-    /// only look sequential; 1: none).
+    /// only look sequential; 1: none; 0: sized from the link, see [`auto_cluster`]).
     Aligned(u64),
 }
 
@@ -237,7 +237,7 @@ impl CapsuleFs {
             } else {
                 Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
-            let ahead = if key == "memory" { Ahead::Aligned(u64::from(config.memory_cluster.max(1))) } else { Ahead::Sequential };
+            let ahead = if key == "memory" { Ahead::Aligned(u64::from(config.memory_cluster)) } else { Ahead::Sequential };
             files.push((name.clone(), key));
             nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) }, ahead });
         }
@@ -388,7 +388,10 @@ impl CapsuleFs {
             match node.ahead {
                 Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
-                Ahead::Aligned(n) if n > 1 && missed => (self.cluster_plan(image, chain, overlay, first, n)?, Urgency::Demand),
+                Ahead::Aligned(n) if missed && (n > 1 || n == 0) => {
+                    let n = if n == 0 { auto_cluster(self.engine.rtt(), self.engine.bandwidth(), image.block_size()) } else { n };
+                    (if n > 1 { self.cluster_plan(image, chain, overlay, first, n)? } else { Vec::new() }, Urgency::Demand)
+                }
                 Ahead::Aligned(_) => (Vec::new(), Urgency::Demand),
             }
         } else {
@@ -608,6 +611,22 @@ impl CapsuleFs {
             _ => None,
         }
     }
+}
+
+/// Pages a RAM fault fetches at once when the cluster is left to the link: a round trip
+/// costs what a few bandwidth-delay products of extra pages cost, and a guest's first
+/// touches after a resume are loosely clustered, so on a long link a fault brings its
+/// aligned group along (4 bandwidth-delay products' worth, 4 to 16 pages); on a LAN (under
+/// 2 ms) round trips are cheap and only the faulting page travels.
+pub fn auto_cluster(rtt: Option<Duration>, bandwidth: Option<f64>, block_size: u64) -> u64 {
+    let Some(rtt) = rtt else { return 1 };
+    if rtt < Duration::from_millis(2) {
+        return 1;
+    }
+    // Before a bandwidth is measured, assume a 10 Mbit/s link.
+    let bdp = bandwidth.unwrap_or(1.25e6) * rtt.as_secs_f64();
+    let pages = (4.0 * bdp / block_size.max(1) as f64).max(1.0) as u64;
+    pages.next_power_of_two().clamp(4, 16)
 }
 
 /// A block that hashes right but has the wrong length (a hostile capsule) must not be
@@ -842,4 +861,20 @@ impl Filesystem for CapsuleFs {
 /// Seconds since the epoch, for logs.
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_fault_clusters_follow_the_link() {
+        let ms = Duration::from_millis;
+        assert_eq!(auto_cluster(None, None, 4096), 1, "nothing measured yet");
+        assert_eq!(auto_cluster(Some(ms(0)), Some(1e9), 4096), 1, "loopback");
+        assert_eq!(auto_cluster(Some(ms(1)), Some(1e8), 4096), 1, "a LAN");
+        assert_eq!(auto_cluster(Some(ms(40)), Some(2e6 / 8.0), 4096), 16, "2 Mbit/s, 40 ms: 10 KB BDP, 4 of them");
+        assert_eq!(auto_cluster(Some(ms(40)), Some(0.384e6 / 8.0), 4096), 4, "384 kbit/s keeps the floor");
+        assert_eq!(auto_cluster(Some(ms(200)), Some(1.25e7), 4096), 16, "capped");
+    }
 }
