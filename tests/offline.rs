@@ -205,10 +205,12 @@ fn plain_prefetch_and_warm_all_cache_every_block_unpinned_and_status_reads_a_mou
     let text = status(false);
     assert!(text.starts_with(&format!("capsule guest ({id})")), "{text}");
     let before: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
-    // Nothing read yet on an empty cache: only the zero blocks (nothing to fetch) are resident.
+    // Nothing read yet on an empty cache: at most the zero blocks are resident, and only
+    // those whose map pages are here (a mount fetches map pages as reads need them, and a
+    // block is resident only if it can be read without the server).
     let disk = block_hashes(&std::fs::read(g.join("disk.raw")).unwrap(), 65536);
     let zero = disk.iter().filter(|b| b.is_none()).count() as f64 * 100.0 / disk.len() as f64;
-    assert_eq!(before["files"]["root.raw"]["resident_pct"].as_f64(), Some(zero), "{before}");
+    assert!(before["files"]["root.raw"]["resident_pct"].as_f64().unwrap() <= zero, "{before}");
     assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == std::fs::read(g.join("disk.raw")).unwrap());
     let after: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
     assert_eq!(after["files"]["root.raw"]["resident_pct"].as_f64(), Some(100.0), "{after}");
