@@ -1,0 +1,109 @@
+#!/bin/bash
+# Bulk transfers over an emulated link (make bench-bulk-link): `capsule warm --all` and
+# `capsule prefetch --offline` of an incompressible capsule into an empty cache, side by
+# side in one run with rsync of the same bytes (an rsync daemon behind capsule-linkemu
+# --tcp), per link: rate and loss. Goodput = bytes of blocks fetched / seconds, against
+# the link rate. The link: namespaces, veth and tbf (scripts/link-lib.sh) with
+# capsule-linkemu beside the server adding DELAY_MS each way (and LOSS percent, UDP only).
+# Results: results/bench-bulk-link.jsonl.
+# Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=24,
+# VARIANTS="warm offline rsync", CAPSULE_BIN.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/results-lib.sh
+. scripts/results-lib.sh
+BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
+EMU=$(dirname "$BIN")/capsule-linkemu
+LINKS=${LINKS:-10mbit:0 50mbit:0 10mbit:0.5}
+DELAY_MS=${DELAY_MS:-20}
+SIZE_MIB=${SIZE_MIB:-24}
+VARIANTS=${VARIANTS:-warm offline rsync}
+die() { echo "bench-bulk-link: $*" >&2; exit 1; }
+[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
+for t in rsync jq nsenter python3; do command -v $t >/dev/null || die "needs $t"; done
+
+NS=capsule-bulk-$$
+SNS=capsule-bulk-srv-$$
+SRV_IP=10.213.0.1
+CLI_IP=10.213.0.2
+VETH=capbulk$$
+# shellcheck source=scripts/link-lib.sh
+. scripts/link-lib.sh
+W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-bulk.XXXXXX")
+export CAPSULE_CONFIG_DIR=$W/config
+mkdir -p "$CAPSULE_CONFIG_DIR"
+PIDS=()
+IN_NS=(nsenter "--net=/run/netns/$NS")
+IN_SRV=(nsenter "--net=/run/netns/$SNS")
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+  link_delete
+  rm -rf --one-file-system "$W"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+now() { date +%s.%N; }
+rx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.rx.bytes'; }
+
+# The payload: incompressible, so stored bytes = logical bytes and goodput means the link.
+mkdir -p "$W/data"
+head -c $((SIZE_MIB << 20)) /dev/urandom > "$W/data/disk.raw"
+"$BIN" --store "$W/server" import bulk --disk "root=$W/data/disk.raw" >/dev/null
+STORED=$(du -sb "$W/server/blocks" | cut -f1)
+cat > "$W/rsyncd.conf" <<EOF
+use chroot = no
+[data]
+path = $W/data
+read only = yes
+EOF
+
+link_create
+"${IN_SRV[@]}" "$BIN" --store "$W/server" serve --listen 127.0.0.1:7070 --public-read >"$W/serve.log" 2>&1 &
+PIDS+=($!)
+"${IN_SRV[@]}" rsync --daemon --no-detach --config="$W/rsyncd.conf" --address=127.0.0.1 --port=8873 &
+PIDS+=($!)
+"${IN_SRV[@]}" "$EMU" --tcp --listen "$SRV_IP:8874" --to 127.0.0.1:8873 --delay-ms "$DELAY_MS" 2>"$W/emu-tcp.log" &
+PIDS+=($!)
+sleep 1
+
+printf '| link | loss %% | how | MB | seconds | goodput Mbit/s | goodput / link |\n|---|---|---|---|---|---|---|\n'
+for spec in $LINKS; do
+  rate=${spec%%:*} loss=${spec#*:}
+  link_rate "$rate"
+  bits=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+(?:\.\d+)?)(k|m|g)?bit', sys.argv[1]); print(float(m.group(1)) * {None: 1, 'k': 1e3, 'm': 1e6, 'g': 1e9}[m.group(2)])" "$rate")
+  "${IN_SRV[@]}" "$EMU" --listen "$SRV_IP:7071" --to 127.0.0.1:7070 --delay-ms "$DELAY_MS" --loss "$loss" 2>"$W/emu-udp.log" &
+  emu=$!
+  PIDS+=($emu)
+  sleep 0.5
+  for v in $VARIANTS; do
+    rm -rf "$W/cache" "$W/copy"
+    b0=$(rx_bytes)
+    t0=$(now)
+    case $v in
+      warm) "${IN_NS[@]}" "$BIN" warm --all "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
+      offline) "${IN_NS[@]}" "$BIN" prefetch --offline "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
+      rsync)
+        if [ "$loss" != 0 ]; then continue; fi  # the TCP relay cannot drop packets
+        mkdir -p "$W/copy"
+        "${IN_NS[@]}" rsync "rsync://$SRV_IP:8874/data/disk.raw" "$W/copy/" >"$W/out" 2>&1
+        bytes=$((SIZE_MIB << 20)) ;;
+      *) die "unknown variant $v" ;;
+    esac
+    t1=$(now)
+    link=$(( $(rx_bytes) - b0 ))
+    secs=$(python3 -c "print(round($t1 - $t0, 2))")
+    mbit=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / 1e6, 2))")
+    ratio=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / $bits, 3))")
+    printf '| %s | %s | %s | %.1f | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio"
+    result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson loss "$loss" --argjson delay "$DELAY_MS" --arg v "$v" \
+        '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v}')" \
+      "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson ratio "$ratio" \
+        '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, goodput_over_rate: $ratio}')"
+  done
+  kill "$emu" 2>/dev/null; wait "$emu" 2>/dev/null || true
+done
+result_flush
