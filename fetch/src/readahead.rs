@@ -42,7 +42,10 @@ impl Readahead {
     /// `max_window` caps the window. `missed`: the read needed a fetch. A stream reading
     /// what is already here gets no new window unless it is consuming one it was given
     /// (a warmed working set must not drag in its neighbours).
-    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, missed: bool, horizon: Duration, max_window: u64) -> Option<(u64, u64)> {
+    ///
+    /// The window is what the stream would read, at the lesser of its own rate and the
+    /// link's, while a fetch comes back: a reader faster than the link cannot use more.
+    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, missed: bool, horizon: Duration, link_rate: Option<f64>, max_window: u64) -> Option<(u64, u64)> {
         let end = offset.saturating_add(len);
         let hit = self.streams.iter_mut().find(|s| offset >= s.next.saturating_sub(len) && offset <= s.next.saturating_add(SLACK));
         let Some(s) = hit else {
@@ -66,8 +69,8 @@ impl Readahead {
         // reader held up by the link earns a window that lets it go faster, a reader that
         // is slow on its own (a guest parsing what it read) earns a small one.
         let secs = now.saturating_duration_since(s.started).as_secs_f64().max(1e-3);
-        let rate = s.bytes as f64 / secs;
-        let window = ((rate * horizon.as_secs_f64()) as u64).clamp(2 * len, max_window.max(2 * len));
+        let rate = (s.bytes as f64 / secs).min(link_rate.unwrap_or(f64::INFINITY));
+        let window = ((rate * horizon.as_secs_f64()) as u64).clamp(len, max_window.max(len));
         let from = s.ahead_to.max(s.next);
         let to = s.next.saturating_add(window);
         if to <= from {
@@ -94,7 +97,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let offset = (x % (1 << 30)) & !0xfff;
-            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, true, 80 * MS, 8 << 20), None, "read {i} at {offset}");
+            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, true, 80 * MS, None, 8 << 20), None, "read {i} at {offset}");
         }
     }
 
@@ -106,19 +109,38 @@ mod tests {
         let (mut slow_window, mut fast_window) = (0, 0);
         for i in 0..50u64 {
             // The same stream of reads, one 10x faster than the other.
-            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, true, 100 * MS, 64 << 20) {
+            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
                 assert!(from >= (i + 1) * len, "never behind the reader");
                 slow_window = to - (i + 1) * len;
             }
-            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, true, 100 * MS, 64 << 20) {
+            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
                 fast_window = to - (i + 1) * len;
             }
             if i < u64::from(EARN_AFTER) {
                 assert_eq!(slow_window, 0, "earned only after {EARN_AFTER} continuations");
             }
         }
-        assert!(slow_window >= 2 * len, "{slow_window}");
+        assert!(slow_window >= len, "{slow_window}");
         assert!(fast_window >= 5 * slow_window, "window grows with the rate: fast {fast_window}, slow {slow_window}");
+    }
+
+    #[test]
+    fn a_reader_faster_than_the_link_gets_no_more_than_the_link_can_bring() {
+        let len = 64 << 10;
+        let t0 = Instant::now();
+        let (mut free, mut capped) = (Readahead::default(), Readahead::default());
+        let (mut w_free, mut w_capped) = (0, 0);
+        for i in 0..20u64 {
+            // 64 KiB per millisecond: 64 MB/s, on a 1.25 MB/s link.
+            if let Some((_, to)) = free.on_read(t0 + MS * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
+                w_free = to - (i + 1) * len;
+            }
+            if let Some((_, to)) = capped.on_read(t0 + MS * i as u32, i * len, len, true, 100 * MS, Some(1.25e6), 64 << 20) {
+                w_capped = to - (i + 1) * len;
+            }
+        }
+        assert!(w_free > 4 << 20, "{w_free}");
+        assert!(w_capped <= 2 * len, "1.25 MB/s x 100 ms is two blocks: {w_capped}");
     }
 
     #[test]
@@ -127,10 +149,10 @@ mod tests {
         let mut ra = Readahead::default();
         let t0 = Instant::now();
         for i in 0..10u64 {
-            assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, 50 * MS, 1 << 20), None, "read {i} hit the cache");
+            assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, 50 * MS, None, 1 << 20), None, "read {i} hit the cache");
         }
-        assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, 50 * MS, 1 << 20).is_some(), "a miss in a sequential stream earns a window");
-        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, 50 * MS, 1 << 20).is_some(), "reading through its window extends it");
+        assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, 50 * MS, None, 1 << 20).is_some(), "a miss in a sequential stream earns a window");
+        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, 50 * MS, None, 1 << 20).is_some(), "reading through its window extends it");
     }
 
     #[test]
@@ -142,7 +164,7 @@ mod tests {
         for i in 0..100u64 {
             // Two sequential readers far apart, interleaved.
             for base in [0u64, 1 << 30] {
-                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, true, 50 * MS, 1 << 20) {
+                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, true, 50 * MS, None, 1 << 20) {
                     asked.push(r);
                 }
             }

@@ -117,6 +117,7 @@ pub struct Estimator {
 
 const RTT_SAMPLES: usize = 32;
 const RATE_SPAN: Duration = Duration::from_secs(3);
+const RATE_MIN_SPAN: Duration = Duration::from_millis(250);
 
 impl Estimator {
     fn on_rtt(&mut self, sample: Duration) {
@@ -136,8 +137,9 @@ impl Estimator {
             self.deliveries.pop_front();
         }
         self.deliveries.push_back((now, self.delivered));
-        // A rate over at least two round trips (and 20 ms): shorter spans measure bursts.
-        let span = self.rtt().map_or(Duration::from_millis(20), |r| (r * 2).max(Duration::from_millis(20)));
+        // A rate over at least four round trips and 250 ms: shorter spans measure bursts
+        // (a receiver starved of CPU reads a socket buffer's worth at once).
+        let span = self.rtt().map_or(RATE_MIN_SPAN, |r| (r * 4).max(RATE_MIN_SPAN));
         let base = self.deliveries.iter().rev().find(|(t, _)| now.saturating_duration_since(*t) >= span).copied();
         if let Some((t, cumulative)) = base {
             let secs = now.saturating_duration_since(t).as_secs_f64();

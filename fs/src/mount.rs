@@ -76,13 +76,18 @@ struct Node {
     content: Content,
     /// What a read that fetches brings along.
     ahead: Ahead,
+    /// `Ahead::Whole` asked for the file already.
+    asked_whole: std::sync::atomic::AtomicBool,
 }
 
 /// Blocks fetched beside the ones a read needs.
 #[derive(Debug, Clone, Copy)]
 enum Ahead {
-    /// A window ahead of readers that earn it by reading sequentially (disks, boot files).
+    /// A window ahead of readers that earn it by reading sequentially (disks).
     Sequential,
+    /// The whole file once it is first read: a hypervisor reads the kernel and initrd
+    /// whole at start, so all of it is needed and none of it is a guess.
+    Whole,
     /// The rest of the read's aligned group of this many blocks (guest RAM, whose faults
     /// only look sequential; 1: none; 0: sized from the link, see [`auto_cluster`]).
     Aligned(u64),
@@ -167,7 +172,7 @@ pub struct CapsuleFs {
 
 impl Node {
     fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self { name: name.into(), content: Content::Bytes(bytes), ahead: Ahead::Aligned(1) }
+        Self { name: name.into(), content: Content::Bytes(bytes), ahead: Ahead::Aligned(1), asked_whole: Default::default() }
     }
 }
 
@@ -237,9 +242,13 @@ impl CapsuleFs {
             } else {
                 Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
-            let ahead = if key == "memory" { Ahead::Aligned(u64::from(config.memory_cluster)) } else { Ahead::Sequential };
+            let ahead = match key.as_str() {
+                "memory" => Ahead::Aligned(u64::from(config.memory_cluster)),
+                "kernel" | "initrd" => Ahead::Whole,
+                _ => Ahead::Sequential,
+            };
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) }, ahead });
+            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) }, ahead, asked_whole: Default::default() });
         }
         let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
             Content::Image { image, .. } => Some(image.block_size()),
@@ -387,6 +396,8 @@ impl CapsuleFs {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
                 Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
+                Ahead::Whole if missed && !node.asked_whole.swap(true, Ordering::Relaxed) => (self.whole_plan(image, chain, overlay)?, Urgency::Readahead),
+                Ahead::Whole => (Vec::new(), Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
                 Ahead::Aligned(n) if missed && (n > 1 || n == 0) => {
                     let n = if n == 0 { auto_cluster(self.engine.rtt(), self.engine.bandwidth(), image.block_size()) } else { n };
@@ -416,6 +427,22 @@ impl CapsuleFs {
         Ok(out)
     }
 
+    /// Every block of the file that is mapped, not overlaid and not here.
+    fn whole_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>) -> Result<Vec<Hash>> {
+        let mut out = Vec::new();
+        for j in 0..image.block_count() {
+            if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve(chain, j)? {
+                if !self.engine.is_local(&h) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
     /// mapped, not overlaid, not here.
     fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
@@ -440,7 +467,7 @@ impl CapsuleFs {
     fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64, missed: bool) -> Result<Vec<Hash>> {
         // Long enough for a fetch to come back: two round trips and some slack.
         let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 2 + Duration::from_millis(20);
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, horizon, MAX_READAHEAD_BYTES);
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, horizon, self.engine.bandwidth(), MAX_READAHEAD_BYTES);
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
         let mut ahead = Vec::new();
