@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 /// Sequential continuations a stream needs before it gets any readahead.
-pub const EARN_AFTER: u32 = 2;
+pub const EARN_AFTER: u32 = 1;
 /// A read this far past where a stream ended still continues it.
 pub const SLACK: u64 = 128 << 10;
 /// Streams tracked per file.

@@ -465,8 +465,10 @@ impl CapsuleFs {
     /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
     #[allow(clippy::too_many_arguments)]
     fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64, missed: bool) -> Result<Vec<Hash>> {
-        // Long enough for a fetch to come back: two round trips and some slack.
-        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 2 + Duration::from_millis(20);
+        // A fetch's round trip and then some: a guest's reads come in bursts, and readahead
+        // that arrives a little early costs nothing, while one that arrives late costs a
+        // round trip.
+        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
         let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, horizon, self.engine.bandwidth(), MAX_READAHEAD_BYTES);
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
