@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use capsule_fs::commit::{CommitOptions, MachineState};
 use capsule_fs::mount::MountInfo;
-use capsule_vmm_glue::qemu::{Accel, DiskFile, QemuConfig, Serial};
+use capsule_vmm_glue::qemu::{Accel, DiskFile, QemuConfig, QemuHints, Serial};
 use capsule_vmm_glue::qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -347,11 +347,14 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let vm: Value = serde_json::from_slice(&std::fs::read(mnt.join("capsule.json")).context("reading the mount's capsule.json")?)?;
     let info: MountInfo = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/info.json"))?)?;
     let hints: BTreeMap<String, String> = serde_json::from_value(vm["hints"].clone()).unwrap_or_default();
+    let capsule_name = vm["capsule"].as_str().unwrap_or("?").to_string();
     let suspended = vm["suspended"].as_bool().unwrap_or(false);
     let hypervisor = args.hypervisor.unwrap_or(if vm["hypervisor"].as_str() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu });
     if hypervisor == HypervisorArg::CloudHypervisor {
         return crate::chv::run(args, &mnt, &vm, dir);
     }
+    // Hints come from the capsule, that is from whoever made it: checked before any reaches QEMU.
+    let qemu_hints = QemuHints::parse(&hints).with_context(|| format!("capsule {capsule_name} ({}): refusing to run it", args.source))?;
     let writable = info.overlay_dir.is_some();
     if !mount.ours && !args.no_fault_fix && info.kernel_readahead.is_some_and(|r| r > 0) {
         eprintln!("capsule: {} has kernel readahead on: each RAM fault reads ahead (mount it with --kernel-readahead 0)", mnt.display());
@@ -372,14 +375,14 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let accel = match args.accel {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Tcg => Accel::Tcg,
-        AccelArg::Auto => match hints.get("qemu.accel").and_then(|a| Accel::parse(a)).filter(|_| suspended) {
+        AccelArg::Auto => match qemu_hints.accel.filter(|_| suspended) {
             Some(Accel::Tcg) => Accel::Tcg,
             _ if kvm_usable(&args.qemu, kernel.as_deref()) => Accel::Kvm,
             _ => Accel::Tcg,
         },
     };
     let append = if suspended {
-        hints.get("qemu.append").cloned()
+        qemu_hints.append.clone()
     } else {
         let base = vm["cmdline"].as_str().unwrap_or("").to_string();
         Some(match &args.append {
@@ -403,7 +406,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let config = QemuConfig {
         binary: args.qemu.clone(),
         accel,
-        machine: if suspended { hints.get("qemu.machine").cloned().unwrap_or_else(|| "pc".into()) } else { "pc".into() },
+        machine: qemu_hints.machine.clone().filter(|_| suspended).unwrap_or_else(|| "pc".into()),
         cpus: args.cpus.unwrap_or_else(|| vm["cpus"].as_u64().unwrap_or(1) as u32),
         memory_mib,
         memory_file: memory_file.clone(),
@@ -416,6 +419,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         incoming: suspended,
         extra: args.extra.clone(),
     };
+    config.check().with_context(|| format!("capsule {capsule_name} ({})", args.source))?;
     if args.dry_run {
         println!("{}", config.shell_line());
         return Ok(ExitCode::SUCCESS);
@@ -454,7 +458,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let machine = qmp.resolve_machine(&config.machine)?;
     if suspended {
         let caps = qmp.migration_capabilities()?;
-        let wanted: Vec<&str> = hints.get("qemu.capabilities").map(|c| c.split(',').filter(|s| !s.is_empty()).collect()).unwrap_or_default();
+        let wanted: Vec<&str> = qemu_hints.capabilities.iter().map(String::as_str).collect();
         for c in &wanted {
             if !caps.iter().any(|k| k == c) {
                 bail!("this QEMU ({}.{}.{}) lacks migration capability {c}, which saved this capsule", qmp.version.0, qmp.version.1, qmp.version.2);
