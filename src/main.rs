@@ -273,10 +273,21 @@ enum TokenCommand {
     Create {
         #[arg(long, value_enum)]
         scope: ScopeArg,
-        /// Capsule names the token covers start with this
+        /// Capsule names the token covers: PREFIX itself and PREFIX/... (whole segments:
+        /// `team` does not cover `teamX`); empty for all
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Print the token, its id, scope and prefix as JSON
+        #[arg(long)]
+        json: bool,
     },
+    /// List issued tokens: id, scope, prefix, creation time (never the tokens)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by the id `create` and `list` show; the server refuses it at once
+    Revoke { id: String },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -545,12 +556,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Serve { listen, public_read } => serve(store, listen, public_read)?,
-        Command::Token { command: TokenCommand::Create { scope, prefix } } => {
+        Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let scope = match scope {
                 ScopeArg::Read => capsule_net::auth::Scope::Read,
                 ScopeArg::Write => capsule_net::auth::Scope::Write,
             };
-            println!("{}", capsule_net::auth::create_token(store.root(), scope, &prefix)?);
+            let (token, record) = capsule_net::auth::create_token(store.root(), scope, &prefix)?;
+            if json {
+                println!("{}", serde_json::json!({"token": token, "id": record.id(), "scope": record.scope, "prefix": record.prefix}));
+            } else {
+                // stdout is the token alone (scripts capture it); the id goes to a person.
+                println!("{token}");
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprintln!("capsule: token id {} ({:?}, prefix {:?}); revoke with: capsule token revoke {}", record.id(), record.scope, record.prefix, record.id());
+                }
+            }
+        }
+        Command::Token { command: TokenCommand::List { json } } => {
+            let tokens = capsule_net::auth::list_tokens(store.root())?;
+            if json {
+                let list: Vec<_> = tokens.iter().map(|r| serde_json::json!({"id": r.id(), "scope": r.scope, "prefix": r.prefix, "created_unix": r.created_unix})).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &tokens {
+                    let scope = serde_json::to_value(r.scope)?;
+                    println!("{}  {:5}  {:20}  created {}", r.id(), scope.as_str().unwrap_or("?"), if r.prefix.is_empty() { "(all)" } else { &r.prefix }, r.created_unix);
+                }
+            }
+        }
+        Command::Token { command: TokenCommand::Revoke { id } } => {
+            let r = capsule_net::auth::revoke_token(store.root(), &id)?;
+            println!("revoked token {} (prefix {:?})", r.id(), r.prefix);
         }
         Command::Push { name, remote, conn, json } => {
             let report = push(&store, &name, &remote, &conn)?;

@@ -82,3 +82,70 @@ fn a_cloud_hypervisor_config_naming_host_files_is_refused() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(runs.to_str().unwrap()), "a refused run left a mount:\n{mounts}");
 }
+
+/// Records profile `boot` of local capsule `name` by reading `range` of its disk.
+fn record_profile(store: &Path, dir: &Path, name: &str, range: std::ops::Range<u64>) {
+    let tag = store.file_name().unwrap().to_str().unwrap();
+    let m = Mounted::new(store, &dir.join("cfg"), name, &dir.join(format!("mnt-{tag}")), &dir.join(format!("cache-{tag}")), &["--read-only", "--record-profile", "boot"]);
+    pread(&m.dir.join("root.raw"), range.start, (range.end - range.start) as usize).unwrap();
+}
+
+fn server_profile(server_store: &Path, name: &str) -> String {
+    let v = inspect(server_store, name);
+    v["profiles"].as_array().unwrap().iter().find(|p| p["name"] == "boot").map(|p| p["id"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn scopes_cover_whole_segments_profiles_and_tokens_can_be_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (srv, victim, attacker, cfg) = (d.join("srv"), d.join("victim"), d.join("attacker"), d.join("cfg"));
+    let token = |scope: &str, prefix: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(capsule(&srv).args(["token", "create", "--json", "--scope", scope, "--prefix", prefix]))).unwrap()
+    };
+    let (team_a, team_b, team) = (token("write", "teamA"), token("write", "teamB/"), token("write", "team"));
+    let tok = |t: &serde_json::Value| t["token"].as_str().unwrap().to_string();
+    let mode = std::fs::metadata(srv.join("server/tokens.json")).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600, "tokens.json must be private");
+    let server = ServerProcess::start(&srv, &["--public-read"]);
+
+    // The victim publishes teamB/vm with its boot profile.
+    let disk = d.join("vm.disk");
+    std::fs::write(&disk, pseudo_random(1 << 20, 11)).unwrap();
+    ok(capsule(&victim).args(["import", "vm", "--block-size", "4K", "--disk"]).arg(format!("root={}", disk.display())));
+    record_profile(&victim, d, "vm", 0..64 << 10);
+    ok(client(&victim, &cfg).args(["push", "vm", &format!("{}/teamB/vm", server.url), "--token", &tok(&team_b)]));
+    let published = server_profile(&srv, "teamB/vm");
+    assert!(!published.is_empty());
+
+    // The attacker (write token for teamA) takes the same capsule, records another
+    // profile, points its own ref at the capsule and pushes: the profile is refused.
+    ok(client(&attacker, &cfg).args(["pull", &format!("{}/teamB/vm", server.url), "--as", "vm"]));
+    record_profile(&attacker, d, "vm", 512 << 10..1 << 20);
+    assert_ne!(inspect(&attacker, "vm")["profiles"][0]["id"].as_str().unwrap(), published);
+    let err = fails(client(&attacker, &cfg).args(["push", "vm", &format!("{}/teamA/vm", server.url), "--token", &tok(&team_a)]));
+    assert!(err.contains("access denied"), "{err}");
+    assert_eq!(server_profile(&srv, "teamB/vm"), published, "teamA replaced teamB's profile");
+
+    // Prefix `team` is the segment `team`: team/vm yes, teamX/vm no.
+    std::fs::write(d.join("other.disk"), pseudo_random(64 << 10, 12)).unwrap();
+    ok(capsule(&victim).args(["import", "other", "--block-size", "4K", "--disk"]).arg(format!("root={}", d.join("other.disk").display())));
+    ok(client(&victim, &cfg).args(["push", "other", &format!("{}/team/vm", server.url), "--token", &tok(&team)]));
+    let err = fails(client(&victim, &cfg).args(["push", "other", &format!("{}/teamX/vm", server.url), "--token", &tok(&team)]));
+    assert!(err.contains("access denied"), "{err}");
+
+    // Listed by id (never the token itself), revoked by id, refused from the next request.
+    let list = ok(capsule(&srv).args(["token", "list"]));
+    for t in [&team_a, &team_b, &team] {
+        assert!(list.contains(t["id"].as_str().unwrap()) && !list.contains(&tok(t)), "{list}");
+    }
+    let out = ok(capsule(&srv).args(["token", "revoke", team["id"].as_str().unwrap()]));
+    assert!(out.contains(&format!("revoked token {}", team["id"].as_str().unwrap())), "{out}");
+    assert!(!ok(capsule(&srv).args(["token", "list"])).contains(team["id"].as_str().unwrap()));
+    let err = fails(client(&victim, &cfg).args(["push", "other", &format!("{}/team/vm2", server.url), "--token", &tok(&team)]));
+    assert!(err.contains("access denied"), "{err}");
+    let err = fails(capsule(&srv).args(["token", "revoke", team["id"].as_str().unwrap()]));
+    assert!(err.contains("no token with id"), "{err}");
+    let mode = std::fs::metadata(srv.join("server/tokens.json")).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+}

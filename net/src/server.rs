@@ -195,7 +195,7 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
     }
     match header.request {
         Request::ListRefs { prefix } => {
-            let refs = backend.list_refs()?.into_iter().filter(|(n, _)| n.starts_with(&prefix) && n.starts_with(&grant.prefix)).collect();
+            let refs = backend.list_refs()?.into_iter().filter(|(n, _)| n.starts_with(&prefix) && grant.covers(n)).collect();
             write_control(send, true, &Response::Refs(refs)).await
         }
         Request::GetRef { name } => write_control(send, true, &Response::Ref(backend.read_ref(&name)?)).await,
@@ -247,6 +247,15 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
         }
         Request::ListProfiles { capsule } => write_control(send, true, &Response::Profiles(backend.list_profiles(&capsule)?)).await,
         Request::SetProfile { capsule, name, id } => {
+            // Profiles are keyed by capsule id and prefetched and pinned by whoever mounts
+            // it through any ref: setting one needs a write grant covering every ref that
+            // names the capsule (and at least one), so teamA cannot point its own ref at
+            // teamB's capsule and replace teamB's profiles.
+            let refs = blocking(backend, |b| b.list_refs()).await?;
+            let naming: Vec<&String> = refs.iter().filter(|(_, target)| *target == capsule).map(|(n, _)| n).collect();
+            if naming.is_empty() || !naming.iter().all(|n| grant.covers(n)) {
+                return Err(Error::new(ErrorKind::Denied, "access denied"));
+            }
             blocking(backend, move |b| b.set_profile(&capsule, &name, &id)).await?;
             write_control(send, true, &Response::Stored { new: 0 }).await
         }

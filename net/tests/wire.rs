@@ -29,7 +29,7 @@ async fn fixture() -> Fixture {
         let spec = CapsuleSpec { name: name.into(), disks: vec![("root".into(), path)], ..Default::default() };
         capsule_images::import_capsule(&store, &spec, &NoProgress).unwrap();
     }
-    let token = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap();
+    let token = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap().0;
     let identity = capsule_net::tls::load_or_create_identity(&root).unwrap();
     let server = Server::bind(identity, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
