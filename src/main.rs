@@ -181,6 +181,12 @@ enum Command {
         /// Allow reads without a token
         #[arg(long)]
         public_read: bool,
+        /// Most concurrent connections; more are refused
+        #[arg(long, default_value_t = capsule_net::server::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a client has to send a whole request header on a stream
+        #[arg(long, value_name = "SECS", default_value_t = capsule_net::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
+        header_timeout: f64,
     },
     /// Manage access tokens of this store's server
     Token {
@@ -555,7 +561,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
-        Command::Serve { listen, public_read } => serve(store, listen, public_read)?,
+        Command::Serve { listen, public_read, max_connections, header_timeout } => {
+            let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
+            serve(store, listen, public_read, max_connections.max(1), header_timeout)?
+        }
         Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let scope = match scope {
                 ScopeArg::Read => capsule_net::auth::Scope::Read,
@@ -638,7 +647,7 @@ pub(crate) async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Re
     Ok(client)
 }
 
-fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Result<()> {
+fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool, max_connections: usize, header_timeout: std::time::Duration) -> Result<()> {
     let root = store.root().to_path_buf();
     let identity = capsule_net::tls::load_or_create_identity(&root)?;
     let rt = runtime()?;
@@ -650,7 +659,7 @@ fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Resul
         if public_read {
             println!("capsule: reads need no token (--public-read)");
         }
-        let opts = capsule_net::ServeOptions { listen: addr, public_read, store_root: root };
+        let opts = capsule_net::ServeOptions { max_connections, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
         let backend: std::sync::Arc<dyn capsule_net::backend::Backend> = std::sync::Arc::new(store);
         tokio::select! {
             r = server.run(backend, opts) => r.map_err(anyhow::Error::from),

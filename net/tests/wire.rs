@@ -33,7 +33,7 @@ async fn fixture() -> Fixture {
     let identity = capsule_net::tls::load_or_create_identity(&root).unwrap();
     let server = Server::bind(identity, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
-    let opts = ServeOptions { listen: addr, public_read: false, store_root: root };
+    let opts = ServeOptions::new(addr, false, root);
     tokio::spawn(server.run(Arc::new(store), opts));
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");
