@@ -149,3 +149,84 @@ fn scopes_cover_whole_segments_profiles_and_tokens_can_be_listed_and_revoked() {
     let mode = std::fs::metadata(srv.join("server/tokens.json")).unwrap().permissions();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
 }
+
+#[test]
+fn umount_touches_only_capsule_mounts_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let empty = d.join("not a mount");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = fails(capsule(&d.join("store")).arg("umount").arg(&empty));
+    assert!(err.contains(&format!("{} is not a capsule mount; nothing unmounted", empty.display())) && !err.contains("unmounted /"), "{err}");
+    let err = fails(capsule(&d.join("store")).arg("umount").arg(d.join("missing")));
+    assert!(err.contains("is not a capsule mount"), "{err}");
+    // A real one still unmounts (its path has a space: mountinfo escapes it).
+    std::fs::write(d.join("disk"), pseudo_random(64 << 10, 5)).unwrap();
+    ok(capsule(&d.join("store")).args(["import", "vm", "--disk"]).arg(format!("root={}", d.join("disk").display())));
+    let m = Mounted::new(&d.join("store"), &d.join("cfg"), "vm", &d.join("mnt x"), &d.join("cache"), &["--read-only"]);
+    let out = ok(capsule(&d.join("store")).arg("umount").arg(&m.dir));
+    assert!(out.contains(&format!("unmounted {}", m.dir.display())), "{out}");
+    assert!(!m.dir.join("capsule.json").exists());
+}
+
+#[test]
+fn the_mount_daemon_does_not_show_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("disk"), pseudo_random(64 << 10, 6)).unwrap();
+    ok(capsule(&d.join("srv")).args(["import", "vm", "--disk"]).arg(format!("root={}", d.join("disk").display())));
+    let token = ok(capsule(&d.join("srv")).args(["token", "create", "--scope", "read"])).trim().to_string();
+    let server = ServerProcess::start(&d.join("srv"), &[]);
+    let m = Mounted::new(&d.join("client"), &d.join("cfg"), &format!("{}/vm", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only", "--token", &token]);
+    // The token reached the daemon (a read fetches through the server, which wants it)...
+    assert_eq!(std::fs::read(m.dir.join("root.raw")).unwrap(), pseudo_random(64 << 10, 6));
+    // ...but not its command line, which every local user can read.
+    let pid = m.pid().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--foreground") && !cmdline.contains(&token) && !cmdline.contains("--token"), "{cmdline}");
+}
+
+/// Removes a directory on drop (also when the test fails).
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn the_tmp_run_directory_must_be_private_and_ours() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // As `nobody`, whose fallback run directory no real user of this machine needs.
+    let nobody = 65534u32;
+    let runs = std::path::PathBuf::from(format!("/tmp/capsule-runs-{nobody}"));
+    let _ = std::fs::remove_dir_all(&runs);
+    let _cleanup = RemoveDir(runs.clone());
+    let ps = || {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(env!("CARGO_BIN_EXE_capsule")).arg("ps");
+        c.env_remove("CAPSULE_RUN_DIR").env_remove("XDG_RUNTIME_DIR").env("HOME", "/nonexistent");
+        c
+    };
+    // Planted by someone else (root here): refused.
+    std::fs::create_dir(&runs).unwrap();
+    let err = fails(&mut ps());
+    assert!(err.contains(&format!("{} belongs to uid 0, not to uid {nobody}; refusing to keep runs there", runs.display())), "{err}");
+    // Ours but writable by all: refused.
+    std::os::unix::fs::chown(&runs, Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = fails(&mut ps());
+    assert!(err.contains("is writable by others (mode 777)"), "{err}");
+    // A symlink to somewhere else: refused.
+    std::fs::remove_dir(&runs).unwrap();
+    std::os::unix::fs::symlink("/tmp", &runs).unwrap();
+    let err = fails(&mut ps());
+    assert!(err.contains("is not a directory"), "{err}");
+    std::fs::remove_file(&runs).unwrap();
+    // Absent: made 0700 and owned by its user.
+    ok(&mut ps());
+    let m = std::fs::symlink_metadata(&runs).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (nobody, 0o700));
+}
