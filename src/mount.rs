@@ -34,7 +34,9 @@ fn info_path(mountpoint: &Path) -> PathBuf {
 
 /// A FUSE mount whose daemon died answers ENOTCONN: detach it so the path is usable again.
 fn clean_stale(mountpoint: &Path) {
-    if let Err(e) = std::fs::metadata(mountpoint) {
+    // A stat can be answered from cached attributes (default_permissions keeps them): an
+    // opendir always asks the daemon.
+    if let Err(e) = std::fs::metadata(mountpoint).and_then(|_| std::fs::read_dir(mountpoint).map(drop)) {
         if e.raw_os_error() == Some(ENOTCONN) {
             eprintln!("capsule: cleaning up a stale mount at {}", mountpoint.display());
             let _ = std::process::Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
@@ -137,7 +139,9 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     }
     let name = fs.info().name.clone();
 
-    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into())];
+    // The kernel checks each open against the files' modes: allow_other (below, for root)
+    // must not open guest disks and RAM to every local user.
+    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into()), fuser::MountOption::DefaultPermissions];
     if args.read_only {
         options.push(fuser::MountOption::RO);
     }

@@ -230,3 +230,31 @@ fn the_tmp_run_directory_must_be_private_and_ours() {
     let m = std::fs::symlink_metadata(&runs).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o7777), (nobody, 0o700));
 }
+
+#[test]
+fn other_local_users_cannot_read_a_root_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `nobody` must reach the mount point to be refused by the mount itself.
+    std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(d.join("disk"), pseudo_random(64 << 10, 8)).unwrap();
+    ok(capsule(&d.join("store")).args(["import", "vm", "--ram", "1M", "--disk"]).arg(format!("root={}", d.join("disk").display())));
+    let as_nobody = |args: &[&str], file: &Path| {
+        let out = std::process::Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).args(args).arg(file).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (mnt, extra) in [("ro", &["--read-only"][..]), ("rw", &[][..])] {
+        let m = Mounted::new(&d.join("store"), &d.join("cfg"), "vm", &d.join(mnt), &d.join(format!("cache-{mnt}")), extra);
+        assert_eq!(std::fs::read(m.dir.join("root.raw")).unwrap(), pseudo_random(64 << 10, 8), "the owner reads");
+        let files: &[&str] = if extra.is_empty() { &["root.raw", "memory.raw"] } else { &["root.raw"] };
+        for f in files {
+            let (read, err) = as_nobody(&["cat"], &m.dir.join(f));
+            assert!(!read && err.contains("Permission denied"), "nobody read {mnt}/{f}: {err}");
+            let (wrote, err) = as_nobody(&["truncate", "-s", "0"], &m.dir.join(f));
+            let refused = err.contains("Permission denied") || (mnt == "ro" && err.contains("Read-only file system"));
+            assert!(!wrote && refused, "nobody wrote {mnt}/{f}: {err}");
+        }
+        // The VM description stays readable (it holds no guest data).
+        assert!(as_nobody(&["cat"], &m.dir.join("capsule.json")).0);
+    }
+}
