@@ -181,6 +181,12 @@ enum Command {
         /// Allow reads without a token
         #[arg(long)]
         public_read: bool,
+        /// Most concurrent connections; more are refused
+        #[arg(long, default_value_t = capsule_net::server::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a client has to send a whole request header on a stream
+        #[arg(long, value_name = "SECS", default_value_t = capsule_net::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
+        header_timeout: f64,
     },
     /// Manage access tokens of this store's server
     Token {
@@ -273,10 +279,21 @@ enum TokenCommand {
     Create {
         #[arg(long, value_enum)]
         scope: ScopeArg,
-        /// Capsule names the token covers start with this
+        /// Capsule names the token covers: PREFIX itself and PREFIX/... (whole segments:
+        /// `team` does not cover `teamX`); empty for all
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Print the token, its id, scope and prefix as JSON
+        #[arg(long)]
+        json: bool,
     },
+    /// List issued tokens: id, scope, prefix, creation time (never the tokens)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by the id `create` and `list` show; the server refuses it at once
+    Revoke { id: String },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,13 +561,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
-        Command::Serve { listen, public_read } => serve(store, listen, public_read)?,
-        Command::Token { command: TokenCommand::Create { scope, prefix } } => {
+        Command::Serve { listen, public_read, max_connections, header_timeout } => {
+            let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
+            serve(store, listen, public_read, max_connections.max(1), header_timeout)?
+        }
+        Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let scope = match scope {
                 ScopeArg::Read => capsule_net::auth::Scope::Read,
                 ScopeArg::Write => capsule_net::auth::Scope::Write,
             };
-            println!("{}", capsule_net::auth::create_token(store.root(), scope, &prefix)?);
+            let (token, record) = capsule_net::auth::create_token(store.root(), scope, &prefix)?;
+            if json {
+                println!("{}", serde_json::json!({"token": token, "id": record.id(), "scope": record.scope, "prefix": record.prefix}));
+            } else {
+                // stdout is the token alone (scripts capture it); the id goes to a person.
+                println!("{token}");
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprintln!("capsule: token id {} ({:?}, prefix {:?}); revoke with: capsule token revoke {}", record.id(), record.scope, record.prefix, record.id());
+                }
+            }
+        }
+        Command::Token { command: TokenCommand::List { json } } => {
+            let tokens = capsule_net::auth::list_tokens(store.root())?;
+            if json {
+                let list: Vec<_> = tokens.iter().map(|r| serde_json::json!({"id": r.id(), "scope": r.scope, "prefix": r.prefix, "created_unix": r.created_unix})).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &tokens {
+                    let scope = serde_json::to_value(r.scope)?;
+                    println!("{}  {:5}  {:20}  created {}", r.id(), scope.as_str().unwrap_or("?"), if r.prefix.is_empty() { "(all)" } else { &r.prefix }, r.created_unix);
+                }
+            }
+        }
+        Command::Token { command: TokenCommand::Revoke { id } } => {
+            let r = capsule_net::auth::revoke_token(store.root(), &id)?;
+            println!("revoked token {} (prefix {:?})", r.id(), r.prefix);
         }
         Command::Push { name, remote, conn, json } => {
             let report = push(&store, &name, &remote, &conn)?;
@@ -602,7 +647,7 @@ pub(crate) async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Re
     Ok(client)
 }
 
-fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Result<()> {
+fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool, max_connections: usize, header_timeout: std::time::Duration) -> Result<()> {
     let root = store.root().to_path_buf();
     let identity = capsule_net::tls::load_or_create_identity(&root)?;
     let rt = runtime()?;
@@ -614,7 +659,7 @@ fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool) -> Resul
         if public_read {
             println!("capsule: reads need no token (--public-read)");
         }
-        let opts = capsule_net::ServeOptions { listen: addr, public_read, store_root: root };
+        let opts = capsule_net::ServeOptions { max_connections, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
         let backend: std::sync::Arc<dyn capsule_net::backend::Backend> = std::sync::Arc::new(store);
         tokio::select! {
             r = server.run(backend, opts) => r.map_err(anyhow::Error::from),

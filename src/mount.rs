@@ -34,7 +34,9 @@ fn info_path(mountpoint: &Path) -> PathBuf {
 
 /// A FUSE mount whose daemon died answers ENOTCONN: detach it so the path is usable again.
 fn clean_stale(mountpoint: &Path) {
-    if let Err(e) = std::fs::metadata(mountpoint) {
+    // A stat can be answered from cached attributes (default_permissions keeps them): an
+    // opendir always asks the daemon.
+    if let Err(e) = std::fs::metadata(mountpoint).and_then(|_| std::fs::read_dir(mountpoint).map(drop)) {
         if e.raw_os_error() == Some(ENOTCONN) {
             eprintln!("capsule: cleaning up a stale mount at {}", mountpoint.display());
             let _ = std::process::Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
@@ -137,7 +139,9 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
     }
     let name = fs.info().name.clone();
 
-    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into())];
+    // The kernel checks each open against the files' modes: allow_other (below, for root)
+    // must not open guest disks and RAM to every local user.
+    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into()), fuser::MountOption::DefaultPermissions];
     if args.read_only {
         options.push(fuser::MountOption::RO);
     }
@@ -240,9 +244,24 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
     let tag: String = args.mountpoint.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let log_path = logs.join(format!("mount{tag}.log"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // The daemon lives as long as the mount, and its command line is readable by every
+    // local user: the token goes to it in the environment (readable by its owner only).
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    let mut rest = std::env::args_os().skip(1);
+    while let Some(a) = rest.next() {
+        if a == "--token" {
+            rest.next();
+        } else if !a.to_str().is_some_and(|s| s.starts_with("--token=")) {
+            argv.push(a);
+        }
+    }
     argv.push("--foreground".into());
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    match &args.conn.token {
+        Some(t) => cmd.env("CAPSULE_TOKEN", t),
+        None => cmd.env_remove("CAPSULE_TOKEN"),
+    };
+    let mut child = cmd
         .args(argv)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -269,7 +288,45 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
     }
 }
 
+/// Whether `path` is where a capsule FUSE mount sits (from /proc/self/mountinfo: a FUSE
+/// file system named `capsule:NAME` by the daemon, type `fuse` or `fuse.capsule`).
+fn is_capsule_mount(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    // Mount points there escape space, tab, newline and backslash as octal.
+    let unescape = |s: &str| -> String {
+        let mut out = Vec::new();
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], b.get(i + 1..i + 4).and_then(|o| std::str::from_utf8(o).ok()).and_then(|o| u8::from_str_radix(o, 8).ok())) {
+                (b'\\', Some(c)) => {
+                    out.push(c);
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    table.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else { return false };
+        let mut right = right.split(' ');
+        let (fstype, source) = (right.next().unwrap_or(""), right.next().unwrap_or(""));
+        left.split(' ').nth(4).is_some_and(|m| Path::new(&unescape(m)) == path)
+            && (fstype == "fuse.capsule" || (fstype.starts_with("fuse") && source.starts_with("capsule:")))
+    })
+}
+
 pub fn umount(mountpoint: &Path) -> Result<()> {
+    // Only capsule mounts: anything else at that path is not ours to detach.
+    let abs = std::path::absolute(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let path = abs.canonicalize().unwrap_or(abs);
+    if !is_capsule_mount(&path) {
+        bail!("{} is not a capsule mount; nothing unmounted", mountpoint.display());
+    }
     let info: Option<MountInfo> = std::fs::read(info_path(mountpoint)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let ok = std::process::Command::new("fusermount3").arg("-u").arg(mountpoint).status().is_ok_and(|s| s.success())
         || std::process::Command::new("umount").arg(mountpoint).status().is_ok_and(|s| s.success());

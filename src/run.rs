@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use capsule_fs::commit::{CommitOptions, MachineState};
 use capsule_fs::mount::MountInfo;
-use capsule_vmm_glue::qemu::{Accel, DiskFile, QemuConfig, Serial};
+use capsule_vmm_glue::qemu::{Accel, DiskFile, QemuConfig, QemuHints, Serial};
 use capsule_vmm_glue::qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -171,14 +171,44 @@ pub struct RunRecord {
 }
 
 /// Where runs keep their state.
-pub fn runs_dir() -> PathBuf {
+pub fn runs_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("CAPSULE_RUN_DIR") {
-        return d.into();
+        return Ok(d.into());
     }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return Path::new(&d).join("capsule/runs");
+        return Ok(Path::new(&d).join("capsule/runs"));
     }
-    PathBuf::from(format!("/tmp/capsule-runs-{}", rustix::process::getuid().as_raw()))
+    // A predictable name in /tmp: anyone could have made it first (to plant a run.json
+    // naming their own QMP socket, or to read guest serial logs).
+    let uid = rustix::process::getuid().as_raw();
+    let dir = PathBuf::from(format!("/tmp/capsule-runs-{uid}"));
+    private_dir(&dir, uid)?;
+    Ok(dir)
+}
+
+/// Makes `dir` 0700, or accepts it only if it is a real directory owned by `uid` that
+/// nobody else can write (one merely readable by others is tightened to 0700).
+fn private_dir(dir: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+    let refuse = |why: String| anyhow::anyhow!("{} {why}; refusing to keep runs there (remove it, or set CAPSULE_RUN_DIR)", dir.display());
+    if !m.file_type().is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    if m.uid() != uid {
+        return Err(refuse(format!("belongs to uid {}, not to uid {uid}", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(refuse(format!("is writable by others (mode {:o})", m.mode() & 0o7777)));
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 700 {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// The mount a run uses: unmounted on drop when the run made it.
@@ -297,9 +327,9 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &Path) -> Result<Run
 }
 
 /// KVM works here? Probed once per host boot (a broken KVM costs the probe's 5 s).
-fn kvm_usable(qemu: &Path, kernel: Option<&Path>) -> bool {
+fn kvm_usable(root: &Path, qemu: &Path, kernel: Option<&Path>) -> bool {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let memo = runs_dir().join(format!("kvm-probe-{}", boot_id.trim()));
+    let memo = root.join(format!("kvm-probe-{}", boot_id.trim()));
     if let Ok(s) = std::fs::read_to_string(&memo) {
         return s.trim() == "kvm";
     }
@@ -308,7 +338,7 @@ fn kvm_usable(qemu: &Path, kernel: Option<&Path>) -> bool {
         // Nothing to boot as a probe: trust the device node.
         None => std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
     };
-    let _ = std::fs::create_dir_all(runs_dir());
+    let _ = std::fs::create_dir_all(root);
     let _ = std::fs::write(&memo, if works { "kvm" } else { "tcg" });
     if !works {
         eprintln!("capsule: KVM does not run guests here; using TCG (slower)");
@@ -322,7 +352,7 @@ fn new_run_id(capsule: &str) -> String {
 }
 
 pub fn run(store: Option<PathBuf>, args: RunArgs) -> Result<ExitCode> {
-    let root = runs_dir();
+    let root = runs_dir()?;
     let id = args.id.clone().unwrap_or_else(|| new_run_id(&args.source));
     let dir = root.join(&id);
     if dir.join("run.json").exists() {
@@ -347,11 +377,14 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let vm: Value = serde_json::from_slice(&std::fs::read(mnt.join("capsule.json")).context("reading the mount's capsule.json")?)?;
     let info: MountInfo = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/info.json"))?)?;
     let hints: BTreeMap<String, String> = serde_json::from_value(vm["hints"].clone()).unwrap_or_default();
+    let capsule_name = vm["capsule"].as_str().unwrap_or("?").to_string();
     let suspended = vm["suspended"].as_bool().unwrap_or(false);
     let hypervisor = args.hypervisor.unwrap_or(if vm["hypervisor"].as_str() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu });
     if hypervisor == HypervisorArg::CloudHypervisor {
         return crate::chv::run(args, &mnt, &vm, dir);
     }
+    // Hints come from the capsule, that is from whoever made it: checked before any reaches QEMU.
+    let qemu_hints = QemuHints::parse(&hints).with_context(|| format!("capsule {capsule_name} ({}): refusing to run it", args.source))?;
     let writable = info.overlay_dir.is_some();
     if !mount.ours && !args.no_fault_fix && info.kernel_readahead.is_some_and(|r| r > 0) {
         eprintln!("capsule: {} has kernel readahead on: each RAM fault reads ahead (mount it with --kernel-readahead 0)", mnt.display());
@@ -372,14 +405,14 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let accel = match args.accel {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Tcg => Accel::Tcg,
-        AccelArg::Auto => match hints.get("qemu.accel").and_then(|a| Accel::parse(a)).filter(|_| suspended) {
+        AccelArg::Auto => match qemu_hints.accel.filter(|_| suspended) {
             Some(Accel::Tcg) => Accel::Tcg,
-            _ if kvm_usable(&args.qemu, kernel.as_deref()) => Accel::Kvm,
+            _ if kvm_usable(dir.parent().unwrap_or(dir), &args.qemu, kernel.as_deref()) => Accel::Kvm,
             _ => Accel::Tcg,
         },
     };
     let append = if suspended {
-        hints.get("qemu.append").cloned()
+        qemu_hints.append.clone()
     } else {
         let base = vm["cmdline"].as_str().unwrap_or("").to_string();
         Some(match &args.append {
@@ -403,7 +436,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let config = QemuConfig {
         binary: args.qemu.clone(),
         accel,
-        machine: if suspended { hints.get("qemu.machine").cloned().unwrap_or_else(|| "pc".into()) } else { "pc".into() },
+        machine: qemu_hints.machine.clone().filter(|_| suspended).unwrap_or_else(|| "pc".into()),
         cpus: args.cpus.unwrap_or_else(|| vm["cpus"].as_u64().unwrap_or(1) as u32),
         memory_mib,
         memory_file: memory_file.clone(),
@@ -416,6 +449,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         incoming: suspended,
         extra: args.extra.clone(),
     };
+    config.check().with_context(|| format!("capsule {capsule_name} ({})", args.source))?;
     if args.dry_run {
         println!("{}", config.shell_line());
         return Ok(ExitCode::SUCCESS);
@@ -454,7 +488,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let machine = qmp.resolve_machine(&config.machine)?;
     if suspended {
         let caps = qmp.migration_capabilities()?;
-        let wanted: Vec<&str> = hints.get("qemu.capabilities").map(|c| c.split(',').filter(|s| !s.is_empty()).collect()).unwrap_or_default();
+        let wanted: Vec<&str> = qemu_hints.capabilities.iter().map(String::as_str).collect();
         for c in &wanted {
             if !caps.iter().any(|k| k == c) {
                 bail!("this QEMU ({}.{}.{}) lacks migration capability {c}, which saved this capsule", qmp.version.0, qmp.version.1, qmp.version.2);
@@ -637,7 +671,7 @@ fn find_run(run: &str) -> Result<PathBuf> {
     } else if p.file_name().is_some_and(|n| n == "qmp.sock") && p.parent().is_some() {
         p.parent().map(Path::to_path_buf).unwrap_or_default()
     } else {
-        runs_dir().join(run)
+        runs_dir()?.join(run)
     };
     if !dir.join("run.json").exists() {
         bail!("no run {run:?} (looked for {}); `capsule run` prints the id", dir.join("run.json").display());
@@ -801,7 +835,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
 /// `capsule ps`: the runs on this machine.
 pub fn ps(json: bool) -> Result<()> {
     let mut runs = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(runs_dir()) {
+    if let Ok(entries) = std::fs::read_dir(runs_dir()?) {
         for e in entries.flatten() {
             let Ok(bytes) = std::fs::read(e.path().join("run.json")) else { continue };
             let Ok(rec) = serde_json::from_slice::<RunRecord>(&bytes) else { continue };

@@ -308,7 +308,9 @@ impl CapsuleFs {
             STATS | METADATA => (FileType::RegularFile, 0, 0o444),
             INFO => (FileType::RegularFile, self.info_bytes().len() as u64, 0o444),
             _ => match &self.node(ino)?.content {
-                Content::Image { image, overlay, .. } => (FileType::RegularFile, image.size, if overlay.is_some() { 0o644 } else { 0o444 }),
+                // Guest disks, RAM and device state: the mounting user and its group (a
+                // hypervisor in that group) only; enforced by `default_permissions`.
+                Content::Image { image, overlay, .. } => (FileType::RegularFile, image.size, if overlay.is_some() { 0o640 } else { 0o440 }),
                 Content::Bytes(b) => (FileType::RegularFile, b.len() as u64, 0o444),
             },
         };

@@ -157,6 +157,14 @@ impl Decoder {
         Ok(total.saturating_sub(self.buf.len()).max(1))
     }
 
+    /// Size of the frame being received (header, payload, checksum), once its header is in.
+    pub fn frame_len(&self) -> Result<Option<usize>> {
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        self.header_total().map(Some)
+    }
+
     fn header_total(&self) -> Result<usize> {
         let b = &self.buf;
         if &b[0..4] != MAGIC {

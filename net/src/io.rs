@@ -9,7 +9,17 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     dec: Decoder,
     buf: Vec<u8>,
+    /// Largest frame payload accepted now (below the codec's caps), if limited.
+    limit: Option<usize>,
 }
+
+/// Read buffer of an unrestricted reader.
+const READ_BUF: usize = 256 << 10;
+/// Read buffer of a limited reader: what an unauthorized stream may make the server hold
+/// beyond the frame itself.
+const LIMITED_READ_BUF: usize = 16 << 10;
+/// Frame header plus checksum around a payload.
+const FRAMING: usize = 16;
 
 pub(crate) fn conn_err(e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Unavailable, format!("connection: {e}"))
@@ -18,7 +28,21 @@ pub(crate) fn conn_err(e: impl std::fmt::Display) -> Error {
 impl FrameReader {
     /// Wraps a receive stream.
     pub fn new(recv: quinn::RecvStream) -> Self {
-        Self { recv, dec: Decoder::new(), buf: vec![0; 256 << 10] }
+        Self { recv, dec: Decoder::new(), buf: vec![0; READ_BUF], limit: None }
+    }
+
+    /// A reader that accepts frames of at most `limit` payload bytes and reads through a
+    /// small buffer: for a server stream before its request is authorized.
+    pub fn limited(recv: quinn::RecvStream, limit: usize) -> Self {
+        Self { recv, dec: Decoder::new(), buf: vec![0; LIMITED_READ_BUF], limit: Some(limit) }
+    }
+
+    /// The stream is authorized: frames up to `limit` bytes, the full read buffer.
+    pub fn authorized(&mut self, limit: usize) {
+        self.limit = Some(limit);
+        if self.buf.len() < READ_BUF {
+            self.buf.resize(READ_BUF, 0);
+        }
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -29,7 +53,16 @@ impl FrameReader {
             }
             let want = self.dec.wanted()?.min(self.buf.len());
             match self.recv.read(&mut self.buf[..want]).await.map_err(conn_err)? {
-                Some(n) => self.dec.push(&self.buf[..n])?,
+                Some(n) => {
+                    self.dec.push(&self.buf[..n])?;
+                    // Once the frame header is in, its declared size is known: refuse it
+                    // before buffering a payload beyond the current limit.
+                    if let (Some(limit), Some(total)) = (self.limit, self.dec.frame_len()?) {
+                        if total > limit + FRAMING {
+                            return Err(Error::protocol(format!("frame of {} bytes exceeds the {limit} accepted here", total - FRAMING)));
+                        }
+                    }
+                }
                 None if self.dec.buffered() == 0 => return Ok(None),
                 None => return Err(Error::protocol(format!("stream ended inside a frame ({} bytes buffered)", self.dec.buffered()))),
             }

@@ -1,11 +1,18 @@
 //! `capsule serve`: the quinn endpoint and one task per stream. Decisions (who may do
 //! what) are in `auth`; framing in `frame`; this file only moves bytes.
+//!
+//! Bounds against clients that never authorize: at most `max_connections` connections
+//! (more are refused during the handshake), a request header must arrive whole within
+//! `header_timeout` (else the connection is closed) and may be at most [`MAX_HEADER`]
+//! bytes, read through a small buffer; only an authorized stream gets block-sized frames
+//! and the full read buffer. Store I/O runs on blocking threads, never on async workers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::auth::Policy;
@@ -14,10 +21,22 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::frame::{decode_control, Frame};
 use crate::io::{write_control, write_frame, FrameReader};
 use crate::proto::{Request, RequestHeader, Response, MAX_BATCH};
+use crate::frame::MAX_BLOCK_FRAME;
 use crate::tls::{self, Identity};
 
 /// Most concurrent streams per connection; with the frame caps this bounds memory.
 pub const MAX_STREAMS: u32 = 64;
+
+/// Largest request header accepted, before the token in it is checked: a batch of
+/// [`MAX_BATCH`] hashes plus room for the token and names (about half a block frame).
+pub const MAX_HEADER: usize = MAX_BATCH * 32 + (16 << 10);
+/// Default cap on concurrent connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default time for a request header to arrive whole. Generous: a full batch of hashes
+/// (half a MiB) takes 11 s at 384 kbit/s.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// QUIC application close code for a client too slow with its request header.
+const CLOSE_HEADER_TIMEOUT: u32 = 2;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -28,6 +47,18 @@ pub struct ServeOptions {
     pub public_read: bool,
     /// Store directory (for tokens.json).
     pub store_root: PathBuf,
+    /// Most concurrent connections; more are refused.
+    pub max_connections: usize,
+    /// Time from a stream's first bytes to its whole request header; slower clients are
+    /// disconnected.
+    pub header_timeout: Duration,
+}
+
+impl ServeOptions {
+    /// Options with the default bounds.
+    pub fn new(listen: SocketAddr, public_read: bool, store_root: PathBuf) -> Self {
+        Self { listen, public_read, store_root, max_connections: DEFAULT_MAX_CONNECTIONS, header_timeout: DEFAULT_HEADER_TIMEOUT }
+    }
 }
 
 /// Transport settings shared by both ends: windows big enough for a fast loopback,
@@ -105,7 +136,14 @@ impl Server {
 
     /// Serves until the endpoint is closed.
     pub async fn run(self, backend: Arc<dyn Backend>, opts: ServeOptions) -> Result<()> {
+        let slots = Arc::new(Semaphore::new(opts.max_connections));
         while let Some(incoming) = self.endpoint.accept().await {
+            // Refused before the handshake costs anything: the client sees "refused".
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(remote = %incoming.remote_address(), "refused: {} connections already", opts.max_connections);
+                incoming.refuse();
+                continue;
+            };
             let backend = backend.clone();
             let opts = opts.clone();
             tokio::spawn(async move {
@@ -116,6 +154,7 @@ impl Server {
                     }
                     Err(e) => debug!("handshake failed: {e}"),
                 }
+                drop(slot);
             });
         }
         Ok(())
@@ -143,8 +182,9 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
         let backend = backend.clone();
         let opts = opts.clone();
         let remote = conn.remote_address();
+        let conn = conn.clone();
         tokio::spawn(async move {
-            match serve_stream(send, recv, backend, &opts).await {
+            match serve_stream(&conn, send, recv, backend, &opts).await {
                 Err(e) if e.kind() == ErrorKind::Denied => debug!(%remote, "refused: {e}"),
                 Err(e) => warn!(%remote, "stream failed: {e}"),
                 Ok(()) => {}
@@ -153,12 +193,18 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, recv: quinn::RecvStream, backend: Arc<dyn Backend>, opts: &ServeOptions) -> Result<()> {
-    let mut reader = FrameReader::new(recv);
-    let header = match reader.expect().await {
-        Ok(Frame::Request(payload)) => decode_control::<RequestHeader>(&payload),
-        Ok(other) => Err(Error::protocol(format!("expected a request, got {}", frame_name(&other)))),
-        Err(e) => Err(e),
+async fn serve_stream(conn: &quinn::Connection, mut send: quinn::SendStream, recv: quinn::RecvStream, backend: Arc<dyn Backend>, opts: &ServeOptions) -> Result<()> {
+    let mut reader = FrameReader::limited(recv, MAX_HEADER);
+    let header = match tokio::time::timeout(opts.header_timeout, reader.expect()).await {
+        Ok(Ok(Frame::Request(payload))) => decode_control::<RequestHeader>(&payload),
+        Ok(Ok(other)) => Err(Error::protocol(format!("expected a request, got {}", frame_name(&other)))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            // A slow or silent header holds a connection slot: end the whole connection.
+            let why = format!("no request header within {:?}", opts.header_timeout);
+            conn.close(quinn::VarInt::from_u32(CLOSE_HEADER_TIMEOUT), why.as_bytes());
+            return Err(Error::protocol(why));
+        }
     };
     let result = match header {
         Ok(h) => handle(&mut send, &mut reader, h, &backend, opts).await,
@@ -184,9 +230,13 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: RequestHeader, backend: &Arc<dyn Backend>, opts: &ServeOptions) -> Result<()> {
-    // Reload tokens per stream: `capsule token create` takes effect without a restart.
-    let policy = Policy::load(&opts.store_root, opts.public_read)?;
+    // Reload tokens per stream: `capsule token create` and `revoke` take effect without a restart.
+    let (root, public_read) = (opts.store_root.clone(), opts.public_read);
+    let policy = tokio::task::spawn_blocking(move || Policy::load(&root, public_read))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("token task failed: {e}")))??;
     let grant = policy.authorize(header.token.as_deref(), &header.request)?;
+    reader.authorized(MAX_BLOCK_FRAME);
     if header.request.batch_len() > MAX_BATCH {
         return Err(Error::protocol(format!("batch of {} exceeds {MAX_BATCH}", header.request.batch_len())));
     }
@@ -195,29 +245,29 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
     }
     match header.request {
         Request::ListRefs { prefix } => {
-            let refs = backend.list_refs()?.into_iter().filter(|(n, _)| n.starts_with(&prefix) && n.starts_with(&grant.prefix)).collect();
+            let refs = blocking(backend, |b| b.list_refs()).await?.into_iter().filter(|(n, _)| n.starts_with(&prefix) && grant.covers(n)).collect();
             write_control(send, true, &Response::Refs(refs)).await
         }
-        Request::GetRef { name } => write_control(send, true, &Response::Ref(backend.read_ref(&name)?)).await,
+        Request::GetRef { name } => write_control(send, true, &Response::Ref(blocking(backend, move |b| b.read_ref(&name)).await?)).await,
         Request::MissingBlocks { hashes } => {
-            let missing = hashes.into_iter().filter(|h| !backend.has_block(h)).collect();
+            let missing = blocking(backend, move |b| Ok(hashes.into_iter().filter(|h| !b.has_block(h)).collect())).await?;
             write_control(send, true, &Response::Missing(missing)).await
         }
         Request::MissingObjects { ids } => {
-            let missing = ids.into_iter().filter(|h| !backend.has_object(h)).collect();
+            let missing = blocking(backend, move |b| Ok(ids.into_iter().filter(|h| !b.has_object(h)).collect())).await?;
             write_control(send, true, &Response::Missing(missing)).await
         }
         Request::GetBlocks { hashes } => {
             for hash in hashes {
                 // Sent as stored: no recompression. The client verifies every block.
-                let encoded = backend.read_encoded_block(&hash).map_err(|e| e.context(format!("block {hash}")))?;
+                let encoded = blocking(backend, move |b| b.read_encoded_block(&hash)).await.map_err(|e| e.context(format!("block {hash}")))?;
                 write_frame(send, &Frame::Block { hash, encoded }).await?;
             }
             write_frame(send, &Frame::End).await
         }
         Request::GetObjects { ids } => {
             for id in ids {
-                let bytes = backend.read_object(&id).map_err(|e| e.context(format!("object {id}")))?;
+                let bytes = blocking(backend, move |b| b.read_object(&id)).await.map_err(|e| e.context(format!("object {id}")))?;
                 let kind = capsule_images::envelope::peek_kind(&bytes).ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("object {id} is damaged on the server")))?;
                 write_frame(send, &Frame::Object { kind, id, bytes }).await?;
             }
@@ -245,8 +295,17 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
             }
             write_control(send, true, &Response::Stored { new }).await
         }
-        Request::ListProfiles { capsule } => write_control(send, true, &Response::Profiles(backend.list_profiles(&capsule)?)).await,
+        Request::ListProfiles { capsule } => write_control(send, true, &Response::Profiles(blocking(backend, move |b| b.list_profiles(&capsule)).await?)).await,
         Request::SetProfile { capsule, name, id } => {
+            // Profiles are keyed by capsule id and prefetched and pinned by whoever mounts
+            // it through any ref: setting one needs a write grant covering every ref that
+            // names the capsule (and at least one), so teamA cannot point its own ref at
+            // teamB's capsule and replace teamB's profiles.
+            let refs = blocking(backend, |b| b.list_refs()).await?;
+            let naming: Vec<&String> = refs.iter().filter(|(_, target)| *target == capsule).map(|(n, _)| n).collect();
+            if naming.is_empty() || !naming.iter().all(|n| grant.covers(n)) {
+                return Err(Error::new(ErrorKind::Denied, "access denied"));
+            }
             blocking(backend, move |b| b.set_profile(&capsule, &name, &id)).await?;
             write_control(send, true, &Response::Stored { new: 0 }).await
         }

@@ -93,7 +93,7 @@ fn serve(rt: &tokio::runtime::Runtime, root: &std::path::Path, backend: Arc<dyn 
     let server = Server::bind(identity, listen.parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let endpoint = server.endpoint();
-    let opts = ServeOptions { listen: addr, public_read: true, store_root: root.to_path_buf() };
+    let opts = ServeOptions::new(addr, true, root.to_path_buf());
     rt.spawn(server.run(backend, opts));
     (endpoint, addr)
 }

@@ -29,11 +29,11 @@ async fn fixture() -> Fixture {
         let spec = CapsuleSpec { name: name.into(), disks: vec![("root".into(), path)], ..Default::default() };
         capsule_images::import_capsule(&store, &spec, &NoProgress).unwrap();
     }
-    let token = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap();
+    let token = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap().0;
     let identity = capsule_net::tls::load_or_create_identity(&root).unwrap();
     let server = Server::bind(identity, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
-    let opts = ServeOptions { listen: addr, public_read: false, store_root: root };
+    let opts = ServeOptions::new(addr, false, root);
     tokio::spawn(server.run(Arc::new(store), opts));
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");

@@ -13,7 +13,7 @@
 //! disks are the mount's files. Cloud Hypervisor needs KVM; on machines without it only
 //! the round trip and the command line are tested (see ARCHITECTURE.md).
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
@@ -100,11 +100,63 @@ pub fn read_snapshot(dir: &Path) -> Result<Snapshot> {
     Ok(Snapshot { disks, kernel, initrd, cmdline, memory, state, config_template, cpus, memory_mib })
 }
 
-/// What `cloud-hypervisor` runs: a restore of the mounted snapshot, or a cold boot from
-/// the mount's files (disks `readonly=on` when `read_only`). `vm` is the mount's `capsule.json`.
-pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Vec<String> {
+/// Keys whose string values Cloud Hypervisor opens as host paths (or socket paths).
+const PATH_KEYS: &[&str] = &["path", "file", "socket", "vhost_socket", "kernel", "initramfs", "firmware", "src", "sysfsdev"];
+/// Keys whose values are text that may hold a `/` without naming a host file.
+const TEXT_KEYS: &[&str] = &["cmdline", "oem_strings", "serial_number", "uuid"];
+/// Host files a restored config may name outside the mount: the entropy source.
+const HOST_FILES: &[&str] = &["/dev/urandom"];
+
+/// Whether `p` is `mnt` or below it, with no `.`/`..` to climb out.
+fn inside(p: &Path, mnt: &Path) -> bool {
+    p.strip_prefix(mnt).is_ok_and(|rest| rest.components().all(|c| matches!(c, Component::Normal(_))))
+}
+
+fn check_value(v: &Value, at: &str, key: &str, mnt: &Path) -> Result<()> {
+    match v {
+        Value::Object(m) => m.iter().try_for_each(|(k, v)| check_value(v, &format!("{at}.{k}"), k, mnt)),
+        // Array items inherit the key (`oem_strings[0]`).
+        Value::Array(l) => l.iter().enumerate().try_for_each(|(i, v)| check_value(v, &format!("{at}[{i}]"), key, mnt)),
+        Value::String(_) if TEXT_KEYS.contains(&key) => Ok(()),
+        // A path key always, and any other string that looks like a path (a VFIO sysfs
+        // device, a URL), must point into the mount.
+        Value::String(s) if PATH_KEYS.contains(&key) || s.contains('/') => {
+            if inside(Path::new(s), mnt) || (key == "src" && HOST_FILES.contains(&s.as_str())) {
+                Ok(())
+            } else {
+                Err(Error::new(ErrorKind::Invalid, format!("{at} = {s:?} is outside the mount {}", mnt.display())))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks a restore config (the mount's `config.json`, placeholders filled): every path
+/// in it must lie in the mount `mnt`, so a capsule cannot hand Cloud Hypervisor a host
+/// file as a disk, a serial log or a device.
+pub fn check_config(config: &Value, mnt: &Path) -> Result<()> {
+    check_value(config, "config", "", mnt).map_err(|e| Error::new(ErrorKind::Invalid, format!("hint {CONFIG_HINT}: {e}")))
+}
+
+/// Reads and checks the mount's `config.json` (see [`check_config`]).
+fn check_mounted_config(mnt: &Path) -> Result<()> {
+    let path = mnt.join("config.json");
+    let len = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?.len();
+    if len > MAX_CONFIG {
+        return Err(invalid(&path, format!("{len} bytes, more than the {MAX_CONFIG} accepted")));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
+    let config: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(&path, format!("hint {CONFIG_HINT} is not JSON: {e}")))?;
+    check_config(&config, mnt)
+}
+
+/// What `cloud-hypervisor` runs: a restore of the mounted snapshot (its config checked
+/// first, see [`check_config`]), or a cold boot from the mount's files (disks
+/// `readonly=on` when `read_only`). `vm` is the mount's `capsule.json`.
+pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Result<Vec<String>> {
     let mut a = vec!["--api-socket".to_string(), format!("path={}", api_socket.display())];
     if vm["suspended"].as_bool().unwrap_or(false) && mnt.join("config.json").exists() {
+        check_mounted_config(mnt)?;
         a.push("--restore".into());
         a.push(format!("source_url=file://{}", mnt.display()));
     } else {
@@ -129,7 +181,7 @@ pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, 
         a.extend(["--serial".into(), serial_log.map_or("tty".into(), |p| format!("file={}", p.display()))]);
     }
     a.extend(extra.iter().cloned());
-    a
+    Ok(a)
 }
 
 #[cfg(test)]
@@ -175,12 +227,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
         let vm = json!({"suspended": true, "cpus": 1, "memory_mib": 256, "disks": [{"file": "disk0.raw"}]});
-        let a = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]);
+        let a = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]).unwrap();
         assert_eq!(a[2..], ["--restore".to_string(), format!("source_url=file://{}", dir.path().display())]);
         let vm = json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"file": "root.raw"}]});
         std::fs::write(dir.path().join("vmlinuz"), "k").unwrap();
-        let a = command_line(dir.path(), &vm, true, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).join(" ");
+        let a = command_line(dir.path(), &vm, true, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).unwrap().join(" ");
         assert!(a.contains(&format!("--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw,readonly=on", dir.path().display(), dir.path().display())), "{a}");
         assert!(a.ends_with("--serial file=/tmp/s.log"), "{a}");
+    }
+
+    #[test]
+    fn restore_configs_may_name_only_the_mount() {
+        let mnt = Path::new("/run/capsule/r1/mnt");
+        let good = json!({
+            "disks": [{"path": "/run/capsule/r1/mnt/disk0.raw", "id": "_disk0"}],
+            "payload": {"kernel": "/run/capsule/r1/mnt/vmlinuz", "cmdline": "console=ttyS0 root=/dev/vda"},
+            "rng": {"src": "/dev/urandom"}, "serial": {"mode": "Tty", "file": null},
+            "platform": {"oem_strings": ["a/b"]},
+        });
+        check_config(&good, mnt).unwrap();
+        for (hostile, at) in [
+            (json!({"disks": [{"path": "/etc/shadow"}]}), "config.disks[0].path = \"/etc/shadow\""),
+            (json!({"disks": [{"path": "/run/capsule/r1/mnt/../../../etc/shadow"}]}), "config.disks[0].path"),
+            (json!({"disks": [{"path": "disk0.raw"}]}), "config.disks[0].path = \"disk0.raw\""),
+            (json!({"serial": {"mode": "File", "file": "/root/.ssh/authorized_keys"}}), "config.serial.file"),
+            (json!({"payload": {"kernel": "/run/capsule/r1/mntx/vmlinuz"}}), "config.payload.kernel"),
+            (json!({"devices": [{"path": "/sys/bus/pci/devices/0000:00:1f.2"}]}), "config.devices[0].path"),
+            (json!({"memory": {"zones": [{"file": "/dev/mem"}]}}), "config.memory.zones[0].file"),
+            (json!({"rng": {"src": "/etc/shadow"}}), "config.rng.src"),
+            (json!({"fs": [{"tag": "x", "socket": "/run/other.sock"}]}), "config.fs[0].socket"),
+            (json!({"landlock_rules": [{"path": "/home/user", "access": "rw"}]}), "config.landlock_rules[0].path"),
+            (json!({"platform": {"note": "file:///etc/shadow"}}), "config.platform.note"),
+        ] {
+            let err = check_config(&hostile, mnt).unwrap_err().to_string();
+            assert!(err.starts_with("hint chv.config: ") && err.contains(at) && err.contains("outside the mount /run/capsule/r1/mnt"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_restore_with_a_hostile_config_has_no_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"disks": [{"path": "/etc/shadow"}]}"#).unwrap();
+        let vm = json!({"suspended": true});
+        let err = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]).unwrap_err();
+        assert!(err.to_string().contains("config.disks[0].path = \"/etc/shadow\" is outside the mount"), "{err}");
     }
 }

@@ -4,11 +4,95 @@
 //! the one resuming it have the same device set: same disks in the same order, one
 //! virtio-balloon, guest RAM in a `memory-backend-file` on the mount.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Hints a capsule carries that reach QEMU (written by `capsule suspend`).
+pub const HINT_MACHINE: &str = "qemu.machine";
+/// See [`HINT_MACHINE`].
+pub const HINT_ACCEL: &str = "qemu.accel";
+/// See [`HINT_MACHINE`].
+pub const HINT_APPEND: &str = "qemu.append";
+/// See [`HINT_MACHINE`].
+pub const HINT_CAPABILITIES: &str = "qemu.capabilities";
+/// Migration capabilities a capsule may ask a resume to turn on: the ones `capsule
+/// suspend` sets. Anything else could change how QEMU reads the incoming state.
+pub const KNOWN_CAPABILITIES: &[&str] = &["x-ignore-shared"];
+/// Longest machine type name accepted (QEMU's are under 32).
+const MAX_MACHINE: usize = 64;
+/// Longest kernel command line accepted (x86's COMMAND_LINE_SIZE is 2048).
+const MAX_APPEND: usize = 4096;
+
+/// The QEMU hints of a capsule, each checked against its grammar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QemuHints {
+    /// `qemu.machine`: a machine type name.
+    pub machine: Option<String>,
+    /// `qemu.accel`: `kvm` or `tcg`.
+    pub accel: Option<Accel>,
+    /// `qemu.append`: the kernel command line the guest booted with.
+    pub append: Option<String>,
+    /// `qemu.capabilities`: migration capabilities, each in [`KNOWN_CAPABILITIES`].
+    pub capabilities: Vec<String>,
+}
+
+fn bad_hint(key: &str, value: &str, why: &str) -> Error {
+    let shown: String = value.chars().take(80).collect();
+    let more = if value.chars().count() > 80 { "..." } else { "" };
+    Error::new(ErrorKind::Invalid, format!("hint {key} = {shown:?}{more}: {why}"))
+}
+
+/// A machine type name (`pc`, `pc-i440fx-7.2`): letters, digits, `.`, `_`, `-`. A comma or
+/// `=` would add `-machine` options (`pc,initrd=/etc/shadow`).
+pub fn check_machine(value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > MAX_MACHINE || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) || value.starts_with('-') {
+        return Err(bad_hint(HINT_MACHINE, value, &format!("not a machine type name (letters, digits, '.', '_', '-', at most {MAX_MACHINE})")));
+    }
+    Ok(())
+}
+
+/// A kernel command line: one argument of `-append`, so no option can hide in it; still
+/// no control characters (a NUL would cut it, a newline would forge log lines) and bounded.
+pub fn check_append(value: &str) -> Result<()> {
+    if value.len() > MAX_APPEND || value.chars().any(char::is_control) {
+        return Err(bad_hint(HINT_APPEND, value, &format!("not a kernel command line (printable characters only, at most {MAX_APPEND} bytes)")));
+    }
+    Ok(())
+}
+
+impl QemuHints {
+    /// Checks the `qemu.*` hints of `hints` (others are not this crate's); an error names
+    /// the hint and its value.
+    pub fn parse(hints: &BTreeMap<String, String>) -> Result<Self> {
+        let mut out = QemuHints::default();
+        if let Some(m) = hints.get(HINT_MACHINE) {
+            check_machine(m)?;
+            out.machine = Some(m.clone());
+        }
+        if let Some(a) = hints.get(HINT_ACCEL) {
+            out.accel = Some(Accel::parse(a).ok_or_else(|| bad_hint(HINT_ACCEL, a, "not an accelerator (kvm or tcg)"))?);
+        }
+        if let Some(a) = hints.get(HINT_APPEND) {
+            check_append(a)?;
+            out.append = Some(a.clone());
+        }
+        if let Some(c) = hints.get(HINT_CAPABILITIES) {
+            for name in c.split(',').filter(|s| !s.is_empty()) {
+                if !KNOWN_CAPABILITIES.contains(&name) {
+                    return Err(bad_hint(HINT_CAPABILITIES, c, &format!("{name:?} is not a migration capability a resume sets (known: {})", KNOWN_CAPABILITIES.join(", "))));
+                }
+                out.capabilities.push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// Which accelerator to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +179,13 @@ fn opt_path(p: &Path) -> String {
 }
 
 impl QemuConfig {
+    /// Checks what may have come from a capsule (machine type, command line) before it
+    /// reaches the command line.
+    pub fn check(&self) -> Result<()> {
+        check_machine(&self.machine)?;
+        self.append.as_deref().map_or(Ok(()), check_append)
+    }
+
     /// The arguments after the binary.
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<String> = vec!["-nodefaults".into(), "-no-user-config".into(), "-display".into(), "none".into(), "-no-reboot".into()];
@@ -249,5 +340,57 @@ mod tests {
         assert!(line.contains("-machine pc-i440fx-7.2,accel=tcg -m 256M"));
         assert!(line.contains("-append 'console=ttyS0 gmode=loop'"), "{line}");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+
+    fn hints(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn good_hints_pass_and_others_are_ignored() {
+        let h = QemuHints::parse(&hints(&[
+            ("qemu.machine", "pc-i440fx-7.2"),
+            ("qemu.accel", "tcg"),
+            ("qemu.append", "console=ttyS0 root=/dev/vda gmode=loop"),
+            ("qemu.capabilities", "x-ignore-shared"),
+            ("qemu.version", "7.2.0"),
+            ("chv.config", "{}"),
+        ]))
+        .unwrap();
+        assert_eq!(h.machine.as_deref(), Some("pc-i440fx-7.2"));
+        assert_eq!(h.accel, Some(Accel::Tcg));
+        assert_eq!(h.capabilities, ["x-ignore-shared"]);
+        assert_eq!(QemuHints::parse(&hints(&[("qemu.capabilities", "")])).unwrap().capabilities, Vec::<String>::new());
+    }
+
+    #[test]
+    fn hostile_hints_are_refused_naming_the_hint() {
+        for (key, value, why) in [
+            ("qemu.machine", "pc,initrd=/etc/shadow", "not a machine type"),
+            ("qemu.machine", "pc=x", "not a machine type"),
+            ("qemu.machine", "", "not a machine type"),
+            ("qemu.machine", "-help", "not a machine type"),
+            ("qemu.machine", "pc q35", "not a machine type"),
+            ("qemu.accel", "kvm,kernel-irqchip=off", "not an accelerator"),
+            ("qemu.accel", "xen", "not an accelerator"),
+            ("qemu.append", "console=ttyS0\nCAPSULE-GUEST-MARKER", "not a kernel command line"),
+            ("qemu.append", "a\0b", "not a kernel command line"),
+            ("qemu.capabilities", "x-ignore-shared,postcopy-ram", "\"postcopy-ram\" is not a migration capability"),
+        ] {
+            let err = QemuHints::parse(&hints(&[(key, value)])).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid);
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("hint {key} = ")) && msg.contains(why), "{key}={value:?}: {msg}");
+        }
+        let long = "x".repeat(MAX_APPEND + 1);
+        assert!(QemuHints::parse(&hints(&[("qemu.append", &long)])).unwrap_err().to_string().contains("...: not a kernel command line"));
+    }
+
+    #[test]
+    fn config_check_guards_the_command_line() {
+        let mut c = config();
+        c.check().unwrap();
+        c.machine = "pc,initrd=/etc/shadow".into();
+        assert!(c.check().unwrap_err().to_string().contains("hint qemu.machine"));
     }
 }

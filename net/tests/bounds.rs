@@ -1,0 +1,108 @@
+//! Server resource bounds over real QUIC on loopback: a cap on connections, a deadline and
+//! a size cap on the request header before anything is authorized.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capsule_images::{CapsuleSpec, NoProgress, Store};
+use capsule_net::frame::{decode_control, Frame, MAGIC, VERSION};
+use capsule_net::io::FrameReader;
+use capsule_net::proto::Response;
+use capsule_net::{Client, ConnectOptions, ErrorKind, RemoteUrl, ServeOptions, Server};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    url: RemoteUrl,
+    opts: ConnectOptions,
+}
+
+/// A public-read server over a store holding capsule `a`, with the given bounds.
+async fn serve(max_connections: usize, header_timeout: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("server");
+    let store = Store::open(&root).unwrap();
+    let path = dir.path().join("a.raw");
+    std::fs::write(&path, vec![7u8; 256 << 10]).unwrap();
+    capsule_images::import_capsule(&store, &CapsuleSpec { name: "a".into(), disks: vec![("root".into(), path)], ..Default::default() }, &NoProgress).unwrap();
+    let server = Server::bind(capsule_net::tls::load_or_create_identity(&root).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let opts = ServeOptions { max_connections, header_timeout, ..ServeOptions::new(addr, true, root) };
+    tokio::spawn(server.run(Arc::new(store), opts));
+    let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
+    let known = dir.path().join("known_servers");
+    Fixture { _dir: dir, url, opts: ConnectOptions { token: None, fingerprint: None, known_servers: Some(known) } }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_request_header_loses_its_connection_at_the_deadline() {
+    let f = serve(16, Duration::from_millis(1500)).await;
+    let slow = Client::connect(&f.url, &f.opts).await.unwrap();
+    let honest = Client::connect(&f.url, &f.opts).await.unwrap();
+    // Five bytes of a frame header, then nothing (the stream exists for the server once
+    // bytes arrive on it).
+    let (mut send, _recv) = slow.connection().open_bi().await.unwrap();
+    send.write_all(&MAGIC[..]).await.unwrap();
+    send.write_all(&[VERSION]).await.unwrap();
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(slow.connection().close_reason().is_none(), "closed before the deadline");
+    let reason = tokio::time::timeout(Duration::from_secs(10), slow.connection().closed()).await.expect("the server never dropped the silent client");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "dropped after {waited:?}");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => assert!(String::from_utf8_lossy(&c.reason).contains("no request header within"), "{c:?}"),
+        other => panic!("closed for another reason: {other}"),
+    }
+    // Others are served as before.
+    assert_eq!(honest.list_refs("").await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_is_refused_before_its_payload_is_read() {
+    let f = serve(16, Duration::from_secs(20)).await;
+    let c = Client::connect(&f.url, &f.opts).await.unwrap();
+    // A request frame declaring 1 MiB: under the codec's cap for control frames, over the
+    // header cap. Only its 12-byte header is sent, and the stream stays open.
+    let (mut send, recv) = c.connection().open_bi().await.unwrap();
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&[VERSION, 1, 0, 0]);
+    header.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    send.write_all(&header).await.unwrap();
+    let mut reader = FrameReader::new(recv);
+    let answer = tokio::time::timeout(Duration::from_secs(5), reader.next()).await.expect("the server waited for the payload");
+    match answer.unwrap() {
+        Some(Frame::Response(p)) => match decode_control::<Response>(&p).unwrap() {
+            Response::Error { kind, message } => {
+                assert_eq!(kind, ErrorKind::Protocol);
+                assert!(message.contains(&format!("frame of {} bytes exceeds the {} accepted here", 1 << 20, capsule_net::server::MAX_HEADER)), "{message}");
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.list_refs("").await.unwrap().len(), 1, "only that stream ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_until_one_ends() {
+    let f = serve(2, Duration::from_secs(20)).await;
+    let a = Client::connect(&f.url, &f.opts).await.unwrap();
+    let b = Client::connect(&f.url, &f.opts).await.unwrap();
+    assert_eq!(a.list_refs("").await.unwrap().len() + b.list_refs("").await.unwrap().len(), 2);
+    let err = Client::connect(&f.url, &f.opts).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("refused"), "{err}");
+    a.close().await;
+    // The server notices the close and frees the slot.
+    let start = Instant::now();
+    let c = loop {
+        match Client::connect(&f.url, &f.opts).await {
+            Ok(c) => break c,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(5), "the slot never came back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(c.list_refs("").await.unwrap().len(), 1);
+    assert_eq!(b.list_refs("").await.unwrap().len(), 1);
+}
