@@ -30,6 +30,18 @@ struct Stream {
     ahead_to: u64,
 }
 
+/// What the link allows a window: how long a fetch takes to come back, the link's measured
+/// rate (`None`: unknown), and a cap.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Time from asking to having.
+    pub horizon: Duration,
+    /// Bytes per second the link delivers.
+    pub link_rate: Option<f64>,
+    /// Most bytes ahead of one stream.
+    pub max_window: u64,
+}
+
 /// One file's readers.
 #[derive(Debug, Default, Clone)]
 pub struct Readahead {
@@ -38,14 +50,14 @@ pub struct Readahead {
 
 impl Readahead {
     /// Notes a read of `len` bytes at `offset`; returns the byte range to fetch ahead of
-    /// it, if the stream earned one. `horizon` is how long a fetch takes to come back;
-    /// `max_window` caps the window. `missed`: the read needed a fetch. A stream reading
+    /// it, if the stream earned one, within `budget`. `missed`: the read needed a fetch. A stream reading
     /// what is already here gets no new window unless it is consuming one it was given
     /// (a warmed working set must not drag in its neighbours).
     ///
     /// The window is what the stream would read, at the lesser of its own rate and the
     /// link's, while a fetch comes back: a reader faster than the link cannot use more.
-    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, missed: bool, horizon: Duration, link_rate: Option<f64>, max_window: u64) -> Option<(u64, u64)> {
+    pub fn on_read(&mut self, now: Instant, offset: u64, len: u64, missed: bool, budget: Budget) -> Option<(u64, u64)> {
+        let Budget { horizon, link_rate, max_window } = budget;
         let end = offset.saturating_add(len);
         let hit = self.streams.iter_mut().find(|s| offset >= s.next.saturating_sub(len) && offset <= s.next.saturating_add(SLACK));
         let Some(s) = hit else {
@@ -87,6 +99,10 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    fn b(horizon: Duration, link_rate: Option<f64>, max_window: u64) -> Budget {
+        Budget { horizon, link_rate, max_window }
+    }
+
     #[test]
     fn random_reads_get_no_readahead() {
         let mut ra = Readahead::default();
@@ -97,7 +113,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let offset = (x % (1 << 30)) & !0xfff;
-            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, true, 80 * MS, None, 8 << 20), None, "read {i} at {offset}");
+            assert_eq!(ra.on_read(t0 + MS * i, offset, 4096, true, b(80 * MS, None, 8 << 20)), None, "read {i} at {offset}");
         }
     }
 
@@ -109,11 +125,11 @@ mod tests {
         let (mut slow_window, mut fast_window) = (0, 0);
         for i in 0..50u64 {
             // The same stream of reads, one 10x faster than the other.
-            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
+            if let Some((from, to)) = slow.on_read(t0 + MS * 100 * i as u32, i * len, len, true, b(100 * MS, None, 64 << 20)) {
                 assert!(from >= (i + 1) * len, "never behind the reader");
                 slow_window = to - (i + 1) * len;
             }
-            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
+            if let Some((_, to)) = fast.on_read(t0 + MS * 10 * i as u32, i * len, len, true, b(100 * MS, None, 64 << 20)) {
                 fast_window = to - (i + 1) * len;
             }
             if i < u64::from(EARN_AFTER) {
@@ -132,10 +148,10 @@ mod tests {
         let (mut w_free, mut w_capped) = (0, 0);
         for i in 0..20u64 {
             // 64 KiB per millisecond: 64 MB/s, on a 1.25 MB/s link.
-            if let Some((_, to)) = free.on_read(t0 + MS * i as u32, i * len, len, true, 100 * MS, None, 64 << 20) {
+            if let Some((_, to)) = free.on_read(t0 + MS * i as u32, i * len, len, true, b(100 * MS, None, 64 << 20)) {
                 w_free = to - (i + 1) * len;
             }
-            if let Some((_, to)) = capped.on_read(t0 + MS * i as u32, i * len, len, true, 100 * MS, Some(1.25e6), 64 << 20) {
+            if let Some((_, to)) = capped.on_read(t0 + MS * i as u32, i * len, len, true, b(100 * MS, Some(1.25e6), 64 << 20)) {
                 w_capped = to - (i + 1) * len;
             }
         }
@@ -149,10 +165,10 @@ mod tests {
         let mut ra = Readahead::default();
         let t0 = Instant::now();
         for i in 0..10u64 {
-            assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, 50 * MS, None, 1 << 20), None, "read {i} hit the cache");
+            assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, b(50 * MS, None, 1 << 20)), None, "read {i} hit the cache");
         }
-        assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, 50 * MS, None, 1 << 20).is_some(), "a miss in a sequential stream earns a window");
-        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, 50 * MS, None, 1 << 20).is_some(), "reading through its window extends it");
+        assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, b(50 * MS, None, 1 << 20)).is_some(), "a miss in a sequential stream earns a window");
+        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, b(50 * MS, None, 1 << 20)).is_some(), "reading through its window extends it");
     }
 
     #[test]
@@ -164,7 +180,7 @@ mod tests {
         for i in 0..100u64 {
             // Two sequential readers far apart, interleaved.
             for base in [0u64, 1 << 30] {
-                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, true, 50 * MS, None, 1 << 20) {
+                if let Some(r) = ra.on_read(t0 + MS * i as u32, base + i * len, len, true, b(50 * MS, None, 1 << 20)) {
                     asked.push(r);
                 }
             }

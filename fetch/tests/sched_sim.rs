@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsule_fetch::readahead::Readahead;
+use capsule_fetch::readahead::{Budget, Readahead};
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::sim::{hashes, Link, Sim};
 use capsule_fetch::{FetchErrorKind, Urgency};
@@ -120,7 +120,7 @@ fn read_in_order(s: &mut Sim, blocks: &[capsule_fetch::Hash], order: &[usize], t
     for &i in order {
         if readahead {
             let horizon = s.sched.estimator().rtt().unwrap_or(Duration::from_millis(1)) * 2 + Duration::from_millis(20);
-            if let Some((from, to)) = ra.on_read(s.now, i as u64 * BLOCK, BLOCK, !s.delivered.contains_key(&blocks[i]), horizon, s.sched.estimator().bandwidth(), 8 << 20) {
+            if let Some((from, to)) = ra.on_read(s.now, i as u64 * BLOCK, BLOCK, !s.delivered.contains_key(&blocks[i]), Budget { horizon, link_rate: s.sched.estimator().bandwidth(), max_window: 8 << 20 }) {
                 let ahead: Vec<_> = ((from / BLOCK) as usize..(to.div_ceil(BLOCK) as usize).min(blocks.len())).map(|j| blocks[j]).collect();
                 s.want(&ahead, Urgency::Readahead);
             }

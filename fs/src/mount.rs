@@ -24,7 +24,7 @@ use fuser::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use capsule_fetch::readahead::Readahead;
+use capsule_fetch::readahead::{Budget, Readahead};
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::{BlockSource, Engine, EngineConfig, Urgency};
 
@@ -471,7 +471,7 @@ impl CapsuleFs {
         // that arrives a little early costs nothing, while one that arrives late costs a
         // round trip.
         let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, horizon, self.engine.bandwidth(), MAX_READAHEAD_BYTES);
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES });
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
         let mut ahead = Vec::new();
