@@ -6,8 +6,10 @@
 # the link rate. The link: namespaces, veth and tbf (scripts/link-lib.sh) with
 # capsule-linkemu beside the server adding DELAY_MS each way (and LOSS percent, UDP only).
 # Results: results/bench-bulk-link.jsonl.
-# Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=24,
-# VARIANTS="warm offline rsync", CAPSULE_BIN.
+# Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=64
+# (the time includes the command's start: connecting, metadata),
+# VARIANTS="warm offline rsync", CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
+# controller: bbr, the default, cubic or newreno; recorded in the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/results-lib.sh
@@ -16,7 +18,7 @@ BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 LINKS=${LINKS:-10mbit:0 50mbit:0 10mbit:0.5}
 DELAY_MS=${DELAY_MS:-20}
-SIZE_MIB=${SIZE_MIB:-24}
+SIZE_MIB=${SIZE_MIB:-64}
 VARIANTS=${VARIANTS:-warm offline rsync}
 die() { echo "bench-bulk-link: $*" >&2; exit 1; }
 [ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
@@ -100,7 +102,7 @@ for spec in $LINKS; do
     ratio=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / $bits, 3))")
     printf '| %s | %s | %s | %.1f | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio"
     result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson loss "$loss" --argjson delay "$DELAY_MS" --arg v "$v" \
-        '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v}')" \
+        --arg cc "${CAPSULE_QUIC_CC:-bbr}" --argjson size "$SIZE_MIB" '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v, congestion: $cc, size_mib: $size}')" \
       "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson ratio "$ratio" \
         '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, goodput_over_rate: $ratio}')"
   done
