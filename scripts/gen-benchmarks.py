@@ -293,6 +293,68 @@ def gen_resume_link(rows):
                                "RAM MiB fetched by the fifth", "wire MiB by the fifth", "fifth counter / fix's"], body)
 
 
+BOOT_LINK_LABELS = {
+    "nbd": "QEMU's NBD client, qemu-nbd (kernel, initrd local)",
+    "cold": "`capsule run`, empty cache",
+    "seed": "`capsule run`, kernel and initrd as `--seed`",
+    "profile": "`capsule run --prefetch profile`",
+}
+
+
+def gen_boot_link(rows):
+    local = next((r["measurements"] for r in rows if r["params"]["variant"] == "local"), None)
+    if local is None:
+        return None
+    rates = []
+    for r in rows:
+        if r["params"]["variant"] != "local" and r["params"]["rate"] not in rates:
+            rates.append(r["params"]["rate"])
+    if not rates:
+        return None
+    ws = local["working_set"]
+    body = []
+    for rate in rates:
+        v = {r["params"]["variant"]: r for r in rows if r["params"].get("rate") == rate}
+        bits = next(iter(v.values()))["params"]["rate_bits_per_s"]
+        nbd = v["nbd"]["measurements"]["boot_seconds"] if "nbd" in v else None
+        for k, label in BOOT_LINK_LABELS.items():
+            if k not in v:
+                continue
+            m = v[k]["measurements"]
+            # The physical limit of a boot: the local boot, or the bytes it needs over the link.
+            floor = max(local["mount_boot_seconds"], m["working_set_compressed_bytes"] * 8 / bits)
+            body.append([rate, label, fx(m["boot_seconds"], 1), fx(m["link_bytes"] / 1e6, 1),
+                         ratio(m["link_bytes"], m["working_set_compressed_bytes"]),
+                         ratio(m["boot_seconds"], nbd) if k != "nbd" else "1.00",
+                         ratio(m["boot_seconds"], floor)])
+    note = (f"The Debian guest (systemd, nginx; {mib(local['disk_bytes'])} MiB disk) boots in "
+            f"{fx(local['raw_boot_seconds'], 1)} s from a local raw file and {fx(local['mount_boot_seconds'], 1)} s from a "
+            f"local mount, reading {mib(local['boot_read_bytes_4k'])} MiB. Its working set at {ws['block_size_bytes'] // 1024} KiB "
+            f"blocks, compressed: {mib(ws['disk_compressed_bytes'])} MiB of disk plus {mib(ws['kernel_initrd_compressed_bytes'])} MiB "
+            "of kernel and initrd (the NBD and seeded runs have those locally, so their working set is the disk's). "
+            "Bytes on the link: both directions of the client's veth, start to ready. "
+            "Limit: max(local mount boot, working set / link rate).")
+    return [note, ""] + table(["link", "how", "s to ready", "MB on the link", "link / working set",
+                               "time / NBD's", "time / limit"], body)
+
+
+def gen_bulk_link(rows):
+    if not rows:
+        return None
+    body = []
+    for r in rows:
+        p, m = r["params"], r["measurements"]
+        body.append([p["rate"], p["loss_pct"], p.get("congestion", "-"), p["variant"], fx(m["payload_bytes"] / 1e6, 1),
+                     fx(m["seconds"], 1), fx(m["payload_bytes"] * 8 / m["seconds"] / 1e6, 1),
+                     fx(m["payload_bytes"] * 8 / m["seconds"] / p["rate_bits"], 2)])
+    note = ("An incompressible capsule (random bytes) fetched into an empty cache by `capsule warm --all` and "
+            "`capsule prefetch --offline` (whole commands: connecting and metadata included), and the same bytes by "
+            f"rsync from a daemon behind the TCP relay; {rows[0]['params']['delay_ms'] * 2} ms round trip. "
+            "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss).")
+    return [note, ""] + table(["link", "loss %", "QUIC congestion control", "how", "MB", "s", "goodput Mbit/s",
+                               "goodput / link rate"], body)
+
+
 # name: (bench, row filter, generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
@@ -303,6 +365,8 @@ TABLES = {
     "run-resume": ("run", "resume", gen_run_resume, "make bench-run"),
     "link": ("link", None, gen_link, "make bench-link"),
     "resume-link": ("resume-link", None, gen_resume_link, "make bench-resume-link"),
+    "boot-link": ("bench-boot-link", None, gen_boot_link, "make bench-boot-link"),
+    "bulk-link": ("bench-bulk-link", None, gen_bulk_link, "make bench-bulk-link"),
 }
 
 
