@@ -67,6 +67,7 @@ bench-link: setup guest
 # capsule run (cold, seeded, profile prefetch), side by side (RATES=, VARIANTS= for a subset).
 bench-boot-link: setup guest-debian
 	$(CARGO) build --release
+	python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib
 	bash -o pipefail -c 'bash scripts/bench-boot-link.sh | tee target/bench-boot-link.md'
 
 # Warm and offline-prefetch goodput over emulated 10 and 50 Mbit/s links (40 ms RTT, also

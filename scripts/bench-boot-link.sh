@@ -324,4 +324,6 @@ echo
 echo "traces: $TRACE_DIR"
 # Failed variants are in the results too (boot_seconds null), so a partial run still shows.
 result_flush
+# Bytes over time per rate, next to the traces.
+python3 scripts/plot-link.py "$TRACE_DIR" || echo "bench-boot-link: no plots (pip install matplotlib)" >&2
 exit $FAILED

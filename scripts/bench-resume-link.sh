@@ -6,10 +6,11 @@
 # on each end, capsule-linkemu beside the server adding 20 ms each way (40 ms RTT).
 # Measured per run: seconds to load the device state ("resumed in"), to the first counter
 # after the resume and to the fifth, and the RAM and wire bytes fetched by the fifth.
-# Four runs per rate: the fix (default), without it, the fix with `--prefetch memory`
-# (the RAM image fetched in the background, below the guest's faults) and with
-# `--memory-cluster 8` (a fault fetches its aligned group of 8 pages).
-# RATES="2mbit 10mbit" picks the rates, VARIANTS="fix nofix prefetch cluster8" the runs.
+# Runs per rate: the default (the fix, with RAM fault clusters sized from the measured
+# round trip), `--memory-cluster 1` (the fix alone: one page per fault), without the fix,
+# and the default with `--prefetch memory` (the RAM image fetched in the background, below
+# the guest's faults); clusterN fixes the cluster at N.
+# RATES="2mbit 10mbit" picks the rates, VARIANTS="fix cluster1 nofix prefetch" the runs.
 # Every time runs from the start of `capsule run` (mount over the link, QEMU start, device
 # state load): "device state loaded" is when its "resumed" line appears (polled every 0.1 s).
 # Writes one JSON line per rate and variant to results/resume-link.jsonl
@@ -24,7 +25,7 @@ BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
 # fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N)
-VARIANTS=${VARIANTS:-fix nofix prefetch cluster8}
+VARIANTS=${VARIANTS:-fix cluster1 nofix prefetch}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
