@@ -15,6 +15,9 @@ main() {
   # The tests' temporary files (and so their mounts, caches and QEMU disks) go under one
   # directory of this run, so that a timed-out run can find what it left behind.
   scratch=$(mktemp -d /tmp/capsule-test.XXXXXX)
+  # Traversable (each test's own directory inside stays 0700): tests that check what
+  # another local user can do need to reach the files they guard.
+  chmod 755 "$scratch"
   export TMPDIR=$scratch
 
   cleanup() {

@@ -398,7 +398,9 @@ impl CapsuleFs {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
                 Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
-                Ahead::Whole if missed && !node.asked_whole.swap(true, Ordering::Relaxed) => (self.whole_plan(image, chain, overlay)?, Urgency::Readahead),
+                // Past the first block: a resume reads only the kernel's header (for its
+                // stand-in), and must not bring the rest.
+                Ahead::Whole if missed && last > 0 && !node.asked_whole.swap(true, Ordering::Relaxed) => (self.whole_plan(image, chain, overlay)?, Urgency::Readahead),
                 Ahead::Whole => (Vec::new(), Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
                 Ahead::Aligned(n) if missed && (n > 1 || n == 0) => {
