@@ -61,6 +61,11 @@ main() {
   if [ "$status" = 0 ] && [ $((failed + crashed + uncompiled)) -gt 0 ]; then
     status=1
   fi
+  # BENCHMARKS.md's tables must be what the committed raw results generate.
+  if ! python3 scripts/gen-benchmarks.py --check >/dev/null; then
+    echo "tests: BENCHMARKS.md differs from what results/ generates (run make bench-tables)"
+    status=1
+  fi
   exit "$status"
 }
 main "$@"
