@@ -748,6 +748,7 @@ fn image_json(store: &Store, image: &Image) -> Result<serde_json::Value> {
         images::map::walk(
             store,
             &layer.map,
+            image.block_count(),
             &mut |p| {
                 pages += 1;
                 page_bytes += store.object_size(p)?;

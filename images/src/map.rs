@@ -170,33 +170,68 @@ pub fn lookup(src: &dyn PageSource, root: &MapRoot, index: u64) -> Result<Option
     Err(Error::corrupt("map tree of height 0"))
 }
 
-/// Visits every page (pre-order) and every entry (in index order) of a map.
+/// Most pages a map over `nblocks` blocks can have: one leaf per 1024 blocks, one node per
+/// 1024 pages of the level below. A walk visiting more is walking a hostile map (pages
+/// naming the same child over and over would otherwise make 2^60 steps).
+pub fn max_pages(nblocks: u64) -> u64 {
+    let mut level = nblocks.max(1);
+    let mut total = 0;
+    loop {
+        level = level.div_ceil(1 << FANOUT_BITS);
+        total += level;
+        if level == 1 {
+            return total;
+        }
+    }
+}
+
+/// Visits every page (pre-order) and every entry (in index order) of a map over an image of
+/// `nblocks` blocks. Bounded: a tree higher than such an image needs, an entry past its
+/// end, or more page visits than [`max_pages`] is a corrupt map, reported before the walk
+/// goes further.
 pub fn walk(
     src: &dyn PageSource,
     root: &MapRoot,
+    nblocks: u64,
     on_page: &mut dyn FnMut(&Hash) -> Result<()>,
     on_entry: &mut dyn FnMut(u64, Entry) -> Result<()>,
 ) -> Result<()> {
+    struct Bounds {
+        nblocks: u64,
+        pages_left: u64,
+    }
     fn visit(
         src: &dyn PageSource,
         id: &Hash,
         level: u32,
         base: u64,
+        bounds: &mut Bounds,
         on_page: &mut dyn FnMut(&Hash) -> Result<()>,
         on_entry: &mut dyn FnMut(u64, Entry) -> Result<()>,
     ) -> Result<()> {
+        if bounds.pages_left == 0 {
+            return Err(Error::corrupt(format!("map page {id}: the map has more pages than an image of {} blocks can have", bounds.nblocks)));
+        }
+        bounds.pages_left -= 1;
         on_page(id)?;
         let page = src.page(id)?;
         match (&*page, level) {
             (MapPage::Leaf(slots), 0) => {
                 for (slot, entry) in slots {
-                    on_entry(base | u64::from(*slot), *entry)?;
+                    let index = base | u64::from(*slot);
+                    if index >= bounds.nblocks {
+                        return Err(Error::corrupt(format!("map page {id} maps block {index}, past the image's {} blocks", bounds.nblocks)));
+                    }
+                    on_entry(index, *entry)?;
                 }
             }
             (MapPage::Node(slots), l) if l > 0 => {
                 for (slot, child) in slots {
                     let child_base = base | (u64::from(*slot) << (FANOUT_BITS * l));
-                    visit(src, child, l - 1, child_base, on_page, on_entry)?;
+                    if child_base >= bounds.nblocks {
+                        return Err(Error::corrupt(format!("map page {id} names a subtree from block {child_base}, past the image's {} blocks", bounds.nblocks)));
+                    }
+                    visit(src, child, l - 1, child_base, bounds, on_page, on_entry)?;
                 }
             }
             _ => return Err(Error::corrupt(format!("map page {id} has the wrong type for tree level {level}"))),
@@ -206,10 +241,11 @@ pub fn walk(
     match root.root {
         None => Ok(()),
         Some(id) => {
-            if root.height == 0 || root.height > MAX_HEIGHT {
-                return Err(Error::corrupt(format!("map tree height {} out of range", root.height)));
+            if root.height == 0 || root.height > MAX_HEIGHT || root.height > height_for(nblocks) {
+                return Err(Error::corrupt(format!("map tree height {} out of range for an image of {nblocks} blocks", root.height)));
             }
-            visit(src, &id, u32::from(root.height) - 1, 0, on_page, on_entry)
+            let mut bounds = Bounds { nblocks, pages_left: max_pages(nblocks) };
+            visit(src, &id, u32::from(root.height) - 1, 0, &mut bounds, on_page, on_entry)
         }
     }
 }
@@ -266,9 +302,37 @@ pub(crate) mod tests {
                 prop_assert_eq!(lookup(&pages, &root, p % (n * 2)).unwrap(), model.get(&(p % (n * 2))).copied());
             }
             let mut seen = Vec::new();
-            walk(&pages, &root, &mut |_| Ok(()), &mut |i, e| { seen.push((i, e)); Ok(()) }).unwrap();
+            walk(&pages, &root, n, &mut |_| Ok(()), &mut |i, e| { seen.push((i, e)); Ok(()) }).unwrap();
             prop_assert_eq!(seen, entries);
         }
+    }
+
+    #[test]
+    fn a_map_whose_pages_all_name_one_child_is_refused_before_it_explodes() {
+        // A leaf with one entry, then five levels of nodes whose 1024 slots all name the
+        // level below: six pages, 2^50 leaf visits if walked naively.
+        let pages = MemPages::default();
+        let mut id = pages.put(&MapPage::Leaf(vec![(0, Entry::Zero)])).unwrap();
+        for _ in 1..MAX_HEIGHT {
+            id = pages.put(&MapPage::Node((0..1024u16).map(|slot| (slot, id)).collect())).unwrap();
+        }
+        let root = MapRoot { height: MAX_HEIGHT, root: Some(id) };
+        let nblocks = 1u64 << 40;
+        let (mut visited, mut entries) = (0u64, 0u64);
+        let err = walk(&pages, &root, nblocks, &mut |_| { visited += 1; Ok(()) }, &mut |_, _| { entries += 1; Ok(()) }).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{err}");
+        assert!(visited <= max_pages(nblocks), "{visited}");
+        // A small image: the tree is higher than it can need.
+        let err = walk(&pages, &root, 1 << 20, &mut |_| Ok(()), &mut |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("height"), "{err}");
+    }
+
+    #[test]
+    fn max_pages_counts_every_level() {
+        assert_eq!(max_pages(1), 1);
+        assert_eq!(max_pages(1024), 1);
+        assert_eq!(max_pages(1025), 3);
+        assert_eq!(max_pages(1 << 20), 1024 + 1);
     }
 
     #[test]

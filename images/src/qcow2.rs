@@ -143,7 +143,7 @@ pub fn export_chain(store: &Store, image: &Image, dir: &Path, stem: &str) -> Res
         let f = std::fs::File::create(&delta.0).map_err(|e| Error::io(delta.0.display(), e))?;
         f.set_len(image.size).map_err(|e| Error::io(delta.0.display(), e))?;
         let mut zeros = Vec::new();
-        map::walk(store, &layer.map, &mut |_| Ok(()), &mut |index, entry| {
+        map::walk(store, &layer.map, image.block_count(), &mut |_| Ok(()), &mut |index, entry| {
             let offset = index * bs;
             if offset >= image.size {
                 return Ok(());

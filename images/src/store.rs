@@ -523,7 +523,7 @@ impl Store {
                     on_object(&lid)?;
                     let layer = self.layer(&lid).with_context(|| format!("capsule {} ({cid}): {what}", m.name))?;
                     let label = format!("capsule {} ({}): {what}", m.name, cid.short());
-                    map::walk(self, &layer.map, on_object, &mut |index, entry| match entry {
+                    map::walk(self, &layer.map, image.block_count(), on_object, &mut |index, entry| match entry {
                         Entry::Data(h) => on_block(&label, index, &h),
                         Entry::Zero => Ok(()),
                     })
