@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::block::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hash::Hash;
 use crate::map::MapRoot;
 
@@ -51,11 +51,23 @@ impl Image {
         self.size.div_ceil(self.block_size())
     }
 
-    /// Checks the block size is in range.
+    /// Checks the block size is in range and the size under [`MAX_IMAGE_SIZE`]: a capsule
+    /// from elsewhere sizes overlays, maps and loops over blocks by it.
     pub fn validate(&self) -> Result<()> {
-        check_block_size_log2(self.block_size_log2)
+        check_block_size_log2(self.block_size_log2)?;
+        if self.size > MAX_IMAGE_SIZE {
+            return Err(Error::new(ErrorKind::TooLarge, format!("image of {} bytes exceeds the cap of {MAX_IMAGE_SIZE} (16 TiB)", self.size)));
+        }
+        Ok(())
     }
 }
+
+/// Largest image a capsule may hold (disk or RAM): 16 TiB.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 44;
+
+/// Most RAM a capsule's VM may ask for, in MiB (the blank RAM image of a writable mount is
+/// sized by it): 4 TiB.
+pub const MAX_MEMORY_MIB: u64 = 4 << 20;
 
 /// Checks `log2` names a block size from 4 KiB to 1 MiB.
 pub fn check_block_size_log2(log2: u8) -> Result<()> {
@@ -199,6 +211,9 @@ impl Manifest {
         for (what, image) in self.images() {
             image.validate().map_err(|e| e.context(what))?;
         }
+        if self.vm.memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::new(ErrorKind::TooLarge, format!("VM memory of {} MiB exceeds the cap of {MAX_MEMORY_MIB} MiB", self.vm.memory_mib)));
+        }
         Ok(())
     }
 }
@@ -290,4 +305,17 @@ pub struct Profile {
     pub name: String,
     /// Block hashes, first touch first; zero blocks are never listed.
     pub blocks: Vec<Hash>,
+}
+
+#[cfg(test)]
+mod size_cap_tests {
+    use super::*;
+
+    #[test]
+    fn images_and_ram_beyond_their_caps_are_refused() {
+        let ok = Image { size: MAX_IMAGE_SIZE, block_size_log2: 16, top: None };
+        assert!(ok.validate().is_ok());
+        let big = Image { size: MAX_IMAGE_SIZE + 1, ..ok };
+        assert_eq!(big.validate().unwrap_err().kind(), ErrorKind::TooLarge);
+    }
 }
