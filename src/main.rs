@@ -438,7 +438,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("committed {} as {name} ({}): {} changed blocks, {} stored", mountpoint.display(), report.id, report.changed_blocks, human(report.stored_bytes));
+                println!(
+                    "committed {} as {name} ({}): {} changed blocks, {} stored",
+                    mountpoint.display(),
+                    report.id,
+                    report.changed_blocks,
+                    human(report.stored_bytes)
+                );
             }
         }
         Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints, json } => {
@@ -577,19 +583,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // stdout is the token alone (scripts capture it); the id goes to a person.
                 println!("{token}");
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                    eprintln!("capsule: token id {} ({:?}, prefix {:?}); revoke with: capsule token revoke {}", record.id(), record.scope, record.prefix, record.id());
+                    eprintln!(
+                        "capsule: token id {} ({:?}, prefix {:?}); revoke with: capsule token revoke {}",
+                        record.id(),
+                        record.scope,
+                        record.prefix,
+                        record.id()
+                    );
                 }
             }
         }
         Command::Token { command: TokenCommand::List { json } } => {
             let tokens = capsule_net::auth::list_tokens(store.root())?;
             if json {
-                let list: Vec<_> = tokens.iter().map(|r| serde_json::json!({"id": r.id(), "scope": r.scope, "prefix": r.prefix, "created_unix": r.created_unix})).collect();
+                let list: Vec<_> =
+                    tokens.iter().map(|r| serde_json::json!({"id": r.id(), "scope": r.scope, "prefix": r.prefix, "created_unix": r.created_unix})).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in &tokens {
                     let scope = serde_json::to_value(r.scope)?;
-                    println!("{}  {:5}  {:20}  created {}", r.id(), scope.as_str().unwrap_or("?"), if r.prefix.is_empty() { "(all)" } else { &r.prefix }, r.created_unix);
+                    println!(
+                        "{}  {:5}  {:20}  created {}",
+                        r.id(),
+                        scope.as_str().unwrap_or("?"),
+                        if r.prefix.is_empty() { "(all)" } else { &r.prefix },
+                        r.created_unix
+                    );
                 }
             }
         }

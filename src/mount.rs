@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use capsule_fetch::BlockSource;
 use capsule_fs::cache::BlockCache;
 use capsule_fs::mount::{CapsuleFs, MountConfig, MountInfo};
-use capsule_fetch::BlockSource;
 use capsule_images::{Hash, Store};
 
 use crate::MountArgs;
@@ -63,8 +63,21 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let cache = Arc::new(BlockCache::open(&cache_dir, args.cache_size).with_context(|| format!("opening cache {}", cache_dir.display()))?);
         let remembered = remembered_ref(&url, &name);
         if args.offline {
-            let id = cache.store().read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
-            let config = MountConfig { read_only: args.read_only, overlay_dir: cache_dir.join("cow").join(id.to_hex()), source_label: format!("{} (offline)", args.source), seeds: args.seeds.clone(), recorder: None, kernel_readahead: args.kernel_readahead, memory_cluster: args.memory_cluster, mountpoint: mountpoint.clone(), stall_timeout: Duration::from_secs(args.stall_timeout) };
+            let id = cache
+                .store()
+                .read_ref(&remembered)?
+                .with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
+            let config = MountConfig {
+                read_only: args.read_only,
+                overlay_dir: cache_dir.join("cow").join(id.to_hex()),
+                source_label: format!("{} (offline)", args.source),
+                seeds: args.seeds.clone(),
+                recorder: None,
+                kernel_readahead: args.kernel_readahead,
+                memory_cluster: args.memory_cluster,
+                mountpoint: mountpoint.clone(),
+                stall_timeout: Duration::from_secs(args.stall_timeout),
+            };
             return serve_mount(cache, None, id, config, &args, &mountpoint);
         }
         let id = crate::runtime()?.block_on(async {
@@ -119,7 +132,14 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
     serve_mount(cache, source, id, config, &args, &mountpoint)
 }
 
-fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, mut config: MountConfig, args: &MountArgs, mountpoint: &Path) -> Result<()> {
+fn serve_mount(
+    cache: Arc<BlockCache>,
+    source: Option<Arc<dyn BlockSource>>,
+    id: Hash,
+    mut config: MountConfig,
+    args: &MountArgs,
+    mountpoint: &Path,
+) -> Result<()> {
     // One writer per overlay: a second writable mount of the same capsule would interleave.
     let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&config.overlay_dir)?) };
     if args.prepare_run && !args.read_only {
@@ -141,7 +161,8 @@ fn serve_mount(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id:
 
     // The kernel checks each open against the files' modes: allow_other (below, for root)
     // must not open guest disks and RAM to every local user.
-    let mut options = vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into()), fuser::MountOption::DefaultPermissions];
+    let mut options =
+        vec![fuser::MountOption::FSName(format!("capsule:{name}")), fuser::MountOption::Subtype("capsule".into()), fuser::MountOption::DefaultPermissions];
     if args.read_only {
         options.push(fuser::MountOption::RO);
     }
@@ -261,14 +282,8 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
         Some(t) => cmd.env("CAPSULE_TOKEN", t),
         None => cmd.env_remove("CAPSULE_TOKEN"),
     };
-    let mut child = cmd
-        .args(argv)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting the mount daemon")?;
+    let mut child =
+        cmd.args(argv).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn().context("starting the mount daemon")?;
     let start = Instant::now();
     loop {
         if std::fs::metadata(info_path(&args.mountpoint)).is_ok() {

@@ -54,7 +54,8 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         let (_, everything) = cache.store().closure(&id)?;
         let mut blocks = Vec::new();
         if let Some(name) = profile {
-            let (_, pid) = cache.store().list_profiles(&id)?.into_iter().find(|(n, _)| n == name).with_context(|| format!("{name:?} is not a profile of {}", t.source))?;
+            let (_, pid) =
+                cache.store().list_profiles(&id)?.into_iter().find(|(n, _)| n == name).with_context(|| format!("{name:?} is not a profile of {}", t.source))?;
             blocks = cache.store().profile(&pid)?.blocks;
         }
         if all {

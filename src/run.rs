@@ -379,7 +379,8 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
     let hints: BTreeMap<String, String> = serde_json::from_value(vm["hints"].clone()).unwrap_or_default();
     let capsule_name = vm["capsule"].as_str().unwrap_or("?").to_string();
     let suspended = vm["suspended"].as_bool().unwrap_or(false);
-    let hypervisor = args.hypervisor.unwrap_or(if vm["hypervisor"].as_str() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu });
+    let hypervisor =
+        args.hypervisor.unwrap_or(if vm["hypervisor"].as_str() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu });
     if hypervisor == HypervisorArg::CloudHypervisor {
         return crate::chv::run(args, &mnt, &vm, dir);
     }
@@ -431,7 +432,8 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &Path) -> Result<
         }
         _ => (kernel.clone(), exists("initrd.img")),
     };
-    let disks: Vec<DiskFile> = vm["disks"].as_array().into_iter().flatten().filter_map(|d| d["file"].as_str()).map(|f| DiskFile { path: mnt.join(f), read_only: !writable }).collect();
+    let disks: Vec<DiskFile> =
+        vm["disks"].as_array().into_iter().flatten().filter_map(|d| d["file"].as_str()).map(|f| DiskFile { path: mnt.join(f), read_only: !writable }).collect();
     let serial_path = args.serial_log.clone().unwrap_or_else(|| dir.join("serial.log"));
     let config = QemuConfig {
         binary: args.qemu.clone(),

@@ -26,7 +26,14 @@ fn a_remote_capsule_cold_boots_from_the_mount_on_an_empty_cache() {
     let server_store = dir.path().join("server");
     import_guest(&server_store, true);
     let server = ServerProcess::start(&server_store, &["--public-read"]);
-    let m = Mounted::new(&dir.path().join("client"), &dir.path().join("cfg"), &format!("{}/guest", server.url), &dir.path().join("mnt"), &dir.path().join("cache"), &["--read-only"]);
+    let m = Mounted::new(
+        &dir.path().join("client"),
+        &dir.path().join("cfg"),
+        &format!("{}/guest", server.url),
+        &dir.path().join("mnt"),
+        &dir.path().join("cache"),
+        &["--read-only"],
+    );
     let console = boot_from_mount(&m);
     assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
     let stats = m.stats();

@@ -217,8 +217,15 @@ fn capsule_parts_round_trip_and_children_inherit_boot_files() {
     std::fs::write(&dev, pseudo_random(366_601, 9)).unwrap();
     let kernel = d.join("vmlinuz");
     std::fs::write(&kernel, pseudo_random(100_000, 10)).unwrap();
-    ok(capsule(&store).args(["import", "vm", "--cmdline", "console=ttyS0", "--cpus", "2", "--disk"]).arg(&disk)
-        .arg("--memory").arg(&mem).arg("--devstate").arg(&dev).arg("--kernel").arg(&kernel));
+    ok(capsule(&store)
+        .args(["import", "vm", "--cmdline", "console=ttyS0", "--cpus", "2", "--disk"])
+        .arg(&disk)
+        .arg("--memory")
+        .arg(&mem)
+        .arg("--devstate")
+        .arg(&dev)
+        .arg("--kernel")
+        .arg(&kernel));
     // A suspended session over it: memory changed in one block only.
     m[5 << 20] = 1;
     std::fs::write(&mem, &m).unwrap();
@@ -385,4 +392,3 @@ fn gc_keeps_a_profile_and_its_blocks_while_its_capsule_lives() {
         assert!(warmed.contains(h), "block {b} ({h}) of the profile was not warmed");
     }
 }
-

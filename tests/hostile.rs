@@ -86,7 +86,14 @@ fn a_cloud_hypervisor_config_naming_host_files_is_refused() {
 /// Records profile `boot` of local capsule `name` by reading `range` of its disk.
 fn record_profile(store: &Path, dir: &Path, name: &str, range: std::ops::Range<u64>) {
     let tag = store.file_name().unwrap().to_str().unwrap();
-    let m = Mounted::new(store, &dir.join("cfg"), name, &dir.join(format!("mnt-{tag}")), &dir.join(format!("cache-{tag}")), &["--read-only", "--record-profile", "boot"]);
+    let m = Mounted::new(
+        store,
+        &dir.join("cfg"),
+        name,
+        &dir.join(format!("mnt-{tag}")),
+        &dir.join(format!("cache-{tag}")),
+        &["--read-only", "--record-profile", "boot"],
+    );
     pread(&m.dir.join("root.raw"), range.start, (range.end - range.start) as usize).unwrap();
 }
 
@@ -177,7 +184,8 @@ fn the_mount_daemon_does_not_show_its_token() {
     ok(capsule(&d.join("srv")).args(["import", "vm", "--disk"]).arg(format!("root={}", d.join("disk").display())));
     let token = ok(capsule(&d.join("srv")).args(["token", "create", "--scope", "read"])).trim().to_string();
     let server = ServerProcess::start(&d.join("srv"), &[]);
-    let m = Mounted::new(&d.join("client"), &d.join("cfg"), &format!("{}/vm", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only", "--token", &token]);
+    let m =
+        Mounted::new(&d.join("client"), &d.join("cfg"), &format!("{}/vm", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only", "--token", &token]);
     // The token reached the daemon (a read fetches through the server, which wants it)...
     assert_eq!(std::fs::read(m.dir.join("root.raw")).unwrap(), pseudo_random(64 << 10, 6));
     // ...but not its command line, which every local user can read.

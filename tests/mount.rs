@@ -217,7 +217,10 @@ fn kill_9_of_the_mount_mid_write_keeps_every_acknowledged_write_through_commit()
         if n >= targets.len() + 20 && written >= ((targets.len() + 20) * bs) as u64 {
             break;
         }
-        assert!(start.elapsed().as_secs() < 120 && !finished.load(Ordering::SeqCst), "the writer made no progress: {n} writes, {written} bytes written per stats");
+        assert!(
+            start.elapsed().as_secs() < 120 && !finished.load(Ordering::SeqCst),
+            "the writer made no progress: {n} writes, {written} bytes written per stats"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let pid = m.pid().unwrap();
@@ -245,7 +248,12 @@ fn kill_9_of_the_mount_mid_write_keeps_every_acknowledged_write_through_commit()
                 None => block == &disk[i * bs..(i + 1) * bs],
             };
             let was_in_flight = in_flight.is_some_and(|(j, r)| j == i && block.iter().all(|&x| x == r));
-            assert!(expected || was_in_flight, "{what}: block {i} holds neither its acknowledged write ({:?}) nor the one in flight ({in_flight:?}); first bytes {:?}", last.get(&i), &block[..8]);
+            assert!(
+                expected || was_in_flight,
+                "{what}: block {i} holds neither its acknowledged write ({:?}) nor the one in flight ({in_flight:?}); first bytes {:?}",
+                last.get(&i),
+                &block[..8]
+            );
         }
     };
     // Remount (the stale mount is cleaned up), then commit the overlay as a child capsule.
@@ -324,7 +332,11 @@ fn mapped_and_o_direct_access_work_and_sigterm_unmounts_cleanly() {
     }
     let root = mnt.join("root.raw");
     // O_DIRECT reads (QEMU's cache=none) work.
-    let direct = std::process::Command::new("dd").arg(format!("if={}", root.display())).args(["iflag=direct", "bs=1M", "count=8", "skip=16", "status=none"]).output().unwrap();
+    let direct = std::process::Command::new("dd")
+        .arg(format!("if={}", root.display()))
+        .args(["iflag=direct", "bs=1M", "count=8", "skip=16", "status=none"])
+        .output()
+        .unwrap();
     assert!(direct.status.success());
     assert!(direct.stdout == source[16 << 20..24 << 20], "O_DIRECT read differs");
     // mmap (QEMU maps guest RAM from memory files this way): shared mapping, read and write.

@@ -40,10 +40,7 @@ fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
     assert!(child["blocks_skipped"].as_u64().unwrap() > 0);
     let arrived: std::collections::HashSet<String> = stored_block_names(&remote).difference(&before).cloned().collect();
     assert_eq!(arrived, new_blocks, "the child push moved other blocks than the update's new contents");
-    assert!(
-        sent as f64 <= changed_bytes as f64 * 1.10,
-        "child push sent {sent} bytes on the wire for {changed_bytes} bytes of changed blocks"
-    );
+    assert!(sent as f64 <= changed_bytes as f64 * 1.10, "child push sent {sent} bytes on the wire for {changed_bytes} bytes of changed blocks");
 
     // Pull into an empty store: everything arrives and verifies.
     let fresh = dir.path().join("fresh");

@@ -28,7 +28,8 @@ fn after_prefetch_offline_the_guest_boots_with_the_server_gone_and_no_fetch() {
     drop(m);
 
     // The same with `capsule run --offline`: the whole run, from the cache alone.
-    let mut run = Run::start(&d.join("c"), &d.join("cfg"), &d.join("runs"), &url, &d.join("cache"), "offline", &["--offline", "--read-only", "--append", "gmode=boot"]);
+    let mut run =
+        Run::start(&d.join("c"), &d.join("cfg"), &d.join("runs"), &url, &d.join("cache"), "offline", &["--offline", "--read-only", "--append", "gmode=boot"]);
     let output = run.wait_marker(BOOT_OK, 180);
     assert!(output.contains("0 B on the wire (0 blocks)"), "{output}");
 }

@@ -80,7 +80,16 @@ fn a_file_written_by_the_guest_is_committed_pushed_and_found_on_another_cache() 
         &source,
         &dir.path().join("cache-a"),
         "writer",
-        &["--append", &format!("gmode=write rw gtoken={tok}"), "--commit", "guest-written", "--push", &format!("{}/guest-written", server.url), "--token", &token],
+        &[
+            "--append",
+            &format!("gmode=write rw gtoken={tok}"),
+            "--commit",
+            "guest-written",
+            "--push",
+            &format!("{}/guest-written", server.url),
+            "--token",
+            &token,
+        ],
     );
     let output = a.wait_marker("CAPSULE-GUEST-MARKER write-ok", 240);
     assert!(output.contains("pushed guest-written"), "{output}");
@@ -127,7 +136,8 @@ fn a_guest_suspended_on_host_a_resumes_on_host_b_and_its_counter_continues() {
     let cfg = dir.path().join("cfg");
     let runs = dir.path().join("runs");
     let host_a = dir.path().join("host-a");
-    let mut a = Run::start(&host_a, &cfg, &runs, &format!("{}/guest", server.url), &dir.path().join("cache-a"), "on-a", &["--append", "gmode=loop", "--token", &token]);
+    let mut a =
+        Run::start(&host_a, &cfg, &runs, &format!("{}/guest", server.url), &dir.path().join("cache-a"), "on-a", &["--append", "gmode=loop", "--token", &token]);
     a.wait_console("COUNTER 3", 120);
     let ps: serde_json::Value = serde_json::from_str(&ok(client(&host_a, &cfg).env("CAPSULE_RUN_DIR", &runs).args(["ps", "--json"]))).unwrap();
     assert!(ps.as_array().unwrap().iter().any(|r| r["run"]["id"] == "on-a" && r["running"] == true), "{ps}");
@@ -139,7 +149,15 @@ fn a_guest_suspended_on_host_a_resumes_on_host_b_and_its_counter_continues() {
     assert!(report["devstate_bytes"].as_u64().unwrap() > 0, "{report}");
     assert!(report["memory_blocks"].as_u64().unwrap() > 0, "the child carries no RAM: {report}");
 
-    let mut b = Run::start(&dir.path().join("host-b"), &cfg, &runs, &format!("{}/guest-suspended", server.url), &dir.path().join("cache-b"), "on-b", &["--token", &token]);
+    let mut b = Run::start(
+        &dir.path().join("host-b"),
+        &cfg,
+        &runs,
+        &format!("{}/guest-suspended", server.url),
+        &dir.path().join("cache-b"),
+        "on-b",
+        &["--token", &token],
+    );
     let resumed_at = std::time::Instant::now();
     b.wait_console("COUNTER", 120);
     let pid = b.record()["qemu_pid"].as_u64().unwrap();
@@ -285,7 +303,12 @@ fn bad_runs_fail_cleanly_and_leave_nothing_behind() {
     let runs = dir.path().join("runs");
     let err = fails(capsule(&store).env("CAPSULE_RUN_DIR", &runs).args(["suspend", "no-such-run", "child"]));
     assert!(err.contains("no run \"no-such-run\""), "{err}");
-    let err = fails(capsule(&store).env("CAPSULE_RUN_DIR", &runs).args(["run", "no-such-capsule", "--accel", "tcg", "--id", "bad", "--cache"]).arg(dir.path().join("cache")));
+    let err = fails(
+        capsule(&store)
+            .env("CAPSULE_RUN_DIR", &runs)
+            .args(["run", "no-such-capsule", "--accel", "tcg", "--id", "bad", "--cache"])
+            .arg(dir.path().join("cache")),
+    );
     assert!(err.contains("no-such-capsule"), "{err}");
     assert!(!runs.join("bad").exists(), "run directory left behind");
     // A QEMU that cannot start (a bad extra argument): the error is QEMU's, the mount is gone.

@@ -279,7 +279,8 @@ impl Engine {
         self.start(batches);
         for i in reread {
             // Arrived between our first look and taking the lock.
-            out[i] = Some(self.local(&wait[i]).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {} left the cache as it arrived", wait[i])))?);
+            out[i] =
+                Some(self.local(&wait[i]).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {} left the cache as it arrived", wait[i])))?);
         }
         let flights: Vec<Arc<Flight>> = waiting.iter().map(|(_, f)| f.clone()).collect();
         self.wait_all(&flights, wait_hashes(&waiting, wait))?;
@@ -287,7 +288,9 @@ impl Engine {
             let h = wait[i];
             let block = match f.result.get() {
                 Some(Ok(Delivered { data: Some(b), .. })) => b.clone(),
-                Some(Ok(Delivered { data: None, .. })) => self.local(&h).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {h} left the cache as it arrived")))?,
+                Some(Ok(Delivered { data: None, .. })) => {
+                    self.local(&h).ok_or_else(|| FetchError::new(FetchErrorKind::NotFound, format!("block {h} left the cache as it arrived")))?
+                }
                 Some(Err(e)) => return Err(e.clone()),
                 None => return Err(FetchError::new(FetchErrorKind::Unavailable, format!("block {h}: wait ended early"))),
             };
@@ -486,8 +489,14 @@ impl Engine {
                 let mut st = self.lock();
                 match st.sched.on_corrupt(now, batch, &hash, &e.to_string()) {
                     Rejection::Retried => {}
-                    Rejection::Failed(err) => self.complete(&mut st, &hash, Err(FetchError::new(err.kind, format!("{} (from {})", err.message, self.cfg.source_label)))),
-                    Rejection::Dropped => self.complete(&mut st, &hash, Err(FetchError::new(FetchErrorKind::Corrupt, format!("block {hash} from {} is corrupt: {e}", self.cfg.source_label)))),
+                    Rejection::Failed(err) => {
+                        self.complete(&mut st, &hash, Err(FetchError::new(err.kind, format!("{} (from {})", err.message, self.cfg.source_label))))
+                    }
+                    Rejection::Dropped => self.complete(
+                        &mut st,
+                        &hash,
+                        Err(FetchError::new(FetchErrorKind::Corrupt, format!("block {hash} from {} is corrupt: {e}", self.cfg.source_label))),
+                    ),
                 }
                 self.poll(&mut st)
             }

@@ -334,10 +334,8 @@ impl Scheduler {
             }
         }
         self.bulk_in_flight += window_bytes;
-        self.batches.insert(
-            id,
-            Batch { hashes: hashes.clone(), undelivered: hashes.len(), urgency, sent: now, last_progress: now, got_first: false, window_bytes },
-        );
+        self.batches
+            .insert(id, Batch { hashes: hashes.clone(), undelivered: hashes.len(), urgency, sent: now, last_progress: now, got_first: false, window_bytes });
         BatchRequest { id, hashes, urgency }
     }
 

@@ -182,10 +182,11 @@ fn fetch_all_fetches_what_the_cache_lacks() {
     let (e, src, cache) = engine(ThreadSource { blocks: enc.clone(), latency: Duration::from_millis(5), ..Default::default() }, Duration::from_secs(10));
     cache.insert_verified(&hs[0], &enc[&hs[0]]).unwrap();
     let landed = AtomicU64::new(0);
-    let bytes = e.fetch_all(&hs, Urgency::Background, &|n| {
-        landed.fetch_add(n, Ordering::SeqCst);
-    })
-    .unwrap();
+    let bytes = e
+        .fetch_all(&hs, Urgency::Background, &|n| {
+            landed.fetch_add(n, Ordering::SeqCst);
+        })
+        .unwrap();
     let expected: u64 = hs[1..].iter().map(|h| enc[h].len() as u64).sum();
     assert_eq!(bytes, expected);
     assert!(!src.asked.lock().unwrap().contains_key(&hs[0]), "a cached block does not travel");

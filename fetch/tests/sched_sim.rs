@@ -27,7 +27,9 @@ fn goodput(link: Link, n: usize, seed: u64) -> f64 {
 #[test]
 fn bulk_transfers_fill_the_link() {
     // The big bandwidth-delay product needs a longer transfer to amortise the window's growth.
-    for (mbit, rtt, loss, n) in [(2.0, 40, 0.0, 1000), (10.0, 40, 0.0, 2000), (50.0, 40, 0.0, 2000), (10.0, 40, 0.005, 2000), (50.0, 40, 0.005, 2000), (100.0, 200, 0.0, 6000)] {
+    for (mbit, rtt, loss, n) in
+        [(2.0, 40, 0.0, 1000), (10.0, 40, 0.0, 2000), (50.0, 40, 0.0, 2000), (10.0, 40, 0.005, 2000), (50.0, 40, 0.005, 2000), (100.0, 200, 0.0, 6000)]
+    {
         let link = Link { loss, ..Link::mbit(mbit, rtt) };
         let g = goodput(link, n, 7);
         assert!(g >= 0.9, "{mbit} Mbit/s, {rtt} ms, loss {loss}: goodput {g:.2} of the link");
@@ -120,7 +122,13 @@ fn read_in_order(s: &mut Sim, blocks: &[capsule_fetch::Hash], order: &[usize], t
     for &i in order {
         if readahead {
             let horizon = s.sched.estimator().rtt().unwrap_or(Duration::from_millis(1)) * 2 + Duration::from_millis(20);
-            if let Some((from, to)) = ra.on_read(s.now, i as u64 * BLOCK, BLOCK, !s.delivered.contains_key(&blocks[i]), Budget { horizon, link_rate: s.sched.estimator().bandwidth(), max_window: 8 << 20 }) {
+            if let Some((from, to)) = ra.on_read(
+                s.now,
+                i as u64 * BLOCK,
+                BLOCK,
+                !s.delivered.contains_key(&blocks[i]),
+                Budget { horizon, link_rate: s.sched.estimator().bandwidth(), max_window: 8 << 20 },
+            ) {
                 let ahead: Vec<_> = ((from / BLOCK) as usize..(to.div_ceil(BLOCK) as usize).min(blocks.len())).map(|j| blocks[j]).collect();
                 s.want(&ahead, Urgency::Readahead);
             }
@@ -179,4 +187,3 @@ fn the_same_events_give_the_same_schedule() {
     };
     assert_eq!(run(), run());
 }
-

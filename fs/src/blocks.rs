@@ -117,7 +117,9 @@ impl LazyPages {
             let missing: Vec<Hash> = frontier.iter().filter(|h| !self.store().has_object(h)).copied().collect();
             if let Some(source) = &self.source {
                 for chunk in missing.chunks(CHUNK) {
-                    let objects = source.fetch_objects(chunk).map_err(|f| capsule_images::Error::new(capsule_images::ErrorKind::Io, format!("fetching map pages: {f}")))?;
+                    let objects = source
+                        .fetch_objects(chunk)
+                        .map_err(|f| capsule_images::Error::new(capsule_images::ErrorKind::Io, format!("fetching map pages: {f}")))?;
                     if objects.len() != chunk.len() {
                         return Err(capsule_images::Error::corrupt(format!("asked for {} map pages, got {}", chunk.len(), objects.len())));
                     }

@@ -83,7 +83,14 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOpti
     Ok(report)
 }
 
-fn commit_overlays(target: &Store, overlay_dir: &std::path::Path, base: &capsule_images::Manifest, child: &mut capsule_images::Manifest, options: &CommitOptions, report: &mut CommitReport) -> Result<()> {
+fn commit_overlays(
+    target: &Store,
+    overlay_dir: &std::path::Path,
+    base: &capsule_images::Manifest,
+    child: &mut capsule_images::Manifest,
+    options: &CommitOptions,
+    report: &mut CommitReport,
+) -> Result<()> {
     let mut commit_image = |key: &str, image: &mut Image| -> Result<u64> {
         let overlay = Overlay::open(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
         let reader = ImageReader::open(target, *image)?;

@@ -248,12 +248,20 @@ impl CapsuleFs {
                 _ => Ahead::Sequential,
             };
             files.push((name.clone(), key));
-            nodes.push(Node { name, content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) }, ahead, asked_whole: Default::default() });
+            nodes.push(Node {
+                name,
+                content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) },
+                ahead,
+                asked_whole: Default::default(),
+            });
         }
-        let mut sizes: Vec<u64> = nodes.iter().filter_map(|n| match &n.content {
-            Content::Image { image, .. } => Some(image.block_size()),
-            Content::Bytes(_) => None,
-        }).collect();
+        let mut sizes: Vec<u64> = nodes
+            .iter()
+            .filter_map(|n| match &n.content {
+                Content::Image { image, .. } => Some(image.block_size()),
+                Content::Bytes(_) => None,
+            })
+            .collect();
         sizes.sort_unstable();
         sizes.dedup();
         let seeds = crate::seed::Seeds::index(&config.seeds, &sizes).map_err(|e| Error::io("indexing seeds", e))?;
@@ -400,7 +408,9 @@ impl CapsuleFs {
                 Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
                 // Past the first block: a resume reads only the kernel's header (for its
                 // stand-in), and must not bring the rest.
-                Ahead::Whole if missed && last > 0 && !node.asked_whole.swap(true, Ordering::Relaxed) => (self.whole_plan(image, chain, overlay)?, Urgency::Readahead),
+                Ahead::Whole if missed && last > 0 && !node.asked_whole.swap(true, Ordering::Relaxed) => {
+                    (self.whole_plan(image, chain, overlay)?, Urgency::Readahead)
+                }
                 Ahead::Whole => (Vec::new(), Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
                 Ahead::Aligned(n) if missed && (n > 1 || n == 0) => {
@@ -468,12 +478,27 @@ impl CapsuleFs {
     /// Blocks to fetch ahead of this read, if its stream earned readahead
     /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
     #[allow(clippy::too_many_arguments)]
-    fn readahead_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64, missed: bool) -> Result<Vec<Hash>> {
+    fn readahead_plan(
+        &self,
+        image: &Image,
+        chain: &[(Hash, Layer)],
+        overlay: Option<&Overlay>,
+        state: &Mutex<Readahead>,
+        offset: u64,
+        end: u64,
+        missed: bool,
+    ) -> Result<Vec<Hash>> {
         // A fetch's round trip and then some: a guest's reads come in bursts, and readahead
         // that arrives a little early costs nothing, while one that arrives late costs a
         // round trip.
         let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES });
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(
+            std::time::Instant::now(),
+            offset,
+            end - offset,
+            missed,
+            Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES },
+        );
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
         let mut ahead = Vec::new();
@@ -616,7 +641,10 @@ impl CapsuleFs {
         while let Some(id) = next {
             generations += 1;
             if generations > capsule_images::manifest::MAX_CHAIN {
-                return Err(Error::new(ErrorKind::Corrupt, format!("capsule {}: ancestry longer than {}", self.info.capsule_id, capsule_images::manifest::MAX_CHAIN)));
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("capsule {}: ancestry longer than {}", self.info.capsule_id, capsule_images::manifest::MAX_CHAIN),
+                ));
             }
             let m = store.manifest(&id)?;
             for (_, image) in m.images() {
@@ -801,7 +829,18 @@ impl Filesystem for CapsuleFs {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let Some(node) = self.node(u64::from(ino)) else { return reply.error(Errno::EROFS) };
         match self.write_image(node, offset, data) {
             Ok(n) => reply.written(n),
@@ -860,7 +899,8 @@ impl Filesystem for CapsuleFs {
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries: Vec<(u64, FileType, String)> = match u64::from(ino) {
             ROOT => {
-                let mut v = vec![(ROOT, FileType::Directory, ".".into()), (ROOT, FileType::Directory, "..".into()), (META_DIR, FileType::Directory, ".capsule".into())];
+                let mut v =
+                    vec![(ROOT, FileType::Directory, ".".into()), (ROOT, FileType::Directory, "..".into()), (META_DIR, FileType::Directory, ".capsule".into())];
                 v.extend(self.nodes.iter().enumerate().map(|(i, n)| (FIRST_FILE + i as u64, FileType::RegularFile, n.name.clone())));
                 v
             }
@@ -882,10 +922,14 @@ impl Filesystem for CapsuleFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.nodes.iter().map(|n| match &n.content {
-            Content::Image { image, .. } => image.size,
-            Content::Bytes(b) => b.len() as u64,
-        }).sum();
+        let total: u64 = self
+            .nodes
+            .iter()
+            .map(|n| match &n.content {
+                Content::Image { image, .. } => image.size,
+                Content::Bytes(b) => b.len() as u64,
+            })
+            .sum();
         let blocks = total.div_ceil(4096);
         reply.statfs(blocks, if self.read_only { 0 } else { blocks }, if self.read_only { 0 } else { blocks }, self.nodes.len() as u64 + 4, 0, 4096, 255, 4096);
     }

@@ -105,8 +105,7 @@ impl Overlay {
         self.set_state(i, ZERO)?;
         let offset = i * self.block_size;
         let len = self.block_size.min(self.size.saturating_sub(offset));
-        rustix::fs::fallocate(&self.data, rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
-            .map_err(io::Error::from)
+        rustix::fs::fallocate(&self.data, rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE, offset, len).map_err(io::Error::from)
     }
 
     /// Makes every write so far durable.
@@ -117,10 +116,7 @@ impl Overlay {
 
     /// Blocks that differ from the capsule: (index, DATA or ZERO).
     pub fn changed(&self) -> Vec<(u64, u8)> {
-        self.states
-            .read()
-            .map(|s| s.iter().enumerate().filter(|(_, &st)| st != NONE).map(|(i, &st)| (i as u64, st)).collect())
-            .unwrap_or_default()
+        self.states.read().map(|s| s.iter().enumerate().filter(|(_, &st)| st != NONE).map(|(i, &st)| (i as u64, st)).collect()).unwrap_or_default()
     }
 }
 

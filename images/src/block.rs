@@ -39,8 +39,7 @@ pub fn is_zero(data: &[u8]) -> bool {
     // Word-sized compares with early exit: this runs on every imported block.
     let words = data.chunks_exact(8);
     let tail = words.remainder();
-    words.map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])).all(|w| w == 0)
-        && tail.iter().all(|&b| b == 0)
+    words.map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])).all(|w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Encodes raw block bytes, compressing when it saves space.

@@ -79,13 +79,9 @@ impl ObjectKind {
 
 /// Encodes `value` as an envelope of `kind`. Fails only if the payload exceeds the cap.
 pub fn encode<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Vec<u8>> {
-    let payload = postcard::to_stdvec(value)
-        .map_err(|e| Error::invalid(format!("cannot encode {}: {e}", kind.name())))?;
+    let payload = postcard::to_stdvec(value).map_err(|e| Error::invalid(format!("cannot encode {}: {e}", kind.name())))?;
     if payload.len() > kind.max_payload() {
-        return Err(Error::new(
-            ErrorKind::TooLarge,
-            format!("{} of {} bytes exceeds the cap of {}", kind.name(), payload.len(), kind.max_payload()),
-        ));
+        return Err(Error::new(ErrorKind::TooLarge, format!("{} of {} bytes exceeds the cap of {}", kind.name(), payload.len(), kind.max_payload())));
     }
     let len = u32::try_from(payload.len()).map_err(|_| Error::new(ErrorKind::TooLarge, "payload over 4 GiB"))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
@@ -130,11 +126,7 @@ pub fn open(kind: ObjectKind, bytes: &[u8]) -> Result<&[u8]> {
         return Err(Error::new(ErrorKind::TooLarge, format!("{what} declares {len} payload bytes, cap is {}", kind.max_payload())));
     }
     if bytes.len() != HEADER_LEN + len + CHECKSUM_LEN {
-        return Err(Error::corrupt(format!(
-            "{what}: {} bytes on hand but header declares {}",
-            bytes.len(),
-            HEADER_LEN + len + CHECKSUM_LEN
-        )));
+        return Err(Error::corrupt(format!("{what}: {} bytes on hand but header declares {}", bytes.len(), HEADER_LEN + len + CHECKSUM_LEN)));
     }
     let body_end = HEADER_LEN + len;
     if checksum(&bytes[..body_end]) != bytes[body_end..] {
@@ -146,8 +138,7 @@ pub fn open(kind: ObjectKind, bytes: &[u8]) -> Result<&[u8]> {
 /// [`open`] then postcard-decode; trailing bytes are an error (canonical encoding).
 pub fn decode<T: DeserializeOwned>(kind: ObjectKind, bytes: &[u8]) -> Result<T> {
     let payload = open(kind, bytes)?;
-    let (value, rest) = postcard::take_from_bytes(payload)
-        .map_err(|e| Error::corrupt(format!("{}: undecodable payload: {e}", kind.name())))?;
+    let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| Error::corrupt(format!("{}: undecodable payload: {e}", kind.name())))?;
     if !rest.is_empty() {
         return Err(Error::corrupt(format!("{}: {} trailing bytes after payload", kind.name(), rest.len())));
     }

@@ -40,10 +40,7 @@ impl<'s> ImageReader<'s> {
             }
             let layer = store.layer(&id).with_context(|| format!("layer {id}"))?;
             if layer.block_size_log2 != image.block_size_log2 {
-                return Err(Error::corrupt(format!(
-                    "layer {id} has block size 2^{} but its image uses 2^{}",
-                    layer.block_size_log2, image.block_size_log2
-                )));
+                return Err(Error::corrupt(format!("layer {id} has block size 2^{} but its image uses 2^{}", layer.block_size_log2, image.block_size_log2)));
             }
             next = layer.parent;
             chain.push((id, layer));
@@ -87,11 +84,7 @@ impl<'s> ImageReader<'s> {
             Some(h) => {
                 let data = self.store.get_block(&h).with_context(|| format!("block {index}"))?;
                 if data.len() as u64 != self.image.block_size() {
-                    return Err(Error::corrupt(format!(
-                        "block {index} ({h}) is {} bytes, image block size is {}",
-                        data.len(),
-                        self.image.block_size()
-                    )));
+                    return Err(Error::corrupt(format!("block {index} ({h}) is {} bytes, image block size is {}", data.len(), self.image.block_size())));
                 }
                 Ok(data)
             }

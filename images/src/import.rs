@@ -185,10 +185,13 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
                 let content = if extents.is_hole(&file, offset, len as u64, size) {
                     None
                 } else {
-                    file.read_exact_at(&mut buf[..len], offset)
-                        .map_err(|e| Error::io(format!("{}: block {index} at offset {offset}", path.display()), e))?;
+                    file.read_exact_at(&mut buf[..len], offset).map_err(|e| Error::io(format!("{}: block {index} at offset {offset}", path.display()), e))?;
                     buf[len..].fill(0);
-                    if block::is_zero(&buf) { None } else { Some(Hash::of(&buf)) }
+                    if block::is_zero(&buf) {
+                        None
+                    } else {
+                        Some(Hash::of(&buf))
+                    }
                 };
                 if content.is_none() {
                     stats.zero_blocks += 1;
@@ -327,10 +330,7 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
         progress.begin(&what, size);
         let result = if is_qcow2(path)? {
             if reader.is_some() {
-                return Err(Error::invalid(format!(
-                    "{what}: {} is qcow2; --parent takes raw images (a qcow2 chain brings its own parents)",
-                    path.display()
-                )));
+                return Err(Error::invalid(format!("{what}: {} is qcow2; --parent takes raw images (a qcow2 chain brings its own parents)", path.display())));
             }
             let (image, layers) = crate::qcow2::import_chain(store, path, bs, progress)?;
             let mut total = ImportStats { logical_bytes: image.size, blocks: image.block_count(), ..Default::default() };

@@ -222,17 +222,11 @@ impl Manifest {
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 200
-        && name.split('/').all(|seg| {
-            !seg.is_empty()
-                && !seg.starts_with('.')
-                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        });
+        && name.split('/').all(|seg| !seg.is_empty() && !seg.starts_with('.') && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(format!(
-            "invalid capsule name {name:?}: use letters, digits, '.', '_', '-' in '/'-separated parts not starting with '.'"
-        )))
+        Err(Error::invalid(format!("invalid capsule name {name:?}: use letters, digits, '.', '_', '-' in '/'-separated parts not starting with '.'")))
     }
 }
 

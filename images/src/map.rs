@@ -229,7 +229,10 @@ pub fn walk(
                 for (slot, child) in slots {
                     let child_base = base | (u64::from(*slot) << (FANOUT_BITS * l));
                     if child_base >= bounds.nblocks {
-                        return Err(Error::corrupt(format!("map page {id} names a subtree from block {child_base}, past the image's {} blocks", bounds.nblocks)));
+                        return Err(Error::corrupt(format!(
+                            "map page {id} names a subtree from block {child_base}, past the image's {} blocks",
+                            bounds.nblocks
+                        )));
                     }
                     visit(src, child, l - 1, child_base, bounds, on_page, on_entry)?;
                 }
@@ -319,7 +322,20 @@ pub(crate) mod tests {
         let root = MapRoot { height: MAX_HEIGHT, root: Some(id) };
         let nblocks = 1u64 << 40;
         let (mut visited, mut entries) = (0u64, 0u64);
-        let err = walk(&pages, &root, nblocks, &mut |_| { visited += 1; Ok(()) }, &mut |_, _| { entries += 1; Ok(()) }).unwrap_err();
+        let err = walk(
+            &pages,
+            &root,
+            nblocks,
+            &mut |_| {
+                visited += 1;
+                Ok(())
+            },
+            &mut |_, _| {
+                entries += 1;
+                Ok(())
+            },
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{err}");
         assert!(visited <= max_pages(nblocks), "{visited}");
         // A small image: the tree is higher than it can need.

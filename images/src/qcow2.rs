@@ -38,10 +38,7 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>> {
         Error::new(ErrorKind::External, format!("cannot run {shown}{hint}: {e}"))
     })?;
     if !out.status.success() {
-        return Err(Error::new(
-            ErrorKind::External,
-            format!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-        ));
+        return Err(Error::new(ErrorKind::External, format!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(out.stdout)
 }
@@ -52,10 +49,7 @@ fn json(bytes: &[u8], what: &str) -> Result<Value> {
 
 /// Imports `path` and its backing chain; returns the top image and one entry per file.
 pub fn import_chain(store: &Store, path: &Path, block_size_log2: u8, progress: &dyn Progress) -> Result<(Image, Vec<ChainLayer>)> {
-    let info = json(
-        &run(Command::new("qemu-img").args(["info", "--output=json", "--backing-chain"]).arg(path))?,
-        "qemu-img info",
-    )?;
+    let info = json(&run(Command::new("qemu-img").args(["info", "--output=json", "--backing-chain"]).arg(path))?, "qemu-img info")?;
     let chain = info.as_array().ok_or_else(|| Error::new(ErrorKind::External, "qemu-img info: expected a list"))?;
     let bs = 1u64 << block_size_log2;
     let mut image: Option<Image> = None;

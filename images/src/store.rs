@@ -88,23 +88,12 @@ impl Store {
         let format_path = root.join("format");
         match fs::read_to_string(&format_path) {
             Ok(s) if s == FORMAT_LINE => {}
-            Ok(s) => {
-                return Err(Error::corrupt(format!(
-                    "{}: not a capsule store of this version (format file says {:?})",
-                    root.display(),
-                    s.trim()
-                )))
-            }
+            Ok(s) => return Err(Error::corrupt(format!("{}: not a capsule store of this version (format file says {:?})", root.display(), s.trim()))),
             Err(e) if e.kind() == IoKind::NotFound => Self::create_layout(&root)?,
             Err(e) => return Err(Error::io(format_path.display(), e)),
         }
         let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(lock_path.display(), e))?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(lock_path.display(), e))?;
         // Alone with the store: leftovers in tmp/ are from a crashed writer.
         if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
             Self::clear_tmp(&root)?;
@@ -425,8 +414,7 @@ impl Store {
                 return Ok(id);
             }
         }
-        self.read_ref(name_or_id)?
-            .ok_or_else(|| Error::not_found(format!("no capsule named {name_or_id:?} in store {}", self.root.display())))
+        self.read_ref(name_or_id)?.ok_or_else(|| Error::not_found(format!("no capsule named {name_or_id:?} in store {}", self.root.display())))
     }
 
     /// Flushes everything written so far to stable storage.
@@ -447,7 +435,10 @@ impl Store {
     /// Stores `profile` and names it for its capsule; returns the profile object's id.
     pub fn put_profile(&self, profile: &crate::manifest::Profile) -> Result<Hash> {
         if profile.blocks.len() > crate::manifest::MAX_PROFILE_BLOCKS {
-            return Err(Error::new(ErrorKind::TooLarge, format!("profile {} lists {} blocks, cap {}", profile.name, profile.blocks.len(), crate::manifest::MAX_PROFILE_BLOCKS)));
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("profile {} lists {} blocks, cap {}", profile.name, profile.blocks.len(), crate::manifest::MAX_PROFILE_BLOCKS),
+            ));
         }
         let (id, _) = self.put_object(ObjectKind::Profile, profile)?;
         self.set_profile(&profile.capsule, &profile.name, &id)?;

@@ -289,10 +289,12 @@ mod tests {
     fn concurrent_creates_lose_no_token() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let threads: Vec<_> = (0..8).map(|_| {
-            let root = root.clone();
-            std::thread::spawn(move || (0..5).map(|_| create_token(&root, Scope::Read, "").unwrap().1).collect::<Vec<_>>())
-        }).collect();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let root = root.clone();
+                std::thread::spawn(move || (0..5).map(|_| create_token(&root, Scope::Read, "").unwrap().1).collect::<Vec<_>>())
+            })
+            .collect();
         let made: usize = threads.into_iter().map(|t| t.join().unwrap().len()).sum();
         assert_eq!(list_tokens(&root).unwrap().len(), made);
     }

@@ -96,11 +96,11 @@ impl Client {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::new(ErrorKind::Io, format!("QUIC TLS setup: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport()));
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-            .map_err(|_| Error::new(ErrorKind::Io, "bind address"))?;
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| Error::new(ErrorKind::Io, "bind address"))?;
         let mut endpoint = crate::server::endpoint(bind, None)?;
         endpoint.set_default_client_config(config);
-        let connecting = endpoint.connect(addr, "capsule").map_err(|e| Error::new(ErrorKind::Unavailable, format!("connecting to {}: {e}", url.host_port())))?;
+        let connecting =
+            endpoint.connect(addr, "capsule").map_err(|e| Error::new(ErrorKind::Unavailable, format!("connecting to {}: {e}", url.host_port())))?;
         let conn = match connecting.await {
             Ok(c) => c,
             Err(e) => {
@@ -215,8 +215,7 @@ impl Client {
                     if wanted.get(out.len()) != Some(&hash) {
                         return Err(Error::protocol(format!("server sent block {hash} out of order")));
                     }
-                    capsule_images::block::decode(&hash, &encoded)
-                        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("server sent a corrupt block: {e}")))?;
+                    capsule_images::block::decode(&hash, &encoded).map_err(|e| Error::new(ErrorKind::Corrupt, format!("server sent a corrupt block: {e}")))?;
                     out.push((hash, encoded));
                 }
                 Frame::End if out.len() == wanted.len() => return Ok(out),

@@ -247,8 +247,11 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..300).prop_map(Frame::Request),
             proptest::collection::vec(any::<u8>(), 0..300).prop_map(Frame::Response),
             (any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..2000)).prop_map(|(h, e)| Frame::Block { hash: Hash(h), encoded: e }),
-            (any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..300))
-                .prop_map(|(h, b)| Frame::Object { kind: ObjectKind::Layer, id: Hash(h), bytes: b }),
+            (any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(h, b)| Frame::Object {
+                kind: ObjectKind::Layer,
+                id: Hash(h),
+                bytes: b
+            }),
             Just(Frame::End),
         ]
     }

@@ -18,10 +18,10 @@ use tracing::{debug, info, warn};
 use crate::auth::Policy;
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
+use crate::frame::MAX_BLOCK_FRAME;
 use crate::frame::{decode_control, Frame};
 use crate::io::{write_control, write_frame, FrameReader};
 use crate::proto::{Request, RequestHeader, Response, MAX_BATCH};
-use crate::frame::MAX_BLOCK_FRAME;
 use crate::tls::{self, Identity};
 
 /// Most concurrent streams per connection; with the frame caps this bounds memory.
@@ -180,9 +180,7 @@ impl Server {
 /// endpoint from draining its socket (on loopback that showed as packet loss).
 async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static) -> Result<T> {
     let backend = backend.clone();
-    tokio::task::spawn_blocking(move || f(backend.as_ref()))
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, format!("store task failed: {e}")))?
+    tokio::task::spawn_blocking(move || f(backend.as_ref())).await.map_err(|e| Error::new(ErrorKind::Io, format!("store task failed: {e}")))?
 }
 
 async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, opts: ServeOptions) {
@@ -208,7 +206,13 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
     }
 }
 
-async fn serve_stream(conn: &quinn::Connection, mut send: quinn::SendStream, recv: quinn::RecvStream, backend: Arc<dyn Backend>, opts: &ServeOptions) -> Result<()> {
+async fn serve_stream(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    backend: Arc<dyn Backend>,
+    opts: &ServeOptions,
+) -> Result<()> {
     let mut reader = FrameReader::limited(recv, MAX_HEADER);
     let header = match tokio::time::timeout(opts.header_timeout, reader.expect()).await {
         Ok(Ok(Frame::Request(payload))) => decode_control::<RequestHeader>(&payload),
@@ -283,7 +287,8 @@ async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: 
         Request::GetObjects { ids } => {
             for id in ids {
                 let bytes = blocking(backend, move |b| b.read_object(&id)).await.map_err(|e| e.context(format!("object {id}")))?;
-                let kind = capsule_images::envelope::peek_kind(&bytes).ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("object {id} is damaged on the server")))?;
+                let kind = capsule_images::envelope::peek_kind(&bytes)
+                    .ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("object {id} is damaged on the server")))?;
                 write_frame(send, &Frame::Object { kind, id, bytes }).await?;
             }
             write_frame(send, &Frame::End).await

@@ -84,7 +84,12 @@ impl Shared {
         }
         let c = match tokio::time::timeout(CONNECT_TIMEOUT.min(self.stall_timeout), Client::connect(&self.url, &self.opts)).await {
             Ok(c) => Arc::new(c?),
-            Err(_) => return Err(Error::new(ErrorKind::Unavailable, format!("server {} did not answer within {:.0} s", self.url.host_port(), CONNECT_TIMEOUT.min(self.stall_timeout).as_secs_f64()))),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("server {} did not answer within {:.0} s", self.url.host_port(), CONNECT_TIMEOUT.min(self.stall_timeout).as_secs_f64()),
+                ))
+            }
         };
         if self.connected_once.fetch_add(1, Ordering::Relaxed) > 0 {
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);

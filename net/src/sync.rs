@@ -256,10 +256,7 @@ pub async fn pull_metadata(client: &Client, id: &Hash, store: &Store) -> Result<
 /// only blocks and objects the store lacks travel, each verified before it is stored.
 pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name: &str, progress: &dyn Progress) -> Result<(Hash, TransferReport)> {
     capsule_images::manifest::check_name(local_name)?;
-    let id = client
-        .get_ref(remote_name)
-        .await?
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
+    let id = client.get_ref(remote_name).await?.ok_or_else(|| Error::new(ErrorKind::NotFound, format!("the server has no capsule named {remote_name:?}")))?;
     let mut report = TransferReport { objects_transferred: pull_metadata(client, &id, store).await?, ..Default::default() };
 
     let (_, blocks) = store.closure(&id)?;
@@ -269,8 +266,8 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     report.blocks_skipped = report.blocks_total - missing.len() as u64;
     progress.begin("pull", missing.len() as u64);
     // Several batches in flight keep the link busy across request round trips.
-    let mut batches = futures_util::stream::iter(missing.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0)))
-        .buffer_unordered(PARALLEL_BATCHES);
+    let mut batches =
+        futures_util::stream::iter(missing.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0))).buffer_unordered(PARALLEL_BATCHES);
     while let Some(batch) = batches.next().await {
         let batch = batch?;
         // get_blocks verified each block against its hash already. Writes (each fsynced)

@@ -47,7 +47,8 @@ pub fn load_or_create_identity(store_root: &Path) -> Result<Identity> {
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp_key).map_err(|e| io_err(tmp_key.display(), e))?;
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp_key).map_err(|e| io_err(tmp_key.display(), e))?;
             f.write_all(&generated.key_pair.serialize_der()).and_then(|_| f.sync_all()).map_err(|e| io_err(tmp_key.display(), e))?;
         }
         std::fs::rename(&tmp_key, &key_path).map_err(|e| io_err(key_path.display(), e))?;
@@ -56,11 +57,7 @@ pub fn load_or_create_identity(store_root: &Path) -> Result<Identity> {
     }
     let cert = std::fs::read(&cert_path).map_err(|e| io_err(cert_path.display(), e))?;
     let key = std::fs::read(&key_path).map_err(|e| io_err(key_path.display(), e))?;
-    Ok(Identity {
-        fingerprint: fingerprint(&cert),
-        cert: CertificateDer::from(cert),
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-    })
+    Ok(Identity { fingerprint: fingerprint(&cert), cert: CertificateDer::from(cert), key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)) })
 }
 
 /// The rustls crypto provider used on both sides.

@@ -49,14 +49,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 /// The test guest built by `make guest` (tests/guest/build.sh).
 pub fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("CAPSULE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"));
-    assert!(
-        dir.join(".complete").exists(),
-        "test guest missing at {}: run `make guest` (make test does it for you)",
-        dir.display()
-    );
+    let dir = std::env::var_os("CAPSULE_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"));
+    assert!(dir.join(".complete").exists(), "test guest missing at {}: run `make guest` (make test does it for you)", dir.display());
     dir
 }
 
@@ -325,7 +319,9 @@ pub fn import_guest(store: &Path, boot_files: bool) {
 /// report (`images[0][1]` holds the disk's counters).
 pub fn import_guest_update(store: &Path) -> serde_json::Value {
     let g = guest_dir();
-    let text = ok(capsule(store).args(["import", "guest-update", "--parent", "guest", "--json", "--disk"]).arg(format!("root={}", g.join("disk-update.raw").display())));
+    let text = ok(capsule(store)
+        .args(["import", "guest-update", "--parent", "guest", "--json", "--disk"])
+        .arg(format!("root={}", g.join("disk-update.raw").display())));
     serde_json::from_str(&text[text.find('{').expect("JSON report")..]).expect("import report")
 }
 
@@ -406,7 +402,12 @@ impl Run {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("run {} ended ({status}) before printing {pattern:?}\nconsole:\n{text}\noutput:\n{}", self.id, self.output());
             }
-            assert!(std::time::Instant::now() < deadline, "run {} did not print {pattern:?} in {timeout_s} s\nconsole:\n{text}\noutput:\n{}", self.id, self.output());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {} did not print {pattern:?} in {timeout_s} s\nconsole:\n{text}\noutput:\n{}",
+                self.id,
+                self.output()
+            );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
@@ -443,7 +444,13 @@ impl Run {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status.success(), self.output());
             }
-            assert!(std::time::Instant::now() < deadline, "run {} still going after {timeout_s} s\nconsole:\n{}\noutput:\n{}", self.id, self.console(), self.output());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {} still going after {timeout_s} s\nconsole:\n{}\noutput:\n{}",
+                self.id,
+                self.console(),
+                self.output()
+            );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }

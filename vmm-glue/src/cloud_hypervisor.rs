@@ -232,7 +232,14 @@ mod tests {
         let vm = json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"file": "root.raw"}]});
         std::fs::write(dir.path().join("vmlinuz"), "k").unwrap();
         let a = command_line(dir.path(), &vm, true, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).unwrap().join(" ");
-        assert!(a.contains(&format!("--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw,readonly=on", dir.path().display(), dir.path().display())), "{a}");
+        assert!(
+            a.contains(&format!(
+                "--kernel {}/vmlinuz --cmdline console=ttyS0 --cpus boot=2 --memory size=256M --disk path={}/root.raw,readonly=on",
+                dir.path().display(),
+                dir.path().display()
+            )),
+            "{a}"
+        );
         assert!(a.ends_with("--serial file=/tmp/s.log"), "{a}");
     }
 

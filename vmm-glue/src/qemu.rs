@@ -85,7 +85,11 @@ impl QemuHints {
         if let Some(c) = hints.get(HINT_CAPABILITIES) {
             for name in c.split(',').filter(|s| !s.is_empty()) {
                 if !KNOWN_CAPABILITIES.contains(&name) {
-                    return Err(bad_hint(HINT_CAPABILITIES, c, &format!("{name:?} is not a migration capability a resume sets (known: {})", KNOWN_CAPABILITIES.join(", "))));
+                    return Err(bad_hint(
+                        HINT_CAPABILITIES,
+                        c,
+                        &format!("{name:?} is not a migration capability a resume sets (known: {})", KNOWN_CAPABILITIES.join(", ")),
+                    ));
                 }
                 out.capabilities.push(name.to_string());
             }

@@ -196,10 +196,7 @@ mod tests {
         let sock = dir.path().join("qmp.sock");
         let peer = fake_qemu(
             &sock,
-            vec![
-                "{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\"}}",
-                r#"{"error": {"class": "GenericError", "desc": "no such balloon"}}"#,
-            ],
+            vec!["{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\"}}", r#"{"error": {"class": "GenericError", "desc": "no such balloon"}}"#],
         );
         let mut qmp = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
         assert_eq!(qmp.version, (7, 2, 22));
