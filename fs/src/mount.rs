@@ -16,22 +16,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsule_images::{Hash, Image, Layer, Manifest};
+use capsule_images::{Hash, Image, Layer};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
-use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use capsule_fetch::readahead::{Budget, Readahead};
+use capsule_fetch::readahead::Readahead;
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::{BlockSource, Engine, EngineConfig, Urgency};
 
 use crate::blocks::{CacheBlocks, LazyPages};
 use crate::cache::BlockCache;
 use crate::error::{errno, Error, ErrorKind, Result};
+pub use crate::layout::{image_files, vm_json, MountInfo};
 use crate::overlay::{Overlay, DATA, ZERO};
+pub use crate::recorder::Recorder;
+pub use ahead::auto_cluster;
+
+mod ahead;
 
 const ROOT: u64 = 1;
 const META_DIR: u64 = 2;
@@ -43,28 +47,6 @@ const FIRST_FILE: u64 = 6;
 const TTL: Duration = Duration::from_secs(3600);
 /// Most bytes read ahead of one sequential stream.
 const MAX_READAHEAD_BYTES: u64 = 8 << 20;
-
-/// What `.capsule/info.json` says about a mount.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MountInfo {
-    /// The mounted capsule.
-    pub capsule_id: Hash,
-    /// Its name.
-    pub name: String,
-    /// Store holding its metadata and cached blocks.
-    pub cache_store: PathBuf,
-    /// Copy-on-write overlays of this capsule (absent for read-only mounts).
-    pub overlay_dir: Option<PathBuf>,
-    /// Where blocks come from (`local` or a capsule:// URL).
-    pub source: String,
-    /// The serving process.
-    pub pid: u32,
-    /// (file name, overlay key) of each image file.
-    pub files: Vec<(String, String)>,
-    /// The kernel readahead the mount asked for (0: a RAM fault reads one page).
-    #[serde(default)]
-    pub kernel_readahead: Option<u32>,
-}
 
 enum Content {
     Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead> },
@@ -129,28 +111,6 @@ pub struct MountConfig {
 /// The kernel readahead a mount gets unless told otherwise.
 pub const DEFAULT_KERNEL_READAHEAD: u32 = 1 << 20;
 
-/// First-touch order of the blocks reads need, across all images: a working-set profile.
-#[derive(Debug, Default)]
-pub struct Recorder {
-    seen: Mutex<(std::collections::HashSet<Hash>, Vec<Hash>)>,
-}
-
-impl Recorder {
-    fn touch(&self, hashes: &[Hash]) {
-        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for h in hashes {
-            if g.1.len() < capsule_images::manifest::MAX_PROFILE_BLOCKS && g.0.insert(*h) {
-                g.1.push(*h);
-            }
-        }
-    }
-
-    /// The blocks recorded so far, first touch first.
-    pub fn blocks(&self) -> Vec<Hash> {
-        self.seen.lock().map(|g| g.1.clone()).unwrap_or_default()
-    }
-}
-
 /// The filesystem.
 pub struct CapsuleFs {
     cache: Arc<BlockCache>,
@@ -180,51 +140,6 @@ impl std::fmt::Debug for CapsuleFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CapsuleFs").field("capsule", &self.info.capsule_id).finish_non_exhaustive()
     }
-}
-
-/// (file name, overlay key, image) of each image file. A writable mount always has
-/// `memory.raw`, blank if the capsule never ran, so a guest's RAM can live there.
-pub fn image_files(m: &Manifest, writable: bool) -> Vec<(String, String, Image)> {
-    let mut out: Vec<(String, String, Image)> = m.disks.iter().map(|d| (format!("{}.raw", d.name), format!("disk-{}", d.name), d.image)).collect();
-    let (memory_name, devstate_name) = state_file_names(m);
-    if m.memory.is_some() || (writable && m.vm.memory_mib > 0) {
-        out.push((memory_name.into(), "memory".into(), m.memory_or_blank()));
-    }
-    if let Some(i) = m.devstate {
-        out.push((devstate_name.into(), "devstate".into(), i));
-    }
-    if let Some(b) = &m.boot {
-        out.push(("vmlinuz".into(), "kernel".into(), b.kernel));
-        if let Some(i) = b.initrd {
-            out.push(("initrd.img".into(), "initrd".into(), i));
-        }
-    }
-    out
-}
-
-/// File names of the RAM image and device state: a Cloud Hypervisor snapshot's own names
-/// (`memory-ranges`, `state.json`), so the mount is a snapshot directory; else QEMU's.
-fn state_file_names(m: &Manifest) -> (&'static str, &'static str) {
-    if m.vm.hints.contains_key(capsule_images::manifest::HINT_CHV_CONFIG) {
-        ("memory-ranges", "state.json")
-    } else {
-        ("memory.raw", "devstate.bin")
-    }
-}
-
-/// The VM description as `capsule.json` shows it.
-pub fn vm_json(id: &Hash, m: &Manifest) -> serde_json::Value {
-    serde_json::json!({
-        "capsule": m.name, "id": id.to_hex(), "parent": m.parent.map(|p| p.to_hex()),
-        "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints,
-        "disks": m.disks.iter().map(|d| serde_json::json!({"name": d.name, "file": format!("{}.raw", d.name), "size": d.image.size})).collect::<Vec<_>>(),
-        "memory": m.memory.map(|i| serde_json::json!({"file": state_file_names(m).0, "size": i.size})),
-        "suspended": m.devstate.is_some(),
-        "devstate": m.devstate.map(|_| state_file_names(m).1),
-        "kernel": m.boot.as_ref().map(|_| "vmlinuz"),
-        "initrd": m.boot.as_ref().and_then(|b| b.initrd).map(|_| "initrd.img"),
-        "cmdline": m.boot.as_ref().map(|b| b.cmdline.clone()),
-    })
 }
 
 impl CapsuleFs {
@@ -441,80 +356,6 @@ impl CapsuleFs {
         Ok(out)
     }
 
-    /// Every block of the file that is mapped, not overlaid and not here.
-    fn whole_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>) -> Result<Vec<Hash>> {
-        let mut out = Vec::new();
-        for j in 0..image.block_count() {
-            if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(h) = self.resolve(chain, j)? {
-                if !self.engine.is_local(&h) {
-                    out.push(h);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
-    /// mapped, not overlaid, not here.
-    fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
-        let start = i - i % n;
-        let mut out = Vec::new();
-        for j in start..(start + n).min(image.block_count()) {
-            if j == i || overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(h) = self.resolve(chain, j)? {
-                if !self.engine.is_local(&h) && !out.contains(&h) {
-                    out.push(h);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Blocks to fetch ahead of this read, if its stream earned readahead
-    /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
-    #[allow(clippy::too_many_arguments)]
-    fn readahead_plan(
-        &self,
-        image: &Image,
-        chain: &[(Hash, Layer)],
-        overlay: Option<&Overlay>,
-        state: &Mutex<Readahead>,
-        offset: u64,
-        end: u64,
-        missed: bool,
-    ) -> Result<Vec<Hash>> {
-        // A fetch's round trip and then some: a guest's reads come in bursts, and readahead
-        // that arrives a little early costs nothing, while one that arrives late costs a
-        // round trip.
-        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(
-            std::time::Instant::now(),
-            offset,
-            end - offset,
-            missed,
-            Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES },
-        );
-        let Some((from, to)) = range else { return Ok(Vec::new()) };
-        let bs = image.block_size();
-        let mut ahead = Vec::new();
-        for i in from.div_ceil(bs).max(from / bs)..to.div_ceil(bs).min(image.block_count()) {
-            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(h) = self.resolve(chain, i)? {
-                if !self.engine.is_local(&h) {
-                    ahead.push(h);
-                }
-            }
-        }
-        Ok(ahead)
-    }
-
     fn write_image(&self, node: &Node, offset: u64, data: &[u8]) -> Result<u32> {
         let Content::Image { image, chain, overlay, .. } = &node.content else { return Err(Error::new(ErrorKind::ReadOnly, "read-only file")) };
         let Some(overlay) = overlay.as_ref() else { return Err(Error::new(ErrorKind::ReadOnly, "mounted read-only")) };
@@ -672,22 +513,6 @@ impl CapsuleFs {
             _ => None,
         }
     }
-}
-
-/// Pages a RAM fault fetches at once when the cluster is left to the link: a round trip
-/// costs what a few bandwidth-delay products of extra pages cost, and a guest's first
-/// touches after a resume are loosely clustered, so on a long link a fault brings its
-/// aligned group along (4 bandwidth-delay products' worth, 4 to 16 pages); on a LAN (under
-/// 2 ms) round trips are cheap and only the faulting page travels.
-pub fn auto_cluster(rtt: Option<Duration>, bandwidth: Option<f64>, block_size: u64) -> u64 {
-    let Some(rtt) = rtt else { return 1 };
-    if rtt < Duration::from_millis(2) {
-        return 1;
-    }
-    // Before a bandwidth is measured, assume a 10 Mbit/s link.
-    let bdp = bandwidth.unwrap_or(1.25e6) * rtt.as_secs_f64();
-    let pages = (4.0 * bdp / block_size.max(1) as f64).max(1.0) as u64;
-    pages.next_power_of_two().clamp(4, 16)
 }
 
 /// A block that hashes right but has the wrong length (a hostile capsule) must not be
@@ -945,13 +770,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ram_fault_clusters_follow_the_link() {
-        let ms = Duration::from_millis;
-        assert_eq!(auto_cluster(None, None, 4096), 1, "nothing measured yet");
-        assert_eq!(auto_cluster(Some(ms(0)), Some(1e9), 4096), 1, "loopback");
-        assert_eq!(auto_cluster(Some(ms(1)), Some(1e8), 4096), 1, "a LAN");
-        assert_eq!(auto_cluster(Some(ms(40)), Some(2e6 / 8.0), 4096), 16, "2 Mbit/s, 40 ms: 10 KB BDP, 4 of them");
-        assert_eq!(auto_cluster(Some(ms(40)), Some(0.384e6 / 8.0), 4096), 4, "384 kbit/s keeps the floor");
-        assert_eq!(auto_cluster(Some(ms(200)), Some(1.25e7), 4096), 16, "capped");
+    fn a_block_of_the_wrong_length_fails_instead_of_being_sliced() {
+        let h = Hash::of(b"short");
+        assert!(check_len(&h, &[0; 65536], 65536).is_ok());
+        for wrong in [0usize, 4096, 65535, 65537] {
+            let err = check_len(&h, &vec![0; wrong], 65536).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{wrong} bytes: {err}");
+        }
     }
 }

@@ -1,0 +1,120 @@
+//! What a read brings along besides its own blocks: earned readahead for disks, the
+//! whole file for the kernel and initrd, the aligned group of a RAM fault.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use capsule_fetch::readahead::{Budget, Readahead};
+use capsule_images::{Hash, Image, Layer};
+
+use super::{CapsuleFs, MAX_READAHEAD_BYTES};
+use crate::error::Result;
+use crate::overlay::Overlay;
+
+impl CapsuleFs {
+    /// Every block of the file that is mapped, not overlaid and not here.
+    pub(super) fn whole_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>) -> Result<Vec<Hash>> {
+        let mut out = Vec::new();
+        for j in 0..image.block_count() {
+            if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve(chain, j)? {
+                if !self.engine.is_local(&h) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
+    /// mapped, not overlaid, not here.
+    pub(super) fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
+        let start = i - i % n;
+        let mut out = Vec::new();
+        for j in start..(start + n).min(image.block_count()) {
+            if j == i || overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve(chain, j)? {
+                if !self.engine.is_local(&h) && !out.contains(&h) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blocks to fetch ahead of this read, if its stream earned readahead
+    /// ([`capsule_fetch::readahead`]): mapped, not overlaid, not here.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn readahead_plan(
+        &self,
+        image: &Image,
+        chain: &[(Hash, Layer)],
+        overlay: Option<&Overlay>,
+        state: &Mutex<Readahead>,
+        offset: u64,
+        end: u64,
+        missed: bool,
+    ) -> Result<Vec<Hash>> {
+        // A fetch's round trip and then some: a guest's reads come in bursts, and readahead
+        // that arrives a little early costs nothing, while one that arrives late costs a
+        // round trip.
+        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(
+            std::time::Instant::now(),
+            offset,
+            end - offset,
+            missed,
+            Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES },
+        );
+        let Some((from, to)) = range else { return Ok(Vec::new()) };
+        let bs = image.block_size();
+        let mut ahead = Vec::new();
+        for i in from.div_ceil(bs).max(from / bs)..to.div_ceil(bs).min(image.block_count()) {
+            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve(chain, i)? {
+                if !self.engine.is_local(&h) {
+                    ahead.push(h);
+                }
+            }
+        }
+        Ok(ahead)
+    }
+}
+
+/// Pages a RAM fault fetches at once when the cluster is left to the link: a round trip
+/// costs what a few bandwidth-delay products of extra pages cost, and a guest's first
+/// touches after a resume are loosely clustered, so on a long link a fault brings its
+/// aligned group along (4 bandwidth-delay products' worth, 4 to 16 pages); on a LAN (under
+/// 2 ms) round trips are cheap and only the faulting page travels.
+pub fn auto_cluster(rtt: Option<Duration>, bandwidth: Option<f64>, block_size: u64) -> u64 {
+    let Some(rtt) = rtt else { return 1 };
+    if rtt < Duration::from_millis(2) {
+        return 1;
+    }
+    // Before a bandwidth is measured, assume a 10 Mbit/s link.
+    let bdp = bandwidth.unwrap_or(1.25e6) * rtt.as_secs_f64();
+    let pages = (4.0 * bdp / block_size.max(1) as f64).max(1.0) as u64;
+    pages.next_power_of_two().clamp(4, 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_fault_clusters_follow_the_link() {
+        let ms = Duration::from_millis;
+        assert_eq!(auto_cluster(None, None, 4096), 1, "nothing measured yet");
+        assert_eq!(auto_cluster(Some(ms(0)), Some(1e9), 4096), 1, "loopback");
+        assert_eq!(auto_cluster(Some(ms(1)), Some(1e8), 4096), 1, "a LAN");
+        assert_eq!(auto_cluster(Some(ms(40)), Some(2e6 / 8.0), 4096), 16, "2 Mbit/s, 40 ms: 10 KB BDP, 4 of them");
+        assert_eq!(auto_cluster(Some(ms(40)), Some(0.384e6 / 8.0), 4096), 4, "384 kbit/s keeps the floor");
+        assert_eq!(auto_cluster(Some(ms(200)), Some(1.25e7), 4096), 16, "capped");
+    }
+}
