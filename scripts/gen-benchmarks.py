@@ -84,6 +84,16 @@ def mib(b, nd=1):
     return "-" if b is None else f"{b / MIB:.{nd}f}"
 
 
+def rates_of(rows):
+    """The link rates of a run's rows, in the order they ran (the local reference has none)."""
+    rates = []
+    for r in rows:
+        rate = r["params"].get("rate")
+        if rate is not None and rate not in rates:
+            rates.append(rate)
+    return rates
+
+
 def by(rows, key):
     return {r["params"].get(key): r for r in rows}
 
@@ -240,10 +250,7 @@ def gen_run_resume(rows):
 
 def gen_link(rows):
     local = next((r["measurements"] for r in rows if r["params"]["variant"] == "local"), None)
-    rates = []
-    for r in rows:
-        if r["params"]["variant"] != "local" and r["params"]["rate"] not in rates:
-            rates.append(r["params"]["rate"])
+    rates = rates_of(rows)
     if local is None or not rates:
         return None
     need = local["boot_profile_stored_bytes"]
@@ -273,10 +280,7 @@ def gen_resume_link(rows):
     if not rows:
         return None
     body = []
-    rates = []
-    for r in rows:
-        if r["params"]["rate"] not in rates:
-            rates.append(r["params"]["rate"])
+    rates = rates_of(rows)
     for rate in rates:
         rr = [r for r in rows if r["params"]["rate"] == rate]
         fix = next((r["measurements"] for r in rr if r["params"]["variant"] == "fix"), None)
@@ -313,10 +317,7 @@ def gen_boot_link(rows):
     local = next((r["measurements"] for r in rows if r["params"]["variant"] == "local"), None)
     if local is None:
         return None
-    rates = []
-    for r in rows:
-        if r["params"]["variant"] != "local" and r["params"]["rate"] not in rates:
-            rates.append(r["params"]["rate"])
+    rates = rates_of(rows)
     if not rates:
         return None
     ws = local["working_set"]
