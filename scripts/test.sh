@@ -61,6 +61,10 @@ main() {
   if [ "$status" = 0 ] && [ $((failed + crashed + uncompiled)) -gt 0 ]; then
     status=1
   fi
+  if ! cargo fmt --all --check >/dev/null; then
+    echo "tests: cargo fmt --all --check finds unformatted code"
+    status=1
+  fi
   # BENCHMARKS.md's tables must be what the committed raw results generate.
   if ! python3 scripts/gen-benchmarks.py --check >/dev/null; then
     echo "tests: BENCHMARKS.md differs from what results/ generates (run make bench-tables)"
