@@ -114,7 +114,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
     } else {
         let store = crate::open_store(store_dir)?;
         let id = store.resolve(&args.source)?;
-        let cache = Arc::new(BlockCache::open(store.root(), u64::MAX)?);
+        let cache = Arc::new(BlockCache::over_store(store.root())?);
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 

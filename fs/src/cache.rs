@@ -61,6 +61,9 @@ pub struct BlockCache {
     store: Store,
     max_bytes: u64,
     lru: Mutex<Lru>,
+    /// False over a local store (`over_store`): its blocks may be their only copy, so
+    /// nothing is ever evicted or deleted, and writes stay durable.
+    evictable: bool,
 }
 
 impl BlockCache {
@@ -70,6 +73,7 @@ impl BlockCache {
         // A cached block is verified on every read: one torn by a crash is fetched again,
         // so the cache skips a per-block fsync (it dominated cold reads).
         store.set_durable(false);
+        store.set_trust_existing(true);
         let mut found = Vec::new();
         for (path, h) in store.list_dir_hashes("blocks")? {
             if let Ok(meta) = std::fs::metadata(&path) {
@@ -84,9 +88,20 @@ impl BlockCache {
         for (_, h, size) in found {
             lru.touch(h, size);
         }
-        let cache = Self { store, max_bytes, lru: Mutex::new(lru) };
+        let cache = Self { store, max_bytes, lru: Mutex::new(lru), evictable: true };
         cache.evict();
         Ok(cache)
+    }
+
+    /// A mount's view of the local store at `dir` (a mount of a local capsule): blocks are
+    /// read verified as from a cache, but none is ever evicted or deleted, on a full disk
+    /// or a damaged read alike, and the store's writes keep their fsyncs.
+    pub fn over_store(dir: &Path) -> capsule_images::Result<Self> {
+        let store = Store::open(dir)?;
+        let mut pins = crate::pins::PinSet::new(dir);
+        pins.refresh();
+        let lru = Lru { next_seq: 0, by_seq: BTreeMap::new(), by_hash: HashMap::new(), total: 0, pinned_total: 0, pins };
+        Ok(Self { store, max_bytes: u64::MAX, lru: Mutex::new(lru), evictable: false })
     }
 
     /// The store behind the cache (metadata lives there too).
@@ -120,6 +135,10 @@ impl BlockCache {
                 Some(data)
             }
             Err(e) if e.kind() == capsule_images::ErrorKind::NotFound => None,
+            Err(e) if !self.evictable => {
+                warn!("store: damaged block {h} (kept for inspection; `capsule verify` names its capsules): {e}");
+                None
+            }
             Err(e) => {
                 warn!("cache: dropping damaged block {h}: {e}");
                 let _ = std::fs::remove_file(self.store.block_path(h));
@@ -156,6 +175,9 @@ impl BlockCache {
 
     /// Evicts least recently used unpinned blocks until unpinned bytes fit `limit`.
     fn evict_to(&self, limit: u64) {
+        if !self.evictable {
+            return;
+        }
         let Ok(mut lru) = self.lru.lock() else { return };
         lru.refresh_pins();
         if lru.total - lru.pinned_total <= limit {

@@ -92,7 +92,10 @@ fn commit_overlays(
     report: &mut CommitReport,
 ) -> Result<()> {
     let mut commit_image = |key: &str, image: &mut Image| -> Result<u64> {
-        let overlay = Overlay::open(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
+        if !crate::overlay::exists(overlay_dir, key) {
+            return Ok(0);
+        }
+        let overlay = Overlay::open_read(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
         let reader = ImageReader::open(target, *image)?;
         let mut entries = Vec::new();
         for (i, state) in overlay.changed() {

@@ -1,20 +1,35 @@
-//! The copy-on-write layer of a writable mount: one sparse data file and one state byte
-//! per block for each image, under `CACHE/cow/<capsule id>/`.
+//! The copy-on-write layer of a writable mount: one sparse data file and one state file
+//! per image, under `CACHE/cow/<capsule id>/`.
 //!
 //! ```text
 //!  <key>.data   image-sized sparse file: block i at offset i * block_size when overlaid
-//!  <key>.state  one byte per block: 0 = not overlaid, 1 = data in <key>.data, 2 = zero
+//!  <key>.state  a 64-byte header, then one state byte per block:
+//!               0 not overlaid, 1 data in <key>.data (durable), 2 zero,
+//!               3 data written over "not overlaid", not yet known durable,
+//!               4 data written over "zero", not yet known durable
+//!    header     magic "CAPS-COW", version u32, block size u32, image size u64,
+//!               boot id [16], reserved [8], BLAKE3 of the bytes before it (first 16)
 //! ```
 //!
-//! Data is written before its state byte, so a killed mount never marks a block it did not
-//! finish writing; `fsync` on a mounted file syncs both files. Writes that do not cover a
-//! whole block are read-modify-write under a per-block lock.
+//! Crash safety. A block's data is written before its state byte, so a killed mount never
+//! marks a block it did not finish writing. A block that gains data (state 0 or 2 before)
+//! is marked 3 or 4 at once: after a killed process, the kernel still holds the data, so
+//! the next mount in the same boot (the header's boot id) reads 3 and 4 as data. Only a
+//! barrier (`sync`: fdatasync of the data file, then the state bytes) turns them into 1;
+//! after a power loss (another boot id) an unsynced 3 reads as 0 and a 4 as 2 again, the
+//! content that was durable, never a block whose data never reached the disk (zeros in
+//! place of the capsule's bytes). Data already durable (state 1) is rewritten in place:
+//! bytes a write does not change are written unchanged. Writes that do not cover a whole
+//! block are read-modify-write under a per-block lock.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 /// Block not overlaid: read it from the capsule.
 pub const NONE: u8 = 0;
@@ -22,48 +37,269 @@ pub const NONE: u8 = 0;
 pub const DATA: u8 = 1;
 /// Block is zero (written zeros or a punched hole).
 pub const ZERO: u8 = 2;
+/// Data over a block that was not overlaid, not yet synced (0 again after a power loss).
+const DATA_OVER_NONE: u8 = 3;
+/// Data over a zero block, not yet synced (2 again after a power loss).
+const DATA_OVER_ZERO: u8 = 4;
 const STRIPES: usize = 64;
+
+const MAGIC: &[u8; 8] = b"CAPS-COW";
+const VERSION: u32 = 1;
+/// Bytes before the first state byte.
+pub const HEADER_LEN: u64 = 64;
+/// Unsynced blocks that make a write run the barrier itself.
+const SYNC_AFTER_BLOCKS: usize = 8192;
+/// Age of the oldest unsynced block that makes a write run the barrier itself.
+const SYNC_AFTER: Duration = Duration::from_secs(5);
+
+/// What a state file's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    block_size: u32,
+    size: u64,
+    boot_id: [u8; 16],
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&self.block_size.to_le_bytes());
+        h[16..24].copy_from_slice(&self.size.to_le_bytes());
+        h[24..40].copy_from_slice(&self.boot_id);
+        let sum = blake3::hash(&h[..48]);
+        h[48..64].copy_from_slice(&sum.as_bytes()[..16]);
+        h
+    }
+
+    /// Parses a header; `Ok(None)` when `bytes` do not start with the magic.
+    fn decode(bytes: &[u8]) -> Result<Option<Self>, String> {
+        if bytes.len() < 8 || &bytes[..8] != MAGIC {
+            return Ok(None);
+        }
+        let h: &[u8; HEADER_LEN as usize] = bytes.get(..HEADER_LEN as usize).and_then(|b| b.try_into().ok()).ok_or("truncated header")?;
+        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if version != VERSION {
+            return Err(format!("state format version {version}; this Capsule reads version {VERSION}"));
+        }
+        if blake3::hash(&h[..48]).as_bytes()[..16] != h[48..64] {
+            return Err("header checksum mismatch (damaged)".into());
+        }
+        let mut boot_id = [0u8; 16];
+        boot_id.copy_from_slice(&h[24..40]);
+        Ok(Some(Self {
+            block_size: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
+            size: u64::from_le_bytes(h[16..24].try_into().unwrap_or_default()),
+            boot_id,
+        }))
+    }
+}
+
+/// This boot of the machine (data a killed process wrote is still in the kernel's cache
+/// within one boot, not across one).
+fn current_boot_id() -> [u8; 16] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&blake3::hash(text.trim().as_bytes()).as_bytes()[..16]);
+    id
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
+}
+
+/// The states of a state file as they stand now: unsynced blocks of an earlier boot are
+/// reverted (3 -> 0, 4 -> 2). `Ok(None)` for a headerless file of the first format.
+struct Loaded {
+    header: Header,
+    states: Vec<u8>,
+    same_boot: bool,
+}
+
+/// Parses state file `bytes` (at `path`, for errors) for an image of `size` bytes in
+/// blocks of `block_size` when given (`None`: take the header's word).
+fn parse_states(path: &Path, bytes: &[u8], expect: Option<(u64, u64)>) -> io::Result<Loaded> {
+    let header = match Header::decode(bytes).map_err(|e| invalid(path, format!("not a usable copy-on-write state file: {e}")))? {
+        Some(h) => h,
+        None => {
+            // The first format: no header, one byte per block, only 0..=2.
+            let Some((size, block_size)) = expect else { return Err(invalid(path, "no header (an overlay of an older Capsule)")) };
+            let nblocks = size.div_ceil(block_size);
+            if (bytes.len() as u64 != nblocks && !bytes.is_empty()) || bytes.iter().any(|&s| s > ZERO) {
+                return Err(invalid(path, "not a copy-on-write state file (no header, and not the headerless first format)"));
+            }
+            let mut states = bytes.to_vec();
+            states.resize(nblocks as usize, NONE);
+            return Ok(Loaded { header: Header { block_size: block_size as u32, size, boot_id: [0; 16] }, states, same_boot: false });
+        }
+    };
+    if let Some((size, block_size)) = expect {
+        if header.size != size || u64::from(header.block_size) != block_size {
+            return Err(invalid(
+                path,
+                format!("made for an image of {} bytes in {}-byte blocks, not {size} bytes in {block_size}-byte blocks", header.size, header.block_size),
+            ));
+        }
+    }
+    if header.block_size == 0 || !header.block_size.is_power_of_two() {
+        return Err(invalid(path, format!("block size {} in the header", header.block_size)));
+    }
+    let nblocks = header.size.div_ceil(u64::from(header.block_size));
+    let body = &bytes[HEADER_LEN as usize..];
+    if body.len() as u64 != nblocks {
+        return Err(invalid(path, format!("{} state bytes for {nblocks} blocks (truncated or damaged)", body.len())));
+    }
+    if let Some(at) = body.iter().position(|&s| s > DATA_OVER_ZERO) {
+        return Err(invalid(path, format!("unknown state {} of block {at}", body[at])));
+    }
+    let same_boot = header.boot_id == current_boot_id();
+    let mut states = body.to_vec();
+    if !same_boot {
+        for s in &mut states {
+            *s = match *s {
+                DATA_OVER_NONE => NONE,
+                DATA_OVER_ZERO => ZERO,
+                other => other,
+            };
+        }
+    }
+    Ok(Loaded { header, states, same_boot })
+}
+
+/// What readers see of a raw state: data whether synced or not.
+fn visible(s: u8) -> u8 {
+    if s == DATA_OVER_NONE || s == DATA_OVER_ZERO {
+        DATA
+    } else {
+        s
+    }
+}
+
+/// Writes `bytes` as `path` atomically and durably.
+fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("state.tmp");
+    let mut f = File::create(&tmp)?;
+    io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// In-memory states and the unsynced blocks (index -> write sequence number).
+#[derive(Debug)]
+struct Table {
+    states: Vec<u8>,
+    unsynced: HashMap<u64, u64>,
+    oldest_unsynced: Option<Instant>,
+}
 
 /// One image's copy-on-write layer.
 #[derive(Debug)]
 pub struct Overlay {
     data: File,
     state_file: File,
-    states: RwLock<Vec<u8>>,
+    state_path: PathBuf,
+    table: RwLock<Table>,
     block_size: u64,
     size: u64,
     stripes: Vec<Mutex<()>>,
+    write_seq: AtomicU64,
+    barrier: Mutex<()>,
+    /// False for a reader beside a live mount (`open_read`): it changes nothing.
+    writable: bool,
 }
 
 impl Overlay {
     /// Opens (creating if needed) the overlay `key` in `dir` for an image of `size` bytes.
+    /// A state file of the first (headerless) format is converted; a damaged one, one of
+    /// another version or one made for another image size is refused, naming the file.
     pub fn open(dir: &Path, key: &str, size: u64, block_size: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let nblocks = size.div_ceil(block_size);
-        let open = |name: String| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(name));
-        let data = open(format!("{key}.data"))?;
+        let data_path = dir.join(format!("{key}.data"));
+        let state_path = dir.join(format!("{key}.state"));
+        let data = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&data_path)?;
         if data.metadata()?.len() != size {
             data.set_len(size)?;
         }
-        let state_file = open(format!("{key}.state"))?;
-        let mut states = vec![NONE; nblocks as usize];
-        let on_disk = state_file.metadata()?.len();
-        if on_disk > 0 {
-            let n = on_disk.min(nblocks) as usize;
-            state_file.read_exact_at(&mut states[..n], 0)?;
-            if states.iter().any(|&s| s > ZERO) {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: unknown block state", dir.join(format!("{key}.state")).display())));
+        let boot_id = current_boot_id();
+        let fresh = Header { block_size: u32::try_from(block_size).map_err(|_| invalid(&state_path, "block size"))?, size, boot_id };
+        let states = match std::fs::read(&state_path) {
+            Ok(bytes) => {
+                let loaded = parse_states(&state_path, &bytes, Some((size, block_size)))?;
+                let mut states = loaded.states;
+                // Unsynced data from a killed process of this boot: the kernel has it, so
+                // make it durable and mark it so; then the header takes this boot's id.
+                let unsynced = states.iter().any(|&s| s == DATA_OVER_NONE || s == DATA_OVER_ZERO);
+                if unsynced || !loaded.same_boot || loaded.header != fresh {
+                    data.sync_data()?;
+                    for s in &mut states {
+                        *s = visible(*s);
+                    }
+                    let mut bytes = fresh.encode().to_vec();
+                    bytes.extend_from_slice(&states);
+                    replace_file(&state_path, &bytes)?;
+                }
+                states
             }
-        }
-        if on_disk != nblocks {
-            state_file.set_len(nblocks)?;
-        }
-        Ok(Self { data, state_file, states: RwLock::new(states), block_size, size, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() })
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut bytes = fresh.encode().to_vec();
+                bytes.resize((HEADER_LEN + nblocks) as usize, NONE);
+                replace_file(&state_path, &bytes)?;
+                vec![NONE; nblocks as usize]
+            }
+            Err(e) => return Err(e),
+        };
+        let state_file = OpenOptions::new().read(true).write(true).open(&state_path)?;
+        Ok(Self {
+            data,
+            state_file,
+            state_path,
+            table: RwLock::new(Table { states, unsynced: HashMap::new(), oldest_unsynced: None }),
+            block_size,
+            size,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            write_seq: AtomicU64::new(0),
+            barrier: Mutex::new(()),
+            writable: true,
+        })
     }
 
-    /// State of block `i`.
+    /// Opens overlay `key` to read it, changing nothing (a mount may be writing it):
+    /// what it holds now, unsynced data of this boot included.
+    pub fn open_read(dir: &Path, key: &str, size: u64, block_size: u64) -> io::Result<Self> {
+        let state_path = dir.join(format!("{key}.state"));
+        let bytes = std::fs::read(&state_path)?;
+        let states = parse_states(&state_path, &bytes, Some((size, block_size)))?.states;
+        Ok(Self {
+            data: File::open(dir.join(format!("{key}.data")))?,
+            state_file: File::open(&state_path)?,
+            state_path,
+            table: RwLock::new(Table { states, unsynced: HashMap::new(), oldest_unsynced: None }),
+            block_size,
+            size,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            write_seq: AtomicU64::new(0),
+            barrier: Mutex::new(()),
+            writable: false,
+        })
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// State of block `i` (`NONE`, `DATA` or `ZERO`).
     pub fn state(&self, i: u64) -> u8 {
-        self.states.read().map(|s| s.get(i as usize).copied().unwrap_or(NONE)).unwrap_or(NONE)
+        visible(self.table().states.get(i as usize).copied().unwrap_or(NONE))
     }
 
     /// Serialises read-modify-write of block `i`.
@@ -82,41 +318,108 @@ impl Overlay {
         Ok(buf)
     }
 
-    fn set_state(&self, i: u64, s: u8) -> io::Result<()> {
-        self.state_file.write_all_at(&[s], i)?;
-        if let Ok(mut states) = self.states.write() {
-            if let Some(slot) = states.get_mut(i as usize) {
-                *slot = s;
+    /// Writes state `s` of block `i` to the file and the table (the caller holds the table).
+    fn put_state(&self, table: &mut Table, i: u64, s: u8) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{}: opened to read only", self.state_path.display())));
+        }
+        let slot = table.states.get_mut(i as usize).ok_or_else(|| invalid(&self.state_path, format!("block {i} out of range")))?;
+        if *slot != s {
+            self.state_file.write_all_at(&[s], HEADER_LEN + i)?;
+            *slot = s;
+        }
+        Ok(())
+    }
+
+    /// Stores the whole block `i`: its data first, then its state (unsynced data until the
+    /// next barrier, unless the block held durable data already).
+    pub fn write_block(&self, i: u64, block: &[u8]) -> io::Result<()> {
+        let offset = i * self.block_size;
+        let len = self.block_size.min(self.size.saturating_sub(offset)) as usize;
+        let data = block.get(..len).ok_or_else(|| invalid(&self.state_path, format!("block {i}: {} bytes, need {len}", block.len())))?;
+        self.data.write_all_at(data, offset)?;
+        let due = {
+            let mut table = self.table_mut();
+            let before = table.states.get(i as usize).copied().unwrap_or(NONE);
+            let after = match before {
+                NONE => DATA_OVER_NONE,
+                ZERO => DATA_OVER_ZERO,
+                other => other,
+            };
+            self.put_state(&mut table, i, after)?;
+            if after != DATA {
+                // Numbered after its data was written: a barrier that saw this number
+                // synced the data before it.
+                let seq = self.write_seq.fetch_add(1, Ordering::SeqCst) + 1;
+                table.unsynced.insert(i, seq);
+                table.oldest_unsynced.get_or_insert_with(Instant::now);
+            }
+            table.unsynced.len() >= SYNC_AFTER_BLOCKS || table.oldest_unsynced.is_some_and(|t| t.elapsed() >= SYNC_AFTER)
+        };
+        if due {
+            // Someone else's barrier running covers us soon enough.
+            if let Ok(_guard) = self.barrier.try_lock() {
+                self.barrier_locked()?;
             }
         }
         Ok(())
     }
 
-    /// Stores the whole block `i` (data first, then its state).
-    pub fn write_block(&self, i: u64, block: &[u8]) -> io::Result<()> {
-        let offset = i * self.block_size;
-        let len = self.block_size.min(self.size.saturating_sub(offset)) as usize;
-        self.data.write_all_at(&block[..len], offset)?;
-        self.set_state(i, DATA)
-    }
-
     /// Marks block `i` zero and frees its space.
     pub fn zero_block(&self, i: u64) -> io::Result<()> {
-        self.set_state(i, ZERO)?;
+        {
+            let mut table = self.table_mut();
+            self.put_state(&mut table, i, ZERO)?;
+            table.unsynced.remove(&i);
+        }
         let offset = i * self.block_size;
         let len = self.block_size.min(self.size.saturating_sub(offset));
         rustix::fs::fallocate(&self.data, rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE, offset, len).map_err(io::Error::from)
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable: the data, then the states that name it.
     pub fn sync(&self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _guard = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+        self.barrier_locked()
+    }
+
+    fn barrier_locked(&self) -> io::Result<()> {
+        let seen = self.write_seq.load(Ordering::SeqCst);
         self.data.sync_data()?;
+        {
+            let mut table = self.table_mut();
+            let mut done: Vec<u64> = table.unsynced.iter().filter(|&(_, &seq)| seq <= seen).map(|(&i, _)| i).collect();
+            done.sort_unstable();
+            for &i in &done {
+                table.unsynced.remove(&i);
+                if let Some(&s) = table.states.get(i as usize) {
+                    if s == DATA_OVER_NONE || s == DATA_OVER_ZERO {
+                        self.put_state(&mut table, i, DATA)?;
+                    }
+                }
+            }
+            table.oldest_unsynced = if table.unsynced.is_empty() { None } else { Some(Instant::now()) };
+        }
         self.state_file.sync_data()
     }
 
     /// Blocks that differ from the capsule: (index, DATA or ZERO).
     pub fn changed(&self) -> Vec<(u64, u8)> {
-        self.states.read().map(|s| s.iter().enumerate().filter(|(_, &st)| st != NONE).map(|(i, &st)| (i as u64, st)).collect()).unwrap_or_default()
+        self.table().states.iter().enumerate().filter(|(_, &st)| st != NONE).map(|(i, &st)| (i as u64, visible(st))).collect()
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if !self.writable {
+            return;
+        }
+        if let Err(e) = self.sync() {
+            tracing::error!("{}: syncing the overlay at unmount: {e}", self.state_path.display());
+        }
     }
 }
 
@@ -127,8 +430,13 @@ pub fn exists(dir: &Path, key: &str) -> bool {
 
 /// Whether overlay `key` in `dir` holds any change (no overlay: none).
 pub fn has_changes(dir: &Path, key: &str) -> io::Result<bool> {
-    match std::fs::read(dir.join(format!("{key}.state"))) {
-        Ok(states) => Ok(states.iter().any(|&s| s != NONE)),
+    let path = dir.join(format!("{key}.state"));
+    match std::fs::read(&path) {
+        Ok(bytes) => match Header::decode(&bytes).map_err(|e| invalid(&path, e))? {
+            // The headerless first format: state bytes only.
+            None => Ok(bytes.iter().any(|&s| s != NONE)),
+            Some(_) => Ok(parse_states(&path, &bytes, None)?.states.iter().any(|&s| s != NONE)),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
@@ -152,7 +460,7 @@ fn keys(dir: &Path) -> io::Result<Vec<String>> {
 }
 
 fn remove(dir: &Path, key: &str) -> io::Result<()> {
-    for ext in ["data", "state"] {
+    for ext in ["data", "state", "state.tmp"] {
         match std::fs::remove_file(dir.join(format!("{key}.{ext}"))) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -212,5 +520,104 @@ mod run_tests {
         dropped.sort();
         assert_eq!(dropped, vec!["disk-root".to_string()]);
         assert!(!has_changes(dir.path(), "disk-root").unwrap());
+    }
+}
+
+#[cfg(test)]
+mod crash_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn raw_state(dir: &Path, key: &str, i: u64) -> u8 {
+        std::fs::read(dir.join(format!("{key}.state"))).unwrap()[(HEADER_LEN + i) as usize]
+    }
+
+    /// What a power loss looks like to the next open: the header names another boot.
+    fn pretend_reboot(dir: &Path, key: &str) {
+        let path = dir.join(format!("{key}.state"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut header = Header::decode(&bytes).unwrap().unwrap();
+        header.boot_id = [0xee; 16];
+        bytes[..HEADER_LEN as usize].copy_from_slice(&header.encode());
+        std::fs::write(&path, bytes).unwrap();
+    }
+
+    #[test]
+    fn unsynced_data_counts_within_a_boot_and_reverts_after_a_power_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::open(dir.path(), "disk", 4 * 4096, 4096).unwrap();
+        o.write_block(0, &[1; 4096]).unwrap();
+        o.zero_block(1).unwrap();
+        o.sync().unwrap();
+        assert_eq!(raw_state(dir.path(), "disk", 0), DATA, "a barrier marks synced data durable");
+        // Gaining data: marked unsynced until the next barrier.
+        o.write_block(2, &[2; 4096]).unwrap();
+        o.write_block(1, &[3; 4096]).unwrap();
+        o.write_block(0, &[4; 4096]).unwrap();
+        assert_eq!((raw_state(dir.path(), "disk", 2), raw_state(dir.path(), "disk", 1)), (DATA_OVER_NONE, DATA_OVER_ZERO));
+        assert_eq!(raw_state(dir.path(), "disk", 0), DATA, "durable data is rewritten in place");
+        assert_eq!((o.state(2), o.state(1)), (DATA, DATA));
+        std::mem::forget(o); // killed: no barrier at drop
+
+        // A killed process, same boot: the kernel has the data; the open makes it durable.
+        std::fs::copy(dir.path().join("disk.state"), dir.path().join("saved")).unwrap();
+        let o = Overlay::open(dir.path(), "disk", 4 * 4096, 4096).unwrap();
+        assert_eq!(o.read_block(2).unwrap(), vec![2; 4096]);
+        assert_eq!(o.read_block(1).unwrap(), vec![3; 4096]);
+        assert_eq!(raw_state(dir.path(), "disk", 2), DATA);
+        drop(o);
+
+        // A power loss before any barrier: the blocks are what was durable, never zeros in
+        // place of the capsule's bytes.
+        std::fs::copy(dir.path().join("saved"), dir.path().join("disk.state")).unwrap();
+        pretend_reboot(dir.path(), "disk");
+        let o = Overlay::open(dir.path(), "disk", 4 * 4096, 4096).unwrap();
+        assert_eq!(o.state(2), NONE, "unsynced data over the capsule reverts to the capsule");
+        assert_eq!(o.state(1), ZERO, "unsynced data over zeros reverts to zeros");
+        assert_eq!(o.state(0), DATA);
+        assert_eq!(o.changed(), vec![(0, DATA), (1, ZERO)]);
+    }
+
+    #[test]
+    fn a_damaged_foreign_or_mismatched_state_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Overlay::open(dir.path(), "disk", 8192, 4096).unwrap());
+        let path = dir.path().join("disk.state");
+        let good = std::fs::read(&path).unwrap();
+        let try_open = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            Overlay::open(dir.path(), "disk", 8192, 4096).unwrap_err().to_string()
+        };
+        let mut bad = good.clone();
+        bad[17] ^= 1;
+        let err = try_open(&bad);
+        assert!(err.contains("disk.state") && err.contains("checksum"), "{err}");
+        let mut newer = good.clone();
+        newer[8] = 9;
+        assert!(try_open(&newer).contains("version 9"));
+        let mut unknown = good.clone();
+        unknown[HEADER_LEN as usize] = 7;
+        assert!(try_open(&unknown).contains("unknown state 7 of block 0"));
+        assert!(try_open(&good[..good.len() - 1]).contains("truncated"));
+        assert!(try_open(b"\x00\x09").contains("not a copy-on-write state file"));
+        std::fs::write(&path, &good).unwrap();
+        let err = Overlay::open(dir.path(), "disk", 3 * 4096, 4096).unwrap_err().to_string();
+        assert!(err.contains("made for an image of 8192 bytes"), "{err}");
+        assert!(Overlay::open(dir.path(), "disk", 8192, 4096).is_ok());
+    }
+
+    #[test]
+    fn a_headerless_state_file_of_the_first_format_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk.data"), [5u8; 3 * 4096]).unwrap();
+        std::fs::write(dir.path().join("disk.state"), [DATA, NONE, ZERO]).unwrap();
+        assert!(has_changes(dir.path(), "disk").unwrap());
+        let o = Overlay::open(dir.path(), "disk", 3 * 4096, 4096).unwrap();
+        assert_eq!(o.changed(), vec![(0, DATA), (2, ZERO)]);
+        assert_eq!(o.read_block(0).unwrap(), vec![5; 4096]);
+        drop(o);
+        let bytes = std::fs::read(dir.path().join("disk.state")).unwrap();
+        assert_eq!(&bytes[..8], MAGIC);
+        assert!(has_changes(dir.path(), "disk").unwrap());
     }
 }

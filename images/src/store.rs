@@ -42,6 +42,8 @@ pub struct Store {
     tmp_counter: AtomicU64,
     /// fsync every block and object before it is renamed into place (see `set_durable`).
     durable: std::sync::atomic::AtomicBool,
+    /// Whether a block file already present counts without a look (see `set_trust_existing`).
+    trust_existing: std::sync::atomic::AtomicBool,
     lock: File,
 }
 
@@ -104,6 +106,7 @@ impl Store {
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             tmp_counter: AtomicU64::new(0),
             durable: std::sync::atomic::AtomicBool::new(true),
+            trust_existing: std::sync::atomic::AtomicBool::new(false),
             lock,
         })
     }
@@ -137,6 +140,15 @@ impl Store {
         self.durable.swap(durable, Ordering::Relaxed)
     }
 
+    /// With `true`, a block file already present is taken as the block without reading it
+    /// (a dedup hit). Right only for a cache, which verifies every block it serves. A
+    /// store's dedup hit reads and verifies the file first: a file renamed into place by a
+    /// non-durable batch that a power loss interrupted may be torn, and a new capsule
+    /// must not name it; a bad one is written again.
+    pub fn set_trust_existing(&self, trust: bool) {
+        self.trust_existing.store(trust, Ordering::Relaxed);
+    }
+
     /// Flushes everything written to the store's filesystem (one `syncfs`), ending a
     /// non-durable batch.
     pub fn sync_filesystem(&self) -> Result<()> {
@@ -168,15 +180,35 @@ impl Store {
         self.write_atomic_with(dest, bytes, true)
     }
 
-    /// A block: fsynced only while the store is durable.
-    fn write_block_file(&self, dest: &Path, bytes: &[u8]) -> Result<bool> {
-        self.write_atomic_with(dest, bytes, self.durable.load(Ordering::Relaxed))
+    /// A block: fsynced only while the store is durable. A block file already there counts
+    /// only if it verifies (unless the store trusts existing files).
+    fn write_block_file(&self, h: &Hash, dest: &Path, bytes: &[u8]) -> Result<bool> {
+        let sync = self.durable.load(Ordering::Relaxed);
+        if !dest.exists() {
+            return self.write_atomic_with(dest, bytes, sync);
+        }
+        if self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(h, dest) {
+            return Ok(false);
+        }
+        tracing::warn!("store {}: block file {h} is damaged (torn by a crash?); writing it again", self.root.display());
+        self.replace_with(dest, bytes, sync)?;
+        Ok(true)
+    }
+
+    fn existing_block_sound(&self, h: &Hash, path: &Path) -> bool {
+        fs::read(path).ok().is_some_and(|encoded| block::decode(h, &encoded).is_ok())
     }
 
     fn write_atomic_with(&self, dest: &Path, bytes: &[u8], sync: bool) -> Result<bool> {
         if dest.exists() {
             return Ok(false);
         }
+        self.replace_with(dest, bytes, sync)?;
+        Ok(true)
+    }
+
+    /// Writes `bytes` to a temporary file and renames it to `dest`, over whatever is there.
+    fn replace_with(&self, dest: &Path, bytes: &[u8], sync: bool) -> Result<()> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
         if sync {
@@ -194,8 +226,7 @@ impl Store {
         renamed.map_err(|e| {
             let _ = fs::remove_file(&tmp);
             Error::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
-        })?;
-        Ok(true)
+        })
     }
 
     /// True if the block is present (not verified).
@@ -214,24 +245,24 @@ impl Store {
     /// Stores a non-zero block whose hash the caller computed already.
     pub fn put_hashed_block(&self, h: &Hash, raw: &[u8]) -> Result<PutBlock> {
         let path = self.block_path(h);
-        if path.exists() {
+        if path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(h, &path)) {
             return Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: 0, new: false });
         }
         let encoded = block::encode(raw)?;
-        let new = self.write_block_file(&path, &encoded).with_context(|| format!("storing block {h}"))?;
+        let new = self.write_block_file(h, &path, &encoded).with_context(|| format!("storing block {h}"))?;
         Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
     }
 
     /// Stores a block received in its encoded form after verifying it against `h`.
     pub fn put_encoded_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
         block::decode(h, encoded)?;
-        self.write_block_file(&self.block_path(h), encoded)
+        self.write_block_file(h, &self.block_path(h), encoded)
     }
 
     /// Stores an encoded block the caller has already decoded and checked against `h`
     /// (the network client verifies every block it receives); saves a second decode.
     pub fn put_verified_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
-        self.write_block_file(&self.block_path(h), encoded)
+        self.write_block_file(h, &self.block_path(h), encoded)
     }
 
     /// The block's stored encoding (compressed or raw), not decoded.
@@ -676,6 +707,29 @@ mod tests {
         let err = store.get_block(&h).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupt);
         assert!(err.to_string().contains(&h.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn a_dedup_hit_on_a_torn_block_file_writes_the_block_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let h = Hash::of(&data);
+        // What a power loss can leave of a block renamed into place before a syncfs.
+        fs::create_dir_all(store.block_path(&h).parent().unwrap()).unwrap();
+        fs::write(store.block_path(&h), b"").unwrap();
+        let put = store.put_block(&data).unwrap();
+        assert!(put.new, "a torn file must not count as the block");
+        assert_eq!(store.get_block(&h).unwrap(), data);
+        assert!(!store.put_block(&data).unwrap().new, "a sound file is a dedup hit");
+        // The same through the encoded paths (pull, push).
+        let encoded = fs::read(store.block_path(&h)).unwrap();
+        fs::write(store.block_path(&h), &encoded[..encoded.len() / 2]).unwrap();
+        assert!(store.put_verified_block(&h, &encoded).unwrap());
+        assert_eq!(store.get_block(&h).unwrap(), data);
+        fs::write(store.block_path(&h), b"junk").unwrap();
+        assert!(store.put_encoded_block(&h, &encoded).unwrap());
+        assert_eq!(store.get_block(&h).unwrap(), data);
     }
 
     #[test]

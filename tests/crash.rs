@@ -1,0 +1,298 @@
+//! Issue 11, data safety: `kill -9` at random points of an import, a commit, a pull and a
+//! mount being written, many times; afterwards nothing that verifies is wrong, nothing a
+//! writer was told is written is lost, and a rerun completes. A local-store mount on a
+//! full disk never deletes store blocks.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Kill points per kind of operation (`CAPSULE_CRASH_ITERATIONS`, default 12).
+fn iterations() -> u32 {
+    std::env::var("CAPSULE_CRASH_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
+}
+
+/// A small deterministic generator for kill points (the seed is printed on failure).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("CAPSULE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("crash seed {s} (CAPSULE_CRASH_SEED={s} repeats it)");
+    s | 1
+}
+
+/// Spawns `cmd`, SIGKILLs it after `after` unless it finished; true if it was killed.
+fn kill_after(cmd: &mut Command, after: Duration) -> bool {
+    let mut child: Child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if start.elapsed() >= after {
+            let _ = child.kill();
+            let _ = child.wait();
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn timed(cmd: &mut Command) -> Duration {
+    let start = Instant::now();
+    ok(cmd);
+    start.elapsed()
+}
+
+/// Every ref of `store` that verifies exports exactly `expected(name)`; returns how many
+/// refs verified.
+fn nothing_that_verifies_is_wrong(store: &Path, out: &Path, expected: &dyn Fn(&str) -> Option<Vec<u8>>) -> usize {
+    let refs: serde_json::Value = serde_json::from_str(&ok(capsule(store).args(["ls", "--json"]))).unwrap();
+    let mut verified = 0;
+    for r in refs.as_array().unwrap() {
+        let name = r["name"].as_str().unwrap();
+        let (status, text) = run(capsule(store).args(["verify", name]));
+        assert!(!text.contains("panicked"), "{text}");
+        if !status.status.success() {
+            continue;
+        }
+        verified += 1;
+        let _ = std::fs::remove_dir_all(out);
+        ok(capsule(store).args(["export", name, "--out"]).arg(out));
+        let got = std::fs::read(out.join("root.raw")).unwrap();
+        let want = expected(name).unwrap_or_else(|| panic!("unexpected ref {name}"));
+        assert!(got == want, "capsule {name} verifies but its disk differs from what was imported");
+    }
+    verified
+}
+
+#[test]
+fn kill_9_during_import_leaves_nothing_that_verifies_but_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, out) = (dir.path().join("store"), dir.path().join("out"));
+    let disks: Vec<PathBuf> = (0..3u64)
+        .map(|k| {
+            let p = dir.path().join(format!("disk{k}"));
+            // Shared blocks between the disks: a rerun's dedup hits land on files a killed
+            // import left behind.
+            let mut bytes = pseudo_random(6 << 20, 7);
+            bytes.extend(pseudo_random(2 << 20, 100 + k));
+            std::fs::write(&p, bytes).unwrap();
+            p
+        })
+        .collect();
+    let import = |k: usize| {
+        let mut c = capsule(&store);
+        c.args(["import", &format!("vm{k}"), "--block-size", "4K", "--disk"]).arg(format!("root={}", disks[k].display()));
+        c
+    };
+    let full = timed(&mut import(0));
+    ok(capsule(&store).args(["rm", "vm0"]));
+    ok(capsule(&store).arg("gc"));
+    let mut rng = Rng(seed());
+    let mut killed = 0;
+    for i in 0..iterations() {
+        let k = (i % 3) as usize;
+        let _ = capsule(&store).args(["rm", &format!("vm{k}")]).output();
+        // Every other time over the leftovers of the killed one (dedup hits on them).
+        if i % 2 == 0 {
+            ok(capsule(&store).arg("gc"));
+        }
+        killed += u32::from(kill_after(&mut import(k), Duration::from_micros(rng.below(full.as_micros() as u64))));
+        nothing_that_verifies_is_wrong(&store, &out, &|name| std::fs::read(&disks[name[2..].parse::<usize>().ok()?]).ok());
+    }
+    assert!(killed >= iterations() / 3, "only {killed} of {} imports were killed mid-way", iterations());
+    // Reruns over the leftovers complete and are right.
+    for k in 0..3 {
+        let _ = capsule(&store).args(["rm", &format!("vm{k}")]).output();
+        ok(&mut import(k));
+    }
+    assert_eq!(nothing_that_verifies_is_wrong(&store, &out, &|name| std::fs::read(&disks[name[2..].parse::<usize>().ok()?]).ok()), 3);
+}
+
+#[test]
+fn kill_9_during_pull_leaves_nothing_that_verifies_but_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, local, cfg, out) = (dir.path().join("srv"), dir.path().join("local"), dir.path().join("cfg"), dir.path().join("out"));
+    let disk = dir.path().join("disk");
+    let bytes = pseudo_random(12 << 20, 11);
+    std::fs::write(&disk, &bytes).unwrap();
+    ok(capsule(&srv).args(["import", "vm", "--block-size", "4K", "--disk"]).arg(format!("root={}", disk.display())));
+    let server = ServerProcess::start(&srv, &["--public-read"]);
+    let pull = || {
+        let mut c = client(&local, &cfg);
+        c.args(["pull", &format!("{}/vm", server.url)]);
+        c
+    };
+    let full = timed(&mut pull());
+    ok(capsule(&local).args(["rm", "vm"]));
+    ok(capsule(&local).arg("gc"));
+    let mut rng = Rng(seed());
+    let mut killed = 0;
+    for _ in 0..iterations() {
+        let _ = capsule(&local).args(["rm", "vm"]).output();
+        ok(capsule(&local).arg("gc"));
+        killed += u32::from(kill_after(&mut pull(), Duration::from_micros(rng.below(full.as_micros() as u64))));
+        nothing_that_verifies_is_wrong(&local, &out, &|_| Some(bytes.clone()));
+    }
+    assert!(killed >= iterations() / 3, "only {killed} of {} pulls were killed mid-way", iterations());
+    ok(&mut pull());
+    assert_eq!(nothing_that_verifies_is_wrong(&local, &out, &|_| Some(bytes.clone())), 1);
+}
+
+/// The block pattern of write number `n` to block `b`: 4 KiB naming both.
+fn pattern(b: u64, n: u64) -> Vec<u8> {
+    let mut v = pseudo_random(4096, (b << 32) ^ n ^ 0x9e37);
+    v[..16].copy_from_slice(&[b.to_le_bytes(), n.to_le_bytes()].concat());
+    v
+}
+
+#[test]
+fn kill_9_of_a_mount_being_written_and_of_its_commit_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, cache, cfg, mnt, out) = (d.join("store"), d.join("cache"), d.join("cfg"), d.join("mnt"), d.join("out"));
+    const BLOCKS: u64 = 256; // 1 MiB disk of 4 KiB blocks
+    let base = pseudo_random((BLOCKS * 4096) as usize, 5);
+    std::fs::write(d.join("disk"), &base).unwrap();
+    ok(capsule(&store).args(["import", "vm", "--block-size", "4K", "--disk"]).arg(format!("root={}", d.join("disk").display())));
+    let mut rng = Rng(seed());
+    // What the disk must hold: the base, then every acknowledged write in order.
+    let mut expected = base.clone();
+    let mut n = 0u64;
+    let mut in_flight: Option<(u64, Vec<u8>)> = None;
+    for round in 0..iterations() {
+        let m = Mounted::new(&store, &cfg, "vm", &mnt, &cache, &[]);
+        // Everything acknowledged before (in earlier rounds, whose daemons were killed)
+        // reads back; the write the kill interrupted left its range old or new, whole.
+        let now = std::fs::read(mnt.join("root.raw")).unwrap();
+        if let Some((off, bytes)) = in_flight.take() {
+            let (a, b) = (off as usize, off as usize + bytes.len());
+            let (lo, hi) = ((a / 4096) * 4096, b.div_ceil(4096) * 4096);
+            let mut new = expected.clone();
+            new[a..b].copy_from_slice(&bytes);
+            assert!(now[lo..hi] == expected[lo..hi] || now[lo..hi] == new[lo..hi], "round {round}: the interrupted write left its block torn");
+            expected = if now[lo..hi] == new[lo..hi] { new } else { expected };
+        }
+        assert!(now == expected, "round {round}: the disk lost acknowledged writes after kill -9 of its mount");
+        // A writer: full-block writes (some rewrite a block, some gain one), and a partial
+        // write now and then (read-modify-write); the daemon is killed while it writes.
+        let pid = m.pid().unwrap();
+        let stop_after = 20 + rng.below(200);
+        let path = mnt.join("root.raw");
+        let writer = {
+            let path = path.clone();
+            let mut local = Rng(rng.0 ^ 0x5555);
+            let start_n = n;
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let mut acked = Vec::new();
+                let mut failed = None;
+                for k in 0..10_000u64 {
+                    let b = local.below(BLOCKS);
+                    let nn = start_n + k;
+                    let (off, bytes) = if k % 5 == 4 { (b * 4096 + 100, pattern(b, nn)[..1000].to_vec()) } else { (b * 4096, pattern(b, nn)) };
+                    match f.write_all_at(&bytes, off) {
+                        Ok(()) => acked.push((off, bytes)),
+                        Err(_) => {
+                            failed = Some((off, bytes));
+                            break;
+                        }
+                    }
+                    if k % 7 == 0 {
+                        let _ = f.sync_data();
+                    }
+                }
+                (acked, failed)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(stop_after));
+        Command::new("kill").args(["-9", &pid.to_string()]).output().unwrap();
+        let (acked, failed) = writer.join().unwrap();
+        in_flight = failed;
+        n += 10_000;
+        for (off, bytes) in &acked {
+            expected[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes);
+        }
+        drop(m);
+        let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).output();
+    }
+    // A commit killed at random points, then a full one: the child is the disk as written.
+    let m = Mounted::new(&store, &cfg, "vm", &mnt, &cache, &[]);
+    assert!(std::fs::read(mnt.join("root.raw")).unwrap() == expected);
+    let commit = |name: &str| {
+        let mut c = capsule(&store);
+        c.args(["commit"]).arg(&mnt).arg(name);
+        c
+    };
+    let full = timed(&mut commit("probe"));
+    ok(capsule(&store).args(["rm", "probe"]));
+    for i in 0..iterations() {
+        let name = format!("child{i}");
+        kill_after(&mut commit(&name), Duration::from_micros(rng.below(full.as_micros() as u64)));
+    }
+    ok(&mut commit("final"));
+    drop(m);
+    let verified = nothing_that_verifies_is_wrong(&store, &out, &|name| Some(if name == "vm" { base.clone() } else { expected.clone() }));
+    assert!(verified >= 2, "the base and the final commit verify");
+}
+
+#[test]
+fn a_mount_of_the_local_store_never_deletes_store_blocks_on_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("fs");
+    std::fs::create_dir_all(&disk).unwrap();
+    // Store, cache and overlay on one small filesystem of our own.
+    tool(Command::new("mount").args(["-t", "tmpfs", "-o", "size=10m", "capsule-test"]).arg(&disk));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _tmpfs = Unmount(disk.clone());
+    let (store, cache, cfg) = (disk.join("store"), disk.join("cache"), dir.path().join("cfg"));
+    let image = dir.path().join("disk");
+    let bytes = pseudo_random(6 << 20, 3);
+    std::fs::write(&image, &bytes).unwrap();
+    ok(capsule(&store).args(["import", "vm", "--block-size", "64K", "--disk"]).arg(format!("root={}", image.display())));
+    let before = stored_block_names(&store);
+    assert!(!before.is_empty());
+    let m = Mounted::new(&store, &cfg, "vm", &dir.path().join("mnt"), &cache, &[]);
+    // Read it all (the blocks are "cached" as far as the mount knows), then fill the disk.
+    assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == bytes);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(m.dir.join("root.raw")).unwrap();
+    let chunk = pseudo_random(256 << 10, 9);
+    let mut at = 0u64;
+    let err = loop {
+        assert!(at < 6 << 20, "a 10 MiB disk holding a 6 MiB store took a 6 MiB overlay");
+        match f.write_all_at(&chunk, at) {
+            Ok(()) => at += chunk.len() as u64,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "ENOSPC expected, got {err}");
+    drop(f);
+    assert_eq!(stored_block_names(&store), before, "a full disk cost the store blocks");
+    drop(m);
+    ok(capsule(&store).args(["verify", "vm"]));
+}
