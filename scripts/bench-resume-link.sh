@@ -24,8 +24,9 @@ G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
-# fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N)
-VARIANTS=${VARIANTS:-fix cluster1 nofix prefetch}
+# fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N), profile
+# (--prefetch profile of a recorded first resume), profile1 (the same with one-page faults)
+VARIANTS=${VARIANTS:-fix cluster1 nofix prefetch profile}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
 SRV_IP=10.212.0.1
@@ -78,6 +79,20 @@ RUNS=()
 ram_blocks=$(sed -n '/^{/,$p' "$W/suspend.json" | jq .memory_blocks)
 stored=$(sed -n '/^{/,$p' "$W/suspend.json" | jq .stored_bytes)
 
+# The learnt RAM working set: one local resume to the fifth counter, recorded as profile
+# "resume" (the fault order of a first resume, kept with the capsule and served with it).
+if [[ " $VARIANTS " == *" profile"* ]]; then
+  "$BIN" --store "$PUB" run suspended --cache "$W/rec-cache" --id rec --quiet --serial-log "$W/rec.console" \
+    --record-profile resume >"$W/rec.out" 2>&1 &
+  RUNS+=($!)
+  wait_for "$W/rec.console" "COUNTER" 600 "${RUNS[0]}"
+  until [ "$(grep -ac COUNTER "$W/rec.console" || true)" -ge 5 ]; do sleep 0.1; done
+  kill -INT "${RUNS[0]}"
+  wait "${RUNS[0]}" || true
+  RUNS=()
+  "$BIN" --store "$PUB" inspect suspended --json | jq -e '.profiles[] | select(.name == "resume")' >/dev/null || die "no resume profile recorded"
+fi
+
 SRV=$W/server
 cp -a "$PUB" "$SRV"
 nsenter --net="/run/netns/$SNS" "$BIN" --store "$SRV" serve --listen 127.0.0.1:7070 --public-read >/dev/null 2>&1 &
@@ -96,6 +111,8 @@ for rate in $RATES; do
       fix) extra=() ;;
       nofix) extra=(--no-fault-fix) ;;
       prefetch) extra=(--prefetch memory) ;;
+      profile) extra=(--prefetch profile --profile resume) ;;
+      profile1) extra=(--prefetch profile --profile resume --memory-cluster 1) ;;
       cluster*) extra=(--memory-cluster "${variant#cluster}") ;;
       *) die "unknown variant $variant" ;;
     esac

@@ -79,6 +79,7 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         stall_timeout: std::time::Duration::from_secs(t.stall_timeout),
         source_label: source.label(),
         sched: capsule_fetch::sched::SchedConfig { block_bytes_guess: block_size, ..Default::default() },
+        verify_threads: capsule_fetch::EngineConfig::verify_threads_for_machine(),
         ..Default::default()
     };
     let local = Arc::new(capsule_fs::blocks::CacheBlocks::new(cache.clone(), capsule_fs::seed::Seeds::default()));

@@ -25,11 +25,28 @@ pub struct EngineConfig {
     pub memory_bytes: u64,
     /// Names the source in errors (a URL).
     pub source_label: String,
+    /// Threads that decode, hash and cache arriving blocks, so the source's receiving
+    /// thread only receives. 0: on the source's thread (deterministic, for tests).
+    pub verify_threads: usize,
+}
+
+impl EngineConfig {
+    /// Verify threads for a real source: one per core, at most 4 (a block verifies at
+    /// about 1 GB/s per core, so more only contend with the guest).
+    pub fn verify_threads_for_machine() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
+    }
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { stall_timeout: Duration::from_secs(60), sched: SchedConfig::default(), memory_bytes: 64 << 20, source_label: "the source".into() }
+        Self {
+            stall_timeout: Duration::from_secs(60),
+            sched: SchedConfig::default(),
+            memory_bytes: 64 << 20,
+            source_label: "the source".into(),
+            verify_threads: 0,
+        }
     }
 }
 
@@ -133,19 +150,148 @@ impl quick_cache::Weighter<Hash, Arc<Vec<u8>>> for ByteWeight {
     }
 }
 
-/// Hands a source's deliveries to the engine without keeping it alive.
-struct Sink(Weak<Engine>);
+/// Hands a source's deliveries to the engine without keeping it alive: at once, or
+/// through the verify queue when the engine has verify threads.
+struct Sink {
+    engine: Weak<Engine>,
+    queue: Option<Arc<VerifyQueue>>,
+}
 
 impl BatchSink for Sink {
     fn block(&self, batch: u64, hash: Hash, encoded: Vec<u8>) {
-        if let Some(e) = self.0.upgrade() {
-            e.on_block(batch, hash, encoded);
+        match &self.queue {
+            Some(q) if q.workers.load(Ordering::Relaxed) > 0 => q.push_block(batch, hash, encoded),
+            _ => {
+                if let Some(e) = self.engine.upgrade() {
+                    e.on_block(batch, hash, encoded);
+                }
+            }
         }
     }
 
     fn end(&self, batch: u64, result: Result<(), FetchError>) {
-        if let Some(e) = self.0.upgrade() {
-            e.on_end(batch, result);
+        match &self.queue {
+            Some(q) if q.workers.load(Ordering::Relaxed) > 0 => {
+                if let Some(result) = q.push_end(batch, result) {
+                    if let Some(e) = self.engine.upgrade() {
+                        e.on_end(batch, result);
+                    }
+                }
+            }
+            _ => {
+                if let Some(e) = self.engine.upgrade() {
+                    e.on_end(batch, result);
+                }
+            }
+        }
+    }
+}
+
+/// Blocks received and not yet verified. A batch's end is held back until its last
+/// queued block is processed, so the scheduler never sees an end before its blocks.
+#[derive(Default)]
+struct VerifyQueue {
+    state: Mutex<VerifyState>,
+    ready: Condvar,
+    /// Wakes a receiving thread waiting for room.
+    room: Condvar,
+    /// Verify threads running (0: deliveries are verified on the receiving thread).
+    workers: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct VerifyState {
+    blocks: std::collections::VecDeque<(u64, Hash, Vec<u8>)>,
+    queued_bytes: usize,
+    /// Per batch: blocks queued or being verified, and its end if it came first.
+    open: HashMap<u64, (usize, Option<Result<(), FetchError>>)>,
+    closed: bool,
+}
+
+/// Bytes of received blocks waiting for verification before the receiver waits: bounds
+/// memory when verification (CPU) is slower than the link.
+const VERIFY_QUEUE_BYTES: usize = 32 << 20;
+
+impl VerifyQueue {
+    fn lock(&self) -> MutexGuard<'_, VerifyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_block(&self, batch: u64, hash: Hash, encoded: Vec<u8>) {
+        let mut st = self.lock();
+        while st.queued_bytes > VERIFY_QUEUE_BYTES && !st.closed {
+            st = self.room.wait_timeout(st, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        if st.closed {
+            return;
+        }
+        st.queued_bytes += encoded.len();
+        st.open.entry(batch).or_insert((0, None)).0 += 1;
+        st.blocks.push_back((batch, hash, encoded));
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// The end to deliver now, or `None` if it waits for the batch's last block.
+    fn push_end(&self, batch: u64, result: Result<(), FetchError>) -> Option<Result<(), FetchError>> {
+        let mut st = self.lock();
+        match st.open.get_mut(&batch) {
+            Some(entry) if entry.0 > 0 => {
+                entry.1 = Some(result);
+                None
+            }
+            _ => {
+                st.open.remove(&batch);
+                Some(result)
+            }
+        }
+    }
+
+    /// The next block to verify; `None` once closed.
+    fn pop(&self) -> Option<(u64, Hash, Vec<u8>)> {
+        let mut st = self.lock();
+        loop {
+            if st.closed {
+                return None;
+            }
+            if let Some(item) = st.blocks.pop_front() {
+                st.queued_bytes -= item.2.len();
+                drop(st);
+                self.room.notify_all();
+                return Some(item);
+            }
+            st = self.ready.wait_timeout(st, Duration::from_secs(1)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// A block of `batch` is processed: its end, if that was the last one and it came.
+    fn done(&self, batch: u64) -> Option<Result<(), FetchError>> {
+        let mut st = self.lock();
+        let entry = st.open.get_mut(&batch)?;
+        entry.0 -= 1;
+        if entry.0 == 0 {
+            let end = entry.1.take();
+            if end.is_some() {
+                st.open.remove(&batch);
+            }
+            return end;
+        }
+        None
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+        self.room.notify_all();
+    }
+}
+
+fn verify_loop(queue: &VerifyQueue, weak: &Weak<Engine>) {
+    while let Some((batch, hash, encoded)) = queue.pop() {
+        let Some(engine) = weak.upgrade() else { return };
+        engine.on_block(batch, hash, encoded);
+        if let Some(result) = queue.done(batch) {
+            engine.on_end(batch, result);
         }
     }
 }
@@ -164,6 +310,15 @@ pub struct Engine {
     stats: EngineStats,
     tags: Mutex<HashMap<u32, u64>>,
     sink: Arc<dyn BatchSink>,
+    verify: Option<Arc<VerifyQueue>>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(q) = &self.verify {
+            q.close();
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -175,6 +330,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine over `local` (the cache) and `source` (`None`: offline, the cache only).
     pub fn new(local: Arc<dyn LocalBlocks>, source: Option<Arc<dyn BlockSource>>, cfg: EngineConfig) -> Arc<Self> {
+        let verify = (source.is_some() && cfg.verify_threads > 0).then(|| Arc::new(VerifyQueue::default()));
         let engine = Arc::new_cyclic(|me: &Weak<Engine>| Self {
             decoded: quick_cache::sync::Cache::with_weighter(1024, cfg.memory_bytes.max(1 << 20), ByteWeight),
             state: Mutex::new(State { sched: Scheduler::new(cfg.sched.clone()), flights: HashMap::new(), last_progress: Instant::now() }),
@@ -182,7 +338,8 @@ impl Engine {
             timer: Condvar::new(),
             stats: EngineStats::default(),
             tags: Mutex::new(HashMap::new()),
-            sink: Arc::new(Sink(me.clone())),
+            sink: Arc::new(Sink { engine: me.clone(), queue: verify.clone() }),
+            verify: verify.clone(),
             cfg,
             source,
             local,
@@ -192,6 +349,19 @@ impl Engine {
             let spawned = std::thread::Builder::new().name("capsule-fetch-timer".into()).spawn(move || timer_loop(&weak));
             if let Err(e) = spawned {
                 warn!("fetch engine: no timer thread ({e}): stalled batches are not abandoned");
+            }
+        }
+        if let Some(queue) = verify {
+            for i in 0..engine.cfg.verify_threads {
+                let (weak, worker_queue) = (Arc::downgrade(&engine), queue.clone());
+                let spawned = std::thread::Builder::new().name(format!("capsule-verify-{i}")).spawn(move || verify_loop(&worker_queue, &weak));
+                match spawned {
+                    Ok(_) => {
+                        queue.workers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // With none, deliveries are verified where they arrive.
+                    Err(e) => warn!("fetch engine: cannot start a verify thread: {e}"),
+                }
             }
         }
         engine
@@ -448,12 +618,15 @@ impl Engine {
         self.stats.verified_blocks.fetch_add(1, Ordering::Relaxed);
         let decoded = capsule_images::block::decode(&hash, &encoded);
         let now = Instant::now();
+        // Blocks a reader waits for (or will soon) reach memory before their flight ends
+        // and the disk after, so the reader does not wait for the write; others reach the
+        // disk first, so a reader who finds no flight finds the block.
+        let mut write_after = false;
         let batches = match decoded {
             Ok(raw) => {
-                // To the cache before the flight ends: a reader who finds no flight
-                // finds the block.
-                if let Err(e) = self.local.insert_verified(&hash, &encoded) {
-                    warn!("cannot cache block {hash}: {e}; serving it from memory");
+                write_after = self.lock().sched.urgency_of(&hash).is_some_and(|u| u > Urgency::Background);
+                if !write_after {
+                    self.write_local(&hash, &encoded);
                 }
                 let raw = Arc::new(raw);
                 let mut st = self.lock();
@@ -503,6 +676,15 @@ impl Engine {
         };
         self.done.notify_all();
         self.start(batches);
+        if write_after {
+            self.write_local(&hash, &encoded);
+        }
+    }
+
+    fn write_local(&self, hash: &Hash, encoded: &[u8]) {
+        if let Err(e) = self.local.insert_verified(hash, encoded) {
+            warn!("cannot cache block {hash}: {e}; serving it from memory");
+        }
     }
 
     fn on_end(&self, batch: u64, result: Result<(), FetchError>) {

@@ -28,6 +28,8 @@ pub struct SchedConfig {
     pub min_window_bytes: u64,
     /// Most bytes background and readahead may keep in flight.
     pub max_window_bytes: u64,
+    /// Link time the window holds beyond two round trips.
+    pub queue_allowance: Duration,
     /// Encoded size of a block until sizes are measured.
     pub block_bytes_guess: u64,
     /// A batch that delivers nothing for this long is abandoned and its blocks retried.
@@ -46,6 +48,7 @@ impl Default for SchedConfig {
             max_batch_blocks: 64,
             min_window_bytes: 1 << 20,
             max_window_bytes: 64 << 20,
+            queue_allowance: Duration::from_millis(25),
             block_bytes_guess: 64 << 10,
             batch_stall: Duration::from_secs(30),
             first_backoff: Duration::from_millis(100),
@@ -229,10 +232,12 @@ impl Scheduler {
     }
 
     /// Bytes readahead and background may have in flight now: two measured
-    /// bandwidth-delay products, within the configured bounds.
+    /// bandwidth-delay products plus `queue_allowance` of link time (on a fast LAN the
+    /// receiver's own processing, not the round trip, is the delay to cover), within the
+    /// configured bounds.
     pub fn window(&self) -> u64 {
         let bdp = match (self.est.bandwidth(), self.est.rtt()) {
-            (Some(bw), Some(rtt)) => (bw * rtt.as_secs_f64() * 2.0) as u64,
+            (Some(bw), Some(rtt)) => (bw * (rtt.as_secs_f64() * 2.0 + self.cfg.queue_allowance.as_secs_f64())) as u64,
             _ => 0,
         };
         bdp.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes)
@@ -260,6 +265,11 @@ impl Scheduler {
                 false
             }
         }
+    }
+
+    /// How urgently `hash` is wanted, if it is.
+    pub fn urgency_of(&self, hash: &Hash) -> Option<Urgency> {
+        self.wants.get(hash).map(|w| w.urgency)
     }
 
     /// Stops wanting a queued block nobody waits for any more (no effect once in flight).

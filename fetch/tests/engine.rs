@@ -100,17 +100,29 @@ fn blocks(n: usize) -> (Vec<Hash>, ByHash, ByHash) {
 }
 
 fn engine(source: ThreadSource, stall: Duration) -> (Arc<Engine>, Arc<ThreadSource>, Arc<MemCache>) {
+    engine_with(source, stall, 0)
+}
+
+fn engine_with(source: ThreadSource, stall: Duration, verify_threads: usize) -> (Arc<Engine>, Arc<ThreadSource>, Arc<MemCache>) {
     let source = Arc::new(source);
     let cache = Arc::new(MemCache::default());
-    let cfg = EngineConfig { stall_timeout: stall, source_label: "test source".into(), ..EngineConfig::default() };
+    let cfg = EngineConfig { stall_timeout: stall, source_label: "test source".into(), verify_threads, ..EngineConfig::default() };
     let e = Engine::new(cache.clone(), Some(source.clone() as Arc<dyn BlockSource>), cfg);
     (e, source, cache)
 }
 
 #[test]
 fn concurrent_readers_share_one_fetch_and_each_block_is_verified_once() {
+    // Verified where they arrive, and on verify threads.
+    for verify_threads in [0, 2] {
+        concurrent_readers(verify_threads);
+    }
+}
+
+fn concurrent_readers(verify_threads: usize) {
     let (hs, raw, enc) = blocks(16);
-    let (e, src, cache) = engine(ThreadSource { blocks: enc, latency: Duration::from_millis(50), ..Default::default() }, Duration::from_secs(10));
+    let (e, src, cache) =
+        engine_with(ThreadSource { blocks: enc, latency: Duration::from_millis(50), ..Default::default() }, Duration::from_secs(10), verify_threads);
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
@@ -124,6 +136,11 @@ fn concurrent_readers_share_one_fetch_and_each_block_is_verified_once() {
     assert!(src.asked.lock().unwrap().values().all(|&n| n == 1), "each block asked once: {:?}", src.asked.lock().unwrap().values().collect::<Vec<_>>());
     let snap = e.snapshot();
     assert_eq!(snap.verified_blocks, 16, "decoded and hashed once each");
+    // Blocks readers wait for reach the cache just after the readers have them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.inserts.load(Ordering::SeqCst) < 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(cache.inserts.load(Ordering::SeqCst), 16, "cached once each");
     assert_eq!(snap.demand_blocks, 16);
     assert_eq!(e.fetched_by_tag(0), 16);

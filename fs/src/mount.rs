@@ -185,6 +185,7 @@ impl CapsuleFs {
             stall_timeout: config.stall_timeout,
             sched: SchedConfig { block_bytes_guess: sizes.last().copied().unwrap_or(65536), batch_stall: config.stall_timeout, ..SchedConfig::default() },
             source_label: config.source_label.clone(),
+            verify_threads: EngineConfig::verify_threads_for_machine(),
             ..EngineConfig::default()
         };
         let pages = LazyPages::new(cache.clone(), source.clone());
