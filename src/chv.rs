@@ -47,6 +47,8 @@ pub fn import_snapshot(store: &capsule_images::Store, name: &str, dir: &Path, bl
         memory_mib: (snap.memory_mib > 0).then_some(snap.memory_mib),
         hypervisor: Some("cloud-hypervisor".into()),
         hints: vec![(chv::CONFIG_HINT.to_string(), snap.config_template.clone())],
+        // Cloud Hypervisor opens the files itself: the mount gives back the same bytes.
+        disk_format: Some(capsule_images::DiskFormat::Raw),
         ..Default::default()
     };
     capsule_images::import_capsule(store, &spec, &crate::progress::Bar::new()).with_context(|| format!("importing snapshot {}", dir.display()))

@@ -42,6 +42,13 @@ enum Command {
         /// A disk: [DISKNAME=]PATH (raw, or qcow2 with its backing chain); repeatable
         #[arg(long = "disk", value_name = "[NAME=]PATH", required = true)]
         disks: Vec<String>,
+        /// What the disk files are; never guessed (a file that looks like qcow2 needs this)
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        disk_format: Option<DiskFormatArg>,
+        /// A backing file a qcow2 disk may name (each file of its chain); repeatable.
+        /// A backing file not named here is refused, never opened
+        #[arg(long = "backing-file", value_name = "PATH")]
+        backing_files: Vec<PathBuf>,
         /// Guest RAM image
         #[arg(long, value_name = "PATH")]
         memory: Option<PathBuf>,
@@ -336,6 +343,12 @@ impl ConnArgs {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DiskFormatArg {
+    Raw,
+    Qcow2,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ExportFormat {
     Raw,
     Qcow2,
@@ -451,9 +464,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Command::Import { name, disks, memory, devstate, kernel, initrd, cmdline, parent, block_size, cpus, ram, hypervisor, hints, json } => {
+        Command::Import {
+            name,
+            disks,
+            disk_format,
+            backing_files,
+            memory,
+            devstate,
+            kernel,
+            initrd,
+            cmdline,
+            parent,
+            block_size,
+            cpus,
+            ram,
+            hypervisor,
+            hints,
+            json,
+        } => {
             let mut spec = CapsuleSpec {
                 name: name.clone(),
+                disk_format: disk_format.map(|f| match f {
+                    DiskFormatArg::Raw => images::DiskFormat::Raw,
+                    DiskFormatArg::Qcow2 => images::DiskFormat::Qcow2,
+                }),
+                backing_files,
                 memory,
                 devstate,
                 kernel,

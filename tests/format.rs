@@ -57,8 +57,14 @@ fn qcow2_chain_imports_one_layer_per_file_and_exports_identically() {
     let expected = std::fs::read(d.join("expected.raw")).unwrap();
 
     // The base alone first: the chain import must then share its layer.
-    ok(capsule(&store).args(["import", "base", "--disk"]).arg(format!("root={}", d.join("base.qcow2").display())));
-    let text = ok(capsule(&store).args(["import", "chain", "--disk"]).arg(format!("root={}", d.join("top.qcow2").display())));
+    ok(capsule(&store).args(["import", "base", "--disk-format", "qcow2", "--disk"]).arg(format!("root={}", d.join("base.qcow2").display())));
+    let text = ok(capsule(&store)
+        .args(["import", "chain", "--disk-format", "qcow2", "--backing-file"])
+        .arg(d.join("mid.qcow2"))
+        .arg("--backing-file")
+        .arg(d.join("base.qcow2"))
+        .arg("--disk")
+        .arg(format!("root={}", d.join("top.qcow2").display())));
     assert!(text.contains("1 layer(s) were already in the store and are shared"), "{text}");
     let v = inspect(&store, "chain");
     let layers = v["disks"][0]["image"]["layers"].as_array().unwrap();

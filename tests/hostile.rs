@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -265,4 +266,74 @@ fn other_local_users_cannot_read_a_root_mount() {
         // The VM description stays readable (it holds no guest data).
         assert!(as_nobody(&["cat"], &m.dir.join("capsule.json")).0);
     }
+}
+
+#[test]
+fn qcow2_import_needs_its_format_named_and_follows_only_named_backing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = d.join("store");
+    // A host file the image's author wants to steal, and a qcow2 that names it as its backing.
+    let secret = d.join("passwd");
+    let mut secret_bytes = b"root:x:0:0:root:/root:/bin/bash\n".repeat(2048);
+    secret_bytes.resize(1 << 20, b'#');
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let evil = d.join("evil.qcow2");
+    tool(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&secret).arg(&evil).arg("1M"));
+    let import = |name: &str, extra: &[&str]| {
+        let mut c = capsule(&store);
+        c.args(["import", name]).args(extra).arg("--disk").arg(format!("root={}", evil.display()));
+        c
+    };
+    let secret_block = blake3::hash(&secret_bytes[..65536]).to_hex().to_string();
+    let stolen = || stored_block_names(&store).contains(&secret_block);
+
+    // Not named as qcow2: refused, not guessed.
+    let err = fails(&mut import("a", &[]));
+    assert!(err.contains("looks like qcow2") && err.contains("--disk-format qcow2"), "{err}");
+    // Named qcow2: its backing file was not named, so it is refused unread.
+    let err = fails(&mut import("b", &["--disk-format", "qcow2"]));
+    assert!(err.contains(&format!("names backing file {:?}", secret.display().to_string())) && err.contains("--backing-file"), "{err}");
+    assert!(!stolen(), "the refused backing file reached the store");
+    // Raw: the qcow2 file's own bytes, nothing of its backing file.
+    ok(&mut import("c", &["--disk-format", "raw"]));
+    assert!(!stolen());
+    ok(capsule(&store).args(["export", "c", "--out"]).arg(d.join("out-c")));
+    assert!(std::fs::read(d.join("out-c/root.raw")).unwrap() == std::fs::read(&evil).unwrap());
+    // A raw file named qcow2 is refused; an external data file (another host file) too.
+    let err = fails(capsule(&store).args(["import", "e", "--disk-format", "qcow2", "--disk"]).arg(format!("root={}", secret.display())));
+    assert!(err.contains("not a qcow2 file"), "{err}");
+    let external = d.join("external.qcow2");
+    // (qemu-img create truncates the data file it names: a copy of the secret.)
+    let data_file = d.join("shadow");
+    tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={},data_file_raw=on", data_file.display()))
+            .arg(&external)
+            .arg("1M"),
+    );
+    std::fs::write(&data_file, &secret_bytes).unwrap();
+    let err = fails(capsule(&store).args(["import", "f", "--disk-format", "qcow2", "--disk"]).arg(format!("root={}", external.display())));
+    assert!(err.contains("external data file"), "{err}");
+    // A backing file without a format in the header is not probed.
+    let unformatted = d.join("unformatted.qcow2");
+    // (qemu-img no longer writes one; older ones did: the format extension renamed away.)
+    let mut bytes = std::fs::read(&evil).unwrap();
+    let at = bytes.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).unwrap();
+    bytes[at..at + 4].copy_from_slice(&[0x00, 0x00, 0x0e, 0x57]);
+    std::fs::write(&unformatted, bytes).unwrap();
+    let err = fails(
+        capsule(&store)
+            .args(["import", "g", "--disk-format", "qcow2", "--backing-file"])
+            .arg(&secret)
+            .arg("--disk")
+            .arg(format!("root={}", unformatted.display())),
+    );
+    assert!(err.contains("no format in the header"), "{err}");
+    assert!(!stolen());
+    // Named by the user, the same backing file is followed.
+    ok(&mut import("h", &["--disk-format", "qcow2", "--backing-file", secret.to_str().unwrap()]));
+    assert!(stolen(), "a named backing file is imported");
+    ok(capsule(&store).args(["verify", "h"]));
 }

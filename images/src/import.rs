@@ -283,6 +283,20 @@ pub struct CapsuleSpec {
     pub hypervisor: Option<String>,
     /// Extra hints.
     pub hints: Vec<(String, String)>,
+    /// What the disk files are (`None`: raw, and a file that looks like qcow2 is refused
+    /// rather than guessed at).
+    pub disk_format: Option<DiskFormat>,
+    /// Backing files a qcow2 disk may name (each file of its chain below the top).
+    pub backing_files: Vec<PathBuf>,
+}
+
+/// The format of a disk file, as the user names it (never probed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// The bytes as they are.
+    Raw,
+    /// A qcow2 file; its backing chain only as far as `backing_files` allow.
+    Qcow2,
 }
 
 /// What [`import_capsule`] made.
@@ -327,11 +341,29 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
     let mut import_one = |what: String, path: &Path, base: Option<Image>| -> Result<Image> {
         let reader = base.map(|b| ImageReader::open(store, b)).transpose().with_context(|| format!("{what}: parent image"))?;
         let size = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?.len();
+        // Only disks may be qcow2, and only when the user says so.
+        let qcow2 = match (what.starts_with("disk "), spec.disk_format) {
+            (false, _) | (true, Some(DiskFormat::Raw)) => false,
+            (true, Some(DiskFormat::Qcow2)) => {
+                if !is_qcow2(path)? {
+                    return Err(Error::invalid(format!("{what}: {} is not a qcow2 file (no qcow2 magic), but --disk-format qcow2 says so", path.display())));
+                }
+                true
+            }
+            (true, None) if is_qcow2(path)? => {
+                return Err(Error::invalid(format!(
+                    "{what}: {} looks like qcow2; say --disk-format qcow2 to import it as one, or --disk-format raw for its bytes as they are",
+                    path.display()
+                )))
+            }
+            (true, None) => false,
+        };
         progress.begin(&what, size);
-        let result = if is_qcow2(path)? {
+        let result = if qcow2 {
             if reader.is_some() {
                 return Err(Error::invalid(format!("{what}: {} is qcow2; --parent takes raw images (a qcow2 chain brings its own parents)", path.display())));
             }
+            crate::qcow2::check_chain(path, &spec.backing_files).with_context(|| what.clone())?;
             let (image, layers) = crate::qcow2::import_chain(store, path, bs, progress)?;
             let mut total = ImportStats { logical_bytes: image.size, blocks: image.block_count(), ..Default::default() };
             for l in &layers {

@@ -24,7 +24,7 @@ pub mod verify;
 pub use error::{Error, ErrorKind, Result};
 pub use hash::Hash;
 pub use image::ImageReader;
-pub use import::{import_capsule, CapsuleSpec, ImportReport, ImportStats, NoProgress, Progress, DEFAULT_BLOCK_SIZE_LOG2};
+pub use import::{import_capsule, CapsuleSpec, DiskFormat, ImportReport, ImportStats, NoProgress, Progress, DEFAULT_BLOCK_SIZE_LOG2};
 pub use manifest::{BootFiles, Disk, Image, Layer, Manifest, Profile, VmDescription};
 pub use map::Entry;
 pub use store::Store;

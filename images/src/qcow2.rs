@@ -48,8 +48,9 @@ fn json(bytes: &[u8], what: &str) -> Result<Value> {
 }
 
 /// Imports `path` and its backing chain; returns the top image and one entry per file.
+/// The chain must have passed [`check_chain`] (qemu-img follows it).
 pub fn import_chain(store: &Store, path: &Path, block_size_log2: u8, progress: &dyn Progress) -> Result<(Image, Vec<ChainLayer>)> {
-    let info = json(&run(Command::new("qemu-img").args(["info", "--output=json", "--backing-chain"]).arg(path))?, "qemu-img info")?;
+    let info = json(&run(Command::new("qemu-img").args(["info", "-f", "qcow2", "--output=json", "--backing-chain"]).arg(path))?, "qemu-img info")?;
     let chain = info.as_array().ok_or_else(|| Error::new(ErrorKind::External, "qemu-img info: expected a list"))?;
     let bs = 1u64 << block_size_log2;
     let mut image: Option<Image> = None;
@@ -174,4 +175,215 @@ pub fn export_chain(store: &Store, image: &Image, dir: &Path, stem: &str) -> Res
         files.push(out);
     }
     Ok(files)
+}
+
+/// What a qcow2 file's header says about where its data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// The backing file name, as written in the header.
+    pub backing_file: Option<String>,
+    /// The backing file's format (header extension), if named.
+    pub backing_format: Option<String>,
+    /// An external data file (another host file the image's data would come from).
+    pub data_file: Option<String>,
+    /// Encrypted (AES or LUKS).
+    pub encrypted: bool,
+}
+
+/// Bytes of a qcow2 file the header parser needs at most (its first cluster, 2 MiB max).
+pub const QCOW2_HEADER_READ: usize = 2 << 20;
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+
+/// Parses a qcow2 header from the first bytes of a file (at most [`QCOW2_HEADER_READ`]),
+/// checking every offset and length against what is there before using it.
+pub fn parse_header(bytes: &[u8]) -> Result<Qcow2Header> {
+    let bad = |why: String| Error::corrupt(format!("qcow2 header: {why}"));
+    let be32 = |at: usize| -> Result<u32> {
+        bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(|| bad(format!("truncated at byte {at}")))
+    };
+    let be64 = |at: usize| -> Result<u64> { Ok((u64::from(be32(at)?) << 32) | u64::from(be32(at + 4)?)) };
+    if bytes.get(..4) != Some(QCOW2_MAGIC) {
+        return Err(bad("no qcow2 magic".into()));
+    }
+    let version = be32(4)?;
+    if version != 2 && version != 3 {
+        return Err(bad(format!("version {version} (2 and 3 are known)")));
+    }
+    let backing_offset = be64(8)?;
+    let backing_len = be32(16)?;
+    let cluster_bits = be32(20)?;
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(bad(format!("cluster bits {cluster_bits} (9 to 21 are valid)")));
+    }
+    let size = be64(24)?;
+    let encrypted = be32(32)? != 0;
+    let cluster = 1usize << cluster_bits;
+    let (header_len, incompatible) = if version == 3 { (be32(100)? as usize, be64(72)?) } else { (72, 0) };
+    if header_len < 72 || header_len > cluster {
+        return Err(bad(format!("header length {header_len}")));
+    }
+    let mut backing_file = None;
+    if backing_offset != 0 {
+        if backing_len == 0 || backing_len > 1023 {
+            return Err(bad(format!("backing file name of {backing_len} bytes (1 to 1023)")));
+        }
+        let start = usize::try_from(backing_offset)
+            .ok()
+            .filter(|&o| o < cluster)
+            .ok_or_else(|| bad(format!("backing file name at offset {backing_offset}, past the first cluster")))?;
+        let name = bytes.get(start..start + backing_len as usize).ok_or_else(|| bad(format!("backing file name at {start} runs past the header read")))?;
+        backing_file = Some(String::from_utf8(name.to_vec()).map_err(|_| bad("backing file name is not UTF-8".into()))?);
+    }
+    // Header extensions: type, length, data padded to 8 bytes; type 0 ends them.
+    let (mut backing_format, mut data_file) = (None, None);
+    let mut at = header_len;
+    for _ in 0..1024 {
+        if at + 8 > cluster.min(bytes.len()) {
+            break;
+        }
+        let (ext, len) = (be32(at)?, be32(at + 4)? as usize);
+        if ext == 0 {
+            break;
+        }
+        let data = bytes
+            .get(at + 8..at + 8 + len)
+            .filter(|_| at + 8 + len <= cluster)
+            .ok_or_else(|| bad(format!("header extension {ext:#x} of {len} bytes at {at} runs past the first cluster")))?;
+        let text = || String::from_utf8(data.to_vec()).map_err(|_| bad(format!("header extension {ext:#x} is not UTF-8")));
+        match ext {
+            EXT_BACKING_FORMAT => backing_format = Some(text()?),
+            EXT_DATA_FILE => data_file = Some(text()?),
+            _ => {}
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 && data_file.is_none() {
+        data_file = Some(String::new());
+    }
+    Ok(Qcow2Header { version, size, cluster_bits, backing_file, backing_format, data_file, encrypted })
+}
+
+/// Reads and parses the header of qcow2 file `path`.
+pub fn read_header(path: &Path) -> Result<Qcow2Header> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let mut bytes = Vec::new();
+    f.take(QCOW2_HEADER_READ as u64).read_to_end(&mut bytes).map_err(|e| Error::io(path.display(), e))?;
+    parse_header(&bytes).map_err(|e| e.context(path.display()))
+}
+
+/// Checks the backing chain of qcow2 file `path` from the headers alone, before any tool
+/// opens it: every backing file must be one the user named in `allowed` (compared as
+/// canonical paths), have its format named in the header (`raw` or `qcow2`: nothing is
+/// probed), and no file may use an external data file or encryption. Returns the chain,
+/// top first.
+pub fn check_chain(path: &Path, allowed: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let allowed: Vec<PathBuf> =
+        allowed.iter().map(|p| std::fs::canonicalize(p).map_err(|e| Error::io(format!("--backing-file {}", p.display()), e))).collect::<Result<_>>()?;
+    let mut chain = vec![std::fs::canonicalize(path).map_err(|e| Error::io(path.display(), e))?];
+    let mut format = "qcow2".to_string();
+    while format == "qcow2" {
+        let file = chain.last().cloned().unwrap_or_default();
+        let h = read_header(&file)?;
+        let what = file.display();
+        if h.encrypted {
+            return Err(Error::invalid(format!("{what}: encrypted qcow2 images are not imported")));
+        }
+        if let Some(data) = &h.data_file {
+            return Err(Error::invalid(format!("{what}: uses an external data file {data:?}; refusing to read another host file")));
+        }
+        let Some(backing) = h.backing_file else { break };
+        if backing.starts_with("json:") || backing.contains("://") {
+            return Err(Error::invalid(format!("{what}: backing file {backing:?} is not a plain file name; refusing it")));
+        }
+        let resolved = file.parent().unwrap_or(Path::new("/")).join(&backing);
+        let canonical = std::fs::canonicalize(&resolved).ok().filter(|c| allowed.contains(c)).ok_or_else(|| {
+            Error::invalid(format!(
+                "{what} names backing file {backing:?} ({}), which was not named with --backing-file; refusing to read it",
+                resolved.display()
+            ))
+        })?;
+        if chain.contains(&canonical) {
+            return Err(Error::invalid(format!("{what}: backing chain loops back to {}", canonical.display())));
+        }
+        format = match h.backing_format.as_deref() {
+            Some(f @ ("qcow2" | "raw")) => f.to_string(),
+            Some(f) => return Err(Error::invalid(format!("{what}: backing file {backing:?} has format {f:?} (raw or qcow2 are imported)"))),
+            None => {
+                return Err(Error::invalid(format!(
+                    "{what}: backing file {backing:?} has no format in the header; refusing to probe it (set one: qemu-img rebase -u -F qcow2|raw)"
+                )))
+            }
+        };
+        chain.push(canonical);
+    }
+    Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(version: u32, backing: Option<&str>, extensions: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut h = vec![0u8; 4096];
+        h[..4].copy_from_slice(QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&version.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        let mut at = if version == 3 { 104 } else { 72 };
+        if version == 3 {
+            h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        }
+        for (t, data) in extensions {
+            h[at..at + 4].copy_from_slice(&t.to_be_bytes());
+            h[at + 4..at + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            h[at + 8..at + 8 + data.len()].copy_from_slice(data);
+            at += 8 + data.len().div_ceil(8) * 8;
+        }
+        if let Some(b) = backing {
+            let off = 2048u64;
+            h[8..16].copy_from_slice(&off.to_be_bytes());
+            h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
+            h[off as usize..off as usize + b.len()].copy_from_slice(b.as_bytes());
+        }
+        h
+    }
+
+    #[test]
+    fn header_names_backing_file_format_and_data_file() {
+        let h = parse_header(&header(3, Some("/etc/passwd"), &[(EXT_BACKING_FORMAT, b"raw")])).unwrap();
+        assert_eq!((h.version, h.size, h.cluster_bits), (3, 1 << 20, 16));
+        assert_eq!(h.backing_file.as_deref(), Some("/etc/passwd"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        let h = parse_header(&header(2, None, &[])).unwrap();
+        assert_eq!((h.backing_file, h.data_file), (None, None));
+        let h = parse_header(&header(3, None, &[(EXT_DATA_FILE, b"/etc/shadow")])).unwrap();
+        assert_eq!(h.data_file.as_deref(), Some("/etc/shadow"));
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_not_panics() {
+        let good = header(3, Some("base.qcow2"), &[(EXT_BACKING_FORMAT, b"qcow2")]);
+        for cut in [0, 3, 4, 20, 71, 100, 2050] {
+            assert!(parse_header(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut far = good.clone();
+        far[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(parse_header(&far).unwrap_err().to_string().contains("past the first cluster"));
+        let mut long_ext = header(3, None, &[(EXT_DATA_FILE, b"x")]);
+        long_ext[108..112].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_header(&long_ext).is_err());
+        let mut bits = good;
+        bits[20..24].copy_from_slice(&64u32.to_be_bytes());
+        assert!(parse_header(&bits).unwrap_err().to_string().contains("cluster bits 64"));
+    }
 }
