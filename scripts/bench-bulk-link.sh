@@ -8,7 +8,7 @@
 # Results: results/bench-bulk-link.jsonl.
 # Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=64
 # (the time includes the command's start: connecting, metadata),
-# VARIANTS="warm offline rsync", CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
+# VARIANTS="warm offline rsync sparse", CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
 # controller: bbr, the default, cubic or newreno; recorded in the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ EMU=$(dirname "$BIN")/capsule-linkemu
 LINKS=${LINKS:-10mbit:0 50mbit:0 10mbit:0.5}
 DELAY_MS=${DELAY_MS:-20}
 SIZE_MIB=${SIZE_MIB:-64}
-VARIANTS=${VARIANTS:-warm offline rsync}
+VARIANTS=${VARIANTS:-warm offline rsync sparse}
 die() { echo "bench-bulk-link: $*" >&2; exit 1; }
 [ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
 for t in rsync jq nsenter python3; do command -v $t >/dev/null || die "needs $t"; done
@@ -39,6 +39,7 @@ IN_NS=(nsenter "--net=/run/netns/$NS")
 IN_SRV=(nsenter "--net=/run/netns/$SNS")
 cleanup() {
   set +e
+  fusermount3 -uz "$W/mnt" 2>/dev/null
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   sleep 0.5
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -50,6 +51,13 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 now() { date +%s.%N; }
 rx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.rx.bytes'; }
+
+# A sparse 100 GiB disk with 64 KiB of data at 50 GiB (variant sparse: how soon a mount
+# over the link serves its first read, in round trips and bytes).
+truncate -s 100G "$W/big.raw"
+head -c 65536 /dev/urandom | dd of="$W/big.raw" bs=64K seek=$((50 << 14)) conv=notrunc status=none
+"$BIN" --store "$W/server" import sparse --disk "root=$W/big.raw" >/dev/null
+rm -f "$W/big.raw"
 
 # The payload: incompressible, so stored bytes = logical bytes and goodput means the link.
 mkdir -p "$W/data"
@@ -88,6 +96,28 @@ for spec in $LINKS; do
     case $v in
       warm) "${IN_NS[@]}" "$BIN" warm --all "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
       offline) "${IN_NS[@]}" "$BIN" prefetch --offline "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
+      sparse)
+        if [ "$loss" != 0 ]; then continue; fi
+        mkdir -p "$W/mnt"
+        "${IN_NS[@]}" "$BIN" mount "capsule://$SRV_IP:7071/sparse" "$W/mnt" --cache "$W/cache" --read-only >"$W/out" 2>&1
+        mounted=$(now)
+        f() { jq ".fetch.$1" "$W/mnt/.capsule/stats.json"; }
+        o0=$(f object_requests) r0=$(f requests) w0=$(f wire_received_bytes)
+        t_read=$(now)
+        dd if="$W/mnt/root.raw" of=/dev/null bs=4096 count=1 skip=$(((50 << 18) + 1)) iflag=direct status=none
+        t_done=$(now)
+        o1=$(f object_requests) r1=$(f requests) w1=$(f wire_received_bytes)
+        "$BIN" umount "$W/mnt" >/dev/null
+        read_s=$(python3 -c "print(round($t_done - $t_read, 3))")
+        rtts=$(python3 -c "print(round(($t_done - $t_read) / ($DELAY_MS * 2 / 1000), 2))")
+        printf '| %s | %s | sparse 100 GiB: mount %.2f s, first 4 KiB read %s s = %s RTT, %s requests, %s B on the wire |\n' \
+          "$rate" "$loss" "$(python3 -c "print($mounted - $t0)")" "$read_s" "$rtts" "$((o1 - o0 + r1 - r0))" "$((w1 - w0))"
+        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" \
+            '{rate: $rate, rate_bits: $bits, loss_pct: 0, delay_ms: $delay, variant: "sparse", disk_gib: 100}')" \
+          "$(jq -n --argjson mount "$(python3 -c "print(round($mounted - $t0, 3))")" --argjson read "$read_s" --argjson rtts "$rtts" \
+              --argjson obj "$((o1 - o0))" --argjson blk "$((r1 - r0))" --argjson wire "$((w1 - w0))" \
+            '{mount_seconds: $mount, first_read_seconds: $read, first_read_rtts: $rtts, object_requests: $obj, block_requests: $blk, wire_bytes: $wire}')"
+        continue ;;
       rsync)
         if [ "$loss" != 0 ]; then continue; fi  # the TCP relay cannot drop packets
         mkdir -p "$W/copy"

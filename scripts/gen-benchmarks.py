@@ -273,7 +273,9 @@ def gen_link(rows):
 
 
 RL_LABELS = {"fix": "fix, clusters from the link (default)", "cluster1": "fix, one page per fault (--memory-cluster 1)",
-             "nofix": "--no-fault-fix", "prefetch": "default + --prefetch memory"}
+             "nofix": "--no-fault-fix", "prefetch": "default + --prefetch memory",
+             "profile": "default + --prefetch profile (the learnt RAM working set)",
+             "profile1": "--prefetch profile, one page per fault"}
 
 
 def gen_resume_link(rows):
@@ -350,6 +352,10 @@ def gen_boot_link(rows):
 def gen_bulk_link(rows):
     if not rows:
         return None
+    sparse = [r for r in rows if r["params"]["variant"] == "sparse"]
+    rows = [r for r in rows if r["params"]["variant"] != "sparse"]
+    if not rows:
+        return None
     body = []
     for r in rows:
         p, m = r["params"], r["measurements"]
@@ -361,8 +367,19 @@ def gen_bulk_link(rows):
             "`capsule prefetch --offline` (whole commands: connecting and metadata included), and the same bytes by "
             f"rsync from a daemon behind the TCP relay; {rows[0]['params']['delay_ms'] * 2} ms round trip. "
             "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss).")
-    return [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",
-                               "goodput / link rate"], body)
+    out = [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",
+                              "goodput / link rate"], body)
+    if sparse:
+        out += ["", "A mount of a sparse 100 GiB capsule (64 KiB of data, at 50 GiB) over the same link, then one "
+                "4 KiB O_DIRECT read of that data: the read's time in round trips, the requests it made (map pages and "
+                "blocks) and the bytes it moved (QUIC's received bytes; the mount itself fetched the manifest, layers "
+                "and map roots).", ""]
+        out += table(["link", "mount s", "first read s", "first read / RTT", "map page requests", "block requests",
+                      "bytes on the wire"],
+                     [[r["params"]["rate"], fx(r["measurements"]["mount_seconds"], 2), fx(r["measurements"]["first_read_seconds"], 3),
+                       fx(r["measurements"]["first_read_rtts"], 1), str(r["measurements"]["object_requests"]),
+                       str(r["measurements"]["block_requests"]), str(r["measurements"]["wire_bytes"])] for r in sparse])
+    return out
 
 
 # name: (bench, row filter, generator, make target)

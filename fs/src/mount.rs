@@ -128,6 +128,20 @@ pub struct CapsuleFs {
     snapshots: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
     next_fh: AtomicU64,
     kernel_readahead: u32,
+    /// The working-set profile being prefetched, if any: readahead and RAM fault clusters
+    /// then bring only blocks it lists (it already says what the guest will read).
+    profile: Arc<std::sync::RwLock<Option<Arc<std::collections::HashSet<Hash>>>>>,
+}
+
+/// While alive, the mount's readahead and RAM clusters follow a profile
+/// ([`CapsuleFs::follow_profile`]); dropped when its prefetch ends.
+#[derive(Debug)]
+pub struct FollowProfile(Arc<std::sync::RwLock<Option<Arc<std::collections::HashSet<Hash>>>>>);
+
+impl Drop for FollowProfile {
+    fn drop(&mut self) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 impl Node {
@@ -207,6 +221,7 @@ impl CapsuleFs {
         };
         Ok(Self {
             kernel_readahead: config.kernel_readahead,
+            profile: Default::default(),
             cache,
             engine,
             local,
@@ -269,6 +284,15 @@ impl CapsuleFs {
     /// The fetch engine (for prefetching through the same single flight).
     pub fn engine(&self) -> Arc<Engine> {
         self.engine.clone()
+    }
+
+    /// A working-set profile is being prefetched: until the returned guard drops (when the
+    /// prefetch ends), readahead and RAM fault clusters bring only blocks it lists, so they
+    /// reorder the profile's fetches rather than add bytes to them.
+    pub fn follow_profile(&self, blocks: &[Hash]) -> FollowProfile {
+        let set = Arc::new(blocks.iter().copied().collect());
+        *self.profile.write().unwrap_or_else(|p| p.into_inner()) = Some(set);
+        FollowProfile(self.profile.clone())
     }
 
     /// The verified content of block `h`, fetching it if needed.
@@ -338,6 +362,10 @@ impl CapsuleFs {
         } else {
             (Vec::new(), Urgency::Demand)
         };
+        let mut extra = extra;
+        if let Some(profile) = self.profile.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            extra.retain(|h| profile.contains(h));
+        }
         let blocks = self.engine.get_with(&demand, Urgency::Demand, &extra, extra_urgency, tag)?;
         let mut blocks = blocks.into_iter();
         let mut out = Vec::with_capacity((end - offset) as usize);
