@@ -7,15 +7,15 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
+use capsule_images::VmFile;
 use capsule_vmm_glue::cloud_hypervisor as chv;
-use serde_json::Value;
 
-use crate::run::RunArgs;
+use crate::args::RunArgs;
 
-pub fn run(args: &RunArgs, mnt: &Path, vm: &Value, dir: &Path) -> Result<ExitCode> {
+pub fn run(args: &RunArgs, mnt: &Path, vm: &VmFile, dir: &Path) -> Result<ExitCode> {
     let binary = std::env::var_os("CAPSULE_CLOUD_HYPERVISOR").unwrap_or_else(|| "cloud-hypervisor".into());
     let argv = chv::command_line(mnt, vm, args.read_only, &dir.join("ch.sock"), args.serial_log.as_deref(), &args.extra)
-        .with_context(|| format!("capsule {} ({}): refusing to run it", vm["capsule"].as_str().unwrap_or("?"), args.source))?;
+        .with_context(|| format!("capsule {} ({}): refusing to run it", vm.capsule, args.source))?;
     let line = capsule_vmm_glue::qemu::shell_line(&binary, &argv);
     if args.dry_run {
         println!("{line}");

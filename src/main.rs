@@ -9,18 +9,20 @@ use capsule_images::{self as images, CapsuleSpec, Store};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod args;
 mod chv;
+mod exit;
 mod mount;
 mod offline;
 mod progress;
+mod remote;
 mod report;
 mod run;
 
-use report::{export, inspect_json, print_import, print_inspect, report_verify};
-pub(crate) use report::{human, print_transfer};
-
-/// First argument of the hidden re-exec that starts QEMU under the no-hugepage filter.
-pub(crate) const LAUNCH_ARG: &str = "__launch-qemu";
+use args::{parse_block_size, parse_size, ConnArgs, ExportFormat, MountArgs};
+use remote::{connect, open_store, push, runtime};
+use report::{export, human, inspect_json, print_import, print_inspect, print_transfer, report_verify};
+use run::LAUNCH_ARG;
 
 #[derive(Parser, Debug)]
 #[command(name = "capsule", version, about = "Move whole virtual machines over slow links and run them before they arrive")]
@@ -175,14 +177,22 @@ enum Command {
     },
     /// Run a capsule in an unmodified hypervisor straight from a mount (cold boot, or resume
     /// a suspended capsule); ends when the guest powers off
-    Run(run::RunArgs),
+    Run(args::RunArgs),
     /// Save a running capsule as a child capsule: device state plus only the changed disk
     /// and RAM blocks, after shrinking the guest to what it uses
-    Suspend(run::SuspendArgs),
+    Suspend(args::SuspendArgs),
     /// List the runs on this machine (id, capsule, QEMU pid, mount)
     Ps {
         #[arg(long)]
         json: bool,
+    },
+    /// Stop a run: the guest is asked to power off (ACPI), then QEMU quits, then it is killed
+    Stop {
+        /// The run: its id, its directory, or its QMP socket
+        run: String,
+        /// Seconds to wait for the run to end
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
     },
     /// Serve this store's capsules over QUIC
     Serve {
@@ -229,61 +239,6 @@ enum Command {
     },
 }
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct MountArgs {
-    /// capsule://HOST:PORT/NAME, or a capsule NAME in the local store
-    pub source: String,
-    /// Where the capsule's files appear
-    pub mountpoint: PathBuf,
-    /// Block cache shared by all mounts [default: $CAPSULE_CACHE, else ~/.cache/capsule]
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-    /// Bound of the block cache (LRU eviction beyond it)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "10G")]
-    pub cache_size: u64,
-    /// Refuse writes
-    #[arg(long)]
-    pub read_only: bool,
-    /// A local file whose blocks count as present (an older image, an ISO); repeatable
-    #[arg(long = "seed", value_name = "PATH")]
-    pub seeds: Vec<PathBuf>,
-    /// Stay in the foreground (default: detach once mounted; logs go to CACHE/logs/)
-    #[arg(long)]
-    pub foreground: bool,
-    /// Seconds a read of a missing block waits for a lost server before failing with EIO
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub stall_timeout: u64,
-    /// Never touch the network: serve what the cache holds, fail other reads at once
-    #[arg(long)]
-    pub offline: bool,
-    /// Record the blocks this mount's readers touch, in order, as working-set profile NAME
-    /// (saved at unmount; pushed and pulled with the capsule)
-    #[arg(long, value_name = "NAME")]
-    pub record_profile: Option<String>,
-    /// Fetch in the background, below demand reads: the profile's blocks, or all blocks
-    #[arg(long, value_enum, default_value_t = PrefetchMode::None)]
-    pub prefetch: PrefetchMode,
-    /// The profile `--prefetch profile` uses
-    #[arg(long, value_name = "NAME", default_value = "boot")]
-    pub profile: String,
-    /// Kernel readahead in bytes; `capsule run` sets 0 so guest-RAM faults read one page
-    #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
-    pub kernel_readahead: u32,
-    /// A guest-RAM fault also fetches the rest of its aligned group of N pages (fewer round
-    /// trips, more bytes); 0: sized from the measured round trip and bandwidth
-    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
-    pub memory_cluster: u32,
-    /// Prepare for a VM run (`capsule run` sets it): drop RAM an earlier run left; for a
-    /// suspended capsule, refuse to mount over an earlier resume's changes
-    #[arg(long, hide = true)]
-    pub prepare_run: bool,
-    /// With --prepare-run: drop an earlier resume's uncommitted changes instead of refusing
-    #[arg(long, hide = true)]
-    pub discard_changes: bool,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
-
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Create a token; only its hash is kept, so copy it now
@@ -308,38 +263,9 @@ enum TokenCommand {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefetchMode {
-    /// Fetch on demand only
-    None,
-    /// The working-set profile's blocks, in order
-    Profile,
-    /// The profile's blocks, then every other block
-    All,
-    /// The guest RAM image's blocks, lowest address first (for a resume over a link whose
-    /// round trips, not its bandwidth, are the limit)
-    Memory,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ScopeArg {
     Read,
     Write,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct ConnArgs {
-    /// Bearer token [default: $CAPSULE_TOKEN]
-    #[arg(long, env = "CAPSULE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Pin the server's certificate SHA-256 instead of trusting on first use
-    #[arg(long, value_name = "HEX")]
-    pub server_fingerprint: Option<String>,
-}
-
-impl ConnArgs {
-    pub fn options(&self) -> capsule_net::ConnectOptions {
-        capsule_net::ConnectOptions { token: self.token.clone(), fingerprint: self.server_fingerprint.clone(), known_servers: None }
-    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,40 +274,10 @@ enum DiskFormatArg {
     Qcow2,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum ExportFormat {
-    Raw,
-    Qcow2,
-}
-
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?} (try 64K, 1M, 2G)"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} overflows"))
-}
-
-fn parse_block_size(s: &str) -> Result<u8, String> {
-    let n = parse_size(s)?;
-    if !n.is_power_of_two() || !(4096..=1 << 20).contains(&n) {
-        return Err(format!("block size {s} must be a power of two from 4K to 1M"));
-    }
-    Ok(n.trailing_zeros() as u8)
-}
-
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == LAUNCH_ARG) {
-        return launch_qemu(&argv[2..]);
+        return run::launch_qemu(&argv[2..]);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -392,66 +288,31 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("capsule: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILURE)
         }
     }
 }
 
-/// `capsule __launch-qemu QEMU ARGS...`: install the no-hugepage seccomp filter, then
-/// become QEMU (same pid, unmodified binary).
-fn launch_qemu(argv: &[std::ffi::OsString]) -> ExitCode {
-    use std::os::unix::process::CommandExt;
-    let Some((binary, args)) = argv.split_first() else {
-        eprintln!("capsule: {LAUNCH_ARG} needs a QEMU binary");
-        return ExitCode::FAILURE;
-    };
-    if let Err(e) = capsule_vmm_glue::launcher::disable_hugepage_advice() {
-        eprintln!("capsule: {e}");
-        return ExitCode::FAILURE;
-    }
-    let e = std::process::Command::new(binary).args(args).exec();
-    eprintln!("capsule: cannot start {}: {e}", binary.to_string_lossy());
-    ExitCode::FAILURE
-}
-
-pub(crate) fn open_store(dir: Option<PathBuf>) -> Result<Store> {
-    let dir = dir.unwrap_or_else(Store::default_dir);
-    Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
-    match &cli.command {
-        Command::Mount(args) => return mount::mount(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
-        Command::Umount { mountpoint } => return mount::umount(mountpoint).map(|_| ExitCode::SUCCESS),
-        Command::Prefetch { target, offline } => return offline::prefetch(target, *offline, None, true).map(|_| ExitCode::SUCCESS),
+    let open = || open_store(cli.store.clone());
+    match cli.command {
+        Command::Mount(args) => mount::mount(cli.store.clone(), args)?,
+        Command::Umount { mountpoint } => mount::umount(&mountpoint)?,
+        Command::Prefetch { target, offline } => offline::prefetch(&target, offline, None, true)?,
         Command::Warm { target, profile, all } => {
             if profile.is_none() && !all {
                 bail!("capsule warm: say what to fetch: --profile NAME, --all, or both");
             }
-            return offline::prefetch(target, false, profile.as_deref(), *all).map(|_| ExitCode::SUCCESS);
+            offline::prefetch(&target, false, profile.as_deref(), all)?
         }
-        Command::Unpin { target } => return offline::unpin(target).map(|_| ExitCode::SUCCESS),
-        Command::Status { source, cache, json } => return offline::status(source, cache.clone(), *json).map(|_| ExitCode::SUCCESS),
-        Command::Run(args) => return run::run(cli.store.clone(), args.clone()),
-        Command::Suspend(args) => return run::suspend(cli.store.clone(), args.clone()).map(|_| ExitCode::SUCCESS),
-        Command::Ps { json } => return run::ps(*json).map(|_| ExitCode::SUCCESS),
-        _ => {}
-    }
-    let store = open_store(cli.store)?;
-    match cli.command {
-        Command::Mount(_)
-        | Command::Umount { .. }
-        | Command::Prefetch { .. }
-        | Command::Warm { .. }
-        | Command::Unpin { .. }
-        | Command::Status { .. }
-        | Command::Run(_)
-        | Command::Suspend(_)
-        | Command::Ps { .. } => {
-            unreachable!("handled above")
-        }
+        Command::Unpin { target } => offline::unpin(&target)?,
+        Command::Status { source, cache, json } => offline::status(&source, cache, json)?,
+        Command::Run(args) => return run::run(cli.store.clone(), args),
+        Command::Suspend(args) => run::suspend(cli.store.clone(), args)?,
+        Command::Ps { json } => run::ps(json)?,
+        Command::Stop { run, timeout } => run::stop(&run, std::time::Duration::from_secs(timeout))?,
         Command::Commit { mountpoint, name, json } => {
-            let report = mount::commit(&store, &mountpoint, &name)?;
+            let report = mount::commit(&open()?, &mountpoint, &name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -482,6 +343,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             hints,
             json,
         } => {
+            let store = open()?;
             let mut spec = CapsuleSpec {
                 name: name.clone(),
                 disk_format: disk_format.map(|f| match f {
@@ -517,6 +379,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::ImportSnapshot { name, dir, block_size, json } => {
+            let store = open()?;
             let report = chv::import_snapshot(&store, &name, &dir, block_size)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -525,6 +388,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Ls { json } => {
+            let store = open()?;
             let refs = store.list_refs()?;
             if json {
                 let list: Vec<_> = refs
@@ -552,6 +416,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Inspect { name, json } => {
+            let store = open()?;
             let id = store.resolve(&name)?;
             let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
             let view = inspect_json(&store, &id, &m)?;
@@ -562,6 +427,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Verify { name, json } => {
+            let store = open()?;
             let targets = match &name {
                 Some(n) => vec![(n.clone(), store.resolve(n)?)],
                 None => store.list_refs()?,
@@ -592,11 +458,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export { name, out, format } => {
+            let store = open()?;
             let id = store.resolve(&name)?;
             let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
-            export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))?;
+            for path in export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))? {
+                println!("{}", path.display());
+            }
         }
         Command::Gc => {
+            let store = open()?;
             let s = store.gc()?;
             println!(
                 "gc: kept {} blocks, removed {} blocks and {} objects, freed {}",
@@ -607,10 +477,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Serve { listen, public_read, max_connections, header_timeout } => {
+            let store = open()?;
             let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
             serve(store, listen, public_read, max_connections.max(1), header_timeout)?
         }
         Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
+            let store = open()?;
             let scope = match scope {
                 ScopeArg::Read => capsule_net::auth::Scope::Read,
                 ScopeArg::Write => capsule_net::auth::Scope::Write,
@@ -633,6 +505,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Token { command: TokenCommand::List { json } } => {
+            let store = open()?;
             let tokens = capsule_net::auth::list_tokens(store.root())?;
             if json {
                 let list: Vec<_> =
@@ -652,14 +525,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Token { command: TokenCommand::Revoke { id } } => {
+            let store = open()?;
             let r = capsule_net::auth::revoke_token(store.root(), &id)?;
             println!("revoked token {} (prefix {:?})", r.id(), r.prefix);
         }
         Command::Push { name, remote, conn, json } => {
+            let store = open()?;
             let report = push(&store, &name, &remote, &conn)?;
             print_transfer(json, "pushed", &name, &report, None)?;
         }
         Command::Pull { remote, local, conn, json } => {
+            let store = open()?;
             let url = capsule_net::RemoteUrl::parse(&remote)?;
             let remote_name = url.name.clone().with_context(|| format!("{remote}: name the capsule: capsule://HOST:PORT/NAME"))?;
             let local = local.unwrap_or_else(|| remote_name.clone());
@@ -672,6 +548,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_transfer(json, "pulled", &local, &report, Some(id))?;
         }
         Command::Rm { name } => {
+            let store = open()?;
             if !store.delete_ref(&name)? {
                 bail!("no capsule named {name:?} in store {}", store.root().display());
             }
@@ -679,30 +556,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
-}
-
-/// Pushes local capsule `name` to `remote` (capsule://HOST:PORT[/REMOTENAME]).
-pub(crate) fn push(store: &Store, name: &str, remote: &str, conn: &ConnArgs) -> Result<capsule_net::TransferReport> {
-    let url = capsule_net::RemoteUrl::parse(remote)?;
-    let remote_name = url.name.clone().unwrap_or_else(|| name.to_string());
-    runtime()?.block_on(async {
-        let client = connect(&url, conn).await?;
-        let r = capsule_net::push(store, name, &client, &remote_name, &progress::Bar::new()).await;
-        client.close().await;
-        r.with_context(|| format!("pushing {name} to {remote}"))
-    })
-}
-
-pub(crate) async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
-    let client = capsule_net::Client::connect(url, &conn.options()).await?;
-    if client.newly_trusted {
-        eprintln!("capsule: trusting new server {} with certificate SHA-256 {} (recorded in known_servers)", url.host_port(), client.fingerprint);
-    }
-    Ok(client)
 }
 
 fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool, max_connections: usize, header_timeout: std::time::Duration) -> Result<()> {

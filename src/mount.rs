@@ -10,7 +10,7 @@ use capsule_fs::cache::BlockCache;
 use capsule_fs::mount::{CapsuleFs, MountConfig, MountInfo};
 use capsule_images::{Hash, Store};
 
-use crate::MountArgs;
+use crate::args::{MountArgs, PrefetchMode};
 
 /// The cache's ref remembering which capsule a remote name pointed at last.
 pub fn remembered_ref(url: &capsule_net::RemoteUrl, name: &str) -> String {
@@ -80,7 +80,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
             };
             return serve_mount(cache, None, id, config, &args, &mountpoint);
         }
-        let id = crate::runtime()?.block_on(async {
+        let id = crate::remote::runtime()?.block_on(async {
             match capsule_net::Client::connect(&url, &args.conn.options()).await {
                 Ok(client) => {
                     if client.newly_trusted {
@@ -89,7 +89,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                     let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
                     // Manifests and layers now; map pages when a read needs them, unless
                     // everything will be fetched anyway.
-                    if args.prefetch == crate::PrefetchMode::All {
+                    if args.prefetch == PrefetchMode::All {
                         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
                     } else {
                         capsule_net::pull_head(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
@@ -112,7 +112,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let source = capsule_net::RemoteSource::new(url, args.conn.options(), Duration::from_secs(args.stall_timeout))?;
         (cache, Some(Arc::new(source)), id, args.source.clone())
     } else {
-        let store = crate::open_store(store_dir)?;
+        let store = crate::remote::open_store(store_dir)?;
         let id = store.resolve(&args.source)?;
         let cache = Arc::new(BlockCache::over_store(store.root())?);
         (cache, None, id, format!("local store {}", store.root().display()))
@@ -200,12 +200,12 @@ fn serve_mount(
 /// engine, at background urgency (below every demand read and readahead), for what the
 /// profile lists (then everything else), or the RAM image; what the cache has is skipped.
 fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &MountArgs) -> Result<()> {
-    if args.prefetch == crate::PrefetchMode::None {
+    if args.prefetch == PrefetchMode::None {
         return Ok(());
     }
     let store = cache.store();
     let mut blocks = Vec::new();
-    if args.prefetch == crate::PrefetchMode::Memory {
+    if args.prefetch == PrefetchMode::Memory {
         if let Some(memory) = store.manifest(id)?.memory {
             let reader = capsule_images::ImageReader::open(store, memory)?;
             // Map pages may still be on the server.
@@ -225,7 +225,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
             None => tracing::warn!("no profile {:?} for {id}; prefetching without one", args.profile),
         }
     }
-    if args.prefetch == crate::PrefetchMode::All {
+    if args.prefetch == PrefetchMode::All {
         let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
         let (_, everything) = store.closure(id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));

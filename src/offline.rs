@@ -10,8 +10,9 @@ use capsule_fs::pins;
 use capsule_images::{Hash, Progress};
 use serde_json::json;
 
+use crate::args::ConnArgs;
 use crate::mount::{default_cache_dir, remembered_ref};
-use crate::{human, ConnArgs};
+use crate::report::human;
 
 /// Which capsule, in which cache.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,7 +23,7 @@ pub struct CacheTarget {
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
     /// Bound of the block cache for unpinned blocks
-    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size, default_value = "10G")]
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::parse_size, default_value = "10G")]
     pub cache_size: u64,
     /// Give up when nothing arrives from the server for this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -45,8 +46,8 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
     let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
     let progress = crate::progress::Bar::new();
-    let (id, blocks, missing) = crate::runtime()?.block_on(async {
-        let client = crate::connect(&url, &t.conn).await?;
+    let (id, blocks, missing) = crate::remote::runtime()?.block_on(async {
+        let client = crate::remote::connect(&url, &t.conn).await?;
         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
         cache.store().set_ref(&remembered_ref(&url, &name), &id)?;

@@ -1,15 +1,16 @@
 //! What the CLI prints about capsules and transfers: import, inspect, verify and push/pull
 //! reports, human-readable sizes, and `export`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use capsule_images::{self as images, Hash, Image, Manifest, Store};
+use capsule_images::{self as images, Hash, Image, Manifest, Slot, Store};
 use serde_json::json;
 
-use crate::{progress, ExportFormat};
+use crate::args::ExportFormat;
+use crate::progress;
 
-pub(crate) fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net::TransferReport, id: Option<Hash>) -> Result<()> {
+pub fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net::TransferReport, id: Option<Hash>) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
@@ -28,7 +29,7 @@ pub(crate) fn print_transfer(json: bool, verb: &str, name: &str, r: &capsule_net
     Ok(())
 }
 
-pub(crate) fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -173,41 +174,23 @@ pub(crate) fn report_verify(what: &str, r: &images::VerifyReport) {
     }
 }
 
-pub(crate) fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format: ExportFormat) -> Result<()> {
+/// Writes every image of capsule `m` into `out` (disks raw or as qcow2 chains, the others
+/// raw, each under its slot's file name) and a `capsule.json`; returns the files written.
+pub fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let progress = progress::Bar::new();
-    for d in &m.disks {
-        match format {
-            ExportFormat::Raw => {
-                let path = out.join(format!("{}.raw", d.name));
-                images::export::export_raw(store, &d.image, &path, &progress).with_context(|| format!("disk {}", d.name))?;
-                println!("{}", path.display());
+    let mut written = Vec::new();
+    for (slot, image) in m.slots() {
+        match (&slot, format) {
+            (Slot::Disk(name), ExportFormat::Qcow2) => {
+                written.extend(images::qcow2::export_chain(store, &image, out, name).with_context(|| slot.to_string())?);
             }
-            ExportFormat::Qcow2 => {
-                let files = images::qcow2::export_chain(store, &d.image, out, &d.name).with_context(|| format!("disk {}", d.name))?;
-                for f in files {
-                    println!("{}", f.display());
-                }
+            _ => {
+                let path = out.join(slot.file_name());
+                images::export::export_raw(store, &image, &path, &progress).with_context(|| slot.to_string())?;
+                written.push(path);
             }
         }
-    }
-    let mut blobs: Vec<(&str, Image)> = Vec::new();
-    if let Some(i) = m.memory {
-        blobs.push(("memory.raw", i));
-    }
-    if let Some(i) = m.devstate {
-        blobs.push(("devstate.bin", i));
-    }
-    if let Some(b) = &m.boot {
-        blobs.push(("vmlinuz", b.kernel));
-        if let Some(i) = b.initrd {
-            blobs.push(("initrd.img", i));
-        }
-    }
-    for (file, image) in blobs {
-        let path = out.join(file);
-        images::export::export_raw(store, &image, &path, &progress).with_context(|| file.to_string())?;
-        println!("{}", path.display());
     }
     let desc = json!({
         "capsule": m.name, "id": id.to_hex(), "cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib,
@@ -217,6 +200,32 @@ pub(crate) fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format:
     });
     let path = out.join("capsule.json");
     std::fs::write(&path, serde_json::to_string_pretty(&desc)? + "\n").with_context(|| path.display().to_string())?;
-    println!("{}", path.display());
-    Ok(())
+    written.push(path);
+    Ok(written)
+}
+
+/// "fetched 3.1 MiB of 128 MiB of disk (vmlinuz 7.9 MiB, ...); ..." from the mount's stats;
+/// the disks are the ones `capsule.json` (`vm`) lists.
+pub fn fetch_summary(mnt: &Path, vm: &capsule_images::VmFile) -> Option<String> {
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
+    let (mut disk, mut disk_size, mut other) = (0u64, 0u64, Vec::new());
+    for (name, f) in stats["files"].as_object()? {
+        let fetched = f["fetched_bytes"].as_u64().unwrap_or(0);
+        let size = f["blocks"].as_u64().unwrap_or(0) * f["block_size"].as_u64().unwrap_or(0);
+        if vm.disks.iter().any(|d| d.file == *name) {
+            disk += fetched;
+            disk_size += size;
+        } else {
+            other.push(format!("{name} {}", human(fetched)));
+        }
+    }
+    Some(format!(
+        "fetched {} of {} of disk ({}); {} on the wire ({} blocks) from {}",
+        human(disk),
+        human(disk_size),
+        other.join(", "),
+        human(stats["bytes_fetched"].as_u64().unwrap_or(0)),
+        stats["blocks_fetched"].as_u64().unwrap_or(0),
+        stats["source"].as_str().unwrap_or("?")
+    ))
 }

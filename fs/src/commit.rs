@@ -3,7 +3,7 @@
 
 use capsule_images::envelope::{peek_kind, ObjectKind};
 use capsule_images::map::{self, Entry};
-use capsule_images::{Hash, Image, ImageReader, Layer, Store};
+use capsule_images::{Hash, Image, ImageReader, Layer, Slot, Store};
 
 use crate::error::{Error, Result};
 use crate::mount::{now_unix, MountInfo};
@@ -91,11 +91,12 @@ fn commit_overlays(
     options: &CommitOptions,
     report: &mut CommitReport,
 ) -> Result<()> {
-    let mut commit_image = |key: &str, image: &mut Image| -> Result<u64> {
-        if !crate::overlay::exists(overlay_dir, key) {
+    let mut commit_image = |slot: &Slot, image: &mut Image| -> Result<u64> {
+        let key = slot.key();
+        if !crate::overlay::exists(overlay_dir, &key) {
             return Ok(0);
         }
-        let overlay = Overlay::open_read(overlay_dir, key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
+        let overlay = Overlay::open_read(overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
         let reader = ImageReader::open(target, *image)?;
         let mut entries = Vec::new();
         for (i, state) in overlay.changed() {
@@ -125,14 +126,13 @@ fn commit_overlays(
         image.top = Some(target.put_object(ObjectKind::Layer, &layer)?.0);
         Ok(entries.len() as u64)
     };
-    for d in &mut child.disks {
-        let key = format!("disk-{}", d.name);
-        commit_image(&key, &mut d.image)?;
-    }
-    if let Some(b) = child.boot.as_mut() {
-        commit_image("kernel", &mut b.kernel)?;
-        if let Some(i) = b.initrd.as_mut() {
-            commit_image("initrd", i)?;
+    // Disks and boot files: each image's overlay, if written, becomes a layer. Memory and
+    // device state depend on how the machine stopped (below).
+    for (slot, _) in child.slots() {
+        if matches!(slot, Slot::Disk(_) | Slot::Kernel | Slot::Initrd) {
+            if let Some(image) = child.image_mut(&slot) {
+                commit_image(&slot, image)?;
+            }
         }
     }
     let mut memory_blocks = 0;
@@ -145,8 +145,8 @@ fn commit_overlays(
             // RAM a writable mount served as `memory.raw` (blank if the capsule never ran);
             // a blank one nothing wrote to stays out of the child.
             let mut memory = base.memory_or_blank();
-            if crate::overlay::exists(overlay_dir, "memory") {
-                memory_blocks = commit_image("memory", &mut memory)?;
+            if crate::overlay::exists(overlay_dir, &Slot::Memory.key()) {
+                memory_blocks = commit_image(&Slot::Memory, &mut memory)?;
             }
             if base.memory.is_some() || memory_blocks > 0 {
                 child.memory = Some(memory);
@@ -163,7 +163,7 @@ fn commit_overlays(
                 child.devstate = Some(image);
                 report.stored_bytes += stats.stored_bytes;
             } else if let Some(d) = child.devstate.as_mut() {
-                commit_image("devstate", d)?;
+                commit_image(&Slot::Devstate, d)?;
             }
         }
     }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsule_images::{Hash, Image, Layer};
+use capsule_images::{Hash, Image, Layer, Slot};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
@@ -163,20 +163,20 @@ impl CapsuleFs {
         let manifest = store.manifest(&id)?;
         let mut nodes = Vec::new();
         let mut files = Vec::new();
-        for (name, key, image) in image_files(&manifest, !config.read_only) {
+        for (name, slot, image) in image_files(&manifest, !config.read_only) {
             let reader = capsule_images::ImageReader::open(store, image).map_err(|e| Error::from(e).context(&name))?;
             let chain = reader.chain().to_vec();
             let overlay = if config.read_only {
                 None
             } else {
-                Some(Overlay::open(&config.overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
+                Some(Overlay::open(&config.overlay_dir, &slot.key(), image.size, image.block_size()).map_err(|e| Error::io(config.overlay_dir.display(), e))?)
             };
-            let ahead = match key.as_str() {
-                "memory" => Ahead::Aligned(u64::from(config.memory_cluster)),
-                "kernel" | "initrd" => Ahead::Whole,
-                _ => Ahead::Sequential,
+            let ahead = match slot {
+                Slot::Memory => Ahead::Aligned(u64::from(config.memory_cluster)),
+                Slot::Kernel | Slot::Initrd => Ahead::Whole,
+                Slot::Disk(_) | Slot::Devstate => Ahead::Sequential,
             };
-            files.push((name.clone(), key));
+            files.push((name.clone(), slot));
             nodes.push(Node {
                 name,
                 content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) },

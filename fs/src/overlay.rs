@@ -479,7 +479,7 @@ pub fn prepare_for_run(dir: &Path, suspended: bool, discard: bool) -> std::resul
     let mut dropped = Vec::new();
     for key in keys {
         let changed = has_changes(dir, &key).map_err(io)?;
-        let drop = key == "memory" && !suspended || (suspended && changed && discard);
+        let drop = capsule_images::Slot::from_key(&key) == Some(capsule_images::Slot::Memory) && !suspended || (suspended && changed && discard);
         if suspended && changed && !discard {
             return Err(format!(
                 "{}: uncommitted changes ({key}) from an earlier run of this suspended capsule; resuming would lose them. \

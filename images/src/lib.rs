@@ -18,8 +18,10 @@ pub mod manifest;
 pub mod map;
 mod parallel;
 pub mod qcow2;
+pub mod slot;
 pub mod store;
 pub mod verify;
+pub mod vm_file;
 
 pub use error::{Error, ErrorKind, Result};
 pub use hash::Hash;
@@ -27,5 +29,7 @@ pub use image::ImageReader;
 pub use import::{import_capsule, CapsuleSpec, DiskFormat, ImportReport, ImportStats, NoProgress, Progress, DEFAULT_BLOCK_SIZE_LOG2};
 pub use manifest::{BootFiles, Disk, Image, Layer, Manifest, Profile, VmDescription};
 pub use map::Entry;
+pub use slot::Slot;
 pub use store::Store;
 pub use verify::{verify_capsule, verify_store_files, VerifyReport};
+pub use vm_file::VmFile;

@@ -180,22 +180,10 @@ impl Manifest {
         self.memory.unwrap_or(Image { size: self.vm.memory_mib << 20, block_size_log2: MEMORY_BLOCK_SIZE_LOG2, top: None })
     }
 
-    /// Every image of the capsule with a display name: `disk root`, `memory`, ...
+    /// Every image of the capsule with a display name: `disk root`, `memory`, ... (see
+    /// [`Manifest::slots`]).
     pub fn images(&self) -> Vec<(String, Image)> {
-        let mut out: Vec<(String, Image)> = self.disks.iter().map(|d| (format!("disk {}", d.name), d.image)).collect();
-        if let Some(m) = self.memory {
-            out.push(("memory".into(), m));
-        }
-        if let Some(d) = self.devstate {
-            out.push(("devstate".into(), d));
-        }
-        if let Some(b) = &self.boot {
-            out.push(("kernel".into(), b.kernel));
-            if let Some(i) = b.initrd {
-                out.push(("initrd".into(), i));
-            }
-        }
-        out
+        self.slots().into_iter().map(|(slot, image)| (slot.to_string(), image)).collect()
     }
 
     /// Checks names and block sizes; decoders call this after decoding.

@@ -18,6 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
+use capsule_images::VmFile;
 
 pub use capsule_images::manifest::{HINT_CHV_CONFIG as CONFIG_HINT, MOUNT_PLACEHOLDER};
 /// Largest `config.json` accepted (real ones are a few KiB).
@@ -153,9 +154,9 @@ fn check_mounted_config(mnt: &Path) -> Result<()> {
 /// What `cloud-hypervisor` runs: a restore of the mounted snapshot (its config checked
 /// first, see [`check_config`]), or a cold boot from the mount's files (disks
 /// `readonly=on` when `read_only`). `vm` is the mount's `capsule.json`.
-pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Result<Vec<String>> {
+pub fn command_line(mnt: &Path, vm: &VmFile, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Result<Vec<String>> {
     let mut a = vec!["--api-socket".to_string(), format!("path={}", api_socket.display())];
-    if vm["suspended"].as_bool().unwrap_or(false) && mnt.join("config.json").exists() {
+    if vm.suspended && mnt.join("config.json").exists() {
         check_mounted_config(mnt)?;
         a.push("--restore".into());
         a.push(format!("source_url=file://{}", mnt.display()));
@@ -165,17 +166,15 @@ pub fn command_line(mnt: &Path, vm: &Value, read_only: bool, api_socket: &Path, 
             if mnt.join("initrd.img").exists() {
                 a.extend(["--initramfs".into(), mnt.join("initrd.img").display().to_string()]);
             }
-            if let Some(c) = vm["cmdline"].as_str() {
-                a.extend(["--cmdline".into(), c.to_string()]);
+            if let Some(c) = &vm.cmdline {
+                a.extend(["--cmdline".into(), c.clone()]);
             }
         }
-        a.extend(["--cpus".into(), format!("boot={}", vm["cpus"].as_u64().unwrap_or(1))]);
-        a.extend(["--memory".into(), format!("size={}M", vm["memory_mib"].as_u64().unwrap_or(256))]);
-        for d in vm["disks"].as_array().into_iter().flatten() {
-            if let Some(f) = d["file"].as_str() {
-                let ro = if read_only { ",readonly=on" } else { "" };
-                a.extend(["--disk".into(), format!("path={}{ro}", mnt.join(f).display())]);
-            }
+        a.extend(["--cpus".into(), format!("boot={}", vm.cpus)]);
+        a.extend(["--memory".into(), format!("size={}M", vm.memory_mib)]);
+        for d in &vm.disks {
+            let ro = if read_only { ",readonly=on" } else { "" };
+            a.extend(["--disk".into(), format!("path={}{ro}", mnt.join(&d.file).display())]);
         }
         a.extend(["--console".into(), "off".into()]);
         a.extend(["--serial".into(), serial_log.map_or("tty".into(), |p| format!("file={}", p.display()))]);
@@ -190,6 +189,15 @@ mod tests {
     use super::*;
     use capsule_images::manifest::config_for_mount;
     use serde_json::json;
+
+    fn vm(v: serde_json::Value) -> VmFile {
+        let mut base = json!({"capsule": "c", "id": "00", "parent": null, "cpus": 1, "memory_mib": 256, "hypervisor": null, "disks": [],
+            "memory": null, "suspended": false, "devstate": null, "kernel": null, "initrd": null, "cmdline": null});
+        for (k, x) in v.as_object().unwrap() {
+            base[k] = x.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
 
     #[test]
     fn snapshot_paths_become_mount_paths() {
@@ -226,10 +234,12 @@ mod tests {
     fn restore_and_cold_boot_command_lines() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-        let vm = json!({"suspended": true, "cpus": 1, "memory_mib": 256, "disks": [{"file": "disk0.raw"}]});
+        let vm = vm(json!({"suspended": true, "cpus": 1, "memory_mib": 256, "disks": [{"name": "disk0", "file": "disk0.raw", "size": 0}]}));
         let a = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]).unwrap();
         assert_eq!(a[2..], ["--restore".to_string(), format!("source_url=file://{}", dir.path().display())]);
-        let vm = json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"file": "root.raw"}]});
+        let vm = super::tests::vm(
+            json!({"suspended": false, "cpus": 2, "memory_mib": 256, "cmdline": "console=ttyS0", "disks": [{"name": "root", "file": "root.raw", "size": 0}]}),
+        );
         std::fs::write(dir.path().join("vmlinuz"), "k").unwrap();
         let a = command_line(dir.path(), &vm, true, Path::new("/run/r/ch.sock"), Some(Path::new("/tmp/s.log")), &[]).unwrap().join(" ");
         assert!(
@@ -275,7 +285,7 @@ mod tests {
     fn a_restore_with_a_hostile_config_has_no_command_line() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), r#"{"disks": [{"path": "/etc/shadow"}]}"#).unwrap();
-        let vm = json!({"suspended": true});
+        let vm = vm(json!({"suspended": true}));
         let err = command_line(dir.path(), &vm, false, Path::new("/run/r/ch.sock"), None, &[]).unwrap_err();
         assert!(err.to_string().contains("config.disks[0].path = \"/etc/shadow\" is outside the mount"), "{err}");
     }

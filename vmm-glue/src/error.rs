@@ -15,6 +15,10 @@ pub enum ErrorKind {
     Timeout,
     /// Malformed input (a snapshot directory, a reply).
     Invalid,
+    /// No such run.
+    NotFound,
+    /// Someone else holds it (a run id in use, a suspend in progress).
+    Busy,
 }
 
 /// An error naming what failed and where.

@@ -9,13 +9,20 @@
 //!   guest-RAM fault into a 2–4 MiB read of the mount.
 //! - [`cloud_hypervisor`]: Cloud Hypervisor snapshots as capsules, and its command line.
 //!
-//! Suspend and resume are sequences of QMP commands; the CLI (`capsule run`, `capsule
-//! suspend`) owns the processes and the mount, this crate owns the hypervisor dialogue.
+//! - [`session`]: a VM's life in QMP steps: start, resume, balloon to what the guest uses,
+//!   suspend to a device-state file, stop.
+//! - [`state`]: a run's directory and the typed files its processes hand each other
+//!   (`run.json`, `suspend.lock`, `suspended.json`).
+//!
+//! The CLI (`capsule run`, `capsule suspend`) wires a mount, a session and a printer; this
+//! crate owns the hypervisor dialogue.
 
 pub mod cloud_hypervisor;
 pub mod error;
 pub mod launcher;
 pub mod qemu;
 pub mod qmp;
+pub mod session;
+pub mod state;
 
 pub use error::{Error, ErrorKind, Result};

@@ -21,6 +21,10 @@ pub const HINT_ACCEL: &str = "qemu.accel";
 pub const HINT_APPEND: &str = "qemu.append";
 /// See [`HINT_MACHINE`].
 pub const HINT_CAPABILITIES: &str = "qemu.capabilities";
+/// The QEMU version that saved the state (informational; never on a command line).
+pub const HINT_VERSION: &str = "qemu.version";
+/// Longest version string kept.
+const MAX_VERSION: usize = 32;
 /// Migration capabilities a capsule may ask a resume to turn on: the ones `capsule
 /// suspend` sets. Anything else could change how QEMU reads the incoming state.
 pub const KNOWN_CAPABILITIES: &[&str] = &["x-ignore-shared"];
@@ -29,8 +33,10 @@ const MAX_MACHINE: usize = 64;
 /// Longest kernel command line accepted (x86's COMMAND_LINE_SIZE is 2048).
 const MAX_APPEND: usize = 4096;
 
-/// The QEMU hints of a capsule, each checked against its grammar.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The QEMU hints of a capsule, each checked against its grammar. On disk (run.json, a
+/// manifest's hints) they are the `qemu.*` keys of a string map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
 pub struct QemuHints {
     /// `qemu.machine`: a machine type name.
     pub machine: Option<String>,
@@ -40,6 +46,21 @@ pub struct QemuHints {
     pub append: Option<String>,
     /// `qemu.capabilities`: migration capabilities, each in [`KNOWN_CAPABILITIES`].
     pub capabilities: Vec<String>,
+    /// `qemu.version`: the QEMU that saved the state.
+    pub version: Option<String>,
+}
+
+impl TryFrom<BTreeMap<String, String>> for QemuHints {
+    type Error = Error;
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self> {
+        Self::parse(&map)
+    }
+}
+
+impl From<QemuHints> for BTreeMap<String, String> {
+    fn from(h: QemuHints) -> Self {
+        h.to_map()
+    }
 }
 
 fn bad_hint(key: &str, value: &str, why: &str) -> Error {
@@ -94,7 +115,29 @@ impl QemuHints {
                 out.capabilities.push(name.to_string());
             }
         }
+        if let Some(v) = hints.get(HINT_VERSION) {
+            if v.len() > MAX_VERSION || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b)) {
+                return Err(bad_hint(HINT_VERSION, v, "not a version"));
+            }
+            out.version = Some(v.clone());
+        }
         Ok(out)
+    }
+
+    /// The hints as the `qemu.*` keys of a capsule's hint map.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put(HINT_MACHINE, self.machine.clone());
+        put(HINT_ACCEL, self.accel.map(|a| a.name().to_string()));
+        put(HINT_APPEND, self.append.clone());
+        put(HINT_CAPABILITIES, (!self.capabilities.is_empty()).then(|| self.capabilities.join(",")));
+        put(HINT_VERSION, self.version.clone());
+        m
     }
 }
 
@@ -209,7 +252,7 @@ impl QemuConfig {
         });
         // The balloon is always there: a suspend can shrink the guest before saving it,
         // and the resuming machine needs the same devices.
-        a.extend(["-device".into(), "virtio-balloon-pci,id=balloon0".into()]);
+        a.extend(["-device".into(), format!("virtio-balloon-pci,id={}", crate::qmp::BALLOON_ID)]);
         for d in &self.disks {
             a.push("-drive".into());
             let ro = if d.read_only { ",readonly=on" } else { "" };
@@ -365,6 +408,11 @@ mod tests {
         assert_eq!(h.accel, Some(Accel::Tcg));
         assert_eq!(h.capabilities, ["x-ignore-shared"]);
         assert_eq!(QemuHints::parse(&hints(&[("qemu.capabilities", "")])).unwrap().capabilities, Vec::<String>::new());
+        assert_eq!(h.version.as_deref(), Some("7.2.0"));
+        let mut back = h.to_map();
+        back.insert("chv.config".into(), "{}".into());
+        assert_eq!(QemuHints::parse(&back).unwrap(), h, "to_map is parse's inverse");
+        assert!(!h.to_map().contains_key("chv.config"));
     }
 
     #[test]

@@ -22,6 +22,89 @@ use crate::error::{Error, ErrorKind, Result};
 /// Longest reply line accepted (query-machines / query-qmp-schema are the big ones).
 const MAX_LINE: usize = 8 << 20;
 
+/// The balloon's QOM id, spelled once: the command line names the device with it and QMP
+/// reaches it by [`BALLOON_PATH`].
+macro_rules! balloon_id {
+    () => {
+        "balloon0"
+    };
+}
+/// `id=` of the virtio-balloon device on every QEMU command line.
+pub const BALLOON_ID: &str = balloon_id!();
+/// Where QMP finds that device.
+pub const BALLOON_PATH: &str = concat!("/machine/peripheral/", balloon_id!());
+
+/// The QMP commands Capsule sends, with their arguments typed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Pause the vCPUs.
+    Stop,
+    /// Resume the vCPUs.
+    Cont,
+    /// Exit QEMU at once (disks flushed).
+    Quit,
+    /// ACPI power button: the guest shuts itself down.
+    SystemPowerdown,
+    /// Ask the guest to shrink (or grow back) to this many bytes of RAM.
+    Balloon { bytes: u64 },
+    /// The balloon's current size.
+    QueryBalloon,
+    /// Read a QOM property.
+    QomGet { path: &'a str, property: &'a str },
+    /// Set the balloon's statistics polling interval (seconds; 0 stops it).
+    BalloonStatsInterval { seconds: u32 },
+    /// Which migration capabilities this QEMU has.
+    QueryMigrateCapabilities,
+    /// Turn these migration capabilities on.
+    MigrateSetCapabilities(&'a [&'a str]),
+    /// Save the machine into a file (through `exec:cat`).
+    MigrateToFile(&'a Path),
+    /// Load the machine from a file (QEMU started with `-incoming defer`).
+    MigrateIncomingFromFile(&'a Path),
+    /// Migration status.
+    QueryMigrate,
+    /// The machine types and their aliases.
+    QueryMachines,
+}
+
+impl Command<'_> {
+    /// The QMP command name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Stop => "stop",
+            Command::Cont => "cont",
+            Command::Quit => "quit",
+            Command::SystemPowerdown => "system_powerdown",
+            Command::Balloon { .. } => "balloon",
+            Command::QueryBalloon => "query-balloon",
+            Command::QomGet { .. } => "qom-get",
+            Command::BalloonStatsInterval { .. } => "qom-set",
+            Command::QueryMigrateCapabilities => "query-migrate-capabilities",
+            Command::MigrateSetCapabilities(_) => "migrate-set-capabilities",
+            Command::MigrateToFile(_) => "migrate",
+            Command::MigrateIncomingFromFile(_) => "migrate-incoming",
+            Command::QueryMigrate => "query-migrate",
+            Command::QueryMachines => "query-machines",
+        }
+    }
+
+    /// Its `arguments` object, if it has one.
+    pub fn arguments(&self) -> Option<Value> {
+        let quoted = |p: &Path| crate::qemu::shell_quote(&p.display().to_string());
+        match *self {
+            Command::Balloon { bytes } => Some(json!({ "value": bytes })),
+            Command::QomGet { path, property } => Some(json!({ "path": path, "property": property })),
+            Command::BalloonStatsInterval { seconds } => Some(json!({"path": BALLOON_PATH, "property": "guest-stats-polling-interval", "value": seconds})),
+            Command::MigrateSetCapabilities(names) => {
+                Some(json!({ "capabilities": names.iter().map(|n| json!({"capability": n, "state": true})).collect::<Vec<_>>() }))
+            }
+            Command::MigrateToFile(p) => Some(json!({ "uri": format!("exec:cat > {}", quoted(p)) })),
+            Command::MigrateIncomingFromFile(p) => Some(json!({ "uri": format!("exec:cat {}", quoted(p)) })),
+            _ => None,
+        }
+    }
+}
+
 /// A connected, negotiated QMP session.
 #[derive(Debug)]
 pub struct Qmp {
@@ -84,8 +167,9 @@ impl Qmp {
         }
     }
 
-    /// Runs `command` with `arguments`; a QMP error names the command that failed.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+    /// Runs `command` with `arguments`; a QMP error names the command that failed. Callers
+    /// outside this crate use the typed [`Command`]s.
+    pub(crate) fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
@@ -112,9 +196,14 @@ impl Qmp {
         }
     }
 
+    /// Runs one typed command; its reply as QEMU sent it.
+    pub fn run(&mut self, command: Command<'_>) -> Result<Value> {
+        self.execute(command.name(), command.arguments())
+    }
+
     /// Names of the migration capabilities this QEMU knows.
     pub fn migration_capabilities(&mut self) -> Result<Vec<String>> {
-        let caps = self.execute("query-migrate-capabilities", None)?;
+        let caps = self.run(Command::QueryMigrateCapabilities)?;
         Ok(caps.as_array().map(|a| a.iter().filter_map(|c| c["capability"].as_str().map(String::from)).collect()).unwrap_or_default())
     }
 
@@ -123,16 +212,28 @@ impl Qmp {
         if names.is_empty() {
             return Ok(());
         }
-        let list: Vec<Value> = names.iter().map(|n| json!({"capability": n, "state": true})).collect();
-        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))?;
+        self.run(Command::MigrateSetCapabilities(names))?;
         Ok(())
+    }
+
+    /// The guest's current RAM as the balloon sees it, in bytes.
+    pub fn balloon_actual(&mut self) -> Result<u64> {
+        let reply = self.run(Command::QueryBalloon)?;
+        reply["actual"].as_u64().ok_or_else(|| Error::new(ErrorKind::Invalid, format!("QMP query-balloon: no \"actual\" in {reply}")))
+    }
+
+    /// The memory the guest could give up by its own account (its available memory, from
+    /// the balloon's statistics), if its driver reports it.
+    pub fn guest_available(&mut self) -> Option<u64> {
+        let stats = self.run(Command::QomGet { path: BALLOON_PATH, property: "guest-stats" }).ok()?;
+        stats["stats"]["stat-available-memory"].as_i64().filter(|&v| v > 0).map(|v| v as u64)
     }
 
     /// Polls `query-migrate` until it completes; fails on `failed`/`cancelled` or after `limit`.
     pub fn wait_migration(&mut self, limit: Duration) -> Result<Value> {
         let start = Instant::now();
         loop {
-            let info = self.execute("query-migrate", None)?;
+            let info = self.run(Command::QueryMigrate)?;
             match info["status"].as_str().unwrap_or("") {
                 "completed" => return Ok(info),
                 s @ ("failed" | "cancelled") => {
@@ -151,7 +252,7 @@ impl Qmp {
     /// The versioned machine type the `pc` (or other) alias stands for, e.g. `pc-i440fx-7.2`:
     /// a resume must use the same one.
     pub fn resolve_machine(&mut self, alias: &str) -> Result<String> {
-        let machines = self.execute("query-machines", None)?;
+        let machines = self.run(Command::QueryMachines)?;
         for m in machines.as_array().into_iter().flatten() {
             if m["alias"].as_str() == Some(alias) || m["name"].as_str() == Some(alias) {
                 if let Some(name) = m["name"].as_str() {
@@ -223,5 +324,59 @@ mod tests {
         let err = Qmp::connect(&sock, Duration::from_secs(5)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
         t.join().unwrap();
+    }
+}
+
+/// A scripted QMP peer for tests: greets, then answers each command in turn with the
+/// scripted reply if its name is the one expected (else with an error), and hands back
+/// everything it received.
+#[cfg(test)]
+pub(crate) mod test_peer {
+    #![allow(clippy::unwrap_used)]
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    use serde_json::Value;
+
+    /// One step: the command expected and the reply line(s) to send.
+    pub(crate) fn expect(command: &'static str, reply: &'static str) -> (&'static str, &'static str) {
+        (command, reply)
+    }
+
+    pub(crate) struct Peer(std::thread::JoinHandle<Vec<Value>>);
+
+    impl Peer {
+        pub(crate) fn spawn(path: &Path, script: Vec<(&'static str, &'static str)>) -> Self {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).unwrap();
+            Peer(std::thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                let mut w = stream.try_clone().unwrap();
+                let mut r = BufReader::new(stream);
+                writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 22, "minor": 2, "major": 7}}}}, "capabilities": []}}}}"#).unwrap();
+                let mut got = Vec::new();
+                for (want, reply) in std::iter::once(("qmp_capabilities", r#"{"return": {}}"#)).chain(script) {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let msg: Value = serde_json::from_str(&line).unwrap();
+                    let ok = msg["execute"] == want;
+                    got.push(msg);
+                    if ok {
+                        writeln!(w, "{reply}").unwrap();
+                    } else {
+                        writeln!(w, r#"{{"error": {{"class": "GenericError", "desc": "script expected {want}"}}}}"#).unwrap();
+                    }
+                }
+                got
+            }))
+        }
+
+        /// What the client sent, in order (index 0 is `qmp_capabilities`).
+        pub(crate) fn join(self) -> Vec<Value> {
+            self.0.join().unwrap()
+        }
     }
 }

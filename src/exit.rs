@@ -1,0 +1,27 @@
+//! Exit codes, so a script can tell Capsule's own failures from the guest's.
+//!
+//! ```text
+//!   0    success (a run: the guest powered off cleanly)
+//!   1    Capsule failed (the message says what and where)
+//!   2    bad usage (clap)
+//!   64+N a run: the guest ended with status N (QEMU's exit code; N = 1..=63, clamped)
+//!  125   a run: the hypervisor was killed by a signal
+//! ```
+
+use std::process::{ExitCode, ExitStatus};
+
+/// Capsule failed.
+pub const FAILURE: u8 = 1;
+/// Added to the guest's (hypervisor's) non-zero exit status.
+pub const GUEST_BASE: u8 = 64;
+/// The hypervisor died of a signal.
+pub const GUEST_SIGNALLED: u8 = 125;
+
+/// The exit code of a run whose hypervisor ended with `status`.
+pub fn guest(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(n) => ExitCode::from(GUEST_BASE + n.clamp(1, 63) as u8),
+        None => ExitCode::from(GUEST_SIGNALLED),
+    }
+}

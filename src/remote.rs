@@ -1,0 +1,38 @@
+//! Opening the local store and talking to a server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use capsule_images::Store;
+
+use crate::args::ConnArgs;
+use crate::progress;
+
+pub fn open_store(dir: Option<PathBuf>) -> Result<Store> {
+    let dir = dir.unwrap_or_else(Store::default_dir);
+    Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Pushes local capsule `name` to `remote` (capsule://HOST:PORT[/REMOTENAME]).
+pub fn push(store: &Store, name: &str, remote: &str, conn: &ConnArgs) -> Result<capsule_net::TransferReport> {
+    let url = capsule_net::RemoteUrl::parse(remote)?;
+    let remote_name = url.name.clone().unwrap_or_else(|| name.to_string());
+    runtime()?.block_on(async {
+        let client = connect(&url, conn).await?;
+        let r = capsule_net::push(store, name, &client, &remote_name, &progress::Bar::new()).await;
+        client.close().await;
+        r.with_context(|| format!("pushing {name} to {remote}"))
+    })
+}
+
+pub async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
+    let client = capsule_net::Client::connect(url, &conn.options()).await?;
+    if client.newly_trusted {
+        eprintln!("capsule: trusting new server {} with certificate SHA-256 {} (recorded in known_servers)", url.host_port(), client.fingerprint);
+    }
+    Ok(client)
+}
