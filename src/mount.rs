@@ -230,7 +230,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
         let (_, everything) = store.closure(id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
     }
-    let follow = (args.prefetch == crate::PrefetchMode::Profile && !blocks.is_empty()).then(|| fs.follow_profile(&blocks));
+    let follow = (args.prefetch == PrefetchMode::Profile && !blocks.is_empty()).then(|| fs.follow_profile(&blocks));
     let engine = fs.engine();
     std::thread::Builder::new().name("capsule-prefetch".into()).spawn(move || {
         let _follow = follow;
