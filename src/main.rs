@@ -205,7 +205,11 @@ enum Command {
         /// Most concurrent connections; more are refused
         #[arg(long, default_value_t = capsule_net::server::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
-        /// Seconds a client has to send a whole request header on a stream
+        /// Most concurrent connections from one IP address; more are refused
+        #[arg(long, value_name = "N", default_value_t = capsule_net::server::DEFAULT_MAX_PER_IP)]
+        max_connections_per_ip: usize,
+        /// Seconds a client has to send a whole request header (on a stream, and on a new
+        /// connection: its first request)
         #[arg(long, value_name = "SECS", default_value_t = capsule_net::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
         header_timeout: f64,
     },
@@ -476,10 +480,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
-        Command::Serve { listen, public_read, max_connections, header_timeout } => {
+        Command::Serve { listen, public_read, max_connections, max_connections_per_ip, header_timeout } => {
             let store = open()?;
             let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
-            serve(store, listen, public_read, max_connections.max(1), header_timeout)?
+            serve(store, listen, public_read, (max_connections.max(1), max_connections_per_ip.max(1)), header_timeout)?
         }
         Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let store = open()?;
@@ -558,7 +562,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool, max_connections: usize, header_timeout: std::time::Duration) -> Result<()> {
+fn serve(
+    store: Store,
+    listen: std::net::SocketAddr,
+    public_read: bool,
+    (max_connections, max_per_ip): (usize, usize),
+    header_timeout: std::time::Duration,
+) -> Result<()> {
     let root = store.root().to_path_buf();
     let identity = capsule_net::tls::load_or_create_identity(&root)?;
     let rt = runtime()?;
@@ -570,7 +580,7 @@ fn serve(store: Store, listen: std::net::SocketAddr, public_read: bool, max_conn
         if public_read {
             println!("capsule: reads need no token (--public-read)");
         }
-        let opts = capsule_net::ServeOptions { max_connections, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
+        let opts = capsule_net::ServeOptions { max_connections, max_per_ip, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
         let backend: std::sync::Arc<dyn capsule_net::backend::Backend> = std::sync::Arc::new(store);
         tokio::select! {
             r = server.run(backend, opts) => r.map_err(anyhow::Error::from),

@@ -77,6 +77,12 @@ impl Client {
     /// Connects, checking the server's certificate against the pinned or known fingerprint;
     /// an unknown server is trusted and recorded (as ssh does).
     pub async fn connect(url: &RemoteUrl, opts: &ConnectOptions) -> Result<Self> {
+        Self::connect_from(url, opts, None).await
+    }
+
+    /// Like `connect`, from local address `bind` (tests and load generators that speak
+    /// from several addresses; `None`: any).
+    pub async fn connect_from(url: &RemoteUrl, opts: &ConnectOptions, bind: Option<SocketAddr>) -> Result<Self> {
         let addr: SocketAddr = (url.host.as_str(), url.port)
             .to_socket_addrs()
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("resolving {}: {e}", url.host_port())))?
@@ -96,7 +102,10 @@ impl Client {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::new(ErrorKind::Io, format!("QUIC TLS setup: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport()));
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| Error::new(ErrorKind::Io, "bind address"))?;
+        let bind: SocketAddr = match bind {
+            Some(b) => b,
+            None => if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| Error::new(ErrorKind::Io, "bind address"))?,
+        };
         let mut endpoint = crate::server::endpoint(bind, None)?;
         endpoint.set_default_client_config(config);
         let connecting =

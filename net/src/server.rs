@@ -1,15 +1,21 @@
 //! `capsule serve`: the quinn endpoint and one task per stream. Decisions (who may do
 //! what) are in `auth`; framing in `frame`; this file only moves bytes.
 //!
-//! Bounds against clients that never authorize: at most `max_connections` connections
-//! (more are refused during the handshake), a request header must arrive whole within
-//! `header_timeout` (else the connection is closed) and may be at most [`MAX_HEADER`]
-//! bytes, read through a small buffer; only an authorized stream gets block-sized frames
-//! and the full read buffer. Store I/O runs on blocking threads, never on async workers.
+//! Bounds against clients that never authorize: at most `max_connections` connections in
+//! all and `max_per_ip` from one address (more are refused before the handshake); until
+//! its first request is authorized a connection may open [`PRE_AUTH_STREAMS`] streams and
+//! have [`PRE_AUTH_WINDOW`] bytes in flight, and must send a whole request header within
+//! `header_timeout` of its handshake (a stream: of its first bytes), else it is closed; a
+//! request header may be at most [`MAX_HEADER`] bytes, read through a small buffer. Only
+//! an authorized stream gets block-sized frames, and only an authorized connection the
+//! full windows and [`MAX_STREAMS`] streams. Store I/O runs on blocking threads, never on
+//! async workers.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -31,7 +37,16 @@ pub const MAX_STREAMS: u32 = 64;
 /// [`MAX_BATCH`] hashes plus room for the token and names (about half a block frame).
 pub const MAX_HEADER: usize = MAX_BATCH * 32 + (16 << 10);
 /// Default cap on concurrent connections.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Default cap on concurrent connections from one IP address.
+pub const DEFAULT_MAX_PER_IP: usize = 32;
+/// Streams a connection may have open before its first authorized request.
+pub const PRE_AUTH_STREAMS: u32 = 2;
+/// Bytes a connection may have in flight (unread by the server) before its first
+/// authorized request: one whole request header and some.
+pub const PRE_AUTH_WINDOW: u32 = MAX_HEADER as u32 + (64 << 10);
+/// A connection's receive window once authorized.
+const RECEIVE_WINDOW: u32 = 32 << 20;
 /// Default time for a request header to arrive whole. Generous: a full batch of hashes
 /// (half a MiB) takes 11 s at 384 kbit/s.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -49,6 +64,8 @@ pub struct ServeOptions {
     pub store_root: PathBuf,
     /// Most concurrent connections; more are refused.
     pub max_connections: usize,
+    /// Most concurrent connections from one IP address; more are refused.
+    pub max_per_ip: usize,
     /// Time from a stream's first bytes to its whole request header; slower clients are
     /// disconnected.
     pub header_timeout: Duration,
@@ -57,7 +74,14 @@ pub struct ServeOptions {
 impl ServeOptions {
     /// Options with the default bounds.
     pub fn new(listen: SocketAddr, public_read: bool, store_root: PathBuf) -> Self {
-        Self { listen, public_read, store_root, max_connections: DEFAULT_MAX_CONNECTIONS, header_timeout: DEFAULT_HEADER_TIMEOUT }
+        Self {
+            listen,
+            public_read,
+            store_root,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_per_ip: DEFAULT_MAX_PER_IP,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+        }
     }
 }
 
@@ -68,7 +92,7 @@ pub fn transport() -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
-    t.receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
     t.send_window(32 << 20);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     // A dead peer is noticed after three missed keep-alives, so a mount moves to a new
@@ -134,7 +158,11 @@ impl Server {
         crypto.alpn_protocols = vec![tls::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| Error::new(ErrorKind::Io, format!("QUIC TLS setup: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(transport()));
+        // Small until the first authorized request (`open_up`).
+        let mut t = transport();
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(PRE_AUTH_STREAMS));
+        t.receive_window(quinn::VarInt::from_u32(PRE_AUTH_WINDOW));
+        config.transport_config(Arc::new(t));
         let endpoint = endpoint(listen, Some(config))?;
         Ok(Self { endpoint, fingerprint: identity.fingerprint })
     }
@@ -152,8 +180,15 @@ impl Server {
     /// Serves until the endpoint is closed.
     pub async fn run(self, backend: Arc<dyn Backend>, opts: ServeOptions) -> Result<()> {
         let slots = Arc::new(Semaphore::new(opts.max_connections));
+        let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
         while let Some(incoming) = self.endpoint.accept().await {
             // Refused before the handshake costs anything: the client sees "refused".
+            let ip = incoming.remote_address().ip();
+            let Some(ip_slot) = IpSlot::take(&per_ip, ip, opts.max_per_ip) else {
+                debug!(remote = %incoming.remote_address(), "refused: {} connections from {ip} already", opts.max_per_ip);
+                incoming.refuse();
+                continue;
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 debug!(remote = %incoming.remote_address(), "refused: {} connections already", opts.max_connections);
                 incoming.refuse();
@@ -169,10 +204,40 @@ impl Server {
                     }
                     Err(e) => debug!("handshake failed: {e}"),
                 }
-                drop(slot);
+                drop((slot, ip_slot));
             });
         }
         Ok(())
+    }
+}
+
+/// One connection's share of its address's quota, given back when dropped.
+struct IpSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { map: map.clone(), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -184,6 +249,24 @@ async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(
 }
 
 async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, opts: ServeOptions) {
+    // A connection that has made no authorized request by the deadline holds a slot for
+    // nothing: closed.
+    let authorized = Arc::new(AtomicBool::new(false));
+    {
+        let (conn, authorized, limit) = (conn.clone(), authorized.clone(), opts.header_timeout);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(limit) => {
+                    if !authorized.load(Ordering::Relaxed) {
+                        let why = format!("no request within {limit:?} of connecting");
+                        debug!(remote = %conn.remote_address(), "{why}");
+                        conn.close(quinn::VarInt::from_u32(CLOSE_HEADER_TIMEOUT), why.as_bytes());
+                    }
+                }
+                _ = conn.closed() => {}
+            }
+        });
+    }
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -196,8 +279,9 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
         let opts = opts.clone();
         let remote = conn.remote_address();
         let conn = conn.clone();
+        let authorized = authorized.clone();
         tokio::spawn(async move {
-            match serve_stream(&conn, send, recv, backend, &opts).await {
+            match serve_stream(&conn, &authorized, send, recv, backend, &opts).await {
                 Err(e) if e.kind() == ErrorKind::Denied => debug!(%remote, "refused: {e}"),
                 Err(e) => warn!(%remote, "stream failed: {e}"),
                 Ok(()) => {}
@@ -208,6 +292,7 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
 
 async fn serve_stream(
     conn: &quinn::Connection,
+    authorized: &AtomicBool,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     backend: Arc<dyn Backend>,
@@ -226,7 +311,7 @@ async fn serve_stream(
         }
     };
     let result = match header {
-        Ok(h) => handle(&mut send, &mut reader, h, &backend, opts).await,
+        Ok(h) => handle(conn, authorized, &mut send, &mut reader, h, &backend, opts).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
@@ -248,13 +333,30 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-async fn handle(send: &mut quinn::SendStream, reader: &mut FrameReader, header: RequestHeader, backend: &Arc<dyn Backend>, opts: &ServeOptions) -> Result<()> {
+/// The connection's first authorized request opens its windows and streams.
+fn open_up(conn: &quinn::Connection, authorized: &AtomicBool) {
+    if !authorized.swap(true, Ordering::Relaxed) {
+        conn.set_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
+    }
+}
+
+async fn handle(
+    conn: &quinn::Connection,
+    authorized: &AtomicBool,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    header: RequestHeader,
+    backend: &Arc<dyn Backend>,
+    opts: &ServeOptions,
+) -> Result<()> {
     // Reload tokens per stream: `capsule token create` and `revoke` take effect without a restart.
     let (root, public_read) = (opts.store_root.clone(), opts.public_read);
     let policy = tokio::task::spawn_blocking(move || Policy::load(&root, public_read))
         .await
         .map_err(|e| Error::new(ErrorKind::Io, format!("token task failed: {e}")))??;
     let grant = policy.authorize(header.token.as_deref(), &header.request)?;
+    open_up(conn, authorized);
     reader.authorized(MAX_BLOCK_FRAME);
     if header.request.batch_len() > MAX_BATCH {
         return Err(Error::protocol(format!("batch of {} exceeds {MAX_BATCH}", header.request.batch_len())));

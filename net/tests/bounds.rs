@@ -1,5 +1,6 @@
-//! Server resource bounds over real QUIC on loopback: a cap on connections, a deadline and
-//! a size cap on the request header before anything is authorized.
+//! Server resource bounds over real QUIC on loopback: caps on connections (in all and per
+//! address), a deadline and a size cap on the request header, and few streams and a small
+//! window before anything is authorized.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -19,6 +20,10 @@ struct Fixture {
 
 /// A public-read server over a store holding capsule `a`, with the given bounds.
 async fn serve(max_connections: usize, header_timeout: Duration) -> Fixture {
+    serve_with(max_connections, capsule_net::server::DEFAULT_MAX_PER_IP, header_timeout).await
+}
+
+async fn serve_with(max_connections: usize, max_per_ip: usize, header_timeout: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("server");
     let store = Store::open(&root).unwrap();
@@ -27,7 +32,7 @@ async fn serve(max_connections: usize, header_timeout: Duration) -> Fixture {
     capsule_images::import_capsule(&store, &CapsuleSpec { name: "a".into(), disks: vec![("root".into(), path)], ..Default::default() }, &NoProgress).unwrap();
     let server = Server::bind(capsule_net::tls::load_or_create_identity(&root).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
-    let opts = ServeOptions { max_connections, header_timeout, ..ServeOptions::new(addr, true, root) };
+    let opts = ServeOptions { max_connections, max_per_ip, header_timeout, ..ServeOptions::new(addr, true, root) };
     tokio::spawn(server.run(Arc::new(store), opts));
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");
@@ -39,6 +44,10 @@ async fn a_silent_request_header_loses_its_connection_at_the_deadline() {
     let f = serve(16, Duration::from_millis(1500)).await;
     let slow = Client::connect(&f.url, &f.opts).await.unwrap();
     let honest = Client::connect(&f.url, &f.opts).await.unwrap();
+    // (A connection must make a request within the deadline too: both have, so what is
+    // tested here is the deadline of a stream's header.)
+    assert_eq!(honest.list_refs("").await.unwrap().len(), 1);
+    assert_eq!(slow.list_refs("").await.unwrap().len(), 1);
     // Five bytes of a frame header, then nothing (the stream exists for the server once
     // bytes arrive on it).
     let (mut send, _recv) = slow.connection().open_bi().await.unwrap();
@@ -105,4 +114,55 @@ async fn connections_beyond_the_cap_are_refused_until_one_ends() {
     };
     assert_eq!(c.list_refs("").await.unwrap().len(), 1);
     assert_eq!(b.list_refs("").await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_only_its_share_of_connections() {
+    let f = serve_with(16, 2, Duration::from_secs(20)).await;
+    let from = |last: u8| Some(std::net::SocketAddr::from(([127, 0, 0, last], 0)));
+    let a = Client::connect_from(&f.url, &f.opts, from(1)).await.unwrap();
+    let b = Client::connect_from(&f.url, &f.opts, from(1)).await.unwrap();
+    let err = Client::connect_from(&f.url, &f.opts, from(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("refused"), "{err}");
+    // Another address is served; the first gets a slot back when one of its own ends.
+    let c = Client::connect_from(&f.url, &f.opts, from(2)).await.unwrap();
+    assert_eq!(c.list_refs("").await.unwrap().len(), 1);
+    a.close().await;
+    let start = Instant::now();
+    let d = loop {
+        match Client::connect_from(&f.url, &f.opts, from(1)).await {
+            Ok(d) => break d,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(5), "the address's slot never came back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(d.list_refs("").await.unwrap().len() + b.list_refs("").await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_at_the_deadline_and_an_unauthorized_one_gets_few_streams() {
+    let f = serve(16, Duration::from_millis(1500)).await;
+    let idle = Client::connect(&f.url, &f.opts).await.unwrap();
+    let busy = Client::connect(&f.url, &f.opts).await.unwrap();
+    // Before any request: two streams, no third (it waits for the server's credit).
+    let s1 = busy.connection().open_bi().await.unwrap();
+    let s2 = busy.connection().open_bi().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), busy.connection().open_bi()).await.is_err(), "a third stream before any authorized request");
+    drop((s1, s2));
+    // One authorized request opens the connection up: many streams at once.
+    assert_eq!(busy.list_refs("").await.unwrap().len(), 1);
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(tokio::time::timeout(Duration::from_secs(5), busy.connection().open_bi()).await.expect("streams after authorization").unwrap());
+    }
+    drop(streams);
+    // The idle one never asked anything: closed at the deadline, naming why.
+    let reason = tokio::time::timeout(Duration::from_secs(10), idle.connection().closed()).await.expect("the idle connection was kept");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => assert!(String::from_utf8_lossy(&c.reason).contains("no request within"), "{c:?}"),
+        other => panic!("closed for another reason: {other}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(busy.list_refs("").await.unwrap().len(), 1, "the busy one stays");
 }
