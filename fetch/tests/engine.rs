@@ -99,10 +99,6 @@ fn blocks(n: usize) -> (Vec<Hash>, ByHash, ByHash) {
     (hs, raw, enc)
 }
 
-fn engine(source: ThreadSource, stall: Duration) -> (Arc<Engine>, Arc<ThreadSource>, Arc<MemCache>) {
-    engine_with(source, stall, 0)
-}
-
 fn engine_with(source: ThreadSource, stall: Duration, verify_threads: usize) -> (Arc<Engine>, Arc<ThreadSource>, Arc<MemCache>) {
     let source = Arc::new(source);
     let cache = Arc::new(MemCache::default());
@@ -148,8 +144,15 @@ fn concurrent_readers(verify_threads: usize) {
 
 #[test]
 fn a_source_that_never_answers_fails_the_read_after_the_stall_timeout() {
+    // Verified where they arrive, and on verify threads.
+    for verify_threads in [0, 2] {
+        a_source_that_never_answers_fails_the_read_after_the_stall_timeout_with(verify_threads);
+    }
+}
+
+fn a_source_that_never_answers_fails_the_read_after_the_stall_timeout_with(verify_threads: usize) {
     let (hs, _, enc) = blocks(1);
-    let (e, _, _) = engine(ThreadSource { blocks: enc, silent: true, ..Default::default() }, Duration::from_millis(300));
+    let (e, _, _) = engine_with(ThreadSource { blocks: enc, silent: true, ..Default::default() }, Duration::from_millis(300), verify_threads);
     let t = Instant::now();
     let err = e.get(&hs, &[], Urgency::Demand, 0).unwrap_err();
     let took = t.elapsed();
@@ -169,10 +172,17 @@ fn without_a_source_a_missing_block_fails_at_once() {
 
 #[test]
 fn a_missing_readahead_block_never_fails_a_read() {
+    // Verified where they arrive, and on verify threads.
+    for verify_threads in [0, 2] {
+        a_missing_readahead_block_never_fails_a_read_with(verify_threads);
+    }
+}
+
+fn a_missing_readahead_block_never_fails_a_read_with(verify_threads: usize) {
     let (hs, raw, enc) = blocks(4);
     let mut src = ThreadSource { blocks: enc, latency: Duration::from_millis(10), ..Default::default() };
     src.missing.insert(hs[1]);
-    let (e, _, _) = engine(src, Duration::from_secs(10));
+    let (e, _, _) = engine_with(src, Duration::from_secs(10), verify_threads);
     // The missing block rides along with the demand one, in the same request.
     let got = e.get(&hs[..1], &hs[1..], Urgency::Demand, 0).unwrap();
     assert_eq!(*got[0], raw[&hs[0]]);
@@ -183,10 +193,17 @@ fn a_missing_readahead_block_never_fails_a_read() {
 
 #[test]
 fn a_corrupt_block_is_never_served_and_is_asked_again() {
+    // Verified where they arrive, and on verify threads.
+    for verify_threads in [0, 2] {
+        a_corrupt_block_is_never_served_and_is_asked_again_with(verify_threads);
+    }
+}
+
+fn a_corrupt_block_is_never_served_and_is_asked_again_with(verify_threads: usize) {
     let (hs, raw, enc) = blocks(2);
     let src = ThreadSource { blocks: enc, latency: Duration::from_millis(10), ..Default::default() };
     src.corrupt_once.lock().unwrap().insert(hs[0]);
-    let (e, src, _) = engine(src, Duration::from_secs(10));
+    let (e, src, _) = engine_with(src, Duration::from_secs(10), verify_threads);
     let got = e.get(&hs, &[], Urgency::Demand, 0).unwrap();
     assert_eq!(*got[0], raw[&hs[0]], "the good copy");
     assert_eq!(src.asked.lock().unwrap()[&hs[0]], 2);
@@ -195,8 +212,16 @@ fn a_corrupt_block_is_never_served_and_is_asked_again() {
 
 #[test]
 fn fetch_all_fetches_what_the_cache_lacks() {
+    // Verified where they arrive, and on verify threads.
+    for verify_threads in [0, 2] {
+        fetch_all_fetches_what_the_cache_lacks_with(verify_threads);
+    }
+}
+
+fn fetch_all_fetches_what_the_cache_lacks_with(verify_threads: usize) {
     let (hs, _, enc) = blocks(40);
-    let (e, src, cache) = engine(ThreadSource { blocks: enc.clone(), latency: Duration::from_millis(5), ..Default::default() }, Duration::from_secs(10));
+    let (e, src, cache) =
+        engine_with(ThreadSource { blocks: enc.clone(), latency: Duration::from_millis(5), ..Default::default() }, Duration::from_secs(10), verify_threads);
     cache.insert_verified(&hs[0], &enc[&hs[0]]).unwrap();
     let landed = AtomicU64::new(0);
     let bytes = e
