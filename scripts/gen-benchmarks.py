@@ -382,6 +382,22 @@ def gen_bulk_link(rows):
     return out
 
 
+def gen_load(rows):
+    r = rows[-1]
+    m, p = r["measurements"], r["params"]
+    kib = lambda k: f"{m[k] / 1024:.0f}"
+    rate = lambda secs: f"{p['bytes'] / secs / 1e6:.0f}"
+    note = (f"`capsule pull` of a {mib(p['bytes'], 0)} MiB capsule from `capsule serve` (default bounds) on loopback, "
+            f"median of {p['runs']} runs each, alone and while `capsule-loadgen` holds {p['idle']} idle connections "
+            f"and {p['slow']} clients sending a request header a byte a second (from other loopback addresses). "
+            f"Live when measured: {m['idle_live']} idle, {m['slow_live']} slow ({m['loadgen_refused']} connection "
+            f"attempts refused by the per-address and total caps). Goal: rate under load >= 0.8x.")
+    body = [["alone", fx(m["unloaded_s"]), rate(m["unloaded_s"]), "1.00", kib("server_rss_idle_kib")],
+            ["under load", fx(m["loaded_s"]), rate(m["loaded_s"]), fx(m["rate_ratio"]), kib("server_rss_loaded_kib")]]
+    return [note, ""] + table(["pull", "wall s", "MB/s", "rate vs alone", "server RSS MiB"], body) + [
+        "", f"Server peak RSS over the whole run: {kib('server_peak_rss_kib')} MiB."]
+
+
 # name: (bench, row filter, generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
@@ -394,6 +410,7 @@ TABLES = {
     "resume-link": ("resume-link", None, gen_resume_link, "make bench-resume-link"),
     "boot-link": ("bench-boot-link", None, gen_boot_link, "make bench-boot-link"),
     "bulk-link": ("bench-bulk-link", None, gen_bulk_link, "make bench-bulk-link"),
+    "load": ("load", None, gen_load, "make bench-load"),
 }
 
 

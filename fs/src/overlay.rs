@@ -167,6 +167,12 @@ fn parse_states(path: &Path, bytes: &[u8], expect: Option<(u64, u64)>) -> io::Re
     Ok(Loaded { header, states, same_boot })
 }
 
+/// Checks a state file's bytes as `Overlay::open` would (for an image of `size` bytes in
+/// `block_size`-byte blocks when given); returns the block states as they stand.
+pub fn parse_state_file(bytes: &[u8], expect: Option<(u64, u64)>) -> io::Result<Vec<u8>> {
+    Ok(parse_states(Path::new("<state file>"), bytes, expect)?.states)
+}
+
 /// What readers see of a raw state: data whether synced or not.
 fn visible(s: u8) -> u8 {
     if s == DATA_OVER_NONE || s == DATA_OVER_ZERO {

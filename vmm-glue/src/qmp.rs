@@ -136,6 +136,12 @@ impl Qmp {
                 Err(e) => return Err(Error::io(format!("QMP socket {}", socket.display()), e)),
             }
         };
+        Self::over_stream(stream, &socket.display().to_string())
+    }
+
+    /// A session over a connected stream (`label` names it in errors): greeting, then
+    /// `qmp_capabilities`.
+    pub fn over_stream(stream: UnixStream, label: &str) -> Result<Self> {
         // A hypervisor that stops answering must not hang the caller forever.
         stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| Error::io("QMP socket", e))?;
         let writer = stream.try_clone().map_err(|e| Error::io("QMP socket", e))?;
@@ -143,7 +149,7 @@ impl Qmp {
         let greeting = qmp.read_message()?;
         let v = &greeting["QMP"]["version"]["qemu"];
         if greeting.get("QMP").is_none() {
-            return Err(Error::new(ErrorKind::Invalid, format!("{}: not a QMP greeting: {greeting}", socket.display())));
+            return Err(Error::new(ErrorKind::Invalid, format!("{label}: not a QMP greeting: {greeting}")));
         }
         qmp.version = (v["major"].as_u64().unwrap_or(0), v["minor"].as_u64().unwrap_or(0), v["micro"].as_u64().unwrap_or(0));
         qmp.execute("qmp_capabilities", None)?;

@@ -1,0 +1,878 @@
+//! Capsule's fuzz harness, on the stable toolchain: every decoder and parser of outside
+//! input is fed valid encodings made by the real encoders, then mutated by a small
+//! deterministic mutator (bit flips, interesting integers at any offset, cuts, splices,
+//! repeats). Checksums would stop almost every mutation at the first check, so each
+//! target also has a "wrapped" mode: the mutated bytes become the payload of a container
+//! whose checksum the harness computes, and the decoder behind the check gets them.
+//!
+//! A target passes when no input panics and none takes longer than [`HANG_LIMIT`]; an
+//! error return is the expected answer to most inputs.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsule_images::envelope::{self, ObjectKind};
+use capsule_images::map::{self, Entry, MapPage, MapRoot, PageSource};
+use capsule_images::{block, Hash, Image, Layer, Manifest, Profile};
+
+/// An input running longer than this is a hang.
+pub const HANG_LIMIT: Duration = Duration::from_secs(5);
+/// Largest input the mutator makes.
+pub const MAX_INPUT: usize = 64 << 10;
+
+/// xorshift64*: deterministic, seedable, fast.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+const INTERESTING: [u64; 16] = [0, 1, 2, 0x7f, 0x80, 0xff, 0x100, 0x7fff, 0xffff, 0x1_0000, 0x10_0000, 0x10_0001, 0x7fff_ffff, 0xffff_ffff, 1 << 40, u64::MAX];
+
+/// Mutates `data` in place with 1 to 4 operations; `corpus` feeds splices.
+pub fn mutate(rng: &mut Rng, data: &mut Vec<u8>, corpus: &[Vec<u8>]) {
+    for _ in 0..1 + rng.below(4) {
+        let len = data.len();
+        match rng.below(11) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                data[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                data[i] = INTERESTING[rng.below(INTERESTING.len())] as u8;
+            }
+            2 if len > 0 => {
+                let i = rng.below(len);
+                data[i] = rng.next() as u8;
+            }
+            3 | 4 if len >= 2 => {
+                // An interesting integer, 2, 4 or 8 bytes, either byte order.
+                let width = [2usize, 4, 8][rng.below(3)].min(len);
+                let i = rng.below(len - width + 1);
+                let v = INTERESTING[rng.below(INTERESTING.len())].wrapping_add(rng.below(3) as u64).wrapping_sub(1);
+                let bytes = if rng.below(2) == 0 { v.to_le_bytes() } else { v.to_be_bytes() };
+                let src = if rng.below(2) == 0 { &bytes[..width] } else { &bytes[8 - width..] };
+                data[i..i + width].copy_from_slice(src);
+            }
+            5 if len > 0 => {
+                // Cut a range out.
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(16.min(len - a))).min(len);
+                data.drain(a..b);
+            }
+            6 => {
+                // Insert random bytes.
+                let at = rng.below(len + 1);
+                let n = 1 + rng.below(16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                data.splice(at..at, bytes);
+            }
+            7 if len > 0 => {
+                // Repeat a range (postcard lengths, nested structures).
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(64.min(len - a))).min(len);
+                let chunk = data[a..b].to_vec();
+                let at = rng.below(len + 1);
+                for _ in 0..1 + rng.below(4) {
+                    data.splice(at..at, chunk.iter().copied());
+                }
+            }
+            8 if len > 0 => data.truncate(rng.below(len)),
+            9 if !corpus.is_empty() => {
+                // Splice: our head, another seed's tail.
+                let other = &corpus[rng.below(corpus.len())];
+                let at = rng.below(len + 1);
+                let from = rng.below(other.len() + 1);
+                data.truncate(at);
+                data.extend_from_slice(&other[from..]);
+            }
+            _ => {
+                // A varint-style length of a random size at a random place.
+                let at = rng.below(len + 1);
+                let mut v = INTERESTING[rng.below(INTERESTING.len())];
+                let mut bytes = Vec::new();
+                while v >= 0x80 {
+                    bytes.push(v as u8 | 0x80);
+                    v >>= 7;
+                }
+                bytes.push(v as u8);
+                data.splice(at..at, bytes);
+            }
+        }
+    }
+    data.truncate(MAX_INPUT);
+}
+
+/// One decoder under test.
+#[derive(Debug)]
+pub struct Target {
+    /// Its name (`--target NAME`).
+    pub name: &'static str,
+    /// Valid encodings to start from (mode byte first: 0 raw, 1 wrapped).
+    pub seeds: fn() -> Vec<Vec<u8>>,
+    /// Feeds one input to the decoder; true if the decoder accepted it.
+    pub run: fn(&[u8]) -> bool,
+}
+
+/// Every target.
+pub fn targets() -> Vec<Target> {
+    vec![
+        Target { name: "frame", seeds: seeds_frame, run: run_frame },
+        Target { name: "control", seeds: seeds_control, run: run_control },
+        Target { name: "envelope", seeds: seeds_envelope, run: run_envelope },
+        Target { name: "manifest", seeds: seeds_manifest, run: run_manifest },
+        Target { name: "layer", seeds: seeds_layer, run: run_layer },
+        Target { name: "map-page", seeds: seeds_map_page, run: run_map_page },
+        Target { name: "profile", seeds: seeds_profile, run: run_profile },
+        Target { name: "block", seeds: seeds_block, run: run_block },
+        Target { name: "pins", seeds: seeds_pins, run: run_pins },
+        Target { name: "overlay-state", seeds: seeds_overlay_state, run: run_overlay_state },
+        Target { name: "token-file", seeds: seeds_token_file, run: run_token_file },
+        Target { name: "qmp", seeds: seeds_qmp, run: run_qmp },
+        Target { name: "qcow2-header", seeds: seeds_qcow2, run: run_qcow2 },
+        Target { name: "hints", seeds: seeds_hints, run: run_hints },
+    ]
+}
+
+/// What a run of one target did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Inputs fed.
+    pub inputs: u64,
+    /// Inputs the decoder accepted.
+    pub accepted: u64,
+    /// Inputs that panicked (each saved under the crash directory).
+    pub panics: u64,
+    /// The slowest input.
+    pub slowest: Duration,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// The first panic's message.
+    pub first_panic: Option<String>,
+}
+
+/// Runs `target` on `inputs` inputs from `seed`: the seeds themselves first, then
+/// mutations of seeds and of inputs the decoder accepted. A panicking input is written to
+/// `crash_dir`. An input that runs past [`HANG_LIMIT`] is written there too, and the
+/// process exits (a hang cannot be interrupted).
+pub fn run_target(target: &Target, inputs: u64, seed: u64, crash_dir: &Path) -> Report {
+    let seeds = (target.seeds)();
+    let mut corpus = seeds.clone();
+    let mut rng = Rng::new(seed ^ blake3::hash(target.name.as_bytes()).as_bytes()[0] as u64);
+    let mut report = Report::default();
+    let current: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let started_ms = Arc::new(AtomicU64::new(u64::MAX));
+    let epoch = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let (current, started_ms, done, dir, name) = (current.clone(), started_ms.clone(), done.clone(), crash_dir.to_path_buf(), target.name);
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let s = started_ms.load(Ordering::Relaxed);
+                if s != u64::MAX && epoch.elapsed().as_millis() as u64 > s + HANG_LIMIT.as_millis() as u64 {
+                    let input = current.lock().map(|c| c.clone()).unwrap_or_default();
+                    let path = save(&dir, name, "hang", &input);
+                    eprintln!("fuzz {name}: HANG: an input ran over {} s; saved as {}", HANG_LIMIT.as_secs(), path.display());
+                    std::process::exit(3);
+                }
+            }
+        })
+    };
+    // Panics are counted and saved, not printed one by one.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let start = Instant::now();
+    let mut input = Vec::new();
+    for n in 0..inputs {
+        input.clear();
+        if (n as usize) < seeds.len() {
+            input.extend_from_slice(&seeds[n as usize]);
+        } else {
+            input.extend_from_slice(&corpus[rng.below(corpus.len())]);
+            mutate(&mut rng, &mut input, &corpus);
+        }
+        if let Ok(mut c) = current.lock() {
+            c.clear();
+            c.extend_from_slice(&input);
+        }
+        let t0 = Instant::now();
+        started_ms.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let result = catch_unwind(AssertUnwindSafe(|| (target.run)(&input)));
+        started_ms.store(u64::MAX, Ordering::Relaxed);
+        report.slowest = report.slowest.max(t0.elapsed());
+        report.inputs += 1;
+        match result {
+            Ok(true) => {
+                report.accepted += 1;
+                // Accepted mutants are good parents: keep a bounded, refreshed sample.
+                if n as usize >= seeds.len() {
+                    if corpus.len() < 4096 {
+                        corpus.push(input.clone());
+                    } else {
+                        let i = seeds.len() + rng.below(corpus.len() - seeds.len());
+                        corpus[i] = input.clone();
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(payload) => {
+                report.panics += 1;
+                let msg = payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let path = save(crash_dir, target.name, "panic", &input);
+                if report.first_panic.is_none() {
+                    report.first_panic = Some(format!("{msg} (input saved as {})", path.display()));
+                }
+            }
+        }
+    }
+    report.elapsed = start.elapsed();
+    std::panic::set_hook(previous_hook);
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    report
+}
+
+fn save(dir: &Path, name: &str, what: &str, input: &[u8]) -> std::path::PathBuf {
+    let _ = std::fs::create_dir_all(dir);
+    let path = dir.join(format!("{name}-{what}-{}.bin", blake3::hash(input).to_hex().as_str().get(..16).unwrap_or_default()));
+    let _ = std::fs::write(&path, input);
+    path
+}
+
+/// Replays one saved input (a panic or hang found earlier) through `target`.
+pub fn replay(target: &Target, input: &[u8]) -> bool {
+    (target.run)(input)
+}
+
+// ---- helpers ----
+
+fn seed_pair(encoded: Vec<u8>, payload: Vec<u8>) -> [Vec<u8>; 2] {
+    let mut raw = vec![0u8];
+    raw.extend(encoded);
+    let mut wrapped = vec![1u8];
+    wrapped.extend(payload);
+    [raw, wrapped]
+}
+
+/// Splits an input into its mode (0 raw, 1 wrapped) and body.
+fn mode(input: &[u8]) -> (bool, &[u8]) {
+    match input.split_first() {
+        Some((m, rest)) => (m & 1 == 1, rest),
+        None => (false, input),
+    }
+}
+
+fn h(n: u8) -> Hash {
+    Hash(*blake3::hash(&[n]).as_bytes())
+}
+
+/// An envelope of `kind` around arbitrary payload bytes, with a valid checksum.
+fn envelope_around(kind: ObjectKind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 20);
+    out.extend_from_slice(envelope::MAGIC);
+    out.extend_from_slice(&envelope::VERSION.to_le_bytes());
+    out.push(kind as u8);
+    out.push(0);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(&sum.as_bytes()[..8]);
+    out
+}
+
+fn envelope_seeds<T: serde::Serialize>(kind: ObjectKind, values: &[T]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for v in values {
+        let Ok(encoded) = envelope::encode(kind, v) else { continue };
+        let payload = postcard::to_stdvec(v).unwrap_or_default();
+        out.extend(seed_pair(encoded, payload));
+    }
+    out
+}
+
+/// Raw mode: the envelope as given; wrapped: the body as its payload, checksum fixed.
+fn envelope_input(kind: ObjectKind, input: &[u8]) -> Vec<u8> {
+    let (wrapped, body) = mode(input);
+    if wrapped {
+        envelope_around(kind, body)
+    } else {
+        body.to_vec()
+    }
+}
+
+fn image(size: u64, bs: u8, top: Option<u8>) -> Image {
+    Image { size, block_size_log2: bs, top: top.map(h) }
+}
+
+fn sample_manifests() -> Vec<Manifest> {
+    let mut hints = BTreeMap::new();
+    hints.insert("qemu.machine".to_string(), "pc-i440fx-7.2".to_string());
+    hints.insert("qemu.append".to_string(), "console=ttyS0 root=/dev/vda".to_string());
+    let vm = capsule_images::VmDescription { cpus: 2, memory_mib: 256, hypervisor: Some("qemu".into()), hints };
+    vec![
+        Manifest {
+            name: "team/guest".into(),
+            parent: Some(h(1)),
+            created_unix: 1_700_000_000,
+            disks: vec![capsule_images::Disk { name: "root".into(), image: image(128 << 20, 16, Some(2)) }],
+            memory: Some(image(256 << 20, 12, Some(3))),
+            devstate: Some(image(70_000, 16, Some(4))),
+            boot: Some(capsule_images::BootFiles {
+                kernel: image(9 << 20, 16, Some(5)),
+                initrd: Some(image(3 << 20, 16, Some(6))),
+                cmdline: "console=ttyS0".into(),
+            }),
+            vm,
+        },
+        Manifest {
+            name: "a".into(),
+            parent: None,
+            created_unix: 0,
+            disks: vec![capsule_images::Disk { name: "d".into(), image: image(4096, 12, None) }],
+            memory: None,
+            devstate: None,
+            boot: None,
+            vm: capsule_images::VmDescription::default(),
+        },
+    ]
+}
+
+// ---- targets ----
+
+fn frame_around(t: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    out.extend_from_slice(capsule_net::frame::MAGIC);
+    out.push(capsule_net::frame::VERSION);
+    out.push(t);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(&sum.as_bytes()[..4]);
+    out
+}
+
+fn sample_requests() -> Vec<capsule_net::proto::RequestHeader> {
+    use capsule_net::proto::{Request, RequestHeader};
+    let reqs = vec![
+        Request::ListRefs { prefix: "team/".into() },
+        Request::GetRef { name: "team/guest".into() },
+        Request::GetObjects { ids: vec![h(1), h(2)] },
+        Request::GetBlocks { hashes: vec![h(3); 5] },
+        Request::MissingBlocks { hashes: vec![h(4)] },
+        Request::MissingObjects { ids: vec![] },
+        Request::PutObjects,
+        Request::PutBlocks,
+        Request::UpdateRef { name: "team/x".into(), old: Some(h(5)), new: h(6) },
+        Request::ListProfiles { capsule: h(7) },
+        Request::SetProfile { capsule: h(8), name: "boot".into(), id: h(9) },
+    ];
+    reqs.into_iter()
+        .enumerate()
+        .map(|(i, request)| RequestHeader { token: (i % 2 == 0).then(|| "capsule_0123456789abcdef".into()), priority: i as u8 % 3, request })
+        .collect()
+}
+
+fn sample_responses() -> Vec<capsule_net::proto::Response> {
+    use capsule_net::proto::Response;
+    vec![
+        Response::Refs(vec![("team/a".into(), h(1))]),
+        Response::Ref(Some(h(2))),
+        Response::Ref(None),
+        Response::Profiles(vec![("boot".into(), h(3))]),
+        Response::Missing(vec![h(4), h(5)]),
+        Response::Stored { new: 7 },
+        Response::Error { kind: capsule_net::ErrorKind::NotFound, message: "no such ref".into() },
+    ]
+}
+
+fn seeds_frame() -> Vec<Vec<u8>> {
+    use capsule_net::frame::{encode, Frame};
+    let data = vec![7u8; 65536];
+    let hash = Hash::of(&data);
+    let encoded_block = block::encode(&data).unwrap_or_default();
+    let manifest = envelope::encode(ObjectKind::Manifest, &sample_manifests()[0]).unwrap_or_default();
+    let req = postcard::to_stdvec(&sample_requests()[3]).unwrap_or_default();
+    let resp = postcard::to_stdvec(&sample_responses()[4]).unwrap_or_default();
+    let frames = vec![
+        Frame::Request(req.clone()),
+        Frame::Response(resp.clone()),
+        Frame::Block { hash, encoded: encoded_block.clone() },
+        Frame::Object { kind: ObjectKind::Manifest, id: Hash::of(&manifest), bytes: manifest.clone() },
+        Frame::End,
+    ];
+    let mut out = Vec::new();
+    let mut stream = Vec::new();
+    for f in &frames {
+        let e = encode(f).unwrap_or_default();
+        stream.extend_from_slice(&e);
+        out.push([vec![0u8], e].concat());
+    }
+    out.push([vec![0u8], stream].concat());
+    // Wrapped: type byte, then the payload.
+    out.push([vec![1u8, 1], req].concat());
+    out.push([vec![1u8, 2], resp].concat());
+    out.push([vec![1u8, 3], hash.0.to_vec(), encoded_block].concat());
+    out.push([vec![1u8, 4, 1], Hash::of(&manifest).0.to_vec(), manifest].concat());
+    out
+}
+
+fn run_frame(input: &[u8]) -> bool {
+    use capsule_net::frame::{decode_control, Decoder, Frame};
+    let (wrapped, body) = mode(input);
+    let bytes = if wrapped {
+        match body.split_first() {
+            Some((t, payload)) => frame_around(*t, payload),
+            None => return false,
+        }
+    } else {
+        body.to_vec()
+    };
+    // Fed in chunks whose sizes the input picks, as a network would.
+    let mut dec = Decoder::new();
+    let mut at = 0;
+    let mut step = 1 + bytes.first().copied().unwrap_or(0) as usize % 97;
+    let mut frames = 0;
+    while at < bytes.len() {
+        let end = (at + step).min(bytes.len());
+        if dec.push(&bytes[at..end]).is_err() {
+            return false;
+        }
+        at = end;
+        step = step * 3 % 1031 + 1;
+        let _ = dec.wanted();
+        let _ = dec.frame_len();
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => {
+                    frames += 1;
+                    match f {
+                        Frame::Request(p) => {
+                            let _ = decode_control::<capsule_net::proto::RequestHeader>(&p);
+                        }
+                        Frame::Response(p) => {
+                            let _ = decode_control::<capsule_net::proto::Response>(&p);
+                        }
+                        Frame::Block { hash, encoded } => {
+                            let _ = block::decode(&hash, &encoded);
+                        }
+                        Frame::Object { kind, id, bytes } => {
+                            if Hash::of(&bytes) == id {
+                                let _ = envelope::open(kind, &bytes);
+                            }
+                        }
+                        Frame::End => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return false,
+            }
+        }
+    }
+    frames > 0
+}
+
+fn seeds_control() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in sample_requests() {
+        out.push([vec![0u8], postcard::to_stdvec(&r).unwrap_or_default()].concat());
+    }
+    for r in sample_responses() {
+        out.push([vec![1u8], postcard::to_stdvec(&r).unwrap_or_default()].concat());
+    }
+    out
+}
+
+fn run_control(input: &[u8]) -> bool {
+    use capsule_net::frame::decode_control;
+    use capsule_net::proto::{RequestHeader, Response};
+    let (response, body) = mode(input);
+    if response {
+        decode_control::<Response>(body).is_ok()
+    } else {
+        match decode_control::<RequestHeader>(body) {
+            Ok(r) => {
+                let _ = (r.request.batch_len(), r.request.is_write());
+                // Names from a client meet the scope check.
+                if let capsule_net::proto::Request::GetRef { name } | capsule_net::proto::Request::UpdateRef { name, .. } = &r.request {
+                    let _ = capsule_net::auth::covers("team/", name);
+                    let _ = capsule_images::manifest::check_name(name);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn seeds_envelope() -> Vec<Vec<u8>> {
+    let mut out = seeds_manifest();
+    out.extend(seeds_layer());
+    out.extend(seeds_map_page());
+    out
+}
+
+fn run_envelope(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    let mut any = false;
+    for kind in [ObjectKind::Manifest, ObjectKind::Layer, ObjectKind::MapPage, ObjectKind::Profile] {
+        any |= envelope::open(kind, body).is_ok();
+    }
+    let _ = envelope::peek_kind(body);
+    let _ = envelope::decode_verified::<Layer>(ObjectKind::Layer, &Hash::of(body), body);
+    any
+}
+
+fn seeds_manifest() -> Vec<Vec<u8>> {
+    envelope_seeds(ObjectKind::Manifest, &sample_manifests())
+}
+
+fn run_manifest(input: &[u8]) -> bool {
+    let bytes = envelope_input(ObjectKind::Manifest, input);
+    let Ok(m) = envelope::decode::<Manifest>(ObjectKind::Manifest, &bytes) else { return false };
+    if m.validate().is_err() {
+        return false;
+    }
+    // What a mount and `run` then do with a manifest from elsewhere.
+    for (_, i) in m.images() {
+        let _ = (i.block_count(), i.validate());
+    }
+    let _ = m.memory_or_blank();
+    let _ = capsule_vmm_glue::qemu::QemuHints::parse(&m.vm.hints);
+    if let Some(t) = m.vm.hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
+        let cfg = capsule_images::manifest::config_for_mount(t, Path::new("/run/capsule/mnt"));
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&cfg) {
+            let _ = capsule_vmm_glue::cloud_hypervisor::check_config(&v, Path::new("/run/capsule/mnt"));
+        }
+    }
+    true
+}
+
+fn seeds_layer() -> Vec<Vec<u8>> {
+    let layers = vec![
+        Layer { block_size_log2: 16, parent: Some(h(1)), map: MapRoot { height: 2, root: Some(h(2)) }, mapped: 1000 },
+        Layer { block_size_log2: 12, parent: None, map: MapRoot { height: 1, root: None }, mapped: 0 },
+    ];
+    envelope_seeds(ObjectKind::Layer, &layers)
+}
+
+fn run_layer(input: &[u8]) -> bool {
+    let bytes = envelope_input(ObjectKind::Layer, input);
+    match envelope::decode::<Layer>(ObjectKind::Layer, &bytes) {
+        Ok(l) => capsule_images::manifest::check_block_size_log2(l.block_size_log2).is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn seeds_map_page() -> Vec<Vec<u8>> {
+    let pages = vec![
+        MapPage::Leaf(vec![(0, Entry::Zero), (1, Entry::Data(h(1))), (1023, Entry::Data(h(2)))]),
+        MapPage::Node(vec![(0, h(3)), (5, h(4)), (6, h(4))]),
+        MapPage::Node((0..1024).map(|i| (i as u16, h(9))).collect()),
+    ];
+    envelope_seeds(ObjectKind::MapPage, &pages)
+}
+
+/// Every id names the same page: the "all slots name one child" attack on a walk.
+struct OnePage(Arc<MapPage>);
+
+impl PageSource for OnePage {
+    fn page(&self, _id: &Hash) -> capsule_images::Result<Arc<MapPage>> {
+        Ok(self.0.clone())
+    }
+}
+
+fn run_map_page(input: &[u8]) -> bool {
+    let bytes = envelope_input(ObjectKind::MapPage, input);
+    let Ok(page) = envelope::decode::<MapPage>(ObjectKind::MapPage, &bytes) else { return false };
+    if page.validate().is_err() {
+        return false;
+    }
+    // Walks and lookups over a tree made of this page alone, for images of a few sizes:
+    // bounded however the page points.
+    let src = OnePage(Arc::new(page));
+    let tail = input.last().copied().unwrap_or(0) as u64;
+    for nblocks in [1u64, 1000 + tail, 1 << 14] {
+        for height in [1u8, 2, 3, map::height_for(nblocks), map::MAX_HEIGHT] {
+            let root = MapRoot { height, root: Some(h(0)) };
+            let mut entries = 0u64;
+            let _ = map::walk(&src, &root, nblocks, &mut |_| Ok(()), &mut |_, _| {
+                entries += 1;
+                Ok(())
+            });
+            for index in [0, 1, nblocks - 1, nblocks, u64::MAX] {
+                let _ = map::lookup(&src, &root, index);
+            }
+        }
+    }
+    true
+}
+
+fn seeds_profile() -> Vec<Vec<u8>> {
+    let profiles = vec![
+        Profile { capsule: h(1), name: "boot".into(), blocks: (0..200).map(|i| h(i as u8)).collect() },
+        Profile { capsule: h(2), name: "x".into(), blocks: vec![] },
+    ];
+    envelope_seeds(ObjectKind::Profile, &profiles)
+}
+
+fn run_profile(input: &[u8]) -> bool {
+    let bytes = envelope_input(ObjectKind::Profile, input);
+    match envelope::decode::<Profile>(ObjectKind::Profile, &bytes) {
+        Ok(p) => capsule_images::manifest::check_name(&p.name).is_ok() && p.blocks.len() <= capsule_images::manifest::MAX_PROFILE_BLOCKS,
+        Err(_) => false,
+    }
+}
+
+fn seeds_block() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let compressible: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+    let random: Vec<u8> = (0..4096u32).map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0]).collect();
+    for data in [compressible, random, vec![1, 2, 3]] {
+        let enc = block::encode(&data).unwrap_or_default();
+        // Raw: hash of the content first, then the encoding; wrapped: the same (the
+        // encoding has no checksum beyond its name).
+        out.push([vec![0u8], Hash::of(&data).0.to_vec(), enc].concat());
+    }
+    out
+}
+
+fn run_block(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    if body.len() < 32 {
+        return false;
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&body[..32]);
+    match block::decode(&Hash(hash), &body[32..]) {
+        Ok(raw) => raw.len() <= block::MAX_BLOCK_SIZE,
+        Err(_) => false,
+    }
+}
+
+fn pins_checksum_fixed(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() >= 8 {
+        let body = bytes.len() - 8;
+        let sum = blake3::hash(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum.as_bytes()[..8]);
+    }
+    bytes
+}
+
+fn seeds_pins() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for n in [0usize, 1, 40] {
+        let e = capsule_fs::pins::encode(&(0..n).map(|i| h(i as u8)).collect::<Vec<_>>());
+        out.extend(seed_pair(e.clone(), e));
+    }
+    out
+}
+
+fn run_pins(input: &[u8]) -> bool {
+    let (wrapped, body) = mode(input);
+    let bytes = if wrapped { pins_checksum_fixed(body.to_vec()) } else { body.to_vec() };
+    capsule_fs::pins::decode(&bytes, "fuzz.pins").is_ok()
+}
+
+fn overlay_header_fixed(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() >= 64 && &bytes[..8] == b"CAPS-COW" {
+        let sum = blake3::hash(&bytes[..48]);
+        bytes[48..64].copy_from_slice(&sum.as_bytes()[..16]);
+    }
+    bytes
+}
+
+fn seeds_overlay_state() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(dir) = tempfile::tempdir() else { return out };
+    for (size, bs, writes) in [(8 * 4096u64, 4096u64, 3u64), (1 << 20, 65536, 10), (4096, 4096, 0)] {
+        let key = format!("k{size}");
+        if let Ok(o) = capsule_fs::overlay::Overlay::open(dir.path(), &key, size, bs) {
+            for i in 0..writes.min(size / bs) {
+                let _ = if i % 3 == 2 { o.zero_block(i) } else { o.write_block(i, &vec![i as u8 + 1; bs as usize]) };
+            }
+            if writes > 5 {
+                let _ = o.sync();
+            }
+            std::mem::forget(o); // unsynced states stay in the file
+        }
+        if let Ok(bytes) = std::fs::read(dir.path().join(format!("{key}.state"))) {
+            out.extend(seed_pair(bytes.clone(), bytes));
+        }
+    }
+    // The headerless first format.
+    out.push(vec![0, 1, 0, 2, 1, 0, 0, 0, 0]);
+    out
+}
+
+fn run_overlay_state(input: &[u8]) -> bool {
+    let (wrapped, body) = mode(input);
+    let bytes = if wrapped { overlay_header_fixed(body.to_vec()) } else { body.to_vec() };
+    let a = capsule_fs::overlay::parse_state_file(&bytes, None).is_ok();
+    let b = capsule_fs::overlay::parse_state_file(&bytes, Some((8 * 4096, 4096))).is_ok();
+    let c = capsule_fs::overlay::parse_state_file(&bytes, Some((1 << 20, 65536))).is_ok();
+    a || b || c
+}
+
+thread_local! {
+    static TOKEN_DIR: Option<tempfile::TempDir> = tempfile::tempdir().ok();
+}
+
+fn seeds_token_file() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(dir) = tempfile::tempdir() else { return out };
+    for (scope, prefix) in [(capsule_net::auth::Scope::Read, ""), (capsule_net::auth::Scope::Write, "team/"), (capsule_net::auth::Scope::Read, "a/b")] {
+        let _ = capsule_net::auth::create_token(dir.path(), scope, prefix);
+        if let Ok(bytes) = std::fs::read(capsule_net::auth::tokens_path(dir.path())) {
+            out.push([vec![0u8], bytes].concat());
+        }
+    }
+    out
+}
+
+fn run_token_file(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    TOKEN_DIR.with(|dir| {
+        let Some(dir) = dir else { return false };
+        let path = capsule_net::auth::tokens_path(dir.path());
+        let _ = std::fs::create_dir_all(path.parent().unwrap_or(dir.path()));
+        if std::fs::write(&path, body).is_err() {
+            return false;
+        }
+        let Ok(policy) = capsule_net::auth::Policy::load(dir.path(), false) else { return false };
+        for req in sample_requests() {
+            let _ = policy.authorize(req.token.as_deref(), &req.request);
+        }
+        let _ = capsule_net::auth::list_tokens(dir.path());
+        true
+    })
+}
+
+fn seeds_qmp() -> Vec<Vec<u8>> {
+    let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+    let scripts = [
+        vec![
+            greeting,
+            r#"{"return": {}}"#,
+            r#"{"return": {"status": "running", "running": true}}"#,
+            r#"{"return": [{"capability": "x-ignore-shared", "state": false}]}"#,
+            r#"{"return": [{"name": "pc-i440fx-7.2", "alias": "pc"}, {"name": "q35"}]}"#,
+        ],
+        vec![
+            greeting,
+            r#"{"return": {}}"#,
+            r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "no"}}"#,
+        ],
+        vec![greeting, r#"{"return": {}}"#, "", r#"{"return": 5}"#, r#"{"return": {}}"#, r#"{"return": [{"alias": "pc"}]}"#],
+    ];
+    scripts.iter().map(|s| [vec![0u8], s.join("\n").into_bytes(), vec![b'\n']].concat()).collect()
+}
+
+fn run_qmp(input: &[u8]) -> bool {
+    use std::io::Write;
+    let (_, body) = mode(input);
+    let Ok((mut ours, theirs)) = std::os::unix::net::UnixStream::pair() else { return false };
+    // The whole script is in the socket before the client reads; then end of stream.
+    if ours.write_all(body).is_err() || ours.shutdown(std::net::Shutdown::Write).is_err() {
+        return false;
+    }
+    let Ok(mut qmp) = capsule_vmm_glue::qmp::Qmp::over_stream(theirs, "fuzz") else { return false };
+    let a = qmp.run(capsule_vmm_glue::qmp::Command::QueryMigrate).is_ok();
+    let b = qmp.migration_capabilities().is_ok();
+    let c = qmp.resolve_machine("pc").is_ok();
+    let d = qmp.balloon_actual().is_ok();
+    let e = qmp.guest_available().is_some();
+    drop(ours);
+    a || b || c || d || e
+}
+
+fn qcow2_header(version: u32, backing: Option<&str>, exts: &[(u32, &[u8])]) -> Vec<u8> {
+    let mut h = vec![0u8; 4096];
+    h[..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&version.to_be_bytes());
+    h[20..24].copy_from_slice(&16u32.to_be_bytes());
+    h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    let mut at = if version == 3 { 104 } else { 72 };
+    if version == 3 {
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+    }
+    for (t, data) in exts {
+        h[at..at + 4].copy_from_slice(&t.to_be_bytes());
+        h[at + 4..at + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        h[at + 8..at + 8 + data.len()].copy_from_slice(data);
+        at += 8 + data.len().div_ceil(8) * 8;
+    }
+    if let Some(b) = backing {
+        h[8..16].copy_from_slice(&1024u64.to_be_bytes());
+        h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
+        h[1024..1024 + b.len()].copy_from_slice(b.as_bytes());
+    }
+    h
+}
+
+fn seeds_qcow2() -> Vec<Vec<u8>> {
+    vec![
+        [vec![0u8], qcow2_header(3, Some("base.qcow2"), &[(0xe279_2aca, b"qcow2")])].concat(),
+        [vec![0u8], qcow2_header(2, Some("/etc/passwd"), &[])].concat(),
+        [vec![0u8], qcow2_header(3, None, &[(0x4441_5441, b"/etc/shadow"), (0x6803_f857, &[0; 48])])].concat(),
+    ]
+}
+
+fn run_qcow2(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    capsule_images::qcow2::parse_header(body).is_ok()
+}
+
+fn seeds_hints() -> Vec<Vec<u8>> {
+    let texts = [
+        "qemu.machine=pc-i440fx-7.2\nqemu.accel=tcg\nqemu.capabilities=x-ignore-shared\nqemu.append=console=ttyS0 quiet",
+        r#"chv.config={"disks":[{"path":"@CAPSULE_MOUNT@/root.raw"}],"payload":{"kernel":"@CAPSULE_MOUNT@/vmlinux","cmdline":"root=/dev/vda"},"serial":{"mode":"File","file":"@CAPSULE_MOUNT@/serial"},"rng":{"src":"/dev/urandom"}}"#,
+    ];
+    texts.iter().map(|t| [vec![0u8], t.as_bytes().to_vec()].concat()).collect()
+}
+
+fn run_hints(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    let text = String::from_utf8_lossy(body);
+    let mut hints = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            hints.insert(k.to_string(), v.to_string());
+        }
+    }
+    let mut ok = capsule_vmm_glue::qemu::QemuHints::parse(&hints).is_ok();
+    if let Some(t) = hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
+        let mnt = Path::new("/run/capsule/runs/x/mnt");
+        let cfg = capsule_images::manifest::config_for_mount(t, mnt);
+        ok &= serde_json::from_slice::<serde_json::Value>(&cfg).is_ok_and(|v| capsule_vmm_glue::cloud_hypervisor::check_config(&v, mnt).is_ok());
+    }
+    ok
+}
