@@ -65,6 +65,11 @@ main() {
     echo "tests: cargo fmt --all --check finds unformatted code"
     status=1
   fi
+  # Lints as errors (clippy.toml lets tests unwrap); same target dir, so mostly a re-check.
+  if ! cargo clippy --workspace --all-targets --quiet -- -D warnings; then
+    echo "tests: cargo clippy --workspace --all-targets -- -D warnings finds problems"
+    status=1
+  fi
   # BENCHMARKS.md's tables must be what the committed raw results generate.
   if ! python3 scripts/gen-benchmarks.py --check >/dev/null; then
     echo "tests: BENCHMARKS.md differs from what results/ generates (run make bench-tables)"

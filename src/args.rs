@@ -122,12 +122,9 @@ pub struct RunArgs {
     /// The guest's serial console on this terminal (QEMU's monitor on Ctrl-A c, quit with Ctrl-A x)
     #[arg(long, conflicts_with = "serial_log")]
     pub console: bool,
-    /// Write the guest's serial console to FILE (it is also echoed unless --quiet)
+    /// Write the guest's serial console to FILE (it is also echoed unless -q/--quiet)
     #[arg(long, value_name = "FILE")]
     pub serial_log: Option<PathBuf>,
-    /// Do not echo the guest's console
-    #[arg(long)]
-    pub quiet: bool,
     /// Added to the capsule's kernel command line (cold boot only)
     #[arg(long, value_name = "ARGS")]
     pub append: Option<String>,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use capsule_images::{self as images, CapsuleSpec, Store};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 mod args;
@@ -18,18 +18,40 @@ mod progress;
 mod remote;
 mod report;
 mod run;
+mod status;
 
 use args::{parse_block_size, parse_size, ConnArgs, ExportFormat, MountArgs};
 use remote::{connect, open_store, push, runtime};
 use report::{export, human, inspect_json, print_import, print_inspect, print_transfer, report_verify};
 use run::LAUNCH_ARG;
 
+/// The environment Capsule reads, shown under every `--help`.
+const ENVIRONMENT: &str = "\
+Environment:
+  CAPSULE_STORE             store directory (--store)
+  CAPSULE_CACHE             block cache of mounts and runs (--cache)
+  CAPSULE_RUN_DIR           where runs keep their state [default: $XDG_RUNTIME_DIR/capsule/runs]
+  CAPSULE_TOKEN             bearer token for a server (--token)
+  CAPSULE_QEMU              QEMU binary for `capsule run` (--qemu)
+  CAPSULE_CLOUD_HYPERVISOR  cloud-hypervisor binary
+  CAPSULE_LOG               log filter (tracing syntax: warn, info, debug, capsule_fs=trace)
+
+Exit codes:
+  0 success; 1 Capsule failed; 2 bad usage;
+  64+N `run`: the hypervisor exited with status N; 125 `run`: it was killed by a signal";
+
 #[derive(Parser, Debug)]
-#[command(name = "capsule", version, about = "Move whole virtual machines over slow links and run them before they arrive")]
+#[command(name = "capsule", version, about = "Move whole virtual machines over slow links and run them before they arrive", after_help = ENVIRONMENT)]
 struct Cli {
     /// Store directory [default: $CAPSULE_STORE, else ~/.local/share/capsule]
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
+    /// More log lines on stderr (-v info, -vv debug); CAPSULE_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on stderr: no progress, no notes
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,15 +147,29 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = ExportFormat::Raw)]
         format: ExportFormat,
+        /// Print the files written as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Remove blocks and objects that no ref reaches
-    Gc,
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a ref (its blocks go at the next gc)
-    Rm { name: String },
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Mount a capsule: its disks, memory and boot files appear as files, fetched on first read
     Mount(MountArgs),
     /// Unmount a capsule mount
-    Umount { mountpoint: PathBuf },
+    Umount {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch every block of a capsule (and its ancestors) into the cache; --offline pins them
     Prefetch {
         #[command(flatten)]
@@ -166,6 +202,13 @@ enum Command {
         cache: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Of a mount: one JSON line per interval (time, bytes fetched on demand and ahead of
+        /// need, rate, resident %, stalls) until it is unmounted
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between --watch lines
+        #[arg(long, value_name = "SECS", default_value_t = 1.0, requires = "watch")]
+        interval: f64,
     },
     /// Turn a writable mount's changes into a child capsule in the local store
     Commit {
@@ -193,6 +236,15 @@ enum Command {
         /// Seconds to wait for the run to end
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) of capsule or of one of its commands
+    Man {
+        /// A command (`capsule man run`); default: capsule itself
+        command: Option<String>,
     },
     /// Serve this store's capsules over QUIC
     Serve {
@@ -283,11 +335,20 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == LAUNCH_ARG) {
         return run::launch_qemu(&argv[2..]);
     }
+    let cli = Cli::parse();
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        _ => "debug",
+    };
+    if cli.quiet {
+        progress::set_quiet();
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -299,9 +360,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let open = || open_store(cli.store.clone());
+    // Commands that only read a store must not make one where a typo points.
+    let open_existing = || remote::open_existing_store(cli.store.clone());
     match cli.command {
         Command::Mount(args) => mount::mount(cli.store.clone(), args)?,
-        Command::Umount { mountpoint } => mount::umount(&mountpoint)?,
+        Command::Umount { mountpoint, json } => {
+            mount::umount(&mountpoint)?;
+            print_json_or(json, &json!({"unmounted": mountpoint}), || format!("unmounted {}", mountpoint.display()))?;
+        }
         Command::Prefetch { target, offline } => offline::prefetch(&target, offline, None, true)?,
         Command::Warm { target, profile, all } => {
             if profile.is_none() && !all {
@@ -310,11 +376,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             offline::prefetch(&target, false, profile.as_deref(), all)?
         }
         Command::Unpin { target } => offline::unpin(&target)?,
-        Command::Status { source, cache, json } => offline::status(&source, cache, json)?,
-        Command::Run(args) => return run::run(cli.store.clone(), args),
+        Command::Status { source, watch: true, interval, .. } => {
+            let every = std::time::Duration::try_from_secs_f64(interval).ok().filter(|d| !d.is_zero()).context("--interval: a positive number of seconds")?;
+            status::watch(std::path::Path::new(&source), every)?
+        }
+        Command::Status { source, cache, json, .. } => offline::status(&source, cache, json)?,
+        Command::Run(args) => return run::run(cli.store.clone(), args, cli.quiet),
         Command::Suspend(args) => run::suspend(cli.store.clone(), args)?,
         Command::Ps { json } => run::ps(json)?,
-        Command::Stop { run, timeout } => run::stop(&run, std::time::Duration::from_secs(timeout))?,
+        Command::Stop { run, timeout, json } => {
+            let id = run::stop(&run, std::time::Duration::from_secs(timeout))?;
+            print_json_or(json, &json!({"stopped": id}), || format!("stopped {id}"))?;
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "capsule", &mut std::io::stdout());
+        }
+        Command::Man { command } => {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let man = match &command {
+                Some(name) => {
+                    let sub = cmd.find_subcommand(name).cloned().with_context(|| format!("no command {name:?}; `capsule --help` lists them"))?;
+                    clap_mangen::Man::new(sub).title(format!("capsule-{name}"))
+                }
+                None => clap_mangen::Man::new(cmd),
+            };
+            man.render(&mut std::io::stdout()).context("writing the man page")?;
+        }
         Command::Commit { mountpoint, name, json } => {
             let report = mount::commit(&open()?, &mountpoint, &name)?;
             if json {
@@ -392,7 +480,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Ls { json } => {
-            let store = open()?;
+            // No store yet lists nothing (and makes none).
+            let Ok(store) = open_existing() else {
+                if json {
+                    println!("[]");
+                } else {
+                    println!("{:<24} {:<14} {:<14} {:>10}  DISKS", "NAME", "ID", "PARENT", "SIZE");
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
             let refs = store.list_refs()?;
             if json {
                 let list: Vec<_> = refs
@@ -420,7 +516,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Inspect { name, json } => {
-            let store = open()?;
+            let store = open_existing()?;
             let id = store.resolve(&name)?;
             let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
             let view = inspect_json(&store, &id, &m)?;
@@ -431,7 +527,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Verify { name, json } => {
-            let store = open()?;
+            let store = open_existing()?;
             let targets = match &name {
                 Some(n) => vec![(n.clone(), store.resolve(n)?)],
                 None => store.list_refs()?,
@@ -461,17 +557,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Export { name, out, format } => {
-            let store = open()?;
+        Command::Export { name, out, format, json } => {
+            let store = open_existing()?;
             let id = store.resolve(&name)?;
             let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
-            for path in export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))? {
-                println!("{}", path.display());
+            let files = export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({"name": name, "id": id.to_hex(), "files": files}))?);
+            } else {
+                for path in files {
+                    println!("{}", path.display());
+                }
             }
         }
-        Command::Gc => {
+        Command::Gc { json } => {
             let store = open()?;
             let s = store.gc()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "gc: kept {} blocks, removed {} blocks and {} objects, freed {}",
                 s.blocks_kept,
@@ -551,15 +656,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             print_transfer(json, "pulled", &local, &report, Some(id))?;
         }
-        Command::Rm { name } => {
+        Command::Rm { name, json } => {
             let store = open()?;
             if !store.delete_ref(&name)? {
                 bail!("no capsule named {name:?} in store {}", store.root().display());
             }
-            println!("removed ref {name}; run `capsule gc` to free its blocks");
+            print_json_or(json, &json!({"removed": name}), || format!("removed ref {name}; run `capsule gc` to free its blocks"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `value` as pretty JSON, or the line `text` makes.
+fn print_json_or(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
 }
 
 fn serve(

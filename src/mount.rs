@@ -186,7 +186,19 @@ fn serve_mount(
         }
     });
     eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
-    session.run().context("serving the mount")?;
+    // In the foreground on a terminal: a live line of what arrives (once the mount answers).
+    let stop_line = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let line = {
+        let (dir, stop) = (mountpoint.to_path_buf(), stop_line.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            crate::status::live_line(dir, false, stop).map(|h| h.join())
+        })
+    };
+    let served = session.run().context("serving the mount");
+    stop_line.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = line.join();
+    served?;
     eprintln!("capsule: unmounted {}", mountpoint.display());
     if let (Some(name), Some(recorder)) = (&args.record_profile, recorder) {
         let profile = capsule_images::Profile { capsule: id, name: name.clone(), blocks: recorder.blocks() };
@@ -356,7 +368,6 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     if let Some(info) = info {
         wait_gone(info.pid, Duration::from_secs(10));
     }
-    println!("unmounted {}", mountpoint.display());
     Ok(())
 }
 

@@ -111,6 +111,10 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
 }
 
 fn resolve_in_cache(source: &str, dir: &std::path::Path) -> Result<(capsule_images::Store, Hash)> {
+    // Reading a cache must not make one where a typo points.
+    if !dir.join("format").is_file() {
+        bail!("no block cache at {} (nothing was fetched there; check --cache or CAPSULE_CACHE)", dir.display());
+    }
     let store = capsule_images::Store::open(dir).with_context(|| format!("opening cache {}", dir.display()))?;
     let id = if source.starts_with("capsule://") {
         let (url, name) = remote(source)?;

@@ -11,9 +11,20 @@ pub struct Bar {
     bar: Mutex<Option<ProgressBar>>,
 }
 
+/// `-q`: no bars even on a terminal.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_quiet() {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn is_quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Bar {
     pub fn new() -> Self {
-        Self { tty: std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+        Self { tty: std::io::stderr().is_terminal() && !is_quiet(), bar: Mutex::new(None) }
     }
 }
 

@@ -13,6 +13,15 @@ pub fn open_store(dir: Option<PathBuf>) -> Result<Store> {
     Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
 }
 
+/// The store at `dir` (default: [`Store::default_dir`]) if one is there; never makes one.
+pub fn open_existing_store(dir: Option<PathBuf>) -> Result<Store> {
+    let dir = dir.unwrap_or_else(Store::default_dir);
+    if !dir.join("format").is_file() {
+        anyhow::bail!("no capsule store at {} (check --store or CAPSULE_STORE)", dir.display());
+    }
+    open_store(Some(dir))
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }

@@ -106,11 +106,12 @@ fn new_run_id(capsule: &str) -> String {
     format!("{base}-{}", std::process::id())
 }
 
-pub fn run(store: Option<PathBuf>, args: RunArgs) -> Result<ExitCode> {
+/// `quiet` (-q): the guest's console is not echoed.
+pub fn run(store: Option<PathBuf>, args: RunArgs, quiet: bool) -> Result<ExitCode> {
     let id = args.id.clone().unwrap_or_else(|| new_run_id(&args.source));
     let dir = RunDir::named(&id)?;
     dir.create()?;
-    let result = run_in(store.as_deref(), &args, &id, &dir);
+    let result = run_in(store.as_deref(), &args, &id, &dir, quiet);
     dir.remove();
     result
 }
@@ -220,7 +221,7 @@ fn plan_qemu(args: &RunArgs, m: &Mounted, dir: &RunDir) -> Result<Plan> {
     Ok(Plan { config, suspended, hints })
 }
 
-fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir) -> Result<ExitCode> {
+fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: bool) -> Result<ExitCode> {
     // From the start: a Ctrl-C while mounting or resuming must still stop QEMU and unmount.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -249,7 +250,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir) -> Resul
     let started = Instant::now();
     let mut vm = Session::start(config, &launch)?;
     let stop_echo = Arc::new(AtomicBool::new(false));
-    let echo = match (&config.serial, args.quiet) {
+    let echo = match (&config.serial, quiet) {
         (Serial::File(log), false) => Some(echo_serial(log.clone(), stop_echo.clone())),
         _ => None,
     };
@@ -281,7 +282,15 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir) -> Resul
         config.accel.name().to_uppercase()
     );
 
-    let status = vm.wait_or_stop(&stop, Duration::from_secs(10), || eprintln!("capsule: stopping the guest"))?;
+    // Bytes fetched, rate, resident %, stalls on a terminal (not when QEMU owns it).
+    let stop_line = Arc::new(AtomicBool::new(false));
+    let line = (!args.console).then(|| crate::status::live_line(m.mount.dir.clone(), echo.is_some(), stop_line.clone())).flatten();
+    let status = vm.wait_or_stop(&stop, Duration::from_secs(10), || eprintln!("capsule: stopping the guest"));
+    stop_line.store(true, Ordering::Relaxed);
+    if let Some(h) = line {
+        let _ = h.join();
+    }
+    let status = status?;
     // A suspend in progress holds this lock until its commit is done.
     let _lock = dir.wait_suspend()?;
     stop_echo.store(true, Ordering::Relaxed);
@@ -458,7 +467,7 @@ pub fn ps(json: bool) -> Result<()> {
 
 /// `capsule stop RUN`: asks the run to stop its guest in order (as Ctrl-C would: ACPI
 /// power-off, then quit, then kill) and waits until the run has ended.
-pub fn stop(run: &str, wait: Duration) -> Result<()> {
+pub fn stop(run: &str, wait: Duration) -> Result<String> {
     let dir = RunDir::find(run)?;
     let rec = dir.record()?;
     let pid = rustix::process::Pid::from_raw(rec.run_pid as i32).context("run.json: bad run pid")?;
@@ -467,8 +476,7 @@ pub fn stop(run: &str, wait: Duration) -> Result<()> {
     if Path::new(&format!("/proc/{}", rec.run_pid)).exists() {
         bail!("run {} still going after {} s", rec.id, wait.as_secs());
     }
-    println!("stopped {}", rec.id);
-    Ok(())
+    Ok(rec.id)
 }
 
 /// `capsule __launch-qemu QEMU ARGS...`: install the no-hugepage seccomp filter, then

@@ -77,9 +77,8 @@ impl From<capsule_images::Error> for Error {
             K::Io | K::External => ErrorKind::Io,
             _ => ErrorKind::Invalid,
         };
-        let message = e.to_string();
-        let kind = if kind == ErrorKind::Io && message.contains("No space left") { ErrorKind::NoSpace } else { kind };
-        Self { kind, message }
+        let kind = if e.is_storage_full() { ErrorKind::NoSpace } else { kind };
+        Self { kind, message: e.report() }
     }
 }
 

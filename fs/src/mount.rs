@@ -48,6 +48,7 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Most bytes read ahead of one sequential stream.
 const MAX_READAHEAD_BYTES: u64 = 8 << 20;
 
+#[allow(clippy::large_enum_variant)] // one per file of a mount
 enum Content {
     Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead> },
     Bytes(Vec<u8>),

@@ -1,6 +1,6 @@
-//! The one error type of `capsule-images`: a small matchable [`ErrorKind`] plus a
-//! human context chain ("capsule demo: disk root: block 17 (hash 3fa4..)") so every
-//! message names what and where.
+//! The one error type of `capsule-images`: a small matchable [`ErrorKind`], a human context
+//! chain ("capsule demo: disk root: block 17 (hash 3fa4..)") so every message names what
+//! and where, and the cause as a real `source()`.
 
 use std::fmt;
 
@@ -23,11 +23,14 @@ pub enum ErrorKind {
     External,
 }
 
-/// An error with its kind, what it concerns, and the underlying cause if any.
-#[derive(Debug)]
+/// An error with its kind, what it concerns, and the underlying cause if any (its
+/// `source()`, so a caller can match a full disk by `io::ErrorKind`, not by text).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -66,27 +69,44 @@ impl Error {
         self.kind
     }
 
+    /// What and where, without the cause.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The message and every cause, `: `-separated (for crates that carry it as text).
+    pub fn report(&self) -> String {
+        let mut out = self.message.clone();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            out.push_str(&format!(": {e}"));
+            next = e.source();
+        }
+        out
+    }
+
+    /// The operating-system error under this one, if any.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Some(io);
+            }
+            next = e.source();
+        }
+        None
+    }
+
+    /// A local disk ran full (ENOSPC somewhere down the chain).
+    pub fn is_storage_full(&self) -> bool {
+        self.io_error().is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28))
+    }
+
     /// Prefixes `outer` ("capsule demo", "disk root") to the message.
     #[must_use]
     pub fn context(mut self, outer: impl fmt::Display) -> Self {
         self.message = format!("{outer}: {}", self.message);
         self
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        // The source is already part of Display; do not repeat it in chains.
-        None
     }
 }
 
@@ -99,5 +119,22 @@ pub trait ResultExt<T> {
 impl<T> ResultExt<T> for Result<T> {
     fn with_context<D: fmt::Display>(self, outer: impl FnOnce() -> D) -> Result<T> {
         self.map_err(|e| e.context(outer()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_known_by_its_source_not_its_text() {
+        let full = Error::io("writing block 3fa4", std::io::Error::from_raw_os_error(28)).context("capsule demo");
+        assert!(full.is_storage_full());
+        assert_eq!(full.to_string(), "capsule demo: writing block 3fa4");
+        assert!(full.report().starts_with("capsule demo: writing block 3fa4: "), "{}", full.report());
+        // The words alone are not a full disk.
+        assert!(!Error::new(ErrorKind::Io, "No space left on device").is_storage_full());
+        assert!(!Error::io("x", std::io::Error::from_raw_os_error(5)).is_storage_full());
     }
 }

@@ -82,7 +82,7 @@ impl From<capsule_images::Error> for Error {
             K::InvalidInput | K::TooLarge => ErrorKind::InvalidInput,
             K::Io | K::External => ErrorKind::Io,
         };
-        Self::new(kind, e.to_string())
+        Self::new(kind, e.report())
     }
 }
 

@@ -21,11 +21,14 @@ pub enum ErrorKind {
     Busy,
 }
 
-/// An error naming what failed and where.
-#[derive(Debug)]
+/// An error naming what failed and where, with its cause as `source()`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    #[source]
+    source: Option<std::io::Error>,
 }
 
 /// Result alias.
@@ -34,24 +37,31 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self { kind, message: message.into(), source: None }
     }
 
     /// An I/O error about `what`.
     pub fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
-        Self::new(ErrorKind::Io, format!("{what}: {e}"))
+        Self { kind: ErrorKind::Io, message: what.to_string(), source: Some(e) }
     }
 
     /// The kind, for callers that branch on it.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
-}
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+    /// The message and its cause, `: `-separated.
+    pub fn report(&self) -> String {
+        match &self.source {
+            Some(e) => format!("{}: {e}", self.message),
+            None => self.message.clone(),
+        }
+    }
+
+    /// Prefixes `outer` to the message, keeping kind and cause.
+    #[must_use]
+    pub fn context(mut self, outer: impl fmt::Display) -> Self {
+        self.message = format!("{outer}: {}", self.message);
+        self
     }
 }
-
-impl std::error::Error for Error {}

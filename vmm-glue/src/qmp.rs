@@ -184,7 +184,7 @@ impl Qmp {
         bytes.push(b'\n');
         self.writer.write_all(&bytes).map_err(|e| Error::io(format!("sending QMP {command}"), e))?;
         loop {
-            let reply = self.read_message().map_err(|e| Error::new(e.kind(), format!("QMP {command}: {e}")))?;
+            let reply = self.read_message().map_err(|e| e.context(format!("QMP {command}")))?;
             if reply.get("event").is_some() {
                 self.events.push(reply);
                 continue;

@@ -78,7 +78,7 @@ impl Session {
         let mut session = Session { child, done: None, qmp_socket: config.qmp_socket.clone(), qmp: None, machine: String::new(), version: (0, 0, 0) };
         let child = &mut session.child;
         let mut qmp = Qmp::connect_while(&config.qmp_socket, QMP_WAIT, || matches!(child.try_wait(), Ok(None)))
-            .map_err(|e| Error::new(e.kind(), format!("starting {} (its own error, if any, is above): {e}", config.binary.display())))?;
+            .map_err(|e| e.context(format!("starting {} (its own error, if any, is above)", config.binary.display())))?;
         session.machine = qmp.resolve_machine(&config.machine)?;
         session.version = qmp.version;
         session.qmp = Some(qmp);
@@ -116,7 +116,7 @@ impl Session {
         let wanted: Vec<&str> = capabilities.iter().map(String::as_str).collect();
         qmp.set_capabilities(&wanted)?;
         qmp.run(Command::MigrateIncomingFromFile(devstate))?;
-        qmp.wait_migration(MIGRATION_LIMIT).map_err(|e| Error::new(e.kind(), format!("loading the device state: {e}")))?;
+        qmp.wait_migration(MIGRATION_LIMIT).map_err(|e| e.context("loading the device state"))?;
         qmp.run(Command::Cont)?;
         if let Err(e) = qmp.run(Command::Balloon { bytes: memory_bytes }) {
             tracing::warn!("cannot give the guest its RAM back: {e}");
@@ -320,7 +320,7 @@ impl Control {
             self.qmp.run(Command::Stop)?;
             self.qmp.set_capabilities(&used)?;
             self.qmp.run(Command::MigrateToFile(devstate))?;
-            self.qmp.wait_migration(MIGRATION_LIMIT).map_err(|e| Error::new(e.kind(), format!("saving the device state: {e}")))?;
+            self.qmp.wait_migration(MIGRATION_LIMIT).map_err(|e| e.context("saving the device state"))?;
             Ok(())
         })();
         if let Err(e) = saved {

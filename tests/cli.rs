@@ -1,0 +1,92 @@
+//! The command line as a user meets it: generated completions and man pages, the help's
+//! environment and exit codes, read-only commands that create nothing, `--json` on the
+//! commands that print, `capsule status --watch` of a remote mount, `capsule stop`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+#[test]
+fn completions_man_pages_and_help_come_from_the_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let bash = ok(capsule(&store).args(["completions", "bash"]));
+    assert!(bash.contains("_capsule()") && bash.contains("suspend") && bash.contains("--record-profile"), "{bash}");
+    let zsh = ok(capsule(&store).args(["completions", "zsh"]));
+    assert!(zsh.contains("#compdef capsule"), "{zsh}");
+    let man = ok(capsule(&store).arg("man"));
+    assert!(man.contains(".TH capsule 1") && man.contains("CAPSULE_RUN_DIR"), "{man}");
+    let run_man = ok(capsule(&store).args(["man", "run"]));
+    assert!(run_man.contains(".TH capsule-run 1") && run_man.contains("dry\\-run"), "{run_man}");
+    let err = fails(capsule(&store).args(["man", "no-such-command"]));
+    assert!(err.contains("no command \"no-such-command\""), "{err}");
+    let help = ok(capsule(&store).arg("--help"));
+    for var in ["CAPSULE_STORE", "CAPSULE_CACHE", "CAPSULE_RUN_DIR", "CAPSULE_TOKEN", "CAPSULE_LOG", "Exit codes"] {
+        assert!(help.contains(var), "--help lacks {var}:\n{help}");
+    }
+    assert!(!store.exists(), "printing help made a store");
+}
+
+#[test]
+fn reading_commands_create_nothing_where_a_typo_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo");
+    let err = fails(capsule(&typo).args(["inspect", "x"]));
+    assert!(err.contains(&format!("no capsule store at {}", typo.display())), "{err}");
+    fails(capsule(&typo).args(["verify"]));
+    fails(capsule(&typo).args(["export", "x", "--out"]).arg(dir.path().join("out")));
+    assert_eq!(ok(capsule(&typo).args(["ls", "--json"])).trim(), "[]");
+    let cache = dir.path().join("cache-typo");
+    let id = "0".repeat(64);
+    let err = fails(capsule(&typo).args(["status", &id, "--cache"]).arg(&cache));
+    assert!(err.contains("no block cache at"), "{err}");
+    fails(capsule(&typo).args(["unpin", "capsule://127.0.0.1:1/x", "--cache"]).arg(&cache));
+    assert!(!typo.exists() && !cache.exists(), "a reading command created a store or cache");
+    let err = fails(capsule(&typo).env("CAPSULE_RUN_DIR", dir.path().join("runs")).args(["stop", "no-such-run"]));
+    assert!(err.contains("no run \"no-such-run\""), "{err}");
+}
+
+#[test]
+fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (server_store, cfg) = (d.join("server"), d.join("cfg"));
+    let disk = d.join("root.raw");
+    std::fs::write(&disk, pseudo_random(4 << 20, 7)).unwrap();
+    ok(capsule(&server_store).args(["import", "data", "--block-size", "64K", "--disk"]).arg(format!("root={}", disk.display())));
+    ok(capsule(&server_store).args(["import", "spare", "--disk"]).arg(format!("root={}", disk.display())));
+
+    let exported: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["export", "data", "--json", "--out"]).arg(d.join("out")))).unwrap();
+    let files: Vec<&str> = exported["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(files.iter().any(|f| f.ends_with("/root.raw")) && files.iter().any(|f| f.ends_with("/capsule.json")), "{exported}");
+    assert_eq!(std::fs::read(d.join("out/root.raw")).unwrap(), std::fs::read(&disk).unwrap());
+    let rm: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["rm", "spare", "--json"]))).unwrap();
+    assert_eq!(rm["removed"], "spare");
+    let gc: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["gc", "--json"]))).unwrap();
+    assert!(gc["blocks_kept"].as_u64().unwrap() >= 64, "{gc}");
+
+    // A remote mount read in part: --watch shows what the read fetched on demand.
+    let server = ServerProcess::start(&server_store, &["--public-read"]);
+    let m = Mounted::new(&d.join("client"), &cfg, &format!("{}/data", server.url), &d.join("mnt"), &d.join("cache"), &["--read-only"]);
+    let before = pread(&m.dir.join("root.raw"), 0, 1).unwrap();
+    assert_eq!(before.len(), 1);
+    let out = std::process::Command::new("timeout")
+        .args(["2", env!("CARGO_BIN_EXE_capsule"), "status"])
+        .arg(&m.dir)
+        .args(["--watch", "--interval", "0.2"])
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 3, "one line per interval: {lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["capsule"], "data");
+    assert!(last["demand_bytes"].as_u64().unwrap() >= 64 << 10, "the first block was read on demand: {last}");
+    assert_eq!(last["fetched_bytes"].as_u64().unwrap(), last["demand_bytes"].as_u64().unwrap() + last["background_bytes"].as_u64().unwrap(), "{last}");
+    assert!(last["resident_pct"].as_f64().unwrap() < 100.0, "{last}");
+    assert!(lines.windows(2).all(|w| w[0]["unix_ms"].as_u64() <= w[1]["unix_ms"].as_u64()), "timestamps go forward: {lines:?}");
+    let um: serde_json::Value = serde_json::from_str(&ok(capsule(&d.join("client")).args(["umount", "--json"]).arg(&m.dir))).unwrap();
+    assert_eq!(um["unmounted"], m.dir.display().to_string());
+    // Watching a mount that is gone is an error, not an empty stream.
+    fails(capsule(&d.join("client")).args(["status", "--watch"]).arg(&m.dir));
+}
