@@ -1,6 +1,7 @@
 //! The arguments several commands share (connection, sizes, mount and run options).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::ValueEnum;
 
@@ -80,11 +81,19 @@ pub struct ConnArgs {
     /// Pin the server's certificate SHA-256 instead of trusting on first use
     #[arg(long, value_name = "HEX")]
     pub server_fingerprint: Option<String>,
+    /// Seconds to wait for a server to answer before giving up
+    #[arg(long, value_name = "SECS", default_value_t = capsule_net::client::DEFAULT_CONNECT_TIMEOUT.as_secs_f64())]
+    pub connect_timeout: f64,
 }
 
 impl ConnArgs {
     pub fn options(&self) -> capsule_net::ConnectOptions {
-        capsule_net::ConnectOptions { token: self.token.clone(), fingerprint: self.server_fingerprint.clone(), known_servers: None }
+        capsule_net::ConnectOptions {
+            token: self.token.clone(),
+            fingerprint: self.server_fingerprint.clone(),
+            known_servers: None,
+            connect_timeout: Duration::try_from_secs_f64(self.connect_timeout).ok().filter(|d| !d.is_zero()),
+        }
     }
 }
 

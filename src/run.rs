@@ -91,6 +91,7 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<R
     if let Some(t) = &args.conn.token {
         cmd.env("CAPSULE_TOKEN", t);
     }
+    cmd.arg("--connect-timeout").arg(args.conn.connect_timeout.to_string());
     if let Some(f) = &args.conn.server_fingerprint {
         cmd.arg("--server-fingerprint").arg(f);
     }

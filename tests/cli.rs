@@ -90,3 +90,16 @@ fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
     // Watching a mount that is gone is an error, not an empty stream.
     fails(capsule(&d.join("client")).args(["status", "--watch"]).arg(&m.dir));
 }
+
+#[test]
+fn a_server_that_never_answers_fails_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // A UDP port that swallows every datagram: a host behind a firewall dropping packets.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let url = format!("capsule://{}/x", silent.local_addr().unwrap());
+    let start = std::time::Instant::now();
+    let err = fails(client(&dir.path().join("s"), &dir.path().join("cfg")).args(["pull", &url, "--connect-timeout", "1"]));
+    let took = start.elapsed();
+    assert!(err.contains("did not answer within 1 s"), "{err}");
+    assert!(took < std::time::Duration::from_secs(8), "waited {took:?}");
+}

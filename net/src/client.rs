@@ -3,6 +3,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use capsule_images::envelope::ObjectKind;
 use capsule_images::Hash;
@@ -14,7 +15,15 @@ use crate::proto::{Request, RequestHeader, Response};
 use crate::server::transport;
 use crate::tls::{self, FingerprintVerifier};
 
-/// `capsule://HOST:PORT[/NAME]`.
+/// The port `capsule serve` listens on unless told otherwise, and a URL's port when it
+/// names none.
+pub const DEFAULT_PORT: u16 = 7070;
+/// How long a connection attempt may take unless [`ConnectOptions::connect_timeout`] says
+/// otherwise (an unreachable server answers nothing: without a bound the QUIC idle
+/// timeout, 30 s, would be the wait).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `capsule://HOST[:PORT][/NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteUrl {
     /// Host name or address.
@@ -26,21 +35,34 @@ pub struct RemoteUrl {
 }
 
 impl RemoteUrl {
-    /// Parses `capsule://HOST:PORT[/NAME]`.
+    /// Parses `capsule://HOST[:PORT][/NAME]` (port [`DEFAULT_PORT`] if none; an IPv6
+    /// address in brackets).
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("{s:?} is not capsule://HOST:PORT[/NAME]: {why}"));
+        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("{s:?} is not capsule://HOST[:PORT][/NAME]: {why}"));
         let rest = s.strip_prefix("capsule://").ok_or_else(|| bad("missing capsule://"))?;
         let (authority, name) = match rest.split_once('/') {
             Some((a, n)) if !n.is_empty() => (a, Some(n.to_string())),
             Some((a, _)) => (a, None),
             None => (rest, None),
         };
-        let (host, port) = authority.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(bracketed) => {
+                let (host, after) = bracketed.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+                (host, if after.is_empty() { None } else { Some(after.strip_prefix(':').ok_or_else(|| bad("bad port"))?) })
+            }
+            // One colon: HOST:PORT; more: an IPv6 address without brackets, port last.
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
         if host.is_empty() {
             return Err(bad("empty host"));
         }
-        let port = port.parse().map_err(|_| bad("bad port"))?;
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+            None => DEFAULT_PORT,
+        };
         Ok(Self { host: host.to_string(), port, name })
     }
 
@@ -59,6 +81,8 @@ pub struct ConnectOptions {
     pub fingerprint: Option<String>,
     /// The known_servers file (default: `tls::default_known_servers()`).
     pub known_servers: Option<PathBuf>,
+    /// Give up on a server that does not answer within this (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub connect_timeout: Option<Duration>,
 }
 
 /// A connection to a capsule server.
@@ -110,7 +134,11 @@ impl Client {
         endpoint.set_default_client_config(config);
         let connecting =
             endpoint.connect(addr, "capsule").map_err(|e| Error::new(ErrorKind::Unavailable, format!("connecting to {}: {e}", url.host_port())))?;
-        let conn = match connecting.await {
+        let limit = opts.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let connected = tokio::time::timeout(limit, connecting).await.map_err(|_| {
+            Error::new(ErrorKind::Unavailable, format!("server {} did not answer within {:.0} s (--connect-timeout)", url.host_port(), limit.as_secs_f64()))
+        })?;
+        let conn = match connected {
             Ok(c) => c,
             Err(e) => {
                 if let (Some(seen), Some(expected)) = (verifier.seen(), verifier.expected()) {
@@ -345,7 +373,12 @@ mod tests {
         let u = RemoteUrl::parse("capsule://127.0.0.1:7070/team/app").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.name.as_deref()), ("127.0.0.1", 7070, Some("team/app")));
         assert_eq!(RemoteUrl::parse("capsule://[::1]:1/").unwrap().host, "::1");
-        for bad in ["http://x:1/a", "capsule://x/a", "capsule://:1/a", "capsule://x:port/a"] {
+        // No port: the default one.
+        let u = RemoteUrl::parse("capsule://vms.example/app").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.name.as_deref()), ("vms.example", DEFAULT_PORT, Some("app")));
+        let u = RemoteUrl::parse("capsule://[fe80::1]/app").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("fe80::1", DEFAULT_PORT));
+        for bad in ["http://x:1/a", "capsule://:1/a", "capsule://x:port/a", "capsule://[::1/a", "capsule://[::1]x/a", "capsule:///a"] {
             assert!(RemoteUrl::parse(bad).is_err(), "{bad}");
         }
     }

@@ -36,7 +36,7 @@ async fn serve_with(max_connections: usize, max_per_ip: usize, header_timeout: D
     tokio::spawn(server.run(Arc::new(store), opts));
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");
-    Fixture { _dir: dir, url, opts: ConnectOptions { token: None, fingerprint: None, known_servers: Some(known) } }
+    Fixture { _dir: dir, url, opts: ConnectOptions { token: None, fingerprint: None, known_servers: Some(known), connect_timeout: None } }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,7 @@ fn serve(rt: &tokio::runtime::Runtime, root: &std::path::Path, backend: Arc<dyn 
 
 fn source(dir: &std::path::Path, addr: std::net::SocketAddr, stall: Duration) -> (Arc<Engine>, Arc<RemoteSource>) {
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
-    let opts = ConnectOptions { token: None, fingerprint: None, known_servers: Some(dir.join("known_servers")) };
+    let opts = ConnectOptions { token: None, fingerprint: None, known_servers: Some(dir.join("known_servers")), connect_timeout: None };
     let src = Arc::new(RemoteSource::new(url, opts, stall).unwrap());
     let cfg = EngineConfig { stall_timeout: stall, source_label: src.label(), ..EngineConfig::default() };
     (Engine::new(Arc::new(MemCache::default()), Some(src.clone() as Arc<dyn BlockSource>), cfg), src)

@@ -38,7 +38,7 @@ async fn fixture() -> Fixture {
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");
     let dir_path = dir.path().to_path_buf();
-    Fixture { _dir: dir, url, opts: ConnectOptions { token: Some(token), fingerprint: None, known_servers: Some(known) }, dir: dir_path }
+    Fixture { _dir: dir, url, opts: ConnectOptions { token: Some(token), fingerprint: None, known_servers: Some(known), connect_timeout: None }, dir: dir_path }
 }
 
 /// Sends `bytes` on a fresh stream and returns what the server answered.
