@@ -35,6 +35,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)] // an xorshift step, not an Iterator
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;

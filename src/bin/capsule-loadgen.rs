@@ -42,7 +42,7 @@ fn main() -> Result<()> {
         }
     }
     let url = RemoteUrl::parse(&url.context("--url capsule://HOST:PORT is required")?)?;
-    let opts = ConnectOptions { token: None, fingerprint: None, known_servers: Some(known) };
+    let opts = ConnectOptions { token: None, fingerprint: None, known_servers: Some(known), connect_timeout: None };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let counters = Arc::new(Counters::default());
