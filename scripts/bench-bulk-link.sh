@@ -51,6 +51,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 now() { date +%s.%N; }
 rx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.rx.bytes'; }
+tx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.tx.bytes'; }
 
 # A sparse 100 GiB disk with 64 KiB of data at 50 GiB (variant sparse: how soon a mount
 # over the link serves its first read, in round trips and bytes).
@@ -91,7 +92,7 @@ for spec in $LINKS; do
   sleep 0.5
   for v in $VARIANTS; do
     rm -rf "$W/cache" "$W/copy"
-    b0=$(rx_bytes)
+    b0=$(rx_bytes) x0=$(tx_bytes)
     t0=$(now)
     case $v in
       warm) "${IN_NS[@]}" "$BIN" warm --all "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
@@ -126,15 +127,15 @@ for spec in $LINKS; do
       *) die "unknown variant $v" ;;
     esac
     t1=$(now)
-    link=$(( $(rx_bytes) - b0 ))
+    link=$(( $(rx_bytes) - b0 )) link_tx=$(( $(tx_bytes) - x0 ))
     secs=$(python3 -c "print(round($t1 - $t0, 2))")
     mbit=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / 1e6, 2))")
     ratio=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / $bits, 3))")
     printf '| %s | %s | %s | %.1f | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio"
     result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson loss "$loss" --argjson delay "$DELAY_MS" --arg v "$v" \
         --arg cc "${CAPSULE_QUIC_CC:-bbr}" --argjson size "$SIZE_MIB" '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v, congestion: $cc, size_mib: $size}')" \
-      "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson ratio "$ratio" \
-        '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, goodput_over_rate: $ratio}')"
+      "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson tx "$link_tx" --argjson ratio "$ratio" \
+        '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, link_tx_bytes: $tx, goodput_over_rate: $ratio}')"
   done
   kill "$emu" 2>/dev/null; wait "$emu" 2>/dev/null || true
 done

@@ -302,6 +302,9 @@ pub struct Engine {
     source: Option<Arc<dyn BlockSource>>,
     local: Arc<dyn LocalBlocks>,
     decoded: quick_cache::sync::Cache<Hash, Arc<Vec<u8>>, ByteWeight>,
+    /// Blocks handed to their readers and not yet in the local cache: found here, so a
+    /// reader who comes between (after `decoded` dropped them) does not fetch them again.
+    unwritten: Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
     state: Mutex<State>,
     /// Flights completing.
     done: Condvar,
@@ -333,6 +336,7 @@ impl Engine {
         let verify = (source.is_some() && cfg.verify_threads > 0).then(|| Arc::new(VerifyQueue::default()));
         let engine = Arc::new_cyclic(|me: &Weak<Engine>| Self {
             decoded: quick_cache::sync::Cache::with_weighter(1024, cfg.memory_bytes.max(1 << 20), ByteWeight),
+            unwritten: Mutex::new(HashMap::new()),
             state: Mutex::new(State { sched: Scheduler::new(cfg.sched.clone()), flights: HashMap::new(), last_progress: Instant::now() }),
             done: Condvar::new(),
             timer: Condvar::new(),
@@ -391,6 +395,9 @@ impl Engine {
         if let Some(b) = self.decoded.get(hash) {
             return Some(b);
         }
+        if let Some(b) = self.unwritten_get(hash) {
+            return Some(b);
+        }
         let raw = Arc::new(self.local.get(hash)?);
         self.decoded.insert(*hash, raw.clone());
         Some(raw)
@@ -398,7 +405,11 @@ impl Engine {
 
     /// True if the block is here (memory or the local cache), unverified.
     pub fn is_local(&self, hash: &Hash) -> bool {
-        self.decoded.get(hash).is_some() || self.local.contains(hash)
+        self.decoded.get(hash).is_some() || self.unwritten_get(hash).is_some() || self.local.contains(hash)
+    }
+
+    fn unwritten_get(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
     }
 
     /// Blocks `wait` (raw, verified, in order), fetching the missing ones at `urgency`;
@@ -542,7 +553,7 @@ impl Engine {
         // Demand and readahead deliveries reach memory before they leave the flight table.
         // (Not `local.contains`: a seed that changed since it was indexed is listed there
         // but cannot serve the block.)
-        if self.decoded.get(&h).is_some() {
+        if self.decoded.get(&h).is_some() || self.unwritten_get(&h).is_some() {
             return None;
         }
         let f = Arc::new(Flight { result: OnceLock::new(), tag });
@@ -648,6 +659,9 @@ impl Engine {
                         if keep {
                             self.decoded.insert(hash, raw.clone());
                         }
+                        if write_after {
+                            self.unwritten.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, raw.clone());
+                        }
                         self.complete(&mut st, &hash, Ok(Delivered { len: raw.len() as u64, data: keep.then_some(raw) }));
                     }
                     Arrival::Unwanted => {
@@ -678,6 +692,7 @@ impl Engine {
         self.start(batches);
         if write_after {
             self.write_local(&hash, &encoded);
+            self.unwritten.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         }
     }
 
