@@ -235,9 +235,10 @@ one() {
         -drive "file=nbd://$SRV_IP:10810,format=raw,if=virtio,readonly=on" </dev/null >"$con" 2>&1 &
       pid=$! ;;
     cold|seed|profile)
-      local extra=()
+      # Without a profile: --prefetch none (run would use the served boot profile).
+      local extra=(--prefetch none)
       case $v in
-        seed) extra=(--seed "$G/vmlinuz" --seed "$G/initrd.gz"); ws=$ws_disk ;;
+        seed) extra+=(--seed "$G/vmlinuz" --seed "$G/initrd.gz"); ws=$ws_disk ;;
         profile) extra=(--prefetch profile --profile boot) ;;
       esac
       mnt=$CAPSULE_RUN_DIR/$name/mnt

@@ -24,8 +24,9 @@ G=$(readlink -f "${CAPSULE_GUEST_DIR:-target/guest}")
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 EMU=$(dirname "$BIN")/capsule-linkemu
 RATES=${RATES:-2mbit 10mbit}
-# fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N), profile
-# (--prefetch profile of a recorded first resume), profile1 (the same with one-page faults)
+# fix, nofix, prefetch (--prefetch memory), clusterN (--memory-cluster N): all with
+# --prefetch none; profile (run's default: the capsule's resume profile, recorded by a
+# first resume, fetched ahead), profile1 (the same with one-page faults)
 VARIANTS=${VARIANTS:-fix cluster1 nofix prefetch profile}
 NS=capsule-rbench-$$
 SNS=capsule-rbench-srv-$$
@@ -108,12 +109,13 @@ for rate in $RATES; do
   for variant in $VARIANTS; do
     n=$((n + 1))
     case $variant in
-      fix) extra=() ;;
-      nofix) extra=(--no-fault-fix) ;;
+      # Without a profile: --prefetch none (run would use the served resume profile).
+      fix) extra=(--prefetch none) ;;
+      nofix) extra=(--prefetch none --no-fault-fix) ;;
       prefetch) extra=(--prefetch memory) ;;
-      profile) extra=(--prefetch profile --profile resume) ;;
-      profile1) extra=(--prefetch profile --profile resume --memory-cluster 1) ;;
-      cluster*) extra=(--memory-cluster "${variant#cluster}") ;;
+      profile) extra=() ;;
+      profile1) extra=(--memory-cluster 1) ;;
+      cluster*) extra=(--prefetch none --memory-cluster "${variant#cluster}") ;;
       *) die "unknown variant $variant" ;;
     esac
     t0=$(now)

@@ -272,9 +272,9 @@ def gen_link(rows):
                                "full copy s + boot s", "offline-ready s", "demand / (limit + local boot)"], body)
 
 
-RL_LABELS = {"fix": "fix, clusters from the link (default)", "cluster1": "fix, one page per fault (--memory-cluster 1)",
+RL_LABELS = {"fix": "fix, clusters from the link (no profile)", "cluster1": "fix, one page per fault (--memory-cluster 1)",
              "nofix": "--no-fault-fix", "prefetch": "default + --prefetch memory",
-             "profile": "default + --prefetch profile (the learnt RAM working set)",
+             "profile": "with the learnt RAM working set (profile resume, run's default when present)",
              "profile1": "--prefetch profile, one page per fault"}
 
 

@@ -39,9 +39,10 @@ pub struct MountArgs {
     /// Fetch in the background, below demand reads: the profile's blocks, or all blocks
     #[arg(long, value_enum, default_value_t = PrefetchMode::None)]
     pub prefetch: PrefetchMode,
-    /// The profile `--prefetch profile` uses
-    #[arg(long, value_name = "NAME", default_value = "boot")]
-    pub profile: String,
+    /// The profile `--prefetch profile|auto` uses [default: `resume` for a suspended
+    /// capsule, else `boot`]
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// Kernel readahead in bytes; `capsule run` sets 0 so guest-RAM faults read one page
     #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
     pub kernel_readahead: u32,
@@ -71,6 +72,9 @@ pub enum PrefetchMode {
     /// The guest RAM image's blocks, lowest address first (for a resume over a link whose
     /// round trips, not its bandwidth, are the limit)
     Memory,
+    /// `profile` if the capsule has that profile (learnt from an earlier run and pushed with
+    /// it), else nothing: `capsule run`'s default
+    Auto,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -166,9 +170,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub record_profile: Option<String>,
     /// Fetch in the background, below the guest's reads: the profile's blocks, or all
+    /// [default: auto: the capsule's profile if it has one]
     #[arg(long, value_enum)]
     pub prefetch: Option<PrefetchMode>,
-    /// The profile `--prefetch profile` uses [default: boot]
+    /// The profile `--prefetch profile|auto` uses [default: `resume` for a suspended
+    /// capsule, else `boot`]
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
     /// A local file whose blocks count as present; repeatable

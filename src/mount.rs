@@ -208,7 +208,7 @@ fn serve_mount(
     Ok(())
 }
 
-/// `--prefetch profile|all|memory`: a background thread asking the mount's own fetch
+/// `--prefetch profile|auto|all|memory`: a background thread asking the mount's own fetch
 /// engine, at background urgency (below every demand read and readahead), for what the
 /// profile lists (then everything else), or the RAM image; what the cache has is skipped.
 fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &MountArgs) -> Result<()> {
@@ -232,9 +232,16 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
             }
         }
     } else {
-        match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == args.profile) {
-            Some((_, pid)) => blocks = store.profile(&pid)?.blocks,
-            None => tracing::warn!("no profile {:?} for {id}; prefetching without one", args.profile),
+        let manifest = store.manifest(id)?;
+        let suspended = manifest.memory.is_some();
+        let name = args.profile.clone().unwrap_or_else(|| if suspended { "resume" } else { "boot" }.to_string());
+        match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == name) {
+            Some((_, pid)) => {
+                blocks = store.profile(&pid)?.blocks;
+                eprintln!("capsule: prefetching profile {name:?} ({} blocks) ahead of the guest", blocks.len());
+            }
+            None if args.prefetch == PrefetchMode::Auto => return Ok(()),
+            None => tracing::warn!("no profile {name:?} for {id}; prefetching without one"),
         }
     }
     if args.prefetch == PrefetchMode::All {
@@ -242,7 +249,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
         let (_, everything) = store.closure(id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
     }
-    let follow = (args.prefetch == PrefetchMode::Profile && !blocks.is_empty()).then(|| fs.follow_profile(&blocks));
+    let follow = (matches!(args.prefetch, PrefetchMode::Profile | PrefetchMode::Auto) && !blocks.is_empty()).then(|| fs.follow_profile(&blocks));
     let engine = fs.engine();
     std::thread::Builder::new().name("capsule-prefetch".into()).spawn(move || {
         let _follow = follow;

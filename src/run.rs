@@ -71,14 +71,15 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<R
     if let Some(p) = &args.record_profile {
         cmd.arg("--record-profile").arg(p);
     }
-    if let Some(mode) = args.prefetch {
-        cmd.arg("--prefetch").arg(match mode {
-            PrefetchMode::None => "none",
-            PrefetchMode::Profile => "profile",
-            PrefetchMode::All => "all",
-            PrefetchMode::Memory => "memory",
-        });
-    }
+    // By default a profile the capsule carries (learnt from an earlier boot or resume) is
+    // fetched ahead of the guest: it is what the guest will read, in order.
+    cmd.arg("--prefetch").arg(match args.prefetch.unwrap_or(PrefetchMode::Auto) {
+        PrefetchMode::None => "none",
+        PrefetchMode::Profile => "profile",
+        PrefetchMode::All => "all",
+        PrefetchMode::Memory => "memory",
+        PrefetchMode::Auto => "auto",
+    });
     if let Some(p) = &args.profile {
         cmd.arg("--profile").arg(p);
     }

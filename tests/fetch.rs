@@ -182,3 +182,38 @@ fn a_sparse_100_gib_disk_mounts_and_serves_its_first_read_after_a_few_requests()
     let after = m.stats();
     assert_eq!(fetch_stat(&after, "object_requests") + fetch_stat(&after, "requests"), 3, "{after}");
 }
+
+/// `--prefetch auto` (what `capsule run` passes by default): a capsule that carries a
+/// `boot` profile has its blocks fetched in the background before anyone reads them; one
+/// without a profile fetches nothing until read.
+#[test]
+fn prefetch_auto_fetches_the_capsules_own_profile_and_nothing_without_one() {
+    let e = Env::new();
+    import_guest(&e.p("server"), false);
+    ok(capsule(&e.p("server")).args(["import", "plain", "--disk"]).arg(format!("root={}", guest_dir().join("disk.raw").display())));
+    // The boot profile of "guest": its first 4 MiB, read once on a local mount.
+    {
+        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("rec"), &e.p("rec-cache"), &["--read-only", "--record-profile", "boot"]);
+        pread(&m.dir.join("root.raw"), 0, 4 << 20).unwrap();
+    }
+    let profile = inspect(&e.p("server"), "guest")["profiles"].as_array().unwrap().iter().find(|p| p["name"] == "boot").cloned().expect("a boot profile");
+    let listed = profile["blocks"].as_u64().unwrap();
+    assert!(listed > 0, "{profile}");
+    let server = ServerProcess::start(&e.p("server"), &["--public-read"]);
+
+    let m = Mounted::new(&e.p("c1"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("m1"), &e.p("cache1"), &["--read-only", "--prefetch", "auto"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = m.stats();
+    while fetch_stat(&s, "background_blocks") < listed && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        s = m.stats();
+    }
+    assert_eq!(fetch_stat(&s, "background_blocks"), listed, "the profile's blocks, fetched with no reader: {s}");
+    assert_eq!(fetch_stat(&s, "demand_blocks") + fetch_stat(&s, "readahead_blocks"), 0, "{s}");
+    drop(m);
+
+    let m = Mounted::new(&e.p("c2"), &e.p("cfg"), &format!("{}/plain", server.url), &e.p("m2"), &e.p("cache2"), &["--read-only", "--prefetch", "auto"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let s = m.stats();
+    assert_eq!(fetch_stat(&s, "background_blocks"), 0, "no profile, nothing fetched ahead: {s}");
+}
