@@ -3,7 +3,8 @@
 #
 # result_line BENCH PARAMS_JSON MEASUREMENTS_JSON
 #   appends {"bench", "commit", "dirty", "date", "machine", "params", "measurements"} to
-#   results/BENCH.jsonl. PARAMS_JSON and MEASUREMENTS_JSON are JSON objects (use jq -n).
+#   results/BENCH.jsonl (machine.load1: the 1-minute load average when the line was
+#   taken, so a figure measured on a busy machine says so). PARAMS_JSON and MEASUREMENTS_JSON are JSON objects (use jq -n).
 #   params gets "run": $RESULT_RUN, one id per run of a script (its start time and pid),
 #   so that the generator keeps one run's lines together. Lines wait in $RESULT_PENDING
 #   until result_flush (the script's last step) appends them: a run that fails half way
@@ -17,7 +18,8 @@ result_machine() {
      --arg cpu "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)" \
      --argjson mem_mib "$(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo)" \
      --arg qemu "$(qemu-system-x86_64 --version 2>/dev/null | head -1)" \
-     '{host: $host, kernel: $kernel, cpus: $cpus, cpu: $cpu, mem_mib: $mem_mib, qemu: $qemu}'
+     --argjson load1 "$(cut -d' ' -f1 /proc/loadavg)" \
+     '{host: $host, kernel: $kernel, cpus: $cpus, cpu: $cpu, mem_mib: $mem_mib, qemu: $qemu, load1: $load1}'
 }
 
 # The commit (and whether the tree differed from it) when the script started: a commit
