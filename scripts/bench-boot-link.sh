@@ -20,7 +20,8 @@
 # for capsule, the mount's raw .capsule/stats.json samples in <run>.stats.jsonl.gz.
 # Results: one JSON line per run in results/bench-boot-link.jsonl (scripts/results-lib.sh).
 # Environment: RATES="2mbit 10mbit", VARIANTS="nbd cold seed profile", DELAY_MS=20,
-# BLOCK_SIZE=64K, GUEST_MEM=512 (MiB), BOOT_TIMEOUT=1200 (s per boot), SAMPLE_S=0.5,
+# BLOCK_SIZE=64K, COMPRESS_LEVEL=19 (the import's zstd level: a publisher preparing a
+# capsule for slow links), GUEST_MEM=512 (MiB), BOOT_TIMEOUT=1200 (s per boot), SAMPLE_S=0.5,
 # CAPSULE_DEBIAN_GUEST_DIR (default target/guest-debian), CAPSULE_BIN, TRACE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,7 @@ RATES=${RATES:-2mbit 10mbit}
 VARIANTS=${VARIANTS:-nbd cold seed profile}
 DELAY_MS=${DELAY_MS:-20}
 BLOCK_SIZE=${BLOCK_SIZE:-64K}
+COMPRESS_LEVEL=${COMPRESS_LEVEL:-19}
 MEM=${GUEST_MEM:-512}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-1200}
 SAMPLE_S=${SAMPLE_S:-0.5}
@@ -143,15 +145,16 @@ await $! "$W/local.console" "$t0"
 local_boot=$(secs "$t0" "$MARK_T")
 
 # The working set: distinct BLOCK_SIZE blocks of the trace, each compressed as the store
-# does (zstd level 3, kept raw unless that saves more than 16 bytes; zero blocks are free).
-WS=$(python3 - "$W/local-trace.log" "$G/disk.raw" "$G/vmlinuz" "$G/initrd.gz" "$BLOCK_SIZE" <<'EOF'
+# does (zstd at the import's level, kept raw unless that saves more than 16 bytes; zero
+# blocks are free).
+WS=$(python3 - "$W/local-trace.log" "$G/disk.raw" "$G/vmlinuz" "$G/initrd.gz" "$BLOCK_SIZE" "$COMPRESS_LEVEL" <<'EOF'
 import json, re, subprocess, sys
-trace, disk, kernel, initrd, bs = sys.argv[1:]
+trace, disk, kernel, initrd, bs, level = sys.argv[1:]
 bs = int(bs[:-1]) * {"K": 1024, "M": 1 << 20}[bs[-1]]
 def stored(raw):
     if not raw.strip(b"\0"):
         return 0
-    c = subprocess.run(["zstd", "-3", "-q", "-c", "--no-check"], input=raw, capture_output=True, check=True).stdout
+    c = subprocess.run(["zstd", f"-{level}", "-q", "-c", "--no-check"], input=raw, capture_output=True, check=True).stdout
     return len(c) if len(c) + 16 < len(raw) else len(raw)
 blocks = set()
 for line in open(trace):
@@ -179,7 +182,7 @@ read_4k=$(awk '/offset/ { for (i = 1; i <= NF; i++) { if ($i == "offset") o = $(
 echo "bench-boot-link: import, and record the boot profile on a local mount" >&2
 PUB=$W/publisher
 t0=$(now)
-"$BIN" --store "$PUB" import guest --block-size "$BLOCK_SIZE" --disk "root=$G/disk.raw" --kernel "$G/vmlinuz" \
+"$BIN" --store "$PUB" import guest --block-size "$BLOCK_SIZE" --compress-level "$COMPRESS_LEVEL" --disk "root=$G/disk.raw" --kernel "$G/vmlinuz" \
   --initrd "$G/initrd.gz" --cmdline "$CMDLINE" --ram "${MEM}M" --cpus 1 >/dev/null
 import_s=$(secs "$t0" "$(now)")
 mkdir -p "$W/mnt-rec"
@@ -195,7 +198,7 @@ mount_boot=$(secs "$t0" "$MARK_T")
 profile=$("$BIN" --store "$PUB" inspect guest --json | jq -c '[.profiles[] | select(.name == "boot")][0]')
 [ "$profile" != null ] || die "no boot profile recorded"
 
-result_line bench-boot-link "$(jq -n --arg bs "$BLOCK_SIZE" --argjson mem "$MEM" '{variant: "local", block_size: $bs, guest: "debian", guest_mem_mib: $mem}')" \
+result_line bench-boot-link "$(jq -n --arg bs "$BLOCK_SIZE" --argjson mem "$MEM" --argjson lvl "$COMPRESS_LEVEL" '{variant: "local", block_size: $bs, compress_level: $lvl, guest: "debian", guest_mem_mib: $mem}')" \
   "$(jq -n --argjson raw "$local_boot" --argjson mnt "$mount_boot" --argjson read "$read_4k" --argjson ws "$WS" \
         --argjson prof "$profile" --argjson imp "$import_s" \
         --argjson disk "$(stat -c %s "$G/disk.raw")" --argjson alloc "$(( $(stat -c %b "$G/disk.raw") * 512 ))" \
@@ -288,8 +291,8 @@ one() {
   fi
   RES[$rate.$v.vs]=$vs_nbd
   result_line bench-boot-link \
-    "$(jq -n --arg v "$v" --arg rate "$rate" --argjson bits "$bits" --argjson d "$DELAY_MS" --arg bs "$BLOCK_SIZE" --argjson mem "$MEM" \
-          '{variant: $v, rate: $rate, rate_bits_per_s: $bits, rtt_ms: (2 * $d), block_size: $bs, guest: "debian", guest_mem_mib: $mem}')" \
+    "$(jq -n --arg v "$v" --arg rate "$rate" --argjson bits "$bits" --argjson d "$DELAY_MS" --arg bs "$BLOCK_SIZE" --argjson mem "$MEM" --argjson lvl "$COMPRESS_LEVEL" \
+          '{variant: $v, rate: $rate, rate_bits_per_s: $bits, rtt_ms: (2 * $d), block_size: $bs, compress_level: $lvl, guest: "debian", guest_mem_mib: $mem}')" \
     "$(jq -n --argjson boot "${boot:-null}" --argjson total "$(secs "$t0" "$t1")" \
           --argjson rx "$(( bm[0] - b0[0] ))" --argjson tx "$(( bm[1] - b0[1] ))" --argjson link "$link" \
           --argjson linkall "$(( b1[0] + b1[1] - b0[0] - b0[1] ))" --argjson ws "$ws" --argjson stats "$stats" \

@@ -334,6 +334,7 @@ def gen_boot_link(rows):
     if not rates:
         return None
     ws = local["working_set"]
+    level = next((r["params"].get("compress_level", 3) for r in rows if r["params"]["variant"] == "local"), 3)
     body = []
     for rate in rates:
         v = {r["params"]["variant"]: r for r in rows if r["params"].get("rate") == rate}
@@ -352,7 +353,7 @@ def gen_boot_link(rows):
     note = (f"The Debian guest (systemd, nginx; {mib(local['disk_bytes'])} MiB disk) boots in "
             f"{fx(local['raw_boot_seconds'], 1)} s from a local raw file and {fx(local['mount_boot_seconds'], 1)} s from a "
             f"local mount, reading {mib(local['boot_read_bytes_4k'])} MiB. Its working set at {ws['block_size_bytes'] // 1024} KiB "
-            f"blocks, compressed: {mib(ws['disk_compressed_bytes'])} MiB of disk plus {mib(ws['kernel_initrd_compressed_bytes'])} MiB "
+            f"blocks, compressed (zstd level {level}, as imported): {mib(ws['disk_compressed_bytes'])} MiB of disk plus {mib(ws['kernel_initrd_compressed_bytes'])} MiB "
             "of kernel and initrd (the NBD and seeded runs have those locally, so their working set is the disk's). "
             "Bytes on the link: both directions of the client's veth, start to ready. "
             "Limit: max(local mount boot, working set / link rate).")

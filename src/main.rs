@@ -94,6 +94,11 @@ enum Command {
         /// Block size, a power of two from 4K to 1M [default: parent's, else 64K]
         #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
         block_size: Option<u8>,
+        /// zstd level of the new blocks, 1 to 19: higher imports slower and moves fewer
+        /// bytes to every client (19: about 13% fewer than 3 on a Linux disk)
+        #[arg(long, value_name = "N", default_value_t = images::block::DEFAULT_LEVEL,
+              value_parser = clap::value_parser!(i32).range(1..=images::block::MAX_LEVEL as i64))]
+        compress_level: i32,
         /// Virtual CPUs for the VM description
         #[arg(long)]
         cpus: Option<u32>,
@@ -429,6 +434,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cmdline,
             parent,
             block_size,
+            compress_level,
             cpus,
             ram,
             hypervisor,
@@ -436,6 +442,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let store = open()?;
+            store.set_compression_level(compress_level);
             let mut spec = CapsuleSpec {
                 name: name.clone(),
                 disk_format: disk_format.map(|f| match f {

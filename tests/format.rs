@@ -398,3 +398,32 @@ fn gc_keeps_a_profile_and_its_blocks_while_its_capsule_lives() {
         assert!(warmed.contains(h), "block {b} ({h}) of the profile was not warmed");
     }
 }
+
+#[test]
+fn a_higher_compression_level_stores_fewer_bytes_and_exports_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("disk.raw");
+    // Log-like text: compressible, not trivially.
+    let mut data = Vec::new();
+    let mut i = 0u64;
+    while data.len() < 2 << 20 {
+        data.extend_from_slice(format!("{i:08} host{} GET /item/{} status={} bytes={}\n", i % 7, i * 7919 % 100_003, 200 + i % 5, i * 31 % 65_536).as_bytes());
+        i += 1;
+    }
+    std::fs::write(&src, &data).unwrap();
+    let mut stored = Vec::new();
+    for level in ["1", "19"] {
+        let store = dir.path().join(format!("store-{level}"));
+        ok(capsule(&store).args(["import", "log", "--compress-level", level, "--disk"]).arg(format!("root={}", src.display())));
+        stored.push(stored_blocks(&store).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum::<u64>());
+        let out = dir.path().join(format!("out-{level}"));
+        ok(capsule(&store).args(["export", "log", "--out"]).arg(&out));
+        assert!(std::fs::read(out.join("root.raw")).unwrap() == data, "level {level} exports the same bytes");
+        ok(capsule(&store).arg("verify"));
+    }
+    assert!(stored[1] < stored[0], "level 19 stores fewer bytes than level 1: {stored:?}");
+    let (out, err) =
+        run(capsule(&dir.path().join("store-x")).args(["import", "log", "--compress-level", "23", "--disk"]).arg(format!("root={}", src.display())));
+    assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("--compress-level"), "{err}");
+}

@@ -44,6 +44,8 @@ pub struct Store {
     durable: std::sync::atomic::AtomicBool,
     /// Whether a block file already present counts without a look (see `set_trust_existing`).
     trust_existing: std::sync::atomic::AtomicBool,
+    /// zstd level of blocks this handle writes (see `set_compression_level`).
+    level: std::sync::atomic::AtomicI32,
     lock: File,
 }
 
@@ -107,6 +109,7 @@ impl Store {
             tmp_counter: AtomicU64::new(0),
             durable: std::sync::atomic::AtomicBool::new(true),
             trust_existing: std::sync::atomic::AtomicBool::new(false),
+            level: std::sync::atomic::AtomicI32::new(block::DEFAULT_LEVEL),
             lock,
         })
     }
@@ -138,6 +141,12 @@ impl Store {
     /// Returns the previous setting, for a batch to restore.
     pub fn set_durable(&self, durable: bool) -> bool {
         self.durable.swap(durable, Ordering::Relaxed)
+    }
+
+    /// zstd level for the blocks this handle stores from raw bytes from now on (1 to
+    /// [`block::MAX_LEVEL`]); blocks already stored keep theirs.
+    pub fn set_compression_level(&self, level: i32) {
+        self.level.store(level.clamp(1, block::MAX_LEVEL), Ordering::Relaxed);
     }
 
     /// With `true`, a block file already present is taken as the block without reading it
@@ -248,7 +257,7 @@ impl Store {
         if path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(h, &path)) {
             return Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: 0, new: false });
         }
-        let encoded = block::encode(raw)?;
+        let encoded = block::encode_with_level(raw, self.level.load(Ordering::Relaxed))?;
         let new = self.write_block_file(h, &path, &encoded).with_context(|| format!("storing block {h}"))?;
         Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
     }
