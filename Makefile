@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest guest-debian test crash fuzz bench-load demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link clean
+.PHONY: all setup build guest guest-debian test crash fuzz bench-load soak demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link clean
 
 all: build
 
@@ -73,6 +73,14 @@ bench-resume-link: setup guest
 bench-load: setup guest
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/bench-load.sh | tee target/bench-load.md'
+	python3 scripts/gen-benchmarks.py
+
+# 30 minutes (SOAK_MINUTES) of boots and reads through a mount while a driver restarts the
+# server, cuts the link, corrupts served blocks and fills the cache disk: the reliability
+# table (wrong bytes must be 0). Run it on an otherwise quiet machine.
+soak: setup guest
+	$(CARGO) build --release
+	bash -o pipefail -c 'bash scripts/soak.sh | tee target/soak.md'
 	python3 scripts/gen-benchmarks.py
 
 # Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).

@@ -410,6 +410,24 @@ def gen_load(rows):
         "", f"Server peak RSS over the whole run: {kib('server_peak_rss_kib')} MiB."]
 
 
+def gen_soak(rows):
+    r = rows[-1]
+    m, p = r["measurements"], r["params"]
+    f = m["faults"]
+    note = (f"{p['minutes']} minutes of guest boots and O_DIRECT random reads through one mount (read-only, "
+            f"`--stall-timeout {p['stall_timeout_s']}`) over a capsule-linkemu relay, while a driver injected a fault "
+            f"every 15-40 s: server killed and restarted ({f['restart']}), link cut for 3-20 s ({f['cut']}), a block "
+            f"corrupted in the server's store for 10 s ({f['corrupt']}), the cache's disk filled for 15 s ({f['fill']}). "
+            "Every byte read is compared with the source disk.")
+    outside = m["read_errors"] - m["read_errors_in_corruption_windows"]
+    body = [["boots (failed, with guest I/O errors)", f"{m['boots']} ({m['boots_failed']}, {m['boots_with_guest_io_errors']})", "0 failed, 0 with errors"],
+            ["reads (MiB compared)", f"{m['reads']} ({m['bytes_compared'] / MIB:.0f})", "-"],
+            ["wrong bytes", str(m["wrong_bytes"]), "0"],
+            ["read errors outside corruption windows", str(outside), "0"],
+            ["read errors while a served block was corrupt", str(m["read_errors_in_corruption_windows"]), "(EIO, never wrong bytes)"]]
+    return [note, ""] + table(["what", "count", "must be"], body)
+
+
 # name: (bench, row filter, generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
@@ -423,6 +441,7 @@ TABLES = {
     "boot-link": ("bench-boot-link", None, gen_boot_link, "make bench-boot-link"),
     "bulk-link": ("bench-bulk-link", None, gen_bulk_link, "make bench-bulk-link"),
     "load": ("load", None, gen_load, "make bench-load"),
+    "soak": ("soak", None, gen_soak, "make soak"),
 }
 
 
