@@ -20,6 +20,7 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-soak.XXXXXX")
 PIDS=()
 SERVER=
 die() { echo "soak: $*" >&2; exit 1; }
+[ -x "$LINKEMU" ] || die "no $LINKEMU (cargo build --release builds it)"
 cleanup() {
   local p
   [ -n "$SERVER" ] && kill -9 "$SERVER" 2>/dev/null || true
