@@ -55,6 +55,24 @@ fn kill_after(cmd: &mut Command, after: Duration) -> bool {
     }
 }
 
+/// Kill points spread over a run's length, which varies (dedup hits, a busy machine):
+/// a run that finishes before its kill point sets the estimate, a killed one stretches it.
+struct KillPoints {
+    rng: Rng,
+    estimate: Duration,
+}
+
+impl KillPoints {
+    /// Runs `cmd` and kills it at a random point of the estimated length; true if killed.
+    fn run(&mut self, cmd: &mut Command) -> bool {
+        let at = Duration::from_micros(self.rng.below(self.estimate.as_micros() as u64));
+        let start = Instant::now();
+        let killed = kill_after(cmd, at);
+        self.estimate = if killed { self.estimate.mul_f64(1.1) } else { start.elapsed() };
+        killed
+    }
+}
+
 fn timed(cmd: &mut Command) -> Duration {
     let start = Instant::now();
     ok(cmd);
@@ -106,7 +124,7 @@ fn kill_9_during_import_leaves_nothing_that_verifies_but_is_wrong() {
     let full = timed(&mut import(0));
     ok(capsule(&store).args(["rm", "vm0"]));
     ok(capsule(&store).arg("gc"));
-    let mut rng = Rng(seed());
+    let mut points = KillPoints { rng: Rng(seed()), estimate: full };
     let mut killed = 0;
     for i in 0..iterations() {
         let k = (i % 3) as usize;
@@ -115,7 +133,7 @@ fn kill_9_during_import_leaves_nothing_that_verifies_but_is_wrong() {
         if i % 2 == 0 {
             ok(capsule(&store).arg("gc"));
         }
-        killed += u32::from(kill_after(&mut import(k), Duration::from_micros(rng.below(full.as_micros() as u64))));
+        killed += u32::from(points.run(&mut import(k)));
         nothing_that_verifies_is_wrong(&store, &out, &|name| std::fs::read(&disks[name[2..].parse::<usize>().ok()?]).ok());
     }
     assert!(killed >= iterations() / 3, "only {killed} of {} imports were killed mid-way", iterations());
@@ -144,12 +162,12 @@ fn kill_9_during_pull_leaves_nothing_that_verifies_but_is_wrong() {
     let full = timed(&mut pull());
     ok(capsule(&local).args(["rm", "vm"]));
     ok(capsule(&local).arg("gc"));
-    let mut rng = Rng(seed());
+    let mut points = KillPoints { rng: Rng(seed()), estimate: full };
     let mut killed = 0;
     for _ in 0..iterations() {
         let _ = capsule(&local).args(["rm", "vm"]).output();
         ok(capsule(&local).arg("gc"));
-        killed += u32::from(kill_after(&mut pull(), Duration::from_micros(rng.below(full.as_micros() as u64))));
+        killed += u32::from(points.run(&mut pull()));
         nothing_that_verifies_is_wrong(&local, &out, &|_| Some(bytes.clone()));
     }
     assert!(killed >= iterations() / 3, "only {killed} of {} pulls were killed mid-way", iterations());
@@ -245,9 +263,9 @@ fn kill_9_of_a_mount_being_written_and_of_its_commit_loses_no_acknowledged_write
     };
     let full = timed(&mut commit("probe"));
     ok(capsule(&store).args(["rm", "probe"]));
+    let mut points = KillPoints { rng: Rng(rng.0), estimate: full };
     for i in 0..iterations() {
-        let name = format!("child{i}");
-        kill_after(&mut commit(&name), Duration::from_micros(rng.below(full.as_micros() as u64)));
+        points.run(&mut commit(&format!("child{i}")));
     }
     ok(&mut commit("final"));
     drop(m);

@@ -412,6 +412,11 @@ impl Overlay {
         self.state_file.sync_data()
     }
 
+    /// How many blocks differ from the capsule.
+    pub fn changed_count(&self) -> usize {
+        self.table().states.iter().filter(|&&s| s != NONE).count()
+    }
+
     /// Blocks that differ from the capsule: (index, DATA or ZERO).
     pub fn changed(&self) -> Vec<(u64, u8)> {
         self.table().states.iter().enumerate().filter(|(_, &st)| st != NONE).map(|(i, &st)| (i as u64, visible(st))).collect()
