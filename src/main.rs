@@ -19,6 +19,7 @@ mod remote;
 mod report;
 mod run;
 mod status;
+mod supervise;
 
 use args::{parse_block_size, parse_size, ConnArgs, ExportFormat, MountArgs};
 use remote::{connect, open_store, push, runtime};
@@ -175,6 +176,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restart a mount's daemon on the binary now installed where it started, its guests running on
+    Takeover { mountpoint: PathBuf },
     /// Fetch every block of a capsule (and its ancestors) into the cache; --offline pins them
     Prefetch {
         #[command(flatten)]
@@ -369,6 +372,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let open_existing = || remote::open_existing_store(cli.store.clone());
     match cli.command {
         Command::Mount(args) => mount::mount(cli.store.clone(), args)?,
+        Command::Takeover { mountpoint } => supervise::takeover(&mountpoint)?,
         Command::Umount { mountpoint, json } => {
             mount::umount(&mountpoint)?;
             print_json_or(json, &json!({"unmounted": mountpoint}), || format!("unmounted {}", mountpoint.display()))?;

@@ -49,13 +49,26 @@ fn clean_stale(mountpoint: &Path) {
 const ENOTCONN: i32 = 107;
 
 pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
-    clean_stale(&args.mountpoint);
+    let role = if args.foreground { crate::supervise::role() } else { crate::supervise::Role::Supervisor };
+    // A successor serves a live mount whose daemon died: anything that touches the mount
+    // before it serves would wait for it.
+    let handoff = if role == crate::supervise::Role::Successor { Some(crate::supervise::receive_handoff()?) } else { None };
+    if handoff.is_none() {
+        clean_stale(&args.mountpoint);
+    }
     let cache_dir = args.cache.clone().unwrap_or_else(default_cache_dir);
     std::fs::create_dir_all(&cache_dir).with_context(|| format!("creating cache {}", cache_dir.display()))?;
     if !args.foreground {
         return spawn_daemon(&cache_dir, &args);
     }
-    let mountpoint = args.mountpoint.canonicalize().with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if role == crate::supervise::Role::Supervisor {
+        return crate::supervise::supervise(&args.mountpoint);
+    }
+    let pinned = handoff.as_ref().map(|h| h.id);
+    let mountpoint = match &handoff {
+        Some(h) => h.mountpoint.clone(),
+        None => args.mountpoint.canonicalize().with_context(|| format!("mount point {}", args.mountpoint.display()))?,
+    };
 
     let (cache, source, id, label): (Arc<BlockCache>, Option<Arc<dyn BlockSource>>, Hash, String) = if args.source.starts_with("capsule://") {
         let url = capsule_net::RemoteUrl::parse(&args.source)?;
@@ -63,10 +76,13 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         let cache = Arc::new(BlockCache::open(&cache_dir, args.cache_size).with_context(|| format!("opening cache {}", cache_dir.display()))?);
         let remembered = remembered_ref(&url, &name);
         if args.offline {
-            let id = cache
-                .store()
-                .read_ref(&remembered)?
-                .with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?;
+            let id = match pinned {
+                Some(id) => id,
+                None => cache
+                    .store()
+                    .read_ref(&remembered)?
+                    .with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?,
+            };
             let config = MountConfig {
                 read_only: args.read_only,
                 overlay_dir: cache_dir.join("cow").join(id.to_hex()),
@@ -78,42 +94,50 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                 mountpoint: mountpoint.clone(),
                 stall_timeout: Duration::from_secs(args.stall_timeout),
             };
-            return serve_mount(cache, None, id, config, &args, &mountpoint);
+            return serve_mount(cache, None, id, config, &args, &mountpoint, handoff);
         }
-        let id = crate::remote::runtime()?.block_on(async {
-            match capsule_net::Client::connect(&url, &args.conn.options()).await {
-                Ok(client) => {
-                    if client.newly_trusted {
-                        eprintln!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
+        // A successor serves the capsule its mount shows, from what the cache holds.
+        let id = if let Some(id) = pinned {
+            id
+        } else {
+            crate::remote::runtime()?.block_on(async {
+                match capsule_net::Client::connect(&url, &args.conn.options()).await {
+                    Ok(client) => {
+                        if client.newly_trusted {
+                            eprintln!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
+                        }
+                        let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
+                        // Manifests and layers now; map pages when a read needs them, unless
+                        // everything will be fetched anyway.
+                        if args.prefetch == PrefetchMode::All {
+                            capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                        } else {
+                            capsule_net::pull_head(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
+                        }
+                        capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching the capsule's profiles")?;
+                        cache.store().set_ref(&remembered, &id)?;
+                        client.close().await;
+                        anyhow::Ok(id)
                     }
-                    let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
-                    // Manifests and layers now; map pages when a read needs them, unless
-                    // everything will be fetched anyway.
-                    if args.prefetch == PrefetchMode::All {
-                        capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
-                    } else {
-                        capsule_net::pull_head(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
-                    }
-                    capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching the capsule's profiles")?;
-                    cache.store().set_ref(&remembered, &id)?;
-                    client.close().await;
-                    anyhow::Ok(id)
+                    Err(e) if e.kind() == capsule_net::ErrorKind::Unavailable => match cache.store().read_ref(&remembered)? {
+                        Some(id) => {
+                            tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
+                            Ok(id)
+                        }
+                        None => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
                 }
-                Err(e) if e.kind() == capsule_net::ErrorKind::Unavailable => match cache.store().read_ref(&remembered)? {
-                    Some(id) => {
-                        tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
-                        Ok(id)
-                    }
-                    None => Err(e.into()),
-                },
-                Err(e) => Err(e.into()),
-            }
-        })?;
+            })?
+        };
         let source = capsule_net::RemoteSource::new(url, args.conn.options(), Duration::from_secs(args.stall_timeout))?;
         (cache, Some(Arc::new(source)), id, args.source.clone())
     } else {
         let store = crate::remote::open_store(store_dir)?;
-        let id = store.resolve(&args.source)?;
+        let id = match pinned {
+            Some(id) => id,
+            None => store.resolve(&args.source)?,
+        };
         let cache = Arc::new(BlockCache::over_store(store.root())?);
         (cache, None, id, format!("local store {}", store.root().display()))
     };
@@ -129,7 +153,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         mountpoint: mountpoint.clone(),
         stall_timeout: Duration::from_secs(args.stall_timeout),
     };
-    serve_mount(cache, source, id, config, &args, &mountpoint)
+    serve_mount(cache, source, id, config, &args, &mountpoint, handoff)
 }
 
 fn serve_mount(
@@ -139,10 +163,12 @@ fn serve_mount(
     mut config: MountConfig,
     args: &MountArgs,
     mountpoint: &Path,
+    handoff: Option<crate::supervise::Handoff>,
 ) -> Result<()> {
     // One writer per overlay: a second writable mount of the same capsule would interleave.
     let _overlay_lock = if args.read_only { None } else { Some(lock_overlay(&config.overlay_dir)?) };
-    if args.prepare_run && !args.read_only {
+    // A successor's guest is running: its local state is what it runs on.
+    if args.prepare_run && !args.read_only && handoff.is_none() {
         let suspended = cache.store().manifest(&id)?.devstate.is_some();
         let dropped = capsule_fs::overlay::prepare_for_run(&config.overlay_dir, suspended, args.discard_changes).map_err(anyhow::Error::msg)?;
         if !dropped.is_empty() {
@@ -174,18 +200,40 @@ fn serve_mount(
         // Let a hypervisor running as another user open the files.
         fuse_config.acl = fuser::SessionACL::All;
     }
-    let mut session = fuser::Session::new(fs, mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
+    let (session, took_over) = match &handoff {
+        Some(h) => (crate::supervise::resume_session(fs, &h.fuse, &fuse_config)?, true),
+        None => (fuser::Session::new(fs, mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?, false),
+    };
+    let mut session = session;
+    let mut unmounter = (!took_over).then(|| session.unmount_callable());
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let at = mountpoint.to_path_buf();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             eprintln!("capsule: unmounting");
-            if let Err(e) = unmounter.unmount() {
-                eprintln!("capsule: unmount failed: {e}");
+            match unmounter.as_mut() {
+                Some(u) => {
+                    if let Err(e) = u.unmount() {
+                        eprintln!("capsule: unmount failed: {e}");
+                    }
+                }
+                // A successor's session did not mount: unmount by path.
+                None => crate::supervise::unmount_path(&at),
             }
         }
     });
-    eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
+    match (&handoff, crate::supervise::role()) {
+        (Some(h), _) => {
+            crate::supervise::resend_unanswered(&h.fuse)?;
+            crate::supervise::report_serving()?;
+            eprintln!("capsule: took over {name} ({id}) at {} (pid {})", mountpoint.display(), std::process::id());
+        }
+        (None, crate::supervise::Role::First) => {
+            crate::supervise::report_mounted(std::os::fd::AsFd::as_fd(&session), &id)?;
+            eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
+        }
+        (None, _) => eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display()),
+    }
     // In the foreground on a terminal: a live line of what arrives (once the mount answers).
     let stop_line = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let line = {
@@ -308,7 +356,7 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
     let start = Instant::now();
     loop {
         if std::fs::metadata(info_path(&args.mountpoint)).is_ok() {
-            println!("mounted {} at {} (pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
+            println!("mounted {} at {} (supervisor pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
@@ -326,7 +374,7 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
 
 /// Whether `path` is where a capsule FUSE mount sits (from /proc/self/mountinfo: a FUSE
 /// file system named `capsule:NAME` by the daemon, type `fuse` or `fuse.capsule`).
-fn is_capsule_mount(path: &Path) -> bool {
+pub(crate) fn is_capsule_mount(path: &Path) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     // Mount points there escape space, tab, newline and backslash as octal.
     let unescape = |s: &str| -> String {

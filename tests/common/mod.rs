@@ -231,11 +231,18 @@ pub fn mount_watchdog_s() -> u64 {
 impl Mounted {
     /// `capsule --store STORE mount SOURCE DIR --cache CACHE [extra]`, waiting until it serves.
     pub fn new(store: &Path, config: &Path, source: &str, dir: &Path, cache: &Path, extra: &[&str]) -> Self {
+        let mut cmd = client(store, config);
+        cmd.args(["mount", source]).arg(dir).arg("--cache").arg(cache).args(extra);
+        Self::started_by(&mut cmd, store, dir, cache)
+    }
+
+    /// Runs `cmd`, a `capsule mount` of DIR over CACHE (from any binary), waiting until it serves.
+    pub fn started_by(cmd: &mut Command, store: &Path, dir: &Path, cache: &Path) -> Self {
         // A stale mount left by a killed daemon makes this fail; `capsule mount` cleans it.
         let _ = std::fs::create_dir_all(dir);
-        ok(client(store, config).args(["mount", source]).arg(dir).arg("--cache").arg(cache).args(extra));
+        ok(cmd);
         let m = Self { dir: dir.to_path_buf(), cache: cache.to_path_buf(), store: store.to_path_buf(), done: Default::default() };
-        if let Some(pid) = m.pid() {
+        if let Some(supervisor) = m.pid().and_then(parent_of) {
             let (done, dir) = (m.done.clone(), m.dir.clone());
             let limit = mount_watchdog_s();
             std::thread::spawn(move || {
@@ -246,8 +253,8 @@ impl Mounted {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
-                eprintln!("watchdog: {} still mounted after {limit} s; killing its daemon {pid}", dir.display());
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
+                eprintln!("watchdog: {} still mounted after {limit} s; killing its supervisor {supervisor} and daemon", dir.display());
+                kill_mount_processes(supervisor, &dir);
             });
         }
         m
@@ -285,11 +292,48 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         self.done.store(true, std::sync::atomic::Ordering::Relaxed);
         let pid = self.pid();
+        let supervisor = pid.and_then(parent_of);
         self.unmount();
         let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).output();
+        if let Some(s) = supervisor {
+            kill_mount_processes(s, &self.dir);
+        }
         if let Some(pid) = pid {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
         }
+    }
+}
+
+/// The parent of `pid` if it is a `capsule mount` (the supervisor of a mount's daemon).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
+    cmdline.split(|b| *b == 0).any(|a| a == b"mount").then_some(ppid)
+}
+
+/// SIGKILLs a mount's supervisor (so nothing restarts) and the daemons it started, if
+/// `supervisor` is still the `capsule mount` of `dir` (not a reused pid).
+pub fn kill_mount_processes(supervisor: u32, dir: &Path) {
+    let cmdline = std::fs::read(format!("/proc/{supervisor}/cmdline")).unwrap_or_default();
+    if !cmdline.split(|b| *b == 0).any(|a| a == dir.as_os_str().as_encoded_bytes()) {
+        return;
+    }
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok()))
+                == Some(supervisor)
+        })
+        .collect();
+    let _ = Command::new("kill").arg("-9").arg(supervisor.to_string()).output();
+    for c in children {
+        let _ = Command::new("kill").arg("-9").arg(c.to_string()).output();
     }
 }
 
