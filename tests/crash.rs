@@ -243,6 +243,10 @@ fn kill_9_of_a_mount_being_written_and_of_its_commit_loses_no_acknowledged_write
             })
         };
         std::thread::sleep(Duration::from_millis(stop_after));
+        // The supervisor first, or it would restart the daemon (tests/takeover.rs covers that).
+        if let Some(supervisor) = parent_of(pid) {
+            Command::new("kill").args(["-9", &supervisor.to_string()]).output().unwrap();
+        }
         Command::new("kill").args(["-9", &pid.to_string()]).output().unwrap();
         let (acked, failed) = writer.join().unwrap();
         in_flight = failed;

@@ -223,7 +223,11 @@ fn kill_9_of_the_mount_mid_write_keeps_every_acknowledged_write_through_commit()
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // The supervisor first (else it restarts the daemon, see tests/takeover.rs): the whole
+    // mount dies, as in an out-of-memory kill of both.
     let pid = m.pid().unwrap();
+    let supervisor = parent_of(pid).expect("the mount's supervisor");
+    tool(std::process::Command::new("kill").args(["-9", &supervisor.to_string()]));
     tool(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
     let err = writer.join().unwrap();
     let acked = acked.lock().unwrap().clone();
