@@ -33,3 +33,13 @@ done
 [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
 
 have cargo || { echo "setup: cargo not found; install a Rust toolchain (rustup)" >&2; exit 1; }
+
+# Garage, the S3-compatible distributed object store the scale-out tests run capsule servers
+# on (tests/scale.rs): built from crates.io once (about 15 minutes on 2 busy cores), then
+# reused from ~/.cargo/bin. Pinned: the tests drive its admin commands.
+GARAGE_VERSION=2.5.0
+garage_bin="${CARGO_HOME:-$HOME/.cargo}/bin/garage"
+if ! { have garage || [ -x "$garage_bin" ]; }; then
+  echo "setup: cargo install garage@$GARAGE_VERSION (once; about 15 minutes)" >&2
+  cargo install --quiet --locked "garage@$GARAGE_VERSION" || cargo install --quiet "garage@$GARAGE_VERSION"
+fi

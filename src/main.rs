@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 mod args;
+mod backend;
 mod chv;
 mod exit;
 mod mount;
@@ -272,6 +273,8 @@ enum Command {
         /// connection: its first request)
         #[arg(long, value_name = "SECS", default_value_t = capsule_net::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
         header_timeout: f64,
+        #[command(flatten)]
+        backend: backend::BackendArgs,
     },
     /// Manage access tokens of this store's server
     Token {
@@ -596,10 +599,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
-        Command::Serve { listen, public_read, max_connections, max_connections_per_ip, header_timeout } => {
+        Command::Serve { listen, public_read, max_connections, max_connections_per_ip, header_timeout, backend } => {
             let store = open()?;
             let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
-            serve(store, listen, public_read, (max_connections.max(1), max_connections_per_ip.max(1)), header_timeout)?
+            serve(store, &backend, listen, public_read, (max_connections.max(1), max_connections_per_ip.max(1)), header_timeout)?
         }
         Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let store = open()?;
@@ -690,6 +693,7 @@ fn print_json_or(json: bool, value: &serde_json::Value, text: impl FnOnce() -> S
 
 fn serve(
     store: Store,
+    backend: &backend::BackendArgs,
     listen: std::net::SocketAddr,
     public_read: bool,
     (max_connections, max_per_ip): (usize, usize),
@@ -697,17 +701,17 @@ fn serve(
 ) -> Result<()> {
     let root = store.root().to_path_buf();
     let identity = capsule_net::tls::load_or_create_identity(&root)?;
+    let (backend, what) = backend.open(store)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let server = capsule_net::Server::bind(identity, listen)?;
         let addr = server.local_addr()?;
-        println!("capsule: serving {} on {addr}", root.display());
+        println!("capsule: serving {what} on {addr}");
         println!("capsule: certificate SHA-256 {}", server.fingerprint);
         if public_read {
             println!("capsule: reads need no token (--public-read)");
         }
         let opts = capsule_net::ServeOptions { max_connections, max_per_ip, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
-        let backend: std::sync::Arc<dyn capsule_net::backend::Backend> = std::sync::Arc::new(store);
         tokio::select! {
             r = server.run(backend, opts) => r.map_err(anyhow::Error::from),
             _ = tokio::signal::ctrl_c() => { println!("capsule: stopping"); Ok(()) }

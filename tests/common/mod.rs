@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: run the real `capsule` binary on real files.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod garage;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -167,11 +169,17 @@ impl ServerProcess {
 
     /// Like `start`, on a given address (to restart a server where clients expect it).
     pub fn start_at(store: &Path, listen: &str, extra: &[&str]) -> Self {
+        Self::start_env(store, listen, extra, &[])
+    }
+
+    /// Like `start_at`, with extra environment variables (an S3 backend's credentials).
+    pub fn start_env(store: &Path, listen: &str, extra: &[&str], env: &[(&str, String)]) -> Self {
         use std::io::BufRead;
         use std::process::Stdio;
         let mut child = capsule(store)
             .args(["serve", "--listen", listen])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
