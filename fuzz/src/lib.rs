@@ -760,8 +760,29 @@ fn seeds_token_file() -> Vec<Vec<u8>> {
     out
 }
 
+thread_local! {
+    static TOKEN_INPUTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn run_token_file(input: &[u8]) -> bool {
     let (_, body) = mode(input);
+    // The parse the server does, for every input; the whole load from a file (slow: file
+    // system calls) for one in 64.
+    let n = TOKEN_INPUTS.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    if n % 64 != 1 {
+        return match serde_json::from_slice::<Vec<capsule_net::auth::TokenRecord>>(body) {
+            Ok(records) => {
+                for r in &records {
+                    let _ = (r.id(), capsule_net::auth::covers(&r.prefix, "team/a"), capsule_net::auth::covers(&r.prefix, &r.hash));
+                }
+                true
+            }
+            Err(_) => false,
+        };
+    }
     TOKEN_DIR.with(|dir| {
         let Some(dir) = dir else { return false };
         let path = capsule_net::auth::tokens_path(dir.path());
