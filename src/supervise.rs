@@ -204,6 +204,8 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
     let mut fuse: Option<(Hash, OwnedFd)> = None;
     let mut deaths: Vec<Instant> = Vec::new();
     let mut stopping = false;
+    // When the last daemon ended: the mount's requests wait from then until a successor serves.
+    let mut gap_from: Option<Instant> = None;
     for generation in 1u64.. {
         let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
         let role = if fuse.is_some() { "successor" } else { "first" };
@@ -242,7 +244,10 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
                     (Some(("mounted", id)), Some(fd)) if fuse.is_none() => {
                         fuse = Some((id.parse::<Hash>().with_context(|| format!("daemon reported capsule {id:?}"))?, fd));
                     }
-                    _ if text == "serving" => eprintln!("capsule: daemon {pid} took over the mount"),
+                    _ if text == "serving" => {
+                        let gap = gap_from.take().map(|t| t.elapsed().as_millis()).unwrap_or_default();
+                        eprintln!("capsule: daemon {pid} took over the mount ({gap} ms without a daemon)");
+                    }
                     _ => eprintln!("capsule: unexpected message from daemon {pid}: {text:?}"),
                 },
                 Event::Exited(g, status) if g == generation => break status,
@@ -260,6 +265,7 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
                 _ => {} // from an earlier daemon
             }
         };
+        gap_from = Some(Instant::now());
         if status.success() {
             return Ok(());
         }
@@ -283,7 +289,8 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
                 bail!("the mount daemon died {} times within {} s; gave up and detached {}", deaths.len(), CRASH_WINDOW.as_secs(), mountpoint.display());
             }
             eprintln!("capsule: mount daemon {pid} died ({status}); starting a successor");
-            std::thread::sleep(Duration::from_millis(50) * deaths.len() as u32);
+            // The first death restarts at once; a daemon dying again and again, less often.
+            std::thread::sleep(Duration::from_millis(50) * (deaths.len() as u32 - 1));
         }
     }
     unreachable!("generations do not run out")

@@ -1,12 +1,12 @@
 //! Issue 16: a guest survives its mount daemon. The daemon serving a mount is killed with
 //! SIGKILL at random moments, and replaced by `capsule takeover` with another build of the
-//! binary, while a guest boots from the mount or a writer writes to it; nothing sees an
-//! error and nothing written is lost.
+//! binary, while a guest boots from the mount, a resumed guest faults its RAM in from it,
+//! or a writer writes to it; nothing sees an error and nothing written is lost.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -219,4 +219,50 @@ fn a_daemon_that_keeps_dying_ends_the_mount_instead_of_hanging_its_readers() {
     let log = m.log();
     assert!(log.contains("gave up"), "the supervisor did not give up:\n{log}");
     assert!(!Path::new(&format!("/proc/{supervisor}")).exists(), "the supervisor outlived the mount");
+}
+
+#[test]
+fn a_resumed_guest_whose_daemon_is_killed_while_it_faults_its_ram_in_counts_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (host_a, cfg, runs) = (d.join("host-a"), d.join("cfg"), d.join("runs"));
+    import_guest(&host_a, true);
+    let mut a = Run::start(&host_a, &cfg, &runs, "guest", &d.join("cache-a"), "on-a", &["--append", "gmode=loop"]);
+    a.wait_console("COUNTER 3", 120);
+    a.suspend(&cfg, "guest-suspended", &[]);
+    let (success, output) = a.wait(60);
+    assert!(success, "run A did not end cleanly after the suspend:\n{output}");
+    let last = *counters(&a.console()).last().unwrap();
+    // Resumed over the link on an empty cache: RAM (a shared mapping of the mount's
+    // memory.raw) arrives fault by fault, while its daemon is killed three times.
+    let server = ServerProcess::start(&host_a, &["--public-read"]);
+    let mut b = Run::start(&d.join("host-b"), &cfg, &runs, &format!("{}/guest-suspended", server.url), &d.join("cache-b"), "on-b", &[]);
+    let start = Instant::now();
+    while !runs.join("on-b/run.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "run B never started QEMU:\n{}", b.output());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mnt = PathBuf::from(b.record()["mountpoint"].as_str().unwrap());
+    let mut rng = Rng::new();
+    let mut pid = daemon(&mnt);
+    let mut fetched_at_kills = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(rng.millis(50, 800));
+        // What this daemon fetched of the RAM so far (each daemon counts from zero).
+        let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).unwrap()).unwrap();
+        fetched_at_kills.push(stats["files"]["memory.raw"]["fetched_blocks"].as_u64().unwrap_or(0));
+        kill_9(pid);
+        pid = next_daemon(&mnt, pid);
+    }
+    b.wait_console(&format!("COUNTER {}", last + 3), 120);
+    let console = b.console();
+    let after = counters(&console);
+    eprintln!("RAM blocks each daemon had fetched when it was killed: {fetched_at_kills:?}; counters {after:?}");
+    assert!(!console.contains("CAPSULE-GUEST-VERSION"), "run B booted the guest instead of resuming it:\n{console}");
+    assert!(after[0] > last && after[0] <= last + 2, "run A stopped at {last}, run B went on from {}:\n{console}", after[0]);
+    assert!(!console.contains("I/O error") && !console.contains("CAPSULE-GUEST-ERROR"), "{console}");
+    assert!(fetched_at_kills.iter().any(|&n| n > 0), "no kill came while RAM was being fetched: {fetched_at_kills:?}");
+    b.interrupt();
+    let (success, output) = b.wait(60);
+    assert!(success, "run B did not end cleanly:\n{output}");
 }
