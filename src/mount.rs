@@ -131,6 +131,8 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
             })?
         };
         let source = capsule_net::RemoteSource::new(url, args.conn.options(), Duration::from_secs(args.stall_timeout))?;
+        // Ready when the first read comes: the mount still has the FUSE session to set up.
+        source.connect_ahead();
         (cache, Some(Arc::new(source)), id, args.source.clone())
     } else {
         let store = crate::remote::open_store(store_dir)?;

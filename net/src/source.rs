@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use capsule_fetch::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, SourceCounters};
 use capsule_images::Hash;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::{Client, ConnectOptions, RemoteUrl};
 use crate::error::{Error, ErrorKind, Result};
@@ -139,7 +139,8 @@ impl Shared {
 }
 
 impl RemoteSource {
-    /// A source for `url`; nothing is connected until the first fetch. Metadata fetches
+    /// A source for `url`; nothing is connected until the first fetch (or
+    /// [`RemoteSource::connect_ahead`]). Metadata fetches
     /// that cannot reach the server retry up to `stall_timeout`, then fail.
     pub fn new(url: RemoteUrl, opts: ConnectOptions, stall_timeout: Duration) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -158,6 +159,17 @@ impl RemoteSource {
             connected_once: AtomicU64::new(0),
         });
         Ok(Self { shared, runtime, tasks: Arc::new(Mutex::new(HashMap::new())) })
+    }
+
+    /// Starts connecting now, in the background, so the first read does not pay the
+    /// handshake's round trips (a failure is only logged: the first fetch tries again).
+    pub fn connect_ahead(&self) {
+        let shared = self.shared.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = shared.connected().await {
+                debug!(server = %shared.url.host_port(), "connecting ahead of the first read: {e}");
+            }
+        });
     }
 
     /// What it did so far.
