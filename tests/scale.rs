@@ -45,8 +45,12 @@ fn fetched_blocks(mnt: &Path) -> u64 {
     stats["files"]["root.raw"]["fetched_blocks"].as_u64().unwrap_or(0)
 }
 
+/// One boot, three events: the capsule is pushed through A and mounted through B (A as the
+/// second server) on an empty cache; once the boot has read some blocks a Garage node dies
+/// (neither server's endpoint: later reads need the two nodes left), and later server B
+/// dies (the mount moves to A). The guest boots with no I/O error.
 #[test]
-fn push_through_one_server_boot_through_another_while_a_garage_node_dies() {
+fn push_through_a_boot_through_b_while_a_garage_node_and_then_b_die() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Arc::new(Mutex::new(Cluster::start(dir.path())));
     let (a, b, token) = two_servers(dir.path(), &cluster.lock().unwrap(), "boot");
@@ -55,18 +59,23 @@ fn push_through_one_server_boot_through_another_while_a_garage_node_dies() {
     let pushed = ok(client(&local, &cfg).args(["push", "guest", &format!("{}/guest", a.url), "--token", &token]));
     assert!(pushed.contains("guest"), "{pushed}");
 
-    let m = Mounted::new(&dir.path().join("client"), &cfg, &format!("{}/guest", b.url), &dir.path().join("mnt"), &dir.path().join("cache"), &["--read-only"]);
-    // Once the boot has read some blocks through B, kill Garage node 2 (neither server's
-    // endpoint): every later read needs the two nodes left to answer.
-    let (mnt, stop, at_kill) = (m.dir.clone(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(u64::MAX)));
+    let both = format!("capsule://{},{}/guest", b.url.trim_start_matches("capsule://"), a.url.trim_start_matches("capsule://"));
+    let m = Mounted::new(&dir.path().join("client"), &cfg, &both, &dir.path().join("mnt"), &dir.path().join("cache"), &["--read-only"]);
+    let b = Arc::new(Mutex::new(Some(b)));
+    let (mnt, stop) = (m.dir.clone(), Arc::new(AtomicBool::new(false)));
+    let (node_killed_at, server_killed_at) = (Arc::new(AtomicU64::new(u64::MAX)), Arc::new(AtomicU64::new(u64::MAX)));
     let killer = {
-        let (cluster, stop, at_kill) = (cluster.clone(), stop.clone(), at_kill.clone());
+        let (cluster, b, stop, node_at, server_at) = (cluster.clone(), b.clone(), stop.clone(), node_killed_at.clone(), server_killed_at.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = fetched_blocks(&mnt);
-                if n >= 8 {
+                if n >= 4 && node_at.load(Ordering::Relaxed) == u64::MAX {
                     cluster.lock().unwrap().kill(2);
-                    at_kill.store(n, Ordering::Relaxed);
+                    node_at.store(n, Ordering::Relaxed);
+                }
+                if n >= 14 {
+                    drop(b.lock().unwrap().take()); // kills server B
+                    server_at.store(n, Ordering::Relaxed);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -77,11 +86,13 @@ fn push_through_one_server_boot_through_another_while_a_garage_node_dies() {
     stop.store(true, Ordering::Relaxed);
     killer.join().unwrap();
     assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
-    let (killed_at, end) = (at_kill.load(Ordering::Relaxed), fetched_blocks(&m.dir));
-    assert!(killed_at != u64::MAX, "the boot finished before a Garage node was killed");
-    assert!(end > killed_at, "no block was fetched after the Garage node died ({killed_at} before, {end} at the end)");
+    let end = fetched_blocks(&m.dir);
+    let (node_at, server_at) = (node_killed_at.load(Ordering::Relaxed), server_killed_at.load(Ordering::Relaxed));
+    assert!(node_at != u64::MAX && server_at != u64::MAX, "the boot finished before the kills ({node_at}, {server_at} of {end} blocks)");
+    assert!(end > server_at, "no block was fetched after server B died ({server_at} before, {end} at the end)");
+    assert!(m.stats()["reconnects"].as_u64().unwrap() >= 1, "{}", m.stats());
     drop(m);
-    drop((a, b));
+    drop(a);
 }
 
 #[test]

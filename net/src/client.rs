@@ -23,53 +23,90 @@ pub const DEFAULT_PORT: u16 = 7070;
 /// timeout, 30 s, would be the wait).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `capsule://HOST[:PORT][/NAME]`.
+/// `capsule://HOST[:PORT][,HOST[:PORT]...][/NAME]`: one server, or several serving the same
+/// store (stateless servers on one bucket), tried in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteUrl {
-    /// Host name or address.
+    /// Host name or address (of the first server).
     pub host: String,
-    /// UDP port.
+    /// UDP port (of the first server).
     pub port: u16,
     /// Capsule name, if given.
     pub name: Option<String>,
+    /// The other servers, (host, port), in the order given.
+    pub others: Vec<(String, u16)>,
 }
+
+/// Most servers one URL may list.
+pub const MAX_SERVERS: usize = 16;
 
 impl RemoteUrl {
     /// Parses `capsule://HOST[:PORT][/NAME]` (port [`DEFAULT_PORT`] if none; an IPv6
     /// address in brackets).
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("{s:?} is not capsule://HOST[:PORT][/NAME]: {why}"));
+        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("{s:?} is not capsule://HOST[:PORT][,HOST[:PORT]...][/NAME]: {why}"));
         let rest = s.strip_prefix("capsule://").ok_or_else(|| bad("missing capsule://"))?;
         let (authority, name) = match rest.split_once('/') {
             Some((a, n)) if !n.is_empty() => (a, Some(n.to_string())),
             Some((a, _)) => (a, None),
             None => (rest, None),
         };
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(bracketed) => {
-                let (host, after) = bracketed.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-                (host, if after.is_empty() { None } else { Some(after.strip_prefix(':').ok_or_else(|| bad("bad port"))?) })
+        let mut servers = Vec::new();
+        for one in authority.split(',') {
+            if servers.len() == MAX_SERVERS {
+                return Err(bad(&format!("more than {MAX_SERVERS} servers")));
             }
-            // One colon: HOST:PORT; more: an IPv6 address without brackets, port last.
-            None => match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            },
-        };
-        if host.is_empty() {
-            return Err(bad("empty host"));
+            servers.push(parse_server(one).map_err(&bad)?);
         }
-        let port = match port {
-            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
-            None => DEFAULT_PORT,
-        };
-        Ok(Self { host: host.to_string(), port, name })
+        let (host, port) = servers.remove(0);
+        Ok(Self { host, port, name, others: servers })
+    }
+
+    /// Each server as a URL of its own (same name), first the one `start` places first:
+    /// the servers from index `start` on, then those before it.
+    pub fn servers_from(&self, start: usize) -> Vec<RemoteUrl> {
+        let all: Vec<(String, u16)> = std::iter::once((self.host.clone(), self.port)).chain(self.others.iter().cloned()).collect();
+        let n = all.len();
+        (0..n)
+            .map(|i| {
+                let (host, port) = all[(start + i) % n].clone();
+                RemoteUrl { host, port, name: self.name.clone(), others: Vec::new() }
+            })
+            .collect()
+    }
+
+    /// How many servers the URL lists.
+    pub fn server_count(&self) -> usize {
+        1 + self.others.len()
     }
 
     /// `HOST:PORT`, the key in known_servers.
     pub fn host_port(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+}
+
+/// `HOST[:PORT]` (port [`DEFAULT_PORT`] if none; an IPv6 address in brackets).
+fn parse_server(authority: &str) -> std::result::Result<(String, u16), &'static str> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed.split_once(']').ok_or("unclosed [")?;
+            (host, if after.is_empty() { None } else { Some(after.strip_prefix(':').ok_or("bad port")?) })
+        }
+        // One colon: HOST:PORT; more: an IPv6 address without brackets, port last.
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("empty host");
+    }
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| "bad port")?,
+        None => DEFAULT_PORT,
+    };
+    Ok((host.to_string(), port))
 }
 
 /// How to connect.
@@ -100,8 +137,23 @@ pub struct Client {
 impl Client {
     /// Connects, checking the server's certificate against the pinned or known fingerprint;
     /// an unknown server is trusted and recorded (as ssh does).
+    /// With several servers, each is tried in turn (each within the connect timeout) until
+    /// one answers; a refused certificate ends the attempt at once.
     pub async fn connect(url: &RemoteUrl, opts: &ConnectOptions) -> Result<Self> {
-        Self::connect_from(url, opts, None).await
+        let mut failure = None;
+        for server in url.servers_from(0) {
+            match Self::connect_from(&server, opts, None).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    if url.server_count() > 1 {
+                        tracing::info!("{e}; trying the next server");
+                    }
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::new(ErrorKind::Unavailable, "no server to connect to")))
     }
 
     /// Like `connect`, from local address `bind` (tests and load generators that speak
@@ -376,6 +428,13 @@ mod tests {
         // No port: the default one.
         let u = RemoteUrl::parse("capsule://vms.example/app").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.name.as_deref()), ("vms.example", DEFAULT_PORT, Some("app")));
+        let u = RemoteUrl::parse("capsule://a.example:1,[::1]:2,c.example/app").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.name.as_deref()), ("a.example", 1, Some("app")));
+        assert_eq!(u.others, vec![("::1".to_string(), 2), ("c.example".to_string(), DEFAULT_PORT)]);
+        let hosts: Vec<String> = u.servers_from(1).iter().map(RemoteUrl::host_port).collect();
+        assert_eq!(hosts, ["::1:2", "c.example:7070", "a.example:1"]);
+        assert!(u.servers_from(0).iter().all(|s| s.others.is_empty() && s.name.as_deref() == Some("app")));
+        assert!(RemoteUrl::parse("capsule://a:1,,b:2/app").is_err());
         let u = RemoteUrl::parse("capsule://[fe80::1]/app").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("fe80::1", DEFAULT_PORT));
         for bad in ["http://x:1/a", "capsule://:1/a", "capsule://x:port/a", "capsule://[::1/a", "capsule://[::1]x/a", "capsule:///a"] {

@@ -48,6 +48,9 @@ struct Shared {
     stall_timeout: Duration,
     stats: SourceStats,
     connected_once: AtomicU64,
+    /// Index of the server (of several in the URL) to try first on the next connect: the
+    /// last one that answered, or the one after it once its connection failed.
+    next_server: std::sync::atomic::AtomicUsize,
 }
 
 /// Blocks from a capsule server.
@@ -80,20 +83,35 @@ impl Shared {
                 return Ok(c.clone());
             }
             self.retire(c);
+            let next = (self.next_server.load(Ordering::Relaxed) + 1) % self.url.server_count();
+            self.next_server.store(next, Ordering::Relaxed);
             *slot = None;
         }
-        let c = match tokio::time::timeout(CONNECT_TIMEOUT.min(self.stall_timeout), Client::connect(&self.url, &self.opts)).await {
-            Ok(c) => Arc::new(c?),
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!("server {} did not answer within {:.0} s", self.url.host_port(), CONNECT_TIMEOUT.min(self.stall_timeout).as_secs_f64()),
-                ))
+        // Each server in turn, from the preferred one; each within the connect timeout.
+        let (start, limit) = (self.next_server.load(Ordering::Relaxed), CONNECT_TIMEOUT.min(self.stall_timeout));
+        let mut failure = None;
+        let mut connected = None;
+        for (i, server) in self.url.servers_from(start).into_iter().enumerate() {
+            match tokio::time::timeout(limit, Client::connect(&server, &self.opts)).await {
+                Ok(Ok(c)) => {
+                    self.next_server.store((start + i) % self.url.server_count(), Ordering::Relaxed);
+                    connected = Some((Arc::new(c), server));
+                    break;
+                }
+                Ok(Err(e)) if !retryable(e.kind()) => return Err(e),
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => {
+                    failure =
+                        Some(Error::new(ErrorKind::Unavailable, format!("server {} did not answer within {:.0} s", server.host_port(), limit.as_secs_f64())))
+                }
             }
+        }
+        let Some((c, server)) = connected else {
+            return Err(failure.unwrap_or_else(|| Error::new(ErrorKind::Unavailable, "no server to connect to")));
         };
         if self.connected_once.fetch_add(1, Ordering::Relaxed) > 0 {
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            info!(server = %self.url.host_port(), "reconnected");
+            info!(server = %server.host_port(), "reconnected");
         }
         *slot = Some(c.clone());
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
@@ -112,6 +130,9 @@ impl Shared {
     async fn forget(&self, failed: &Arc<Client>) {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            // With several servers, the next connect tries another one first.
+            let next = (self.next_server.load(Ordering::Relaxed) + 1) % self.url.server_count();
+            self.next_server.store(next, Ordering::Relaxed);
             failed.connection().close(quinn::VarInt::from_u32(0), b"retry");
             self.retire(failed);
             *slot = None;
@@ -157,6 +178,7 @@ impl RemoteSource {
             stall_timeout,
             stats: SourceStats::default(),
             connected_once: AtomicU64::new(0),
+            next_server: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(Self { shared, runtime, tasks: Arc::new(Mutex::new(HashMap::new())) })
     }
