@@ -2,6 +2,7 @@
 //! and a printer wired together. The run's files and their types are in
 //! `capsule_vmm_glue::state`; every QMP step is in `capsule_vmm_glue::session`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,25 +119,76 @@ pub fn run(store: Option<PathBuf>, args: RunArgs, quiet: bool) -> Result<ExitCod
     result
 }
 
-/// What the mount holds, read once.
-struct Mounted {
-    mount: RunMount,
+/// What `run` needs of a mount: the VM description and the files it shows (name ->
+/// bytes). Read from a mount, or, for `--dry-run`, planned from the manifest alone.
+struct View {
+    dir: PathBuf,
     vm: VmFile,
-    info: MountInfo,
+    writable: bool,
+    /// The run mounted it (and so set the kernel readahead itself).
+    ours: bool,
+    kernel_readahead: Option<u32>,
+    files: BTreeMap<String, u64>,
+    /// A plan only: nothing is mounted, probed or written.
+    dry: bool,
 }
 
-impl Mounted {
+impl View {
     fn file(&self, name: &str) -> Option<PathBuf> {
-        let p = self.mount.dir.join(name);
-        p.exists().then_some(p)
+        self.files.contains_key(name).then(|| self.dir.join(name))
     }
+}
+
+/// The mount a run uses, read once.
+struct Mounted {
+    mount: RunMount,
+    info: MountInfo,
+    view: View,
 }
 
 fn read_mount(mount: RunMount) -> Result<Mounted> {
     let read = |name: &str| std::fs::read(mount.dir.join(name)).with_context(|| format!("reading the mount's {name}"));
     let vm: VmFile = serde_json::from_slice(&read("capsule.json")?).context("the mount's capsule.json")?;
     let info: MountInfo = serde_json::from_slice(&read(".capsule/info.json")?).context("the mount's .capsule/info.json")?;
-    Ok(Mounted { mount, vm, info })
+    let files = info.files.iter().filter_map(|(name, _)| Some((name.clone(), std::fs::metadata(mount.dir.join(name)).ok()?.len()))).collect();
+    let view =
+        View { dir: mount.dir.clone(), vm, writable: info.overlay_dir.is_some(), ours: mount.ours, kernel_readahead: info.kernel_readahead, files, dry: false };
+    Ok(Mounted { mount, info, view })
+}
+
+/// `--dry-run` of a capsule not mounted yet: its manifest from the local store, or (its
+/// metadata only, into the cache) from the server; no mount, no block fetched.
+fn planned_view(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<View> {
+    let (id, manifest) = if args.source.starts_with("capsule://") {
+        let url = capsule_net::RemoteUrl::parse(&args.source)?;
+        let name = url.name.clone().with_context(|| format!("{}: name the capsule: capsule://HOST:PORT/NAME", args.source))?;
+        let cache_dir = args.cache.clone().unwrap_or_else(crate::mount::default_cache_dir);
+        let cache = capsule_images::Store::open(&cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+        let remembered = crate::mount::remembered_ref(&url, &name);
+        let id = if args.offline {
+            cache.read_ref(&remembered)?.with_context(|| format!("{}: never fetched into cache {}", args.source, cache_dir.display()))?
+        } else {
+            crate::remote::runtime()?.block_on(async {
+                let client = crate::remote::connect(&url, &args.conn).await?;
+                let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
+                capsule_net::pull_head(&client, &id, &cache).await.context("fetching the capsule's metadata")?;
+                client.close().await;
+                anyhow::Ok(id)
+            })?
+        };
+        (id, cache.manifest(&id)?)
+    } else {
+        let s = crate::remote::open_existing_store(store.map(Path::to_path_buf))?;
+        let id = s.resolve(&args.source)?;
+        (id, s.manifest(&id).with_context(|| format!("capsule {}", args.source))?)
+    };
+    let writable = !args.read_only;
+    let files = capsule_fs::layout::image_files(&manifest, writable).into_iter().map(|(name, _, image)| (name, image.size)).collect();
+    Ok(View { dir: dir.mountpoint(), vm: capsule_fs::layout::vm_json(&id, &manifest), writable, ours: true, kernel_readahead: None, files, dry: true })
+}
+
+fn hypervisor_of(args: &RunArgs, vm: &VmFile) -> HypervisorArg {
+    args.hypervisor.unwrap_or(if vm.hypervisor.as_deref() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu })
 }
 
 /// The QEMU machine a run starts: a cold boot, or the resume of a suspended capsule.
@@ -146,20 +198,20 @@ struct Plan {
     hints: QemuHints,
 }
 
-fn plan_qemu(args: &RunArgs, m: &Mounted, dir: &RunDir) -> Result<Plan> {
-    let (vm, mnt) = (&m.vm, &m.mount.dir);
+fn plan_qemu(args: &RunArgs, m: &View, dir: &RunDir) -> Result<Plan> {
+    let (vm, mnt) = (&m.vm, &m.dir);
     // Hints come from the capsule, that is from whoever made it: checked before any reaches QEMU.
     let hints = QemuHints::parse(&vm.hints).with_context(|| format!("capsule {} ({}): refusing to run it", vm.capsule, args.source))?;
-    let writable = m.info.overlay_dir.is_some();
+    let writable = m.writable;
     let suspended = vm.suspended;
-    if !m.mount.ours && !args.no_fault_fix && m.info.kernel_readahead.is_some_and(|r| r > 0) {
+    if !m.ours && !args.no_fault_fix && m.kernel_readahead.is_some_and(|r| r > 0) {
         eprintln!("capsule: {} has kernel readahead on: each RAM fault reads ahead (mount it with --kernel-readahead 0)", mnt.display());
     }
     if suspended && !writable {
         bail!("{} is a suspended capsule: resuming needs a writable mount (its RAM is written in place)", args.source);
     }
     let memory_mib = args.memory.map_or(vm.memory_mib, |b| b >> 20);
-    let ram_on_mount = std::fs::metadata(mnt.join("memory.raw")).is_ok_and(|f| f.len() == vm.memory_mib << 20);
+    let ram_on_mount = m.files.get("memory.raw") == Some(&(vm.memory_mib << 20));
     let memory_file = (writable && memory_mib == vm.memory_mib && ram_on_mount).then(|| mnt.join("memory.raw"));
     if suspended && memory_file.is_none() {
         bail!("resuming needs the capsule's RAM size ({} MiB); drop --memory", vm.memory_mib);
@@ -174,6 +226,14 @@ fn plan_qemu(args: &RunArgs, m: &Mounted, dir: &RunDir) -> Result<Plan> {
         AccelArg::Tcg => Accel::Tcg,
         AccelArg::Auto => match hints.accel.filter(|_| suspended) {
             Some(Accel::Tcg) => Accel::Tcg,
+            _ if m.dry => {
+                let memo = session::kvm_remembered(dir.path().parent().unwrap_or(dir.path()));
+                if memo.unwrap_or_else(session::kvm_device_opens) {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
             _ => {
                 let (usable, probed) = session::kvm_usable(dir.path().parent().unwrap_or(dir.path()), &args.qemu, kernel.as_deref());
                 if probed && !usable {
@@ -197,6 +257,7 @@ fn plan_qemu(args: &RunArgs, m: &Mounted, dir: &RunDir) -> Result<Plan> {
         })
     };
     let (kernel, initrd) = match (&kernel, suspended) {
+        (Some(_), true) if m.dry => (Some(dir.boot_standins().join("vmlinuz")), m.file("initrd.img").map(|_| dir.boot_standins().join("initrd.img"))),
         (Some(k), true) => {
             let (k, i) = session::boot_standins(&dir.boot_standins(), k, m.file("initrd.img").as_deref())?;
             (Some(k), i)
@@ -228,13 +289,20 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    let m = read_mount(mount_for_run(store, args, dir)?)?;
-    let hypervisor =
-        args.hypervisor.unwrap_or(if m.vm.hypervisor.as_deref() == Some("cloud-hypervisor") { HypervisorArg::CloudHypervisor } else { HypervisorArg::Qemu });
-    if hypervisor == HypervisorArg::CloudHypervisor {
-        return crate::chv::run(args, &m.mount.dir, &m.vm, dir.path());
+    if args.dry_run && !Path::new(&args.source).join(".capsule/info.json").exists() {
+        // The command line from the manifest: nothing mounted, no block fetched. (Cloud
+        // Hypervisor's restore reads its config through the mount: that one mounts.)
+        let view = planned_view(store, args, dir)?;
+        if hypervisor_of(args, &view.vm) == HypervisorArg::Qemu {
+            println!("{}", plan_qemu(args, &view, dir)?.config.shell_line());
+            return Ok(ExitCode::SUCCESS);
+        }
     }
-    let plan = plan_qemu(args, &m, dir)?;
+    let m = read_mount(mount_for_run(store, args, dir)?)?;
+    if hypervisor_of(args, &m.view.vm) == HypervisorArg::CloudHypervisor {
+        return crate::chv::run(args, &m.mount.dir, &m.view.vm, dir.path());
+    }
+    let plan = plan_qemu(args, &m.view, dir)?;
     let config = &plan.config;
     if args.dry_run {
         println!("{}", config.shell_line());
@@ -257,16 +325,16 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         _ => None,
     };
     if plan.suspended {
-        let devstate = m.mount.dir.join(m.vm.devstate.as_deref().unwrap_or("devstate.bin"));
+        let devstate = m.mount.dir.join(m.view.vm.devstate.as_deref().unwrap_or("devstate.bin"));
         vm.resume(&devstate, &plan.hints.capabilities, config.memory_mib << 20)?;
-        eprintln!("capsule: resumed {} in {:.2} s", m.vm.capsule, started.elapsed().as_secs_f64());
+        eprintln!("capsule: resumed {} in {:.2} s", m.view.vm.capsule, started.elapsed().as_secs_f64());
     }
     if let Err(e) = vm.poll_balloon_stats(2) {
         tracing::warn!("no balloon statistics: {e}");
     }
     let record = RunRecord {
         id: id.to_string(),
-        capsule: m.vm.capsule.clone(),
+        capsule: m.view.vm.capsule.clone(),
         capsule_id: m.info.capsule_id.to_hex(),
         mountpoint: m.mount.dir.clone(),
         qemu_pid: vm.pid(),
@@ -300,7 +368,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         let _ = h.join();
     }
     let committed = finish(store, args, id, dir, &m)?;
-    if let Some(line) = fetch_summary(&m.mount.dir, &m.vm) {
+    if let Some(line) = fetch_summary(&m.mount.dir, &m.view.vm) {
         eprintln!("capsule: {line}");
     }
     let overlay = m.info.overlay_dir.clone();

@@ -103,3 +103,26 @@ fn a_server_that_never_answers_fails_after_the_connect_timeout() {
     assert!(err.contains("did not answer within 1 s"), "{err}");
     assert!(took < std::time::Duration::from_secs(8), "waited {took:?}");
 }
+
+#[test]
+fn run_dry_run_prints_the_command_line_without_mounting() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (server_store, cfg, runs, cache) = (d.join("server"), d.join("cfg"), d.join("runs"), d.join("cache"));
+    let disk = d.join("root.raw");
+    std::fs::write(&disk, pseudo_random(1 << 20, 3)).unwrap();
+    ok(capsule(&server_store).args(["import", "vm", "--ram", "64M", "--cpus", "2", "--disk"]).arg(format!("root={}", disk.display())));
+    let server = ServerProcess::start(&server_store, &["--public-read"]);
+    let line = ok(client(&d.join("client"), &cfg)
+        .env("CAPSULE_RUN_DIR", &runs)
+        .args(["run", &format!("{}/vm", server.url), "--accel", "tcg", "--id", "dry", "--dry-run", "--cache"])
+        .arg(&cache));
+    let mnt = runs.join("dry/mnt");
+    assert!(line.contains(&format!("file={}/root.raw,format=raw", mnt.display())), "{line}");
+    assert!(line.contains(&format!("mem-path={}/memory.raw", mnt.display())) && line.contains("-smp 2"), "{line}");
+    // No mount daemon ran (it would have logged into the cache), and no block came over.
+    assert!(!cache.join("logs").exists(), "--dry-run started a mount");
+    let blocks = std::fs::read_dir(cache.join("blocks")).map(|d| d.flatten().count()).unwrap_or(0);
+    assert_eq!(blocks, 0, "--dry-run fetched blocks");
+    assert!(!runs.join("dry").exists(), "the run's directory is left behind");
+}

@@ -367,18 +367,32 @@ pub fn boot_standins(dir: &Path, kernel: &Path, initrd: Option<&Path>) -> Result
     Ok((k, i))
 }
 
+fn kvm_memo(memo_dir: &Path) -> PathBuf {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    memo_dir.join(format!("kvm-probe-{}", boot_id.trim()))
+}
+
+/// What [`kvm_usable`] found on this host boot, if it probed.
+pub fn kvm_remembered(memo_dir: &Path) -> Option<bool> {
+    std::fs::read_to_string(kvm_memo(memo_dir)).ok().map(|s| s.trim() == "kvm")
+}
+
+/// `/dev/kvm` opens (it may still not run a guest: see [`kvm_usable`]).
+pub fn kvm_device_opens() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
 /// Whether KVM runs guests here, probed once per host boot and remembered in `memo_dir`
 /// (a broken KVM costs the probe's 5 s). Returns (usable, probed now).
 pub fn kvm_usable(memo_dir: &Path, qemu: &Path, kernel: Option<&Path>) -> (bool, bool) {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let memo = memo_dir.join(format!("kvm-probe-{}", boot_id.trim()));
-    if let Ok(s) = std::fs::read_to_string(&memo) {
-        return (s.trim() == "kvm", false);
+    if let Some(known) = kvm_remembered(memo_dir) {
+        return (known, false);
     }
+    let memo = kvm_memo(memo_dir);
     let works = match kernel {
         Some(k) => crate::qemu::kvm_works(qemu, k, Duration::from_secs(5)),
         // Nothing to boot as a probe: trust the device node.
-        None => std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+        None => kvm_device_opens(),
     };
     let _ = std::fs::create_dir_all(memo_dir);
     let _ = std::fs::write(&memo, if works { "kvm" } else { "tcg" });
