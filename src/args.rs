@@ -130,7 +130,7 @@ pub struct RunArgs {
     pub cpus: Option<u32>,
     /// Guest RAM [default: the capsule's]; another size than the capsule's keeps RAM off
     /// the mount, so the run cannot be suspended
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long = "ram", alias = "memory", value_name = "SIZE", value_parser = parse_size)]
     pub memory: Option<u64>,
     /// The guest's serial console on this terminal (QEMU's monitor on Ctrl-A c, quit with Ctrl-A x)
     #[arg(long, conflicts_with = "serial_log")]
@@ -163,7 +163,7 @@ pub struct RunArgs {
     /// benchmarks: each fault then reads 2-4 MiB of the mount)
     #[arg(long)]
     pub no_fault_fix: bool,
-    /// Never touch the network: run from what the cache holds (`capsule prefetch --offline`)
+    /// Never touch the network: run from what the cache holds (`capsule prefetch --pin`)
     #[arg(long)]
     pub offline: bool,
     /// Record the blocks this run touches as working-set profile NAME (saved when it ends)

@@ -179,13 +179,13 @@ enum Command {
     },
     /// Restart a mount's daemon on the binary now installed where it started, its guests running on
     Takeover { mountpoint: PathBuf },
-    /// Fetch every block of a capsule (and its ancestors) into the cache; --offline pins them
+    /// Fetch every block of a capsule (and its ancestors) into the cache; --pin pins them (`warm --all`, and pinning)
     Prefetch {
         #[command(flatten)]
         target: offline::CacheTarget,
         /// Pin every block so the capsule runs with no network (until `capsule unpin`)
-        #[arg(long)]
-        offline: bool,
+        #[arg(long, alias = "offline")]
+        pin: bool,
     },
     /// Fetch a capsule's blocks ahead of need, below demand reads in priority
     Warm {
@@ -198,7 +198,7 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Release a capsule pinned by `prefetch --offline`
+    /// Release a capsule pinned by `prefetch --pin`
     Unpin {
         #[command(flatten)]
         target: offline::CacheTarget,
@@ -380,7 +380,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mount::umount(&mountpoint)?;
             print_json_or(json, &json!({"unmounted": mountpoint}), || format!("unmounted {}", mountpoint.display()))?;
         }
-        Command::Prefetch { target, offline } => offline::prefetch(&target, offline, None, true)?,
+        Command::Prefetch { target, pin } => offline::prefetch(&target, pin, None, true)?,
         Command::Warm { target, profile, all } => {
             if profile.is_none() && !all {
                 bail!("capsule warm: say what to fetch: --profile NAME, --all, or both");
@@ -510,7 +510,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|(n, id)| {
                         let m = store.manifest(id).ok();
                         json!({"name": n, "id": id.to_hex(), "parent": m.as_ref().and_then(|m| m.parent).map(|p| p.to_hex()),
-                               "created_unix": m.as_ref().map(|m| m.created_unix)})
+                               "created_unix": m.as_ref().map(|m| m.created_unix),
+                               "size": m.as_ref().map(|m| m.disks.iter().map(|d| d.image.size).sum::<u64>()),
+                               "disks": m.as_ref().map(|m| m.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>()),
+                               "damaged": m.is_none()})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);

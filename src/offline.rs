@@ -30,6 +30,23 @@ pub struct CacheTarget {
     pub stall_timeout: u64,
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `prefetch`, `warm` and `unpin` report with `--json`.
+#[derive(Debug, serde::Serialize)]
+struct CacheReport<'a> {
+    capsule: &'a str,
+    id: String,
+    cache: &'a std::path::Path,
+    /// Blocks listed (and now in the cache), and their bytes.
+    blocks: usize,
+    bytes: u64,
+    /// Block bytes that came over the link now (the rest was already cached).
+    fetched_bytes: u64,
+    pinned: bool,
 }
 
 fn remote(source: &str) -> Result<(capsule_net::RemoteUrl, String)> {
@@ -96,6 +113,11 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         let data = cache.get(h).with_context(|| format!("block {h} is not in the cache after the fetch (evicted? raise --cache-size or use --offline)"))?;
         total += data.len() as u64;
     }
+    if t.json {
+        let r = CacheReport { capsule: &name, id: id.to_hex(), cache: &dir, blocks: blocks.len(), bytes: total, fetched_bytes, pinned: pin };
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     if pin {
         println!("ready offline: 100% ({} blocks, {}); fetched {} now", blocks.len(), human(total), human(fetched_bytes));
     } else {
@@ -131,7 +153,11 @@ pub fn unpin(t: &CacheTarget) -> Result<()> {
     if !pins::unpin(&dir, &id)? {
         bail!("{} ({id}) was not pinned in {}", t.source, dir.display());
     }
-    println!("unpinned {} ({id}); its blocks may now be evicted", t.source);
+    if t.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"unpinned": t.source, "id": id.to_hex(), "cache": dir}))?);
+    } else {
+        println!("unpinned {} ({id}); its blocks may now be evicted", t.source);
+    }
     Ok(())
 }
 
@@ -146,7 +172,8 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
         pinset.refresh();
         let m = store.manifest(&id)?;
         let mut files = serde_json::Map::new();
-        for (what, image) in m.images() {
+        // Keyed by file name, as a mount's stats.json is: one schema for both.
+        for (what, _, image) in capsule_fs::layout::image_files(&m, false) {
             let reader = capsule_images::ImageReader::open(&store, image)?;
             let (mut resident, mut pinned) = (0u64, 0u64);
             for i in 0..image.block_count() {
@@ -164,7 +191,7 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
             let n = image.block_count().max(1) as f64;
             files.insert(what, json!({"blocks": image.block_count(), "resident_pct": resident as f64 * 100.0 / n, "pinned_pct": pinned as f64 * 100.0 / n}));
         }
-        json!({"capsule": m.name, "id": id.to_hex(), "cache": dir, "pinned": pins::is_pinned(&dir, &id), "files": files})
+        json!({"capsule": m.name, "id": id.to_hex(), "source": "cache", "cache": dir, "pinned": pins::is_pinned(&dir, &id), "files": files})
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&view)?);

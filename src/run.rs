@@ -214,7 +214,7 @@ fn plan_qemu(args: &RunArgs, m: &View, dir: &RunDir) -> Result<Plan> {
     let ram_on_mount = m.files.get("memory.raw") == Some(&(vm.memory_mib << 20));
     let memory_file = (writable && memory_mib == vm.memory_mib && ram_on_mount).then(|| mnt.join("memory.raw"));
     if suspended && memory_file.is_none() {
-        bail!("resuming needs the capsule's RAM size ({} MiB); drop --memory", vm.memory_mib);
+        bail!("resuming needs the capsule's RAM size ({} MiB); drop --ram", vm.memory_mib);
     }
     let cpus = args.cpus.unwrap_or(vm.cpus);
     if suspended && cpus != vm.cpus {
@@ -430,7 +430,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let dir = RunDir::find(&args.run)?;
     let rec = dir.record()?;
     if !rec.memory_on_mount {
-        bail!("run {}: its RAM is not on the mount (read-only mount or --memory): it cannot be suspended", rec.id);
+        bail!("run {}: its RAM is not on the mount (read-only mount or --ram): it cannot be suspended", rec.id);
     }
     capsule_images::manifest::check_name(&args.name)?;
     let target = open_store(store)?;

@@ -66,7 +66,7 @@ fn pinned_blocks_survive_cache_pressure_larger_than_the_cache_until_unpinned() {
         let _ = std::fs::read(m.dir.join("other.raw")).unwrap();
     }
     let status: serde_json::Value = serde_json::from_str(&c(&["status", &guest, "--json"])).unwrap();
-    let root = status["files"]["disk root"]["resident_pct"].as_f64().unwrap();
+    let root = status["files"]["root.raw"]["resident_pct"].as_f64().unwrap();
     assert!(root < 100.0, "unpinned blocks stay evictable, yet the disk is still {root}% resident: {status}");
 }
 
@@ -182,7 +182,7 @@ fn plain_prefetch_and_warm_all_cache_every_block_unpinned_and_status_reads_a_mou
         assert_eq!(pins, 0, "{args:?} pinned blocks");
         // Zero blocks need nothing, so they count as pinned: only they may.
         let status: serde_json::Value = serde_json::from_slice(&c(cache, &["status", &url, "--json"]).stdout).unwrap();
-        for (file, image) in [("disk root", "disk.raw"), ("kernel", "vmlinuz"), ("initrd", "initrd.gz")] {
+        for (file, image) in [("root.raw", "disk.raw"), ("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.gz")] {
             let blocks = block_hashes(&std::fs::read(g.join(image)).unwrap(), 65536);
             let zero = blocks.iter().filter(|b| b.is_none()).count() as f64 * 100.0 / blocks.len() as f64;
             let v = &status["files"][file];
