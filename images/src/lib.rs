@@ -14,6 +14,7 @@ pub mod export;
 pub mod hash;
 pub mod image;
 pub mod import;
+pub mod ingest;
 pub mod manifest;
 pub mod map;
 mod parallel;

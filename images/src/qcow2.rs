@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::image::ImageReader;
-use crate::import::{import_file, FileImport, ImportStats, Progress};
+use crate::ingest::{import_file, FileImport, ImportStats, Progress};
 use crate::manifest::Image;
 use crate::map::{self, Entry};
 use crate::store::Store;
