@@ -57,6 +57,9 @@ pub struct MountArgs {
     /// With --prepare-run: drop an earlier resume's uncommitted changes instead of refusing
     #[arg(long, hide = true)]
     pub discard_changes: bool,
+    /// Print where it is mounted, the daemon's pid and log as JSON
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }

@@ -326,7 +326,11 @@ enum TokenCommand {
         json: bool,
     },
     /// Revoke a token by the id `create` and `list` show; the server refuses it at once
-    Revoke { id: String },
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -650,10 +654,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Token { command: TokenCommand::Revoke { id } } => {
+        Command::Token { command: TokenCommand::Revoke { id, json } } => {
             let store = open()?;
             let r = capsule_net::auth::revoke_token(store.root(), &id)?;
-            println!("revoked token {} (prefix {:?})", r.id(), r.prefix);
+            print_json_or(json, &json!({"revoked": r.id(), "prefix": r.prefix}), || format!("revoked token {} (prefix {:?})", r.id(), r.prefix))?;
         }
         Command::Push { name, remote, conn, json } => {
             let store = open()?;

@@ -347,7 +347,9 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
             argv.push(a);
         }
     }
-    argv.push("--foreground".into());
+    // Before a `--` (after it, it would be a positional argument).
+    let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    argv.insert(at, "--foreground".into());
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     match &args.conn.token {
         Some(t) => cmd.env("CAPSULE_TOKEN", t),
@@ -358,7 +360,12 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
     let start = Instant::now();
     loop {
         if std::fs::metadata(info_path(&args.mountpoint)).is_ok() {
-            println!("mounted {} at {} (supervisor pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
+            if args.json {
+                let out = serde_json::json!({"mounted": args.source, "mountpoint": args.mountpoint, "supervisor_pid": child.id(), "log": log_path});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("mounted {} at {} (supervisor pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
+            }
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {

@@ -89,6 +89,17 @@ fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
     assert_eq!(um["unmounted"], m.dir.display().to_string());
     // Watching a mount that is gone is an error, not an empty stream.
     fails(capsule(&d.join("client")).args(["status", "--watch"]).arg(&m.dir));
+    drop(m);
+
+    // A detached mount reports where it is and which daemon serves it.
+    let mnt = d.join("mnt-local");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted: serde_json::Value =
+        serde_json::from_str(&ok(capsule(&server_store).args(["mount", "data", "--json", "--cache"]).arg(d.join("cache-local")).arg("--").arg(&mnt))).unwrap();
+    let pid = mounted["supervisor_pid"].as_u64().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists() && mounted["mountpoint"] == mnt.display().to_string(), "{mounted}");
+    assert_eq!(std::fs::read(mnt.join("root.raw")).unwrap(), std::fs::read(&disk).unwrap());
+    ok(capsule(&server_store).arg("umount").arg(&mnt));
 }
 
 #[test]
