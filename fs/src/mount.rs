@@ -234,7 +234,8 @@ impl CapsuleFs {
             mounted_at: SystemTime::now(),
             recorder: config.recorder.clone(),
             snapshots: Mutex::new(std::collections::HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            // Distinct from a predecessor daemon's handles (after a takeover both kinds are open).
+            next_fh: AtomicU64::new(u64::from(std::process::id()) << 32 | 1),
         })
     }
 
@@ -568,6 +569,23 @@ fn slice_from(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
     &bytes[start..end]
 }
 
+impl CapsuleFs {
+    /// What a handle of `.capsule/stats.json` or `.capsule/metadata` reads: one document
+    /// per handle, however many reads it takes (opening `metadata` completes the map).
+    fn snapshot_bytes(&self, ino: u64) -> Result<Vec<u8>> {
+        if ino == STATS {
+            return Ok(serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default());
+        }
+        match self.complete_metadata() {
+            Ok(pages) => Ok(serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default()),
+            Err(e) => {
+                error!("completing the metadata of {}: {e}", self.info.capsule_id);
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Filesystem for CapsuleFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large readahead means fewer round trips for sequential readers; 0 (for a guest's
@@ -623,25 +641,17 @@ impl Filesystem for CapsuleFs {
         let ino = u64::from(ino);
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match ino {
-            STATS => {
+            STATS | METADATA => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                let bytes = serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default();
-                self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, bytes);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                match self.snapshot_bytes(ino) {
+                    Ok(bytes) => {
+                        self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, bytes);
+                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                }
             }
             INFO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
-            METADATA => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                let bytes = match self.complete_metadata() {
-                    Ok(pages) => serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default(),
-                    Err(e) => {
-                        error!("completing the metadata of {}: {e}", self.info.capsule_id);
-                        return reply.error(errno(&e));
-                    }
-                };
-                self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, bytes);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-            }
             _ => match self.node(ino) {
                 Some(Node { content: Content::Image { overlay, .. }, .. }) => {
                     if writing && overlay.is_none() {
@@ -663,11 +673,20 @@ impl Filesystem for CapsuleFs {
         let ino = u64::from(ino);
         match ino {
             STATS | METADATA => {
-                let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-                return match snapshots.get(&fh.0) {
-                    Some(bytes) => reply.data(slice_from(bytes, offset, size)),
-                    None => reply.error(Errno::EBADF),
+                let known = self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned();
+                // A handle opened before this daemon took the mount over: its snapshot went
+                // with the old daemon, so it gets a fresh one, as an open would.
+                let bytes = match known {
+                    Some(bytes) => bytes,
+                    None => match self.snapshot_bytes(ino) {
+                        Ok(bytes) => {
+                            self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(fh.0, bytes.clone());
+                            bytes
+                        }
+                        Err(e) => return reply.error(errno(&e)),
+                    },
                 };
+                return reply.data(slice_from(&bytes, offset, size));
             }
             INFO => return reply.data(slice_from(&self.info_bytes(), offset, size)),
             _ => {}
