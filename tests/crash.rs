@@ -55,8 +55,10 @@ fn kill_after(cmd: &mut Command, after: Duration) -> bool {
     }
 }
 
-/// Kill points spread over a run's length, which varies (dedup hits, a busy machine):
-/// a run that finishes before its kill point sets the estimate, a killed one stretches it.
+/// Kill points spread over a run's length, which varies (dedup hits make later runs 3-5x
+/// faster; a busy machine slows some): a run that finishes before its kill point sets the
+/// estimate a little below its own length, so the next points fall inside a run; a killed
+/// run leaves it as it is.
 struct KillPoints {
     rng: Rng,
     estimate: Duration,
@@ -68,7 +70,9 @@ impl KillPoints {
         let at = Duration::from_micros(self.rng.below(self.estimate.as_micros() as u64));
         let start = Instant::now();
         let killed = kill_after(cmd, at);
-        self.estimate = if killed { self.estimate.mul_f64(1.1) } else { start.elapsed() };
+        if !killed {
+            self.estimate = start.elapsed().mul_f64(0.9);
+        }
         killed
     }
 }
