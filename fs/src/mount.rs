@@ -36,6 +36,7 @@ pub use crate::recorder::Recorder;
 pub use ahead::auto_cluster;
 
 mod ahead;
+mod status;
 
 const ROOT: u64 = 1;
 const META_DIR: u64 = 2;
@@ -274,6 +275,23 @@ impl CapsuleFs {
         })
     }
 
+    /// What info.json says.
+    pub fn info(&self) -> &MountInfo {
+        &self.info
+    }
+
+    fn lookup_ino(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let name = name.to_str()?;
+        match (parent, name) {
+            (ROOT, ".capsule") => Some(META_DIR),
+            (META_DIR, "stats.json") => Some(STATS),
+            (META_DIR, "info.json") => Some(INFO),
+            (META_DIR, "metadata") => Some(METADATA),
+            (ROOT, n) => self.nodes.iter().position(|node| node.name == n).map(|i| FIRST_FILE + i as u64),
+            _ => None,
+        }
+    }
+
     fn info_bytes(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(&self.info).unwrap_or_default()
     }
@@ -446,112 +464,6 @@ impl CapsuleFs {
         }
         Ok(())
     }
-
-    /// `.capsule/stats.json`.
-    pub fn stats_json(&self) -> serde_json::Value {
-        const STATS_SAMPLE: u64 = 1 << 16;
-        let s = &self.stats;
-        let snap = self.engine.snapshot();
-        let mut files = serde_json::Map::new();
-        for (tag, node) in self.nodes.iter().enumerate() {
-            if let Content::Image { image, chain, overlay, .. } = &node.content {
-                let n = image.block_count();
-                // A lookup per block costs minutes on a huge image (a capsule from elsewhere
-                // chooses the size): beyond STATS_SAMPLE blocks, evenly spaced samples.
-                let step = n.div_ceil(STATS_SAMPLE).max(1);
-                let (mut resident, mut looked) = (0u64, 0u64);
-                for i in (0..n).step_by(step as usize) {
-                    // The store's pages only: counting must not fetch a map.
-                    let local = overlay.as_ref().is_some_and(|o| o.state(i) != crate::overlay::NONE)
-                        || match capsule_images::image::resolve_chain(self.cache.store(), chain, i) {
-                            Ok(None) => true,
-                            Ok(Some(h)) => self.cache.contains(&h),
-                            Err(_) => false,
-                        };
-                    resident += u64::from(local);
-                    looked += 1;
-                }
-                if step > 1 {
-                    resident = (resident as f64 * n as f64 / looked.max(1) as f64).round() as u64;
-                }
-                let dirty = overlay.as_ref().map_or(0, |o| o.changed_count());
-                let fetched = self.engine.fetched_by_tag(tag as u32);
-                files.insert(
-                    node.name.clone(),
-                    serde_json::json!({"blocks": n, "block_size": image.block_size(), "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 },
-                                       "dirty_blocks": dirty, "fetched_blocks": fetched, "fetched_bytes": fetched * image.block_size()}),
-                );
-            }
-        }
-        serde_json::json!({
-            "capsule": self.info.name,
-            "id": self.info.capsule_id.to_hex(),
-            "source": self.info.source,
-            "link": if self.engine.is_online() { "remote" } else { "local" },
-            "blocks_fetched": snap.source.blocks,
-            "bytes_fetched": snap.source.bytes,
-            "reconnects": snap.source.reconnects,
-            "cache_hits": snap.local_hits,
-            "cache_misses": snap.misses,
-            "reads_in_flight": s.reads_in_flight.load(Ordering::Relaxed),
-            "read_errors": s.read_errors.load(Ordering::Relaxed),
-            "bytes_written": s.bytes_written.load(Ordering::Relaxed),
-            "seed_blocks": self.local.seed_blocks.load(Ordering::Relaxed),
-            "fetch": {
-                "demand_blocks": snap.demand_blocks, "readahead_blocks": snap.readahead_blocks, "background_blocks": snap.background_blocks,
-                "demand_bytes": snap.demand_bytes, "fetched_bytes": snap.fetched_bytes, "unwanted_blocks": snap.unwanted_blocks,
-                "corrupt_blocks": snap.corrupt_blocks, "verified_blocks": snap.verified_blocks, "timeouts": snap.timeouts,
-                "requests": snap.source.requests, "object_requests": snap.source.object_requests, "wire_received_bytes": snap.source.wire_received,
-                "map_pages_fetched": self.pages.fetched.load(Ordering::Relaxed),
-                "rtt_ms": snap.rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
-                "batches_in_flight": snap.batches_in_flight, "wanted_blocks": snap.wanted_blocks,
-            },
-            "cache_bytes": self.cache.used_bytes(),
-            "cache_unpinned_bytes": self.cache.unpinned_bytes(),
-            "files": files,
-        })
-    }
-
-    /// Fetches the map pages of the capsule and its ancestors that the cache lacks.
-    fn complete_metadata(&self) -> Result<u64> {
-        let store = self.cache.store();
-        let mut roots = Vec::new();
-        let mut next = Some(self.info.capsule_id);
-        let mut generations = 0;
-        while let Some(id) = next {
-            generations += 1;
-            if generations > capsule_images::manifest::MAX_CHAIN {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!("capsule {}: ancestry longer than {}", self.info.capsule_id, capsule_images::manifest::MAX_CHAIN),
-                ));
-            }
-            let m = store.manifest(&id)?;
-            for (_, image) in m.images() {
-                let reader = capsule_images::ImageReader::open(store, image)?;
-                roots.extend(reader.chain().iter().filter_map(|(_, l)| l.map.root));
-            }
-            next = m.parent;
-        }
-        Ok(self.pages.complete(roots)?)
-    }
-
-    /// What info.json says.
-    pub fn info(&self) -> &MountInfo {
-        &self.info
-    }
-
-    fn lookup_ino(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        let name = name.to_str()?;
-        match (parent, name) {
-            (ROOT, ".capsule") => Some(META_DIR),
-            (META_DIR, "stats.json") => Some(STATS),
-            (META_DIR, "info.json") => Some(INFO),
-            (META_DIR, "metadata") => Some(METADATA),
-            (ROOT, n) => self.nodes.iter().position(|node| node.name == n).map(|i| FIRST_FILE + i as u64),
-            _ => None,
-        }
-    }
 }
 
 /// A block that hashes right but has the wrong length (a hostile capsule) must not be
@@ -567,23 +479,6 @@ fn slice_from(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
     let start = (offset as usize).min(bytes.len());
     let end = start.saturating_add(size as usize).min(bytes.len());
     &bytes[start..end]
-}
-
-impl CapsuleFs {
-    /// What a handle of `.capsule/stats.json` or `.capsule/metadata` reads: one document
-    /// per handle, however many reads it takes (opening `metadata` completes the map).
-    fn snapshot_bytes(&self, ino: u64) -> Result<Vec<u8>> {
-        if ino == STATS {
-            return Ok(serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default());
-        }
-        match self.complete_metadata() {
-            Ok(pages) => Ok(serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default()),
-            Err(e) => {
-                error!("completing the metadata of {}: {e}", self.info.capsule_id);
-                Err(e)
-            }
-        }
-    }
 }
 
 impl Filesystem for CapsuleFs {
