@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -47,6 +48,10 @@ pub const PRE_AUTH_STREAMS: u32 = 2;
 pub const PRE_AUTH_WINDOW: u32 = MAX_HEADER as u32 + (64 << 10);
 /// A connection's receive window once authorized.
 const RECEIVE_WINDOW: u32 = 32 << 20;
+
+/// Block reads a stream keeps in flight ahead of its sends (bounded: 64 streams times
+/// this many blocks is what one connection can hold in memory).
+const READS_AHEAD_PER_STREAM: usize = 4;
 /// Default time for a request header to arrive whole. Generous: a full batch of hashes
 /// (half a MiB) takes 11 s at 384 kbit/s.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -385,9 +390,17 @@ async fn handle(
             write_control(send, true, &Response::Missing(missing)).await
         }
         Request::GetBlocks { hashes } => {
-            for hash in hashes {
+            // Reads run a few blocks ahead of the send, in order: a cold store (one file or
+            // one object per block) otherwise pays its read latency once per block.
+            let mut reads = futures_util::stream::iter(hashes)
+                .map(|hash| {
+                    let read = blocking(backend, move |b| b.read_encoded_block(&hash));
+                    async move { (hash, read.await) }
+                })
+                .buffered(READS_AHEAD_PER_STREAM);
+            while let Some((hash, encoded)) = reads.next().await {
                 // Sent as stored: no recompression. The client verifies every block.
-                let encoded = blocking(backend, move |b| b.read_encoded_block(&hash)).await.map_err(|e| e.context(format!("block {hash}")))?;
+                let encoded = encoded.map_err(|e| e.context(format!("block {hash}")))?;
                 write_frame(send, &Frame::Block { hash, encoded }).await?;
             }
             write_frame(send, &Frame::End).await
