@@ -428,6 +428,92 @@ def gen_soak(rows):
     return [note, ""] + table(["what", "count", "must be"], body)
 
 
+BACKUP_TOOLS = ["capsule", "restic", "borg", "rsync"]
+
+
+def gen_backup_days(rows):
+    days = sorted({r["params"]["day"] for r in rows})
+    got = {(r["params"]["tool"], r["params"]["day"]): r["measurements"] for r in rows}
+    tools = [t for t in BACKUP_TOOLS if any((t, d) in got for d in days)]
+    if "capsule" not in tools:
+        return None
+    mb = lambda b: fx(b / 1e6, 1)
+    body = []
+    for d in days:
+        c = got.get(("capsule", d))
+        row = [str(d), mb(c["work"]["written_bytes"]) if c else "-"]
+        for t in tools:
+            m = got.get((t, d))
+            row += [mb(m["sent_bytes"]), mb(m["stored_bytes"]), fx(m["seconds"], 1)] if m else ["-"] * 3
+        body.append(row)
+    total = {t: [sum(got[(t, d)]["sent_bytes"] for d in days if (t, d) in got),
+                 got[(t, days[-1])]["stored_bytes"] if (t, days[-1]) in got else None,
+                 sum(got[(t, d)]["seconds"] for d in days if (t, d) in got)] for t in tools}
+    written = sum(got[("capsule", d)]["work"]["written_bytes"] for d in days if ("capsule", d) in got)
+    row = ["total", mb(written)]
+    for t in tools:
+        row += [mb(total[t][0]), mb(total[t][1]) if total[t][1] is not None else "-", fx(total[t][2], 1)]
+    body.append(row)
+    cap = total["capsule"]
+    row = ["vs capsule", ""]
+    for t in tools:
+        row += [ratio(total[t][0], cap[0]), ratio(total[t][1], cap[1]), ratio(total[t][2], cap[2])]
+    body.append(row)
+    header = ["day", "MB written"] + [f"{t} {what}" for t in tools for what in ("MB sent", "MB stored", "s")]
+    first = got[("capsule", days[0])]
+    note = (f"{len(days)} days of the Debian guest's 1 GiB disk (seed {rows[0]['params'].get('seed', '?')}): MB written: "
+            "what that day's work (`scripts/backup-day.py`) wrote into its file system. Sent: both directions of the "
+            "client's veth to the tools' servers (capsule serve; sshd for restic's sftp, `borg serve` and rsync), "
+            "day 1 being the first, full backup. Stored: the server's store or repository after the day (apparent "
+            "bytes; rsync keeps one copy, no history). Seconds: capsule commit + push; the others their backup "
+            f"command. The guest's file system used {mb(first['fs_used_bytes'])} MB after day 1.")
+    return [note, ""] + table(header, body)
+
+
+def gen_backup_restore(rows):
+    got = {r["params"]["tool"]: r for r in rows}
+    if "capsule" not in got:
+        return None
+    p = got["capsule"]["params"]
+    cap = got["capsule"]["measurements"]
+    body = []
+    for t in BACKUP_TOOLS:
+        if t not in got:
+            continue
+        m = got[t]["measurements"]
+        body.append([t, fx(m["runs_seconds"], 1), ratio(m["runs_seconds"], cap["runs_seconds"]),
+                     fx(m["image_local_seconds"], 1), ratio(m["image_local_seconds"], cap["image_local_seconds"]),
+                     fx(m["link_bytes"] / 1e6, 1), "yes" if m["image_matches"] else "**NO**"])
+    note = (f"Day {p['day']} restored on an empty machine across {p['rate']} with {p['rtt_ms']} ms round trip "
+            "(tc tbf; capsule-linkemu relays QUIC and the ssh the others use). Guest runs: until the guest's "
+            "marker (nginx answers): capsule `run`s it from the server at once, the others restore the whole image "
+            "first (restic restore over sftp, borg extract over ssh, rsync -z of a day-7 copy) and then boot it "
+            "(kernel and initrd local). Image local: capsule `prefetch` into another empty cache (kernel and "
+            "initrd included); the others' restore. MB on the link: the image's transfer. Matches: the restored "
+            "image's SHA-256 against day 7's.")
+    return [note, ""] + table(["tool", "s until the guest runs", "vs capsule", "s until the image is local",
+                               "vs capsule", "MB on the link", "image matches"], body)
+
+
+def gen_backup_retention(rows):
+    got = {r["params"]["tool"]: r for r in rows}
+    if "capsule" not in got:
+        return None
+    k = got["capsule"]["params"]["dropped_days"]
+    body = []
+    for t in BACKUP_TOOLS:
+        if t not in got:
+            continue
+        m = got[t]["measurements"]
+        body.append([t, fx(m["stored_before"] / 1e6, 1), fx(m["stored_after"] / 1e6, 1), fx(m["freed_bytes"] / 1e6, 1),
+                     fx(100 * m["freed_bytes"] / m["stored_before"], 1), fx(m["seconds"], 1),
+                     "yes" if m["remaining_verified"] else "**NO**"])
+    note = (f"Days 1-{k} dropped on the server: `capsule rm` of each and `capsule gc`; `restic forget --keep-last` "
+            "`--prune`; `borg prune --keep-last` and `borg compact`. Remaining intact: `capsule verify` of every "
+            "remaining day, `restic check`, `borg check --repository-only`.")
+    return [note, ""] + table(["tool", "MB before", "MB after", "MB freed", "% freed", "s", "remaining intact"], body)
+
+
 # name: (bench, row filter, generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
@@ -442,6 +528,9 @@ TABLES = {
     "bulk-link": ("bench-bulk-link", None, gen_bulk_link, "make bench-bulk-link"),
     "load": ("load", None, gen_load, "make bench-load"),
     "soak": ("soak", None, gen_soak, "make soak"),
+    "backup-days": ("backup", "day", gen_backup_days, "make bench-backup"),
+    "backup-restore": ("backup", "restore", gen_backup_restore, "make bench-backup"),
+    "backup-retention": ("backup", "retention", gen_backup_retention, "make bench-backup"),
 }
 
 
