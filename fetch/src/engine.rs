@@ -403,6 +403,31 @@ impl Engine {
         Some(raw)
     }
 
+    /// Takes a block that came outside a batch (with the map pages that lead to it, for a
+    /// demand read): verified and kept as a demand fetch would be. A block that fails its
+    /// hash is dropped and counted, and the reader fetches it as usual.
+    pub fn offer(&self, hash: &Hash, encoded: &[u8]) -> bool {
+        if self.is_local(hash) {
+            return true;
+        }
+        match capsule_images::block::decode(hash, encoded) {
+            Ok(raw) => {
+                self.stats.verified_blocks.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetched_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                self.stats.demand_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                self.stats.demand_blocks.fetch_add(1, Ordering::Relaxed);
+                self.decoded.insert(*hash, Arc::new(raw));
+                self.write_local(hash, encoded);
+                true
+            }
+            Err(e) => {
+                self.stats.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+                warn!("block {hash} from {} failed verification: {e}", self.cfg.source_label);
+                false
+            }
+        }
+    }
+
     /// True if the block is here (memory or the local cache), unverified.
     pub fn is_local(&self, hash: &Hash) -> bool {
         self.decoded.get(hash).is_some() || self.unwritten_get(hash).is_some() || self.local.contains(hash)

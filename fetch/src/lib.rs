@@ -21,6 +21,7 @@ pub mod sim;
 
 use std::sync::Arc;
 
+use capsule_images::map::MapRoot;
 pub use capsule_images::Hash;
 pub use engine::{Engine, EngineConfig, EngineStats};
 
@@ -91,8 +92,11 @@ pub struct SourceCounters {
     pub bytes: u64,
     /// Reconnections after a lost link.
     pub reconnects: u64,
-    /// Metadata requests ([`BlockSource::fetch_objects`] calls, retries included).
+    /// Metadata requests ([`BlockSource::fetch_objects`] calls, retries included, and
+    /// [`BlockSource::fetch_path`] calls).
     pub object_requests: u64,
+    /// [`BlockSource::fetch_path`] calls (map pages with the block they lead to).
+    pub path_requests: u64,
     /// Bytes on the wire, received (0 if the source cannot tell).
     pub wire_received: u64,
 }
@@ -128,6 +132,22 @@ pub trait BlockSource: Send + Sync {
     fn fetch_objects(&self, ids: &[Hash]) -> Result<Vec<Vec<u8>>, FetchError>;
     /// What it moved so far.
     fn counters(&self) -> SourceCounters;
+    /// The map pages from `root` down to block `index` and, with `with_block`, the block
+    /// there, in one request (pages checked against their ids; the caller checks the
+    /// chain). `None`: this source cannot; the caller fetches page by page.
+    fn fetch_path(&self, root: &MapRoot, index: u64, with_block: bool) -> Option<Result<PathReply, FetchError>> {
+        let _ = (root, index, with_block);
+        None
+    }
+}
+
+/// What [`BlockSource::fetch_path`] brings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathReply {
+    /// (id, stored bytes) of each page on the path, top first.
+    pub pages: Vec<(Hash, Vec<u8>)>,
+    /// The block the path ends at, in its stored encoding, unverified.
+    pub block: Option<(Hash, Vec<u8>)>,
 }
 
 /// What the engine needs from the machine's cache: verified reads, and a place for blocks

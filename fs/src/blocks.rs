@@ -6,9 +6,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use capsule_fetch::{BlockSource, LocalBlocks};
+use capsule_fetch::{BlockSource, Engine, LocalBlocks, PathReply};
 use capsule_images::envelope::ObjectKind;
-use capsule_images::map::{MapPage, PageSource};
+use capsule_images::error::ResultExt;
+use capsule_images::manifest::Layer;
+use capsule_images::map::{Entry, MapPage, MapRoot, PageSource, FANOUT, FANOUT_BITS};
 use capsule_images::{Hash, Store};
 use tracing::warn;
 
@@ -104,6 +106,98 @@ impl PageSource for LazyPages {
 }
 
 impl LazyPages {
+    /// What block `index` of an image is through `chain` (top first), as
+    /// [`capsule_images::image::resolve_chain`]. Where the store lacks a page on the way
+    /// and the source sends map paths, the missing part of the path comes in one request,
+    /// with the block it leads to (offered to `engine`, which verifies it): the first read
+    /// of a region costs one round trip, not one per tree level plus one for the block.
+    pub fn resolve(&self, chain: &[(Hash, Layer)], index: u64, engine: Option<&Engine>) -> capsule_images::Result<Option<Hash>> {
+        for (id, layer) in chain {
+            if let Some(source) = &self.source {
+                if let Some((sub_root, sub_index)) = self.first_missing(&layer.map, index)? {
+                    if let Some(Ok(reply)) = source.fetch_path(&sub_root, sub_index, engine.is_some()) {
+                        self.keep_path(&sub_root, sub_index, reply, engine);
+                    }
+                }
+            }
+            match capsule_images::map::lookup(self, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
+                Some(Entry::Data(h)) => return Ok(Some(h)),
+                Some(Entry::Zero) => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The highest page on the way to block `index` that the store lacks, as the root of
+    /// its subtree, with the index within that subtree; `None` if every page is here.
+    fn first_missing(&self, root: &MapRoot, index: u64) -> capsule_images::Result<Option<(MapRoot, u64)>> {
+        let Some(mut page_id) = root.root else { return Ok(None) };
+        for level in (0..u32::from(root.height)).rev() {
+            // The store's page cache first: no file lookup per level on the read path.
+            let page = match self.store().page(&page_id) {
+                Err(e) if e.kind() == capsule_images::ErrorKind::NotFound => {
+                    let bits = FANOUT_BITS * (level + 1);
+                    let sub_index = if bits < 64 { index & ((1u64 << bits) - 1) } else { index };
+                    return Ok(Some((MapRoot { height: (level + 1) as u8, root: Some(page_id) }, sub_index)));
+                }
+                r => r?,
+            };
+            match &*page {
+                MapPage::Node(slots) if level > 0 => {
+                    let slot = ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as u16;
+                    match slots.binary_search_by_key(&slot, |s| s.0) {
+                        Ok(i) => page_id = slots[i].1,
+                        Err(_) => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores the pages of a path reply that are the ones the lookup needs (each names
+    /// the next; anything else is dropped) and offers the block it leads to.
+    fn keep_path(&self, root: &MapRoot, index: u64, reply: PathReply, engine: Option<&Engine>) {
+        let mut expected = root.root;
+        let mut level = u32::from(root.height);
+        let mut entry = None;
+        for (id, bytes) in reply.pages {
+            if expected != Some(id) || level == 0 {
+                warn!("map path from the source strays at page {id}; fetching page by page");
+                return;
+            }
+            level -= 1;
+            if let Err(e) = self.store().put_encoded_object(ObjectKind::MapPage, &id, &bytes) {
+                warn!("map page {id} from the source: {e}");
+                return;
+            }
+            self.fetched.fetch_add(1, Ordering::Relaxed);
+            let page = match self.store().page(&id) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("map page {id} from the source: {e}");
+                    return;
+                }
+            };
+            let slot = ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as u16;
+            expected = match (&*page, level) {
+                (MapPage::Node(slots), l) if l > 0 => slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| slots[i].1),
+                (MapPage::Leaf(slots), 0) => {
+                    entry = slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| slots[i].1);
+                    None
+                }
+                _ => return,
+            };
+        }
+        if let (Some(engine), Some((hash, encoded)), Some(Entry::Data(want))) = (engine, reply.block, entry) {
+            if hash == want {
+                engine.offer(&hash, &encoded);
+            }
+        }
+    }
+
     /// Fetches every map page below `roots` that the store lacks, a tree level at a time
     /// (one request per level, not per page). Returns how many pages travelled. A commit
     /// needs this: the child names its parent, whose whole map must be here to push it.

@@ -298,7 +298,7 @@ impl CapsuleFs {
 
     /// Where block `i` of an image comes from: `None` for zero.
     fn resolve(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Hash>> {
-        Ok(capsule_images::image::resolve_chain(&self.pages, chain, i)?)
+        Ok(self.pages.resolve(chain, i, Some(&self.engine))?)
     }
 
     /// The fetch engine (for prefetching through the same single flight).

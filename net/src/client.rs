@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsule_fetch::PathReply;
 use capsule_images::envelope::ObjectKind;
+use capsule_images::map::MapRoot;
 use capsule_images::Hash;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -354,6 +356,29 @@ impl Client {
                 Frame::End if out.len() == wanted.len() => return Ok(out),
                 Frame::Response(p) => return Err(response_error(&p)),
                 _ => return Err(Error::protocol("unexpected frame in an object batch")),
+            }
+        }
+    }
+
+    /// The map pages from page `root` down to block `index` (each checked against its id;
+    /// the caller checks that each names the next) and, with `with_block`, the block
+    /// there in its stored encoding (unverified: the fetch engine verifies it).
+    pub async fn get_path(&self, root: MapRoot, index: u64, with_block: bool) -> Result<PathReply> {
+        let (mut send, mut reader) = self.open(Request::GetPath { root, index, with_block }, 2).await?;
+        let _ = send.finish();
+        let mut reply = PathReply::default();
+        loop {
+            match reader.expect().await? {
+                Frame::Object { kind: ObjectKind::MapPage, id, bytes } if reply.block.is_none() => {
+                    if reply.pages.len() >= usize::from(root.height) || Hash::of(&bytes) != id {
+                        return Err(Error::new(ErrorKind::Corrupt, format!("server sent map page {id} that is not on the path to block {index}")));
+                    }
+                    reply.pages.push((id, bytes));
+                }
+                Frame::Block { hash, encoded } if with_block && reply.block.is_none() => reply.block = Some((hash, encoded)),
+                Frame::End => return Ok(reply),
+                Frame::Response(p) => return Err(response_error(&p)),
+                _ => return Err(Error::protocol("unexpected frame in a map path")),
             }
         }
     }

@@ -6,10 +6,12 @@
 //!  ListRefs/GetRef/Missing*/UpdateRef   C: Request              S: Response
 //!  GetObjects                           C: Request              S: Object* End | Response(Error)
 //!  GetBlocks                            C: Request              S: Block* End | Response(Error)
+//!  GetPath                              C: Request              S: Object* [Block] End | Response(Error)
 //!  PutObjects / PutBlocks               C: Request Object*/Block* End     S: Response(Stored)
 //! ```
 //! Every request carries the client's bearer token (or none for public reads).
 
+use capsule_images::map::MapRoot;
 use capsule_images::Hash;
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +45,10 @@ pub enum Request {
     ListProfiles { capsule: Hash },
     /// Name profile object `id` (sent before with PutObjects) as `name` of `capsule`.
     SetProfile { capsule: Hash, name: String, id: Hash },
+    /// The map pages on the way from page `root` (a subtree) down to block `index`, top
+    /// first, and with `with_block` the block it maps: a read of a region whose pages the
+    /// client lacks costs one round trip instead of one per tree level plus the block.
+    GetPath { root: MapRoot, index: u64, with_block: bool },
 }
 
 impl Request {

@@ -22,6 +22,10 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use capsule_images::envelope::ObjectKind;
+use capsule_images::map::{Entry, MapPage, MapRoot, PageSource};
+use capsule_images::Hash;
+
 use crate::auth::Policy;
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
@@ -252,6 +256,37 @@ impl Drop for IpSlot {
     }
 }
 
+/// (id, stored bytes) of map pages, top first.
+type PagesOnPath = Vec<(Hash, Vec<u8>)>;
+
+/// The pages a lookup of block `index` below `root` visits (id, stored bytes; top first)
+/// and the block it maps there, if any. At most `root.height` pages: a tree level each.
+fn walk_path(backend: &dyn Backend, root: &MapRoot, index: u64) -> Result<(PagesOnPath, Option<Hash>)> {
+    struct Recording<'a> {
+        backend: &'a dyn Backend,
+        visited: Mutex<Vec<(Hash, Vec<u8>)>>,
+    }
+    impl PageSource for Recording<'_> {
+        fn page(&self, id: &Hash) -> capsule_images::Result<Arc<MapPage>> {
+            let bytes = self.backend.read_object(id).map_err(|e| capsule_images::Error::new(capsule_images::ErrorKind::NotFound, e.to_string()))?;
+            let page: MapPage = capsule_images::envelope::decode_verified(ObjectKind::MapPage, id, &bytes)?;
+            page.validate()?;
+            self.visited.lock().unwrap_or_else(|p| p.into_inner()).push((*id, bytes));
+            Ok(Arc::new(page))
+        }
+    }
+    if root.height == 0 || root.height > capsule_images::map::MAX_HEIGHT {
+        return Err(Error::new(ErrorKind::InvalidInput, format!("map path of height {}", root.height)));
+    }
+    let pages = Recording { backend, visited: Mutex::new(Vec::new()) };
+    let entry = capsule_images::map::lookup(&pages, root, index).map_err(|e| Error::new(ErrorKind::NotFound, format!("map path to block {index}: {e}")))?;
+    let block = match entry {
+        Some(Entry::Data(h)) => Some(h),
+        _ => None,
+    };
+    Ok((pages.visited.into_inner().unwrap_or_else(|p| p.into_inner()), block))
+}
+
 /// Runs a store operation off the async workers, so file I/O and fsyncs never keep the
 /// endpoint from draining its socket (on loopback that showed as packet loss).
 async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static) -> Result<T> {
@@ -402,6 +437,20 @@ async fn handle(
                 // Sent as stored: no recompression. The client verifies every block.
                 let encoded = encoded.map_err(|e| e.context(format!("block {hash}")))?;
                 write_frame(send, &Frame::Block { hash, encoded }).await?;
+            }
+            write_frame(send, &Frame::End).await
+        }
+        Request::GetPath { root, index, with_block } => {
+            let (pages, block) = blocking(backend, move |b| walk_path(b, &root, index)).await?;
+            for (id, bytes) in pages {
+                write_frame(send, &Frame::Object { kind: ObjectKind::MapPage, id, bytes }).await?;
+            }
+            if let Some(hash) = block.filter(|_| with_block) {
+                // A block the store cannot read is left out: the client asks for it alone
+                // and gets the error there.
+                if let Ok(encoded) = blocking(backend, move |b| b.read_encoded_block(&hash)).await {
+                    write_frame(send, &Frame::Block { hash, encoded }).await?;
+                }
             }
             write_frame(send, &Frame::End).await
         }

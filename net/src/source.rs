@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capsule_fetch::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, SourceCounters};
+use capsule_fetch::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, PathReply, SourceCounters};
+use capsule_images::map::MapRoot;
 use capsule_images::Hash;
 use tracing::{debug, info, warn};
 
@@ -32,8 +33,12 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     /// Connections made after the first.
     pub reconnects: AtomicU64,
-    /// Metadata (map page) requests.
+    /// Metadata (map page) requests, map path requests included.
     pub object_requests: AtomicU64,
+    /// Map path requests (pages and the block they lead to, in one).
+    pub path_requests: AtomicU64,
+    /// Set once the server refused a path request (it predates them): not asked again.
+    paths_refused: std::sync::atomic::AtomicBool,
     /// UDP bytes received on connections already closed.
     wire_closed: AtomicU64,
 }
@@ -266,6 +271,39 @@ impl BlockSource for RemoteSource {
         })
     }
 
+    fn fetch_path(&self, root: &MapRoot, index: u64, with_block: bool) -> Option<std::result::Result<PathReply, FetchError>> {
+        let shared = &self.shared;
+        if shared.stats.paths_refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        shared.stats.object_requests.fetch_add(1, Ordering::Relaxed);
+        shared.stats.path_requests.fetch_add(1, Ordering::Relaxed);
+        // One attempt: on any failure the caller walks page by page, with its retries.
+        let result = self.runtime.block_on(async {
+            let attempt = async { shared.connected().await?.get_path(*root, index, with_block).await };
+            match tokio::time::timeout(shared.stall_timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::new(ErrorKind::Unavailable, format!("no answer within {:.0} s", shared.stall_timeout.as_secs_f64()))),
+            }
+        });
+        match result {
+            Ok(reply) => {
+                if let Some((_, encoded)) = &reply.block {
+                    shared.stats.blocks.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                }
+                Some(Ok(reply))
+            }
+            Err(e) => {
+                if matches!(e.kind(), ErrorKind::Protocol | ErrorKind::InvalidInput) {
+                    debug!(server = %shared.url.host_port(), "no map path requests: {e}");
+                    shared.stats.paths_refused.store(true, Ordering::Relaxed);
+                }
+                Some(Err(fetch_error(&e)))
+            }
+        }
+    }
+
     fn counters(&self) -> SourceCounters {
         let s = &self.shared.stats;
         let live = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |c| c.wire_bytes().1);
@@ -275,6 +313,7 @@ impl BlockSource for RemoteSource {
             bytes: s.bytes.load(Ordering::Relaxed),
             reconnects: s.reconnects.load(Ordering::Relaxed),
             object_requests: s.object_requests.load(Ordering::Relaxed),
+            path_requests: s.path_requests.load(Ordering::Relaxed),
             wire_received: s.wire_closed.load(Ordering::Relaxed) + live,
         }
     }

@@ -60,7 +60,7 @@ impl CapsuleFs {
                 "demand_blocks": snap.demand_blocks, "readahead_blocks": snap.readahead_blocks, "background_blocks": snap.background_blocks,
                 "demand_bytes": snap.demand_bytes, "fetched_bytes": snap.fetched_bytes, "unwanted_blocks": snap.unwanted_blocks,
                 "corrupt_blocks": snap.corrupt_blocks, "verified_blocks": snap.verified_blocks, "timeouts": snap.timeouts,
-                "requests": snap.source.requests, "object_requests": snap.source.object_requests, "wire_received_bytes": snap.source.wire_received,
+                "requests": snap.source.requests, "object_requests": snap.source.object_requests, "path_requests": snap.source.path_requests, "wire_received_bytes": snap.source.wire_received,
                 "map_pages_fetched": self.pages.fetched.load(Ordering::Relaxed),
                 "rtt_ms": snap.rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
                 "batches_in_flight": snap.batches_in_flight, "wanted_blocks": snap.wanted_blocks,
