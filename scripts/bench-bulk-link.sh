@@ -103,11 +103,11 @@ for spec in $LINKS; do
         "${IN_NS[@]}" "$BIN" mount "capsule://$SRV_IP:7071/sparse" "$W/mnt" --cache "$W/cache" --read-only >"$W/out" 2>&1
         mounted=$(now)
         f() { jq ".fetch.$1" "$W/mnt/.capsule/stats.json"; }
-        o0=$(f object_requests) r0=$(f requests) w0=$(f wire_received_bytes)
+        o0=$(f object_requests) r0=$(f requests) w0=$(f wire_received_bytes) p0=$(f path_requests)
         t_read=$(now)
         dd if="$W/mnt/root.raw" of=/dev/null bs=4096 count=1 skip=$(((50 << 18) + 1)) iflag=direct status=none
         t_done=$(now)
-        o1=$(f object_requests) r1=$(f requests) w1=$(f wire_received_bytes)
+        o1=$(f object_requests) r1=$(f requests) w1=$(f wire_received_bytes) p1=$(f path_requests)
         "$BIN" umount "$W/mnt" >/dev/null
         read_s=$(python3 -c "print(round($t_done - $t_read, 3))")
         rtts=$(python3 -c "print(round(($t_done - $t_read) / ($DELAY_MS * 2 / 1000), 2))")
@@ -116,8 +116,8 @@ for spec in $LINKS; do
         result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" \
             '{rate: $rate, rate_bits: $bits, loss_pct: 0, delay_ms: $delay, variant: "sparse", disk_gib: 100}')" \
           "$(jq -n --argjson mount "$(python3 -c "print(round($mounted - $t0, 3))")" --argjson read "$read_s" --argjson rtts "$rtts" \
-              --argjson obj "$((o1 - o0))" --argjson blk "$((r1 - r0))" --argjson wire "$((w1 - w0))" \
-            '{mount_seconds: $mount, first_read_seconds: $read, first_read_rtts: $rtts, object_requests: $obj, block_requests: $blk, wire_bytes: $wire}')"
+              --argjson obj "$((o1 - o0))" --argjson blk "$((r1 - r0))" --argjson wire "$((w1 - w0))" --argjson path "$((p1 - p0))" \
+            '{mount_seconds: $mount, first_read_seconds: $read, first_read_rtts: $rtts, object_requests: $obj, path_requests: $path, block_requests: $blk, wire_bytes: $wire}')"
         continue ;;
       rsync)
         if [ "$loss" != 0 ]; then continue; fi  # the TCP relay cannot drop packets

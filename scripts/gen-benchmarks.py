@@ -364,10 +364,6 @@ def gen_boot_link(rows):
 def gen_bulk_link(rows):
     if not rows:
         return None
-    sparse = [r for r in rows if r["params"]["variant"] == "sparse"]
-    rows = [r for r in rows if r["params"]["variant"] != "sparse"]
-    if not rows:
-        return None
     body = []
     for r in rows:
         p, m = r["params"], r["measurements"]
@@ -379,19 +375,27 @@ def gen_bulk_link(rows):
             "`capsule prefetch --offline` (whole commands: connecting and metadata included), and the same bytes by "
             f"rsync from a daemon behind the TCP relay; {rows[0]['params']['delay_ms'] * 2} ms round trip. "
             "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss).")
-    out = [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",
-                              "goodput / link rate"], body)
-    if sparse:
-        out += ["", "A mount of a sparse 100 GiB capsule (64 KiB of data, at 50 GiB) over the same link, then one "
-                "4 KiB O_DIRECT read of that data: the read's time in round trips, the requests it made (map pages and "
-                "blocks) and the bytes it moved (QUIC's received bytes; the mount itself fetched the manifest, layers "
-                "and map roots).", ""]
-        out += table(["link", "mount s", "first read s", "first read / RTT", "map page requests", "block requests",
-                      "bytes on the wire"],
-                     [[r["params"]["rate"], fx(r["measurements"]["mount_seconds"], 2), fx(r["measurements"]["first_read_seconds"], 3),
-                       fx(r["measurements"]["first_read_rtts"], 1), str(r["measurements"]["object_requests"]),
-                       str(r["measurements"]["block_requests"]), str(r["measurements"]["wire_bytes"])] for r in sparse])
-    return out
+    return [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",
+                               "goodput / link rate"], body)
+
+
+def gen_sparse_link(rows):
+    if not rows:
+        return None
+    note = ("A mount of a sparse 100 GiB capsule (64 KiB of data, at 50 GiB) over the emulated link "
+            f"({rows[0]['params']['delay_ms'] * 2} ms round trip), then one 4 KiB O_DIRECT read of that data: the "
+            "read's time in round trips, the requests it made (map paths: the missing map pages and the block in one; "
+            "map pages alone; blocks alone) and the bytes it moved (QUIC's received bytes; the mount itself fetched "
+            "the manifest, layers and map roots).")
+
+    def reqs(m):
+        path = m.get("path_requests", 0)
+        return [str(path), str(m["object_requests"] - path), str(m["block_requests"])]
+    return [note, ""] + table(["link", "mount s", "first read s", "first read / RTT", "map path requests",
+                               "map page requests", "block requests", "bytes on the wire"],
+                              [[r["params"]["rate"], fx(r["measurements"]["mount_seconds"], 2),
+                                fx(r["measurements"]["first_read_seconds"], 3), fx(r["measurements"]["first_read_rtts"], 1)]
+                               + reqs(r["measurements"]) + [str(r["measurements"]["wire_bytes"])] for r in rows])
 
 
 def gen_load(rows):
@@ -514,7 +518,7 @@ def gen_backup_retention(rows):
     return [note, ""] + table(["tool", "MB before", "MB after", "MB freed", "% freed", "s", "remaining intact"], body)
 
 
-# name: (bench, row filter, generator, make target)
+# name: (bench, row filter (a section name or a predicate), generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
     "net": ("net", None, gen_net, "make bench"),
@@ -525,7 +529,9 @@ TABLES = {
     "link": ("link", None, gen_link, "make bench-link"),
     "resume-link": ("resume-link", None, gen_resume_link, "make bench-resume-link"),
     "boot-link": ("bench-boot-link", None, gen_boot_link, "make bench-boot-link"),
-    "bulk-link": ("bench-bulk-link", None, gen_bulk_link, "make bench-bulk-link"),
+    "bulk-link": ("bench-bulk-link", lambda r: r["params"]["variant"] != "sparse", gen_bulk_link, "make bench-bulk-link"),
+    "sparse-link": ("bench-bulk-link", lambda r: r["params"]["variant"] == "sparse", gen_sparse_link,
+                    "make bench-bulk-link VARIANTS=sparse"),
     "load": ("load", None, gen_load, "make bench-load"),
     "soak": ("soak", None, gen_soak, "make soak"),
     "backup-days": ("backup", "day", gen_backup_days, "make bench-backup"),
@@ -536,7 +542,10 @@ TABLES = {
 
 def render(name):
     bench, sect, gen, target = TABLES[name]
-    want = (lambda r: r["params"].get("section") == sect) if sect else (lambda r: True)
+    if callable(sect):
+        want = sect
+    else:
+        want = (lambda r: r["params"].get("section") == sect) if sect else (lambda r: True)
     rows = latest_run(load(bench), want)
     out = gen(rows) if rows else None
     if out is None:
