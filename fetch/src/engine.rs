@@ -390,6 +390,11 @@ impl Engine {
         self.lock().sched.estimator().bandwidth()
     }
 
+    /// Mean encoded size of the blocks fetched so far, if any were.
+    pub fn block_bytes(&self) -> Option<f64> {
+        self.lock().sched.estimator().block_bytes()
+    }
+
     /// A block from memory or the local cache, without fetching.
     pub fn local(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
         if let Some(b) = self.decoded.get(hash) {

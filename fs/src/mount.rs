@@ -365,7 +365,16 @@ impl CapsuleFs {
         let (extra, extra_urgency) = if self.engine.is_online() {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
-                Ahead::Sequential => (self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?, Urgency::Readahead),
+                Ahead::Sequential => {
+                    let mut plan = self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?;
+                    if plan.is_empty() && missed {
+                        let n = ahead::neighbours_on_miss(self.engine.rtt(), self.engine.bandwidth(), self.engine.block_bytes(), bs);
+                        if n > 0 {
+                            plan = self.neighbour_plan(image, chain, overlay, last, n)?;
+                        }
+                    }
+                    (plan, Urgency::Readahead)
+                }
                 // Past the first block: a resume reads only the kernel's header (for its
                 // stand-in), and must not bring the rest.
                 Ahead::Whole if missed && last > 0 && !node.asked_whole.swap(true, Ordering::Relaxed) => {
