@@ -91,7 +91,7 @@ def main(argv):
             f.write(line.encode())
             did["written_bytes"] += len(line)
     if day % 7 == 0:
-        with open(log, "rb") as src, gzip.open(log + f".{day:02d}.gz", "wb", mtime=0) as dst:
+        with open(log, "rb") as src, gzip.GzipFile(log + f".{day:02d}.gz", "wb", mtime=0) as dst:
             dst.write(src.read())
         os.unlink(log)
         for name in os.listdir(logdir):
