@@ -62,6 +62,7 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOpti
         copy_metadata(&cache, target, &base_id)?;
     }
     let base = target.manifest(&base_id)?;
+    capsule_images::image::check_room_for_child(target, &base_id)?;
     let overlay_dir = info.overlay_dir.as_ref().ok_or_else(|| Error::new(crate::error::ErrorKind::ReadOnly, "the mount is read-only: nothing to commit"))?;
     let mut child = base.clone();
     child.name = name.to_string();

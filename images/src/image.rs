@@ -19,6 +19,40 @@ pub fn resolve_chain(pages: &dyn map::PageSource, chain: &[(Hash, Layer)], index
     Ok(None)
 }
 
+/// Refuses to make a child of capsule `parent` (commit, suspend, `import --parent`) when the
+/// child's ancestry or one of its layer chains would be longer than [`MAX_CHAIN`]: readers
+/// refuse such chains, so the child could be written but never read. Checked before anything
+/// is written.
+pub fn check_room_for_child(store: &Store, parent: &Hash) -> Result<()> {
+    let manifest = store.manifest(parent)?;
+    let mut generations = 1;
+    let mut next = manifest.parent;
+    while let Some(id) = next {
+        generations += 1;
+        if generations >= MAX_CHAIN {
+            break;
+        }
+        next = store.manifest(&id).with_context(|| format!("ancestor {id} of capsule {}", manifest.name))?.parent;
+    }
+    let mut deepest = generations;
+    for (what, image) in manifest.images() {
+        deepest = deepest.max(ImageReader::open(store, image).with_context(|| format!("capsule {}: {what}", manifest.name))?.chain.len());
+    }
+    if deepest >= MAX_CHAIN {
+        return Err(Error::new(
+            crate::error::ErrorKind::TooLarge,
+            format!(
+                "capsule {} ({}) is {deepest} generations deep and a chain may have at most {MAX_CHAIN}: a child of it could \
+                 never be read. Start a new chain from it: `capsule export {} --out DIR`, then `capsule import NAME --disk DIR/...`",
+                manifest.name,
+                parent.short(),
+                manifest.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// An image opened for reading: its layer chain loaded, map pages fetched on demand.
 #[derive(Debug)]
 pub struct ImageReader<'s> {
@@ -115,6 +149,36 @@ mod tests {
         bytes.truncate(bytes.len() - tail_cut.min(bytes.len() - 1));
         std::fs::write(path, &bytes).unwrap();
         bytes
+    }
+
+    /// A chain grows to MAX_CHAIN generations, every one readable; the next child is refused
+    /// before anything is written, instead of being made unreadable.
+    #[test]
+    fn a_child_beyond_the_longest_chain_is_refused_and_every_made_capsule_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        store.set_durable(false);
+        let disk = dir.path().join("d.raw");
+        let spec = |i: usize| crate::CapsuleSpec {
+            name: format!("c{i}"),
+            disks: vec![("root".into(), disk.clone())],
+            parent: (i > 0).then(|| format!("c{}", i - 1)),
+            block_size_log2: Some(12),
+            ..Default::default()
+        };
+        for i in 0..MAX_CHAIN {
+            std::fs::write(&disk, (i as u32).to_le_bytes().repeat(1024)).unwrap();
+            crate::import_capsule(&store, &spec(i), &NoProgress).unwrap();
+        }
+        let last = store.resolve(&format!("c{}", MAX_CHAIN - 1)).unwrap();
+        let report = crate::verify_capsule(&store, "last", &last);
+        assert!(report.ok() && report.blocks_checked > 0, "{:?}", report.problems);
+        std::fs::write(&disk, [7u8; 4096]).unwrap();
+        let err = crate::import_capsule(&store, &spec(MAX_CHAIN), &NoProgress).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::TooLarge, "{err}");
+        assert!(err.to_string().contains("capsule export"), "{err}");
+        assert!(store.resolve(&format!("c{MAX_CHAIN}")).is_err(), "the refused child got a ref");
+        check_room_for_child(&store, &store.resolve("c100").unwrap()).unwrap();
     }
 
     proptest! {

@@ -91,6 +91,7 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
     let parent = match &spec.parent {
         Some(p) => {
             let id = store.resolve(p).with_context(|| "--parent")?;
+            crate::image::check_room_for_child(store, &id).with_context(|| "--parent")?;
             Some((id, store.manifest(&id).with_context(|| format!("parent capsule {p}"))?))
         }
         None => None,
