@@ -279,6 +279,19 @@ impl VerifyQueue {
         None
     }
 
+    /// The batch was abandoned: no end will come, so its entry goes once its queued
+    /// blocks are processed (now, if none are).
+    fn forget(&self, batch: u64) {
+        let mut st = self.lock();
+        if let Some(entry) = st.open.get_mut(&batch) {
+            if entry.0 == 0 {
+                st.open.remove(&batch);
+            } else {
+                entry.1 = Some(Err(FetchError::new(FetchErrorKind::Unavailable, format!("batch {batch} abandoned"))));
+            }
+        }
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
@@ -764,6 +777,9 @@ impl Engine {
             for id in cancelled {
                 warn!(batch = id, "abandoning a batch {} did not answer", self.cfg.source_label);
                 source.cancel(id);
+                if let Some(q) = &self.verify {
+                    q.forget(id);
+                }
             }
         }
         self.done.notify_all();
@@ -822,5 +838,33 @@ fn timer_loop(weak: &Weak<Engine>) {
         let st = engine.lock();
         // Woken early when a batch starts or ends (a new deadline).
         let _ = engine.timer.wait_timeout(st, sleep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoned_batch_leaves_nothing_behind_in_the_verify_queue() {
+        let q = VerifyQueue::default();
+        // Abandoned with a block still queued: its entry goes once that block is done.
+        q.push_block(1, Hash([1; 32]), vec![0; 10]);
+        q.forget(1);
+        assert!(q.pop().is_some());
+        assert!(q.done(1).is_some_and(|end| end.is_err()), "the held end reports the abandonment");
+        assert!(q.lock().open.is_empty());
+        // Abandoned after its blocks were processed, with no end to come.
+        q.push_block(2, Hash([2; 32]), vec![0; 10]);
+        assert!(q.pop().is_some());
+        assert!(q.done(2).is_none());
+        q.forget(2);
+        assert!(q.lock().open.is_empty());
+        // A batch that ends normally is unaffected.
+        q.push_block(3, Hash([3; 32]), vec![0; 10]);
+        assert!(q.push_end(3, Ok(())).is_none(), "held until its block is processed");
+        assert!(q.pop().is_some());
+        assert_eq!(q.done(3), Some(Ok(())));
+        assert!(q.lock().open.is_empty());
     }
 }
