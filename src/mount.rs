@@ -83,17 +83,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                     .read_ref(&remembered)?
                     .with_context(|| format!("{}: never fetched into cache {}; nothing to mount offline", args.source, cache_dir.display()))?,
             };
-            let config = MountConfig {
-                read_only: args.read_only,
-                overlay_dir: cache_dir.join("cow").join(id.to_hex()),
-                source_label: format!("{} (offline)", args.source),
-                seeds: args.seeds.clone(),
-                recorder: None,
-                kernel_readahead: args.kernel_readahead,
-                memory_cluster: args.memory_cluster,
-                mountpoint: mountpoint.clone(),
-                stall_timeout: Duration::from_secs(args.stall_timeout),
-            };
+            let config = mount_config(&args, &cache_dir, &mountpoint, id, format!("{} (offline)", args.source));
             return serve_mount(cache, None, id, config, &args, &mountpoint, handoff);
         }
         // A successor serves the capsule its mount shows, from what the cache holds.
@@ -144,18 +134,23 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
         (cache, None, id, format!("local store {}", store.root().display()))
     };
 
-    let config = MountConfig {
+    let config = mount_config(&args, &cache_dir, &mountpoint, id, label);
+    serve_mount(cache, source, id, config, &args, &mountpoint, handoff)
+}
+
+/// What the mount of capsule `id` is told, from the command line.
+fn mount_config(args: &MountArgs, cache_dir: &Path, mountpoint: &Path, id: Hash, source_label: String) -> MountConfig {
+    MountConfig {
         read_only: args.read_only,
         overlay_dir: cache_dir.join("cow").join(id.to_hex()),
-        source_label: label,
+        source_label,
         seeds: args.seeds.clone(),
         recorder: None,
         kernel_readahead: args.kernel_readahead,
         memory_cluster: args.memory_cluster,
-        mountpoint: mountpoint.clone(),
+        mountpoint: mountpoint.to_path_buf(),
         stall_timeout: Duration::from_secs(args.stall_timeout),
-    };
-    serve_mount(cache, source, id, config, &args, &mountpoint, handoff)
+    }
 }
 
 fn serve_mount(
