@@ -403,6 +403,12 @@ impl Engine {
         self.lock().sched.estimator().bandwidth()
     }
 
+    /// The best delivery rate measured since the start (bytes/s): the link's capacity as
+    /// far as a burst showed it.
+    pub fn peak_bandwidth(&self) -> Option<f64> {
+        self.lock().sched.estimator().peak_bandwidth()
+    }
+
     /// Mean encoded size of the blocks fetched so far, if any were.
     pub fn block_bytes(&self) -> Option<f64> {
         self.lock().sched.estimator().block_bytes()

@@ -116,6 +116,8 @@ pub struct Estimator {
     rates: VecDeque<(Instant, f64)>,
     /// Mean encoded block size, exponentially weighted.
     block_bytes: Option<f64>,
+    /// The best rate ever measured: what the link carries when something fills it.
+    peak_rate: Option<f64>,
 }
 
 const RTT_SAMPLES: usize = 32;
@@ -150,7 +152,9 @@ impl Estimator {
                 while self.rates.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_SPAN) {
                     self.rates.pop_front();
                 }
-                self.rates.push_back((now, (self.delivered - cumulative) as f64 / secs));
+                let rate = (self.delivered - cumulative) as f64 / secs;
+                self.rates.push_back((now, rate));
+                self.peak_rate = Some(self.peak_rate.map_or(rate, |p| p.max(rate)));
             }
         }
     }
@@ -163,6 +167,13 @@ impl Estimator {
     /// The best recent delivery rate, bytes per second.
     pub fn bandwidth(&self) -> Option<f64> {
         self.rates.iter().map(|(_, r)| *r).fold(None, |m, r| Some(m.map_or(r, |m: f64| m.max(r))))
+    }
+
+    /// The best delivery rate measured since the start, bytes per second: the link's
+    /// capacity as far as anything showed it, when recent traffic (one demand block per
+    /// round trip) would understate it.
+    pub fn peak_bandwidth(&self) -> Option<f64> {
+        self.peak_rate
     }
 
     /// Mean encoded block size seen.
@@ -518,5 +529,30 @@ impl Scheduler {
     /// The urgency of the batch, if it is in flight.
     pub fn batch_urgency(&self, batch: u64) -> Option<Urgency> {
         self.batches.get(&batch).map(|b| b.urgency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_rate_outlives_the_burst_that_showed_it() {
+        let mut est = Estimator::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // 2 s at 1 MB/s (a 20 KB block every 20 ms), then a block every 200 ms for 10 s.
+        for i in 0..100u32 {
+            est.on_bytes(t0 + ms(20) * i, 20_000);
+        }
+        let burst = est.bandwidth().unwrap();
+        assert!((0.8e6..1.2e6).contains(&burst), "{burst}");
+        for i in 1..=50u32 {
+            est.on_bytes(t0 + ms(2000) + ms(200) * i, 20_000);
+        }
+        let recent = est.bandwidth().unwrap();
+        assert!(recent < 0.2e6, "recent traffic is sparse: {recent}");
+        assert_eq!(est.peak_bandwidth(), Some(est.peak_rate.unwrap()));
+        assert!(est.peak_bandwidth().unwrap() >= burst, "the link's capacity is remembered");
     }
 }

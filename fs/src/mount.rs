@@ -368,7 +368,7 @@ impl CapsuleFs {
                 Ahead::Sequential => {
                     let mut plan = self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?;
                     if plan.is_empty() && missed {
-                        let n = ahead::neighbours_on_miss(self.engine.rtt(), self.engine.bandwidth(), self.engine.block_bytes(), bs);
+                        let n = ahead::neighbours_on_miss(self.engine.rtt(), self.engine.peak_bandwidth(), self.engine.block_bytes(), bs);
                         if n > 0 {
                             plan = self.neighbour_plan(image, chain, overlay, last, n)?;
                         }

@@ -109,7 +109,8 @@ impl CapsuleFs {
 /// fetching one neighbour per miss cut its requests by a fifth for 15% more blocks). A
 /// neighbour pays when its transfer costs less than the round trip it saves at that odds:
 /// on a 10 Mbit/s, 40 ms link one block, on faster links two, on 2 Mbit/s or on a LAN
-/// (round trips are cheap there) none.
+/// (round trips are cheap there) none. `bandwidth` is the link's capacity (the peak
+/// measured), not the recent rate, which a reader waiting on round trips keeps low.
 pub fn neighbours_on_miss(rtt: Option<Duration>, bandwidth: Option<f64>, encoded_block_bytes: Option<f64>, block_size: u64) -> u64 {
     const USED_ODDS: f64 = 0.7;
     let Some(rtt) = rtt else { return 0 };
