@@ -60,6 +60,10 @@ pub struct MountArgs {
     /// Print where it is mounted, the daemon's pid and log as JSON
     #[arg(long)]
     pub json: bool,
+    /// The key of an encrypted capsule [default: the key of the id it names, from the key
+    /// directory]
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -200,6 +204,9 @@ pub struct RunArgs {
     /// QEMU binary
     #[arg(long, env = "CAPSULE_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// The key of an encrypted capsule [default: the key of the id it names]
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Passed to the hypervisor as they are
@@ -219,6 +226,10 @@ pub struct SuspendArgs {
     /// Save without shrinking the guest first (a baseline: the child then carries free RAM)
     #[arg(long)]
     pub no_balloon: bool,
+    /// The key of an encrypted capsule (its child is encrypted too) [default: the key of
+    /// the id it names]
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[arg(long)]

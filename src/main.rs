@@ -13,6 +13,7 @@ mod args;
 mod backend;
 mod chv;
 mod exit;
+mod keys;
 mod mount;
 mod offline;
 mod progress;
@@ -113,6 +114,10 @@ enum Command {
         /// Extra hint KEY=VALUE for the VM description; repeatable
         #[arg(long = "hint", value_name = "KEY=VALUE")]
         hints: Vec<String>,
+        /// Encrypt the capsule with this key (`capsule key create NAME`): the server stores
+        /// only ciphertext; equal blocks still dedup (see `key create --convergence-secret`)
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
         /// Print the import report as JSON
         #[arg(long)]
         json: bool,
@@ -152,6 +157,9 @@ enum Command {
         name: String,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The key of an encrypted capsule [default: the key of the id it names]
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
         #[arg(long, value_enum, default_value_t = ExportFormat::Raw)]
         format: ExportFormat,
         /// Print the files written as JSON
@@ -224,6 +232,9 @@ enum Command {
         mountpoint: PathBuf,
         /// Name of the new capsule
         name: String,
+        /// The key of an encrypted capsule [default: the key of the id it names]
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -254,6 +265,11 @@ enum Command {
     Man {
         /// A command (`capsule man run`); default: capsule itself
         command: Option<String>,
+    },
+    /// Keys for encrypted capsules (`import --key`)
+    Key {
+        #[command(subcommand)]
+        command: keys::KeyCommand,
     },
     /// Serve this store's capsules over QUIC
     Serve {
@@ -419,8 +435,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             man.render(&mut std::io::stdout()).context("writing the man page")?;
         }
-        Command::Commit { mountpoint, name, json } => {
-            let report = mount::commit(&open()?, &mountpoint, &name)?;
+        Command::Key { command } => keys::run(command)?,
+        Command::Commit { mountpoint, name, key, json } => {
+            let report = mount::commit(&open()?, &mountpoint, &name, key.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -450,9 +467,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ram,
             hypervisor,
             hints,
+            key,
             json,
         } => {
             let store = open()?;
+            let key = key.as_deref().map(keys::load).transpose()?;
             store.set_compression_level(compress_level);
             let mut spec = CapsuleSpec {
                 name: name.clone(),
@@ -471,6 +490,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cpus,
                 memory_mib: ram.map(|b| b >> 20),
                 hypervisor,
+                key,
                 ..Default::default()
             };
             for d in &disks {
@@ -578,11 +598,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Export { name, out, format, json } => {
+        Command::Export { name, out, key, format, json } => {
             let store = open_existing()?;
             let id = store.resolve(&name)?;
             let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
-            let files = export(&store, &id, &m, &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))?;
+            let key = keys::for_capsule(key.as_deref(), &m, &id)?;
+            let files = export(&store, &id, &m, key.as_ref(), &out, format).with_context(|| format!("exporting capsule {name} to {}", out.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&json!({"name": name, "id": id.to_hex(), "files": files}))?);
             } else {
@@ -689,7 +710,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `value` as pretty JSON, or the line `text` makes.
-fn print_json_or(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print_json_or(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {

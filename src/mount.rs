@@ -150,6 +150,7 @@ fn mount_config(args: &MountArgs, cache_dir: &Path, mountpoint: &Path, id: Hash,
         memory_cluster: args.memory_cluster,
         mountpoint: mountpoint.to_path_buf(),
         stall_timeout: Duration::from_secs(args.stall_timeout),
+        key: None,
     }
 }
 
@@ -174,6 +175,7 @@ fn serve_mount(
     }
     let recorder = args.record_profile.as_ref().map(|_| Arc::new(capsule_fs::mount::Recorder::default()));
     config.recorder = recorder.clone();
+    config.key = crate::keys::for_capsule(args.key.as_deref(), &cache.store().manifest(&id)?, &id)?;
     let store_cache = cache.clone();
     let online = source.is_some();
     let fs = CapsuleFs::new(cache, source, id, &config).with_context(|| format!("preparing capsule {id}"))?;
@@ -443,10 +445,19 @@ pub fn wait_gone(pid: u32, limit: Duration) {
     }
 }
 
-pub fn commit(target: &Store, mountpoint: &Path, name: &str) -> Result<capsule_fs::commit::CommitReport> {
+pub fn commit(target: &Store, mountpoint: &Path, name: &str, key: Option<&str>) -> Result<capsule_fs::commit::CommitReport> {
     let path = info_path(mountpoint);
     let bytes = std::fs::read(&path).with_context(|| format!("{} is not a capsule mount (no {})", mountpoint.display(), path.display()))?;
     let info: MountInfo = serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
     capsule_fs::commit::complete_metadata(mountpoint)?;
-    Ok(capsule_fs::commit::commit(&info, target, name, &capsule_fs::commit::CommitOptions::default())?)
+    let key = mount_key(&info, key)?;
+    Ok(capsule_fs::commit::commit(&info, target, name, &capsule_fs::commit::CommitOptions { key, ..Default::default() })?)
+}
+
+/// The key of the capsule a mount shows (`None` if it is not encrypted): `name` if given,
+/// else the key of the id its manifest names.
+pub fn mount_key(info: &MountInfo, name: Option<&str>) -> Result<Option<capsule_images::Key>> {
+    let cache = Store::open(&info.cache_store)?;
+    let manifest = cache.manifest(&info.capsule_id)?;
+    crate::keys::for_capsule(name, &manifest, &info.capsule_id)
 }

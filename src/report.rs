@@ -110,6 +110,7 @@ pub(crate) fn inspect_json(store: &Store, id: &Hash, m: &Manifest) -> Result<ser
         "id": id.to_hex(),
         "parent": m.parent.map(|p| p.to_hex()),
         "created_unix": m.created_unix,
+        "encrypted_with_key": m.sealing.as_ref().map(|s| s.key_id.to_string()),
         "manifest_bytes": store.object_size(id)?,
         "vm": {"cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints},
         "disks": disks,
@@ -131,6 +132,9 @@ pub(crate) fn print_inspect(v: &serde_json::Value) {
     println!("parent   {}", v["parent"].as_str().unwrap_or("-"));
     println!("created  {} (unix)", v["created_unix"]);
     println!("manifest {} bytes", v["manifest_bytes"]);
+    if let Some(k) = v["encrypted_with_key"].as_str() {
+        println!("key      {k} (encrypted)");
+    }
     let vm = &v["vm"];
     println!("vm       {} cpu(s), {} MiB RAM, hypervisor {}", vm["cpus"], vm["memory_mib"], vm["hypervisor"].as_str().unwrap_or("any"));
     let show = |label: &str, img: &serde_json::Value| {
@@ -176,7 +180,7 @@ pub(crate) fn report_verify(what: &str, r: &images::VerifyReport) {
 
 /// Writes every image of capsule `m` into `out` (disks raw or as qcow2 chains, the others
 /// raw, each under its slot's file name) and a `capsule.json`; returns the files written.
-pub fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
+pub fn export(store: &Store, id: &Hash, m: &Manifest, key: Option<&images::Key>, out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let progress = progress::Bar::new();
     let mut written = Vec::new();
@@ -187,7 +191,7 @@ pub fn export(store: &Store, id: &Hash, m: &Manifest, out: &Path, format: Export
             }
             _ => {
                 let path = out.join(slot.file_name());
-                images::export::export_raw(store, &image, &path, &progress).with_context(|| slot.to_string())?;
+                images::export::export_raw(store, &image, key, &path, &progress).with_context(|| slot.to_string())?;
                 written.push(path);
             }
         }

@@ -84,6 +84,9 @@ fn mount_for_run(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<R
     if let Some(p) = &args.profile {
         cmd.arg("--profile").arg(p);
     }
+    if let Some(k) = &args.key {
+        cmd.arg("--key").arg(k);
+    }
     for seed in &args.seeds {
         cmd.arg("--seed").arg(seed);
     }
@@ -182,6 +185,10 @@ fn planned_view(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<Vi
         let id = s.resolve(&args.source)?;
         (id, s.manifest(&id).with_context(|| format!("capsule {}", args.source))?)
     };
+    let mut manifest = manifest;
+    if let Some(key) = crate::keys::for_capsule(args.key.as_deref(), &manifest, &id)? {
+        manifest.open(&key)?;
+    }
     let writable = !args.read_only;
     let files = capsule_fs::layout::image_files(&manifest, writable).into_iter().map(|(name, _, image)| (name, image.size)).collect();
     Ok(View { dir: dir.mountpoint(), vm: capsule_fs::layout::vm_json(&id, &manifest), writable, ours: true, kernel_readahead: None, files, dry: true })
@@ -394,7 +401,8 @@ fn finish(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, m: &Moun
     let Some(name) = &args.commit else { return Ok(false) };
     let target = open_store(store.map(Path::to_path_buf))?;
     capsule_fs::commit::complete_metadata(&m.mount.dir)?;
-    let report = capsule_fs::commit::commit(&m.info, &target, name, &CommitOptions { state: MachineState::PoweredOff, hints: Default::default() })
+    let key = crate::mount::mount_key(&m.info, args.key.as_deref())?;
+    let report = capsule_fs::commit::commit(&m.info, &target, name, &CommitOptions { state: MachineState::PoweredOff, hints: Default::default(), key })
         .with_context(|| format!("committing the run as {name}"))?;
     println!("committed {id} as {name} ({}): {} changed blocks, {} stored", report.id, report.changed_blocks, human(report.stored_bytes));
     if let Some(url) = &args.push {
@@ -436,6 +444,8 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let target = open_store(store)?;
     let lock = dir.try_lock_suspend(&rec.id)?;
     let info: MountInfo = serde_json::from_slice(&std::fs::read(rec.mountpoint.join(".capsule/info.json")).context("reading the run's mount")?)?;
+    // Before the guest stops: an encrypted capsule's child needs its key.
+    let key = crate::mount::mount_key(&info, args.key.as_deref())?;
     let t0 = Instant::now();
 
     let mut vm = Control::connect(&rec.qmp).with_context(|| format!("run {}: QMP", rec.id))?;
@@ -470,7 +480,7 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     let mut hints = hints.to_map();
     hints.insert("suspended_unix".into(), capsule_fs::mount::now_unix().to_string());
     capsule_fs::commit::complete_metadata(&rec.mountpoint)?;
-    let report = capsule_fs::commit::commit(&info, &target, &args.name, &CommitOptions { state: MachineState::Suspended(devstate.clone()), hints })
+    let report = capsule_fs::commit::commit(&info, &target, &args.name, &CommitOptions { state: MachineState::Suspended(devstate.clone()), hints, key })
         .with_context(|| format!("committing the suspended run as {}", args.name))?;
     let devstate_bytes = std::fs::metadata(&devstate).map(|m| m.len()).unwrap_or(0);
     dir.write_suspended(&Suspended { name: args.name.clone(), id: report.id.to_hex() })?;

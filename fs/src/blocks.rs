@@ -33,6 +33,26 @@ impl CacheBlocks {
     }
 }
 
+impl CacheBlocks {
+    /// A block's plaintext from a seed by its plaintext hash (a sealed block's: its stored
+    /// name is its ciphertext's hash, which no seed indexes).
+    pub fn seed(&self, plain: &Hash) -> Option<Vec<u8>> {
+        let raw = self.seeds.get(plain)?;
+        self.seed_blocks.fetch_add(1, Ordering::Relaxed);
+        Some(raw)
+    }
+
+    /// True if a seed was indexed with this plaintext hash.
+    pub fn seed_has(&self, plain: &Hash) -> bool {
+        self.seeds.contains(plain)
+    }
+
+    /// True if no seed was given.
+    pub fn seeds_empty(&self) -> bool {
+        self.seeds.is_empty()
+    }
+}
+
 impl LocalBlocks for CacheBlocks {
     fn get(&self, hash: &Hash) -> Option<Vec<u8>> {
         if let Some(raw) = self.cache.get(hash) {
@@ -112,6 +132,12 @@ impl LazyPages {
     /// with the block it leads to (offered to `engine`, which verifies it): the first read
     /// of a region costs one round trip, not one per tree level plus one for the block.
     pub fn resolve(&self, chain: &[(Hash, Layer)], index: u64, engine: Option<&Engine>) -> capsule_images::Result<Option<Hash>> {
+        Ok(self.resolve_entry(chain, index, engine)?.and_then(|e| e.block()))
+    }
+
+    /// As [`LazyPages::resolve`], the whole entry (a sealed block's masked plaintext hash
+    /// too); `None` when no layer maps it.
+    pub fn resolve_entry(&self, chain: &[(Hash, Layer)], index: u64, engine: Option<&Engine>) -> capsule_images::Result<Option<Entry>> {
         for (id, layer) in chain {
             if let Some(source) = &self.source {
                 if let Some((sub_root, sub_index)) = self.first_missing(&layer.map, index)? {
@@ -120,10 +146,8 @@ impl LazyPages {
                     }
                 }
             }
-            match capsule_images::map::lookup(self, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
-                Some(Entry::Data(h)) => return Ok(Some(h)),
-                Some(Entry::Zero) => return Ok(None),
-                None => {}
+            if let Some(e) = capsule_images::map::lookup(self, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
+                return Ok(Some(e));
             }
         }
         Ok(None)
@@ -191,7 +215,7 @@ impl LazyPages {
                 _ => return,
             };
         }
-        if let (Some(engine), Some((hash, encoded)), Some(Entry::Data(want))) = (engine, reply.block, entry) {
+        if let (Some(engine), Some((hash, encoded)), Some(want)) = (engine, reply.block, entry.and_then(|e| e.block())) {
             if hash == want {
                 engine.offer(&hash, &encoded);
             }

@@ -41,6 +41,8 @@ pub struct CommitOptions {
     pub state: MachineState,
     /// Hints to set on the child's VM description (how the state was saved).
     pub hints: std::collections::BTreeMap<String, String>,
+    /// The key of an encrypted capsule: its child is sealed with it too.
+    pub key: Option<capsule_images::Key>,
 }
 
 /// Makes the mount at `mountpoint` complete its capsule's metadata in the cache (a
@@ -61,8 +63,23 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOpti
     if cache.root() != target.root() {
         copy_metadata(&cache, target, &base_id)?;
     }
-    let base = target.manifest(&base_id)?;
+    let mut base = target.manifest(&base_id)?;
     capsule_images::image::check_room_for_child(target, &base_id)?;
+    if let Some(s) = &base.sealing {
+        let capsule = format!("{} ({})", base.name, base_id.short());
+        let key = options.key.as_ref().ok_or_else(|| {
+            Error::from(capsule_images::Error::new(
+                capsule_images::ErrorKind::NoKey,
+                format!("capsule {capsule} is encrypted with key {}; its child is sealed with it, and no key was given", s.key_id),
+            ))
+        })?;
+        key.check_opens(s, &capsule)?;
+    }
+    // The child of a plain capsule stays plain, whatever key was given.
+    let key = base.sealing.as_ref().and(options.key.as_ref());
+    if let Some(k) = key {
+        base.open(k)?;
+    }
     let overlay_dir = info.overlay_dir.as_ref().ok_or_else(|| Error::new(crate::error::ErrorKind::ReadOnly, "the mount is read-only: nothing to commit"))?;
     let mut child = base.clone();
     child.name = name.to_string();
@@ -72,13 +89,16 @@ pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOpti
     // Thousands of 4 KiB RAM blocks: one syncfs before anything names them, not one
     // fsync each.
     let was_durable = target.set_durable(false);
-    let result = commit_overlays(target, overlay_dir, &base, &mut child, options, &mut report);
+    let result = commit_overlays(target, overlay_dir, &base, &mut child, options, key, &mut report);
     target.set_durable(was_durable);
     result?;
     target.sync_filesystem()?;
     child.vm.hints.extend(options.hints.clone());
     child.validate()?;
-    let (id, _) = target.put_object(ObjectKind::Manifest, &child)?;
+    if let Some(k) = key {
+        child.seal(k)?;
+    }
+    let (id, _) = target.put_manifest(&child)?;
     target.set_ref(name, &id)?;
     report.id = id;
     Ok(report)
@@ -90,33 +110,41 @@ fn commit_overlays(
     base: &capsule_images::Manifest,
     child: &mut capsule_images::Manifest,
     options: &CommitOptions,
+    key: Option<&capsule_images::Key>,
     report: &mut CommitReport,
 ) -> Result<()> {
+    let seal = key;
     let mut commit_image = |slot: &Slot, image: &mut Image| -> Result<u64> {
         let key = slot.key();
         if !crate::overlay::exists(overlay_dir, &key) {
             return Ok(0);
         }
         let overlay = Overlay::open_read(overlay_dir, &key, image.size, image.block_size()).map_err(|e| Error::io(overlay_dir.display(), e))?;
-        let reader = ImageReader::open(target, *image)?;
+        let reader = ImageReader::open(target, *image)?.with_key(seal.cloned());
         let mut entries = Vec::new();
         for (i, state) in overlay.changed() {
-            let new = if state == DATA {
-                let data = overlay.read_block(i).map_err(|e| Error::io(format!("overlay {key}"), e))?;
-                let put = target.put_block(&data)?;
-                report.stored_bytes += put.stored_bytes;
-                put.entry
+            let data = if state == DATA {
+                Some(overlay.read_block(i).map_err(|e| Error::io(format!("overlay {key}"), e))?).filter(|d| !capsule_images::block::is_zero(d))
             } else {
-                Entry::Zero
+                None
             };
-            let old = reader.resolve_in_chain(i)?;
-            let same = match new {
-                Entry::Zero => old.is_none(),
-                Entry::Data(h) => old == Some(h),
-            };
-            if !same {
-                entries.push((i, new));
+            // Compared by plaintext hash: a sealed parent's entries name ciphertexts.
+            let new_hash = data.as_deref().map(Hash::of);
+            if new_hash == reader.content_hash_in_chain(i)? {
+                continue;
             }
+            let new = match (data, new_hash) {
+                (Some(d), Some(h)) => {
+                    let put = match seal {
+                        Some(k) => target.put_sealed_block(k, &h, &d)?,
+                        None => target.put_hashed_block(&h, &d)?,
+                    };
+                    report.stored_bytes += put.stored_bytes;
+                    put.entry
+                }
+                _ => Entry::Zero,
+            };
+            entries.push((i, new));
         }
         if entries.is_empty() {
             return Ok(0);
@@ -159,6 +187,7 @@ fn commit_overlays(
                     only: None,
                     threads: 1,
                     progress: &capsule_images::NoProgress,
+                    key: seal,
                 };
                 let (image, stats) = capsule_images::import::import_file(target, path, &opts)?;
                 child.devstate = Some(image);

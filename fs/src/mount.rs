@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsule_images::{Hash, Image, Layer, Slot};
+use capsule_images::{Entry, Hash, Image, Layer, Slot};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
@@ -36,6 +36,7 @@ pub use crate::recorder::Recorder;
 pub use ahead::auto_cluster;
 
 mod ahead;
+mod sealed;
 mod status;
 
 const ROOT: u64 = 1;
@@ -108,6 +109,8 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     /// A read waiting on the source fails after this long without any block arriving.
     pub stall_timeout: Duration,
+    /// The key that opens an encrypted capsule (checked against the one it names).
+    pub key: Option<capsule_images::Key>,
 }
 
 /// The kernel readahead a mount gets unless told otherwise.
@@ -133,6 +136,8 @@ pub struct CapsuleFs {
     /// The working-set profile being prefetched, if any: readahead and RAM fault clusters
     /// then bring only blocks it lists (it already says what the guest will read).
     profile: Arc<std::sync::RwLock<Option<Arc<std::collections::HashSet<Hash>>>>>,
+    /// Opens the sealed blocks of an encrypted capsule.
+    key: Option<capsule_images::Key>,
 }
 
 /// While alive, the mount's readahead and RAM clusters follow a profile
@@ -162,7 +167,23 @@ impl CapsuleFs {
     /// Prepares capsule `id` (its metadata must be in the cache's store).
     pub fn new(cache: Arc<BlockCache>, source: Option<Arc<dyn BlockSource>>, id: Hash, config: &MountConfig) -> Result<Self> {
         let store = cache.store();
-        let manifest = store.manifest(&id)?;
+        let mut manifest = store.manifest(&id)?;
+        let key = match (&manifest.sealing, &config.key) {
+            (None, _) => None,
+            (Some(s), Some(k)) => {
+                k.check_opens(s, &format!("{} ({})", manifest.name, id.short()))?;
+                let k = k.clone();
+                // The VM description and boot command line are sealed with the blocks.
+                manifest.open(&k)?;
+                Some(k)
+            }
+            (Some(s), None) => {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("capsule {} ({}) is encrypted with key {}, and no key was given to the mount", manifest.name, id.short(), s.key_id),
+                ))
+            }
+        };
         let mut nodes = Vec::new();
         let mut files = Vec::new();
         for (name, slot, image) in image_files(&manifest, !config.read_only) {
@@ -224,6 +245,7 @@ impl CapsuleFs {
         Ok(Self {
             kernel_readahead: config.kernel_readahead,
             profile: Default::default(),
+            key,
             cache,
             engine,
             local,
@@ -296,11 +318,6 @@ impl CapsuleFs {
         serde_json::to_vec_pretty(&self.info).unwrap_or_default()
     }
 
-    /// Where block `i` of an image comes from: `None` for zero.
-    fn resolve(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Hash>> {
-        Ok(self.pages.resolve(chain, i, Some(&self.engine))?)
-    }
-
     /// The fetch engine (for prefetching through the same single flight).
     pub fn engine(&self) -> Arc<Engine> {
         self.engine.clone()
@@ -330,12 +347,19 @@ impl CapsuleFs {
                 _ => {}
             }
         }
-        match self.resolve(chain, i)? {
+        match self.resolve_entry(chain, i)? {
             None => Ok(vec![0; image.block_size() as usize]),
-            Some(h) => {
-                let b = self.block(&h)?;
+            Some(entry) => {
+                let h = entry.block().unwrap_or(Hash([0; 32]));
+                let b = match self.sealed_from_seed(&entry) {
+                    Some(plain) => plain,
+                    None => match entry {
+                        Entry::Sealed { .. } => self.open(&entry, &self.block(&h)?)?,
+                        _ => self.block(&h)?.as_ref().clone(),
+                    },
+                };
                 check_len(&h, &b, image.block_size())?;
-                Ok(b.as_ref().clone())
+                Ok(b)
             }
         }
     }
@@ -354,14 +378,16 @@ impl CapsuleFs {
         for i in first..=last {
             let src = match overlay.map(|o| o.state(i)) {
                 Some(DATA) | Some(ZERO) => None,
-                _ => self.resolve(chain, i)?,
+                _ => self.resolve_entry(chain, i)?,
             };
-            plan.push((i, src));
+            // A sealed block a seed holds does not travel.
+            let seeded = src.as_ref().and_then(|e| self.sealed_from_seed(e));
+            plan.push((i, src, seeded));
         }
-        let demand: Vec<Hash> = plan.iter().filter_map(|(_, h)| *h).collect();
         if let Some(r) = &self.recorder {
-            r.touch(&demand);
+            r.touch(&plan.iter().filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect::<Vec<_>>());
         }
+        let demand: Vec<Hash> = plan.iter().filter(|(_, _, s)| s.is_none()).filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect();
         let (extra, extra_urgency) = if self.engine.is_online() {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
@@ -398,17 +424,26 @@ impl CapsuleFs {
         let blocks = self.engine.get_with(&demand, Urgency::Demand, &extra, extra_urgency, tag)?;
         let mut blocks = blocks.into_iter();
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (i, src) in plan {
+        for (i, src, seeded) in plan {
             let block_start = i * bs;
             let from = (offset.max(block_start) - block_start) as usize;
             let to = (end.min(block_start + bs) - block_start) as usize;
-            match src {
-                Some(h) => {
+            match (src, seeded) {
+                (Some(entry), Some(plain)) => {
+                    check_len(&entry.block().unwrap_or(Hash([0; 32])), &plain, bs)?;
+                    out.extend_from_slice(&plain[from..to]);
+                }
+                (Some(entry), None) => {
+                    let h = entry.block().unwrap_or(Hash([0; 32]));
                     let b = blocks.next().ok_or_else(|| Error::new(ErrorKind::Missing, format!("block {h} of {} was not fetched", node.name)))?;
+                    let b = match entry {
+                        Entry::Sealed { .. } => std::borrow::Cow::Owned(self.open(&entry, &b).map_err(|e| e.context(format!("{}, block {i}", node.name)))?),
+                        _ => std::borrow::Cow::Borrowed(b.as_slice()),
+                    };
                     check_len(&h, &b, bs)?;
                     out.extend_from_slice(&b[from..to]);
                 }
-                None => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from..to]),
+                (None, _) => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from..to]),
             }
         }
         Ok(out)

@@ -152,6 +152,7 @@ pub fn targets() -> Vec<Target> {
         Target { name: "map-page", seeds: seeds_map_page, run: run_map_page },
         Target { name: "profile", seeds: seeds_profile, run: run_profile },
         Target { name: "block", seeds: seeds_block, run: run_block },
+        Target { name: "sealed-block", seeds: seeds_sealed_block, run: run_sealed_block },
         Target { name: "pins", seeds: seeds_pins, run: run_pins },
         Target { name: "overlay-state", seeds: seeds_overlay_state, run: run_overlay_state },
         Target { name: "token-file", seeds: seeds_token_file, run: run_token_file },
@@ -351,6 +352,7 @@ fn sample_manifests() -> Vec<Manifest> {
                 cmdline: "console=ttyS0".into(),
             }),
             vm,
+            sealing: None,
         },
         Manifest {
             name: "a".into(),
@@ -361,6 +363,7 @@ fn sample_manifests() -> Vec<Manifest> {
             devstate: None,
             boot: None,
             vm: capsule_images::VmDescription::default(),
+            sealing: Some(capsule_images::Key::from_secrets([9; 32], None).sealing()),
         },
     ]
 }
@@ -552,12 +555,22 @@ fn run_envelope(input: &[u8]) -> bool {
 }
 
 fn seeds_manifest() -> Vec<Vec<u8>> {
-    envelope_seeds(ObjectKind::Manifest, &sample_manifests())
+    // Encoded as the store does: a sealed manifest's header after the rest.
+    let mut out = Vec::new();
+    for mut m in sample_manifests() {
+        if m.sealing.is_some() {
+            let _ = m.seal(&capsule_images::Key::from_secrets([9; 32], None));
+        }
+        let Ok(encoded) = m.encode() else { continue };
+        let payload = envelope::open(ObjectKind::Manifest, &encoded).map(<[u8]>::to_vec).unwrap_or_default();
+        out.extend(seed_pair(encoded, payload));
+    }
+    out
 }
 
 fn run_manifest(input: &[u8]) -> bool {
     let bytes = envelope_input(ObjectKind::Manifest, input);
-    let Ok(m) = envelope::decode::<Manifest>(ObjectKind::Manifest, &bytes) else { return false };
+    let Ok(m) = Manifest::decode(&bytes) else { return false };
     if m.validate().is_err() {
         return false;
     }
@@ -673,6 +686,39 @@ fn run_block(input: &[u8]) -> bool {
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&body[..32]);
     match block::decode(&Hash(hash), &body[32..]) {
+        Ok(raw) => raw.len() <= block::MAX_STORED_SIZE,
+        Err(_) => false,
+    }
+}
+
+fn fuzz_key() -> capsule_images::Key {
+    capsule_images::Key::from_secrets([3; 32], Some([4; 32]))
+}
+
+fn seeds_sealed_block() -> Vec<Vec<u8>> {
+    let compressible: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+    let random: Vec<u8> = (0..4096u32).map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0]).collect();
+    let key = fuzz_key();
+    let mut out = Vec::new();
+    for data in [compressible, random, vec![1, 2, 3]] {
+        let Ok(s) = key.seal(&Hash::of(&data), &data, 3) else { continue };
+        let capsule_images::Entry::Sealed { name, masked_plain } = s.entry else { continue };
+        // Mode byte, the entry (name, masked plaintext hash), the ciphertext.
+        out.push([vec![0u8], name.0.to_vec(), masked_plain.0.to_vec(), s.ciphertext].concat());
+    }
+    out
+}
+
+/// A sealed block as a mount opens it: the map entry and ciphertext from elsewhere.
+fn run_sealed_block(input: &[u8]) -> bool {
+    let (_, body) = mode(input);
+    if body.len() < 64 {
+        return false;
+    }
+    let (mut name, mut masked) = ([0u8; 32], [0u8; 32]);
+    name.copy_from_slice(&body[..32]);
+    masked.copy_from_slice(&body[32..64]);
+    match fuzz_key().open(&Hash(name), &Hash(masked), &body[64..]) {
         Ok(raw) => raw.len() <= block::MAX_BLOCK_SIZE,
         Err(_) => false,
     }

@@ -23,6 +23,9 @@ const HEADER_LEN: usize = 12;
 pub const MAX_BLOCK_SIZE: usize = 1 << 20;
 /// Smallest block size a capsule may use.
 pub const MIN_BLOCK_SIZE: usize = 4 << 10;
+/// Largest content a stored block may hold: a plaintext block, or a sealed one's
+/// ciphertext (its header and tag over [`MAX_BLOCK_SIZE`]; see `seal`).
+pub const MAX_STORED_SIZE: usize = MAX_BLOCK_SIZE + crate::seal::SEAL_OVERHEAD;
 /// zstd level of blocks written by commits, suspends and imports unless told otherwise:
 /// fast enough not to slow a suspend.
 pub const DEFAULT_LEVEL: i32 = 3;
@@ -51,15 +54,16 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
     encode_with_level(raw, DEFAULT_LEVEL)
 }
 
-/// As [`encode`] at zstd `level` (clamped to 1..=[`MAX_LEVEL`]): a publisher preparing a
+/// As [`encode`] at zstd `level` (at most [`MAX_LEVEL`]; 0 stores it as it is): a publisher preparing a
 /// capsule for slow links trades import time for fewer bytes on every client's link
 /// (level 19 stores a Debian disk's 64 KiB blocks in about 13% fewer bytes than level 3,
 /// and decompresses as fast).
 pub fn encode_with_level(raw: &[u8], level: i32) -> Result<Vec<u8>> {
-    if raw.len() > MAX_BLOCK_SIZE {
-        return Err(Error::new(ErrorKind::TooLarge, format!("block of {} bytes exceeds {MAX_BLOCK_SIZE}", raw.len())));
+    if raw.len() > MAX_STORED_SIZE {
+        return Err(Error::new(ErrorKind::TooLarge, format!("block of {} bytes exceeds {MAX_STORED_SIZE}", raw.len())));
     }
-    let compressed = zstd::bulk::compress(raw, level.clamp(1, MAX_LEVEL)).ok().filter(|c| c.len() + 16 < raw.len());
+    // Level 0: stored as it is (ciphertext, which does not compress).
+    let compressed = (level > 0).then(|| zstd::bulk::compress(raw, level.min(MAX_LEVEL)).ok()).flatten().filter(|c| c.len() + 16 < raw.len());
     let (encoding, payload) = match &compressed {
         Some(c) => (Encoding::Zstd, c.as_slice()),
         None => (Encoding::Raw, raw),
@@ -87,8 +91,8 @@ pub fn decode(expected: &Hash, encoded: &[u8]) -> Result<Vec<u8>> {
         return Err(bad(format!("unsupported block version {}", encoded[4])));
     }
     let raw_len = u32::from_le_bytes([encoded[8], encoded[9], encoded[10], encoded[11]]) as usize;
-    if raw_len > MAX_BLOCK_SIZE {
-        return Err(Error::new(ErrorKind::TooLarge, format!("block {expected}: declares {raw_len} bytes, cap {MAX_BLOCK_SIZE}")));
+    if raw_len > MAX_STORED_SIZE {
+        return Err(Error::new(ErrorKind::TooLarge, format!("block {expected}: declares {raw_len} bytes, cap {MAX_STORED_SIZE}")));
     }
     let payload = &encoded[HEADER_LEN..];
     let raw = match encoded[5] {

@@ -49,7 +49,8 @@ impl ObjectKind {
             ObjectKind::Manifest => 1 << 20,
             ObjectKind::Layer => 4 << 10,
             // 1024 entries of at most 3 + 1 + 32 bytes each, with room to spare.
-            ObjectKind::MapPage => 64 << 10,
+            // A full leaf of sealed entries (1024 x 68 bytes).
+            ObjectKind::MapPage => 128 << 10,
             // 32 K block hashes: the first 2 GiB touched at 64 KiB blocks.
             ObjectKind::Profile => 1 << 20,
         }

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Conflict,
     /// An external tool (qemu-img) failed.
     External,
+    /// A sealed capsule or block, and not the key that opens it.
+    NoKey,
 }
 
 /// An error with its kind, what it concerns, and the underlying cause if any (its

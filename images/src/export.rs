@@ -5,16 +5,17 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, Result};
 use crate::image::ImageReader;
 use crate::import::Progress;
 use crate::manifest::Image;
 use crate::parallel::run_workers;
 use crate::store::Store;
 
-/// Writes `image` to `out` as a raw file, verifying every block; returns bytes of data written.
-pub fn export_raw(store: &Store, image: &Image, out: &Path, progress: &dyn Progress) -> Result<u64> {
-    let reader = ImageReader::open(store, *image)?;
+/// Writes `image` to `out` as a raw file, verifying every block (opening sealed ones with
+/// `key`); returns bytes of data written.
+pub fn export_raw(store: &Store, image: &Image, key: Option<&crate::seal::Key>, out: &Path, progress: &dyn Progress) -> Result<u64> {
+    let reader = ImageReader::open(store, *image)?.with_key(key.cloned());
     let file = File::create(out).map_err(|e| Error::io(out.display(), e))?;
     file.set_len(image.size).map_err(|e| Error::io(out.display(), e))?;
     let bs = image.block_size();
@@ -30,8 +31,8 @@ pub fn export_raw(store: &Store, image: &Image, out: &Path, progress: &dyn Progr
             }
             let offset = index * bs;
             let len = bs.min(image.size - offset);
-            if let Some(h) = reader.resolve(index)? {
-                let data = store.get_block(&h).with_context(|| format!("block {index}"))?;
+            if reader.resolve(index)?.is_some() {
+                let data = reader.read_block(index)?;
                 file.write_all_at(&data[..len as usize], offset).map_err(|e| Error::io(out.display(), e))?;
                 written.fetch_add(len, Ordering::Relaxed);
             }

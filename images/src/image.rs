@@ -4,16 +4,21 @@ use crate::error::{Error, Result, ResultExt};
 use crate::hash::Hash;
 use crate::manifest::{Image, Layer, MAX_CHAIN};
 use crate::map::{self, Entry};
+use crate::seal::Key;
 use crate::store::Store;
 
 /// What block `index` is through `chain` (top first): the topmost layer that maps it
 /// decides; `None` means zero. Ignores the image size.
 pub fn resolve_chain(pages: &dyn map::PageSource, chain: &[(Hash, Layer)], index: u64) -> Result<Option<Hash>> {
+    Ok(resolve_chain_entry(pages, chain, index)?.and_then(|e| e.block()))
+}
+
+/// As [`resolve_chain`], the whole entry (a sealed block's masked plaintext hash too);
+/// `None` when no layer maps it.
+pub fn resolve_chain_entry(pages: &dyn map::PageSource, chain: &[(Hash, Layer)], index: u64) -> Result<Option<Entry>> {
     for (id, layer) in chain {
-        match map::lookup(pages, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
-            Some(Entry::Data(h)) => return Ok(Some(h)),
-            Some(Entry::Zero) => return Ok(None),
-            None => {}
+        if let Some(e) = map::lookup(pages, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
+            return Ok(Some(e));
         }
     }
     Ok(None)
@@ -53,6 +58,27 @@ pub fn check_room_for_child(store: &Store, parent: &Hash) -> Result<()> {
     Ok(())
 }
 
+/// The content hash of what `entry` holds: the plaintext hash of a sealed block (needs its
+/// key), the name of a plain one; `None` for zero (or a sealed block without the key).
+pub fn content_hash(entry: Option<Entry>, key: Option<&Key>) -> Option<Hash> {
+    match entry? {
+        Entry::Zero => None,
+        Entry::Data(h) => Some(h),
+        Entry::Sealed { name, masked_plain } => key.map(|k| k.plain_hash(&name, &masked_plain)),
+    }
+}
+
+/// A block's plaintext from its stored content: a sealed one opened with `key`.
+pub fn open_block(entry: &Entry, key: Option<&Key>, stored: Vec<u8>) -> Result<Vec<u8>> {
+    match entry {
+        Entry::Sealed { name, masked_plain } => match key {
+            Some(k) => k.open(name, masked_plain, &stored),
+            None => Err(Error::new(crate::ErrorKind::NoKey, format!("block {name} is sealed and no key was given"))),
+        },
+        _ => Ok(stored),
+    }
+}
+
 /// An image opened for reading: its layer chain loaded, map pages fetched on demand.
 #[derive(Debug)]
 pub struct ImageReader<'s> {
@@ -60,6 +86,8 @@ pub struct ImageReader<'s> {
     image: Image,
     /// Top first.
     chain: Vec<(Hash, Layer)>,
+    /// Opens sealed blocks.
+    key: Option<Key>,
 }
 
 impl<'s> ImageReader<'s> {
@@ -79,7 +107,28 @@ impl<'s> ImageReader<'s> {
             next = layer.parent;
             chain.push((id, layer));
         }
-        Ok(Self { store, image, chain })
+        Ok(Self { store, image, chain, key: None })
+    }
+
+    /// Reads sealed blocks with `key`.
+    pub fn with_key(mut self, key: Option<Key>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// The entry of block `index` from the topmost layer mapping it, ignoring the image size.
+    pub fn entry_in_chain(&self, index: u64) -> Result<Option<Entry>> {
+        resolve_chain_entry(self.store, &self.chain, index)
+    }
+
+    /// The plaintext hash of block `index` (ignoring the image size), `None` for zero; a
+    /// sealed block's needs the key (an import over a sealed parent has it).
+    pub fn content_hash_in_chain(&self, index: u64) -> Result<Option<Hash>> {
+        let entry = self.entry_in_chain(index)?;
+        if matches!(entry, Some(Entry::Sealed { .. })) && self.key.is_none() {
+            return Err(Error::new(crate::ErrorKind::NoKey, format!("block {index} is sealed and no key was given")));
+        }
+        Ok(content_hash(entry, self.key.as_ref()))
     }
 
     /// The image this reads.
@@ -113,10 +162,12 @@ impl<'s> ImageReader<'s> {
 
     /// Block `index` as the guest sees it: `block_size` bytes (zero-padded past the end).
     pub fn read_block(&self, index: u64) -> Result<Vec<u8>> {
-        match self.resolve(index)? {
+        let entry = if index < self.image.block_count() { self.entry_in_chain(index)? } else { None };
+        match entry.and_then(|e| e.block().map(|h| (e, h))) {
             None => Ok(vec![0; self.image.block_size() as usize]),
-            Some(h) => {
-                let data = self.store.get_block(&h).with_context(|| format!("block {index}"))?;
+            Some((entry, h)) => {
+                let stored = self.store.get_block(&h).with_context(|| format!("block {index}"))?;
+                let data = open_block(&entry, self.key.as_ref(), stored).with_context(|| format!("block {index}"))?;
                 if data.len() as u64 != self.image.block_size() {
                     return Err(Error::corrupt(format!("block {index} ({h}) is {} bytes, image block size is {}", data.len(), self.image.block_size())));
                 }
@@ -196,7 +247,7 @@ mod tests {
                 let path = dir.path().join(format!("v{v}.raw"));
                 let bytes = write_version(&path, seeds, bs, tail_cut);
                 let parent = below.map(|b| ImageReader::open(&store, b).unwrap());
-                let opts = FileImport { block_size_log2: 12, parent: parent.as_ref(), only: None, threads: 2, progress: &NoProgress };
+                let opts = FileImport { block_size_log2: 12, parent: parent.as_ref(), only: None, threads: 2, progress: &NoProgress, key: None };
                 let (image, stats) = import_file(&store, &path, &opts).unwrap();
                 let changed = bytes.chunks(bs).enumerate().filter(|(i, chunk)| {
                     match &prev_bytes {

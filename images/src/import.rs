@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::envelope::ObjectKind;
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::Hash;
 use crate::image::ImageReader;
@@ -50,6 +49,8 @@ pub struct CapsuleSpec {
     pub disk_format: Option<DiskFormat>,
     /// Backing files a qcow2 disk may name (each file of its chain below the top).
     pub backing_files: Vec<PathBuf>,
+    /// Seal the capsule with this key (an encrypted capsule; see `seal`).
+    pub key: Option<crate::seal::Key>,
 }
 
 /// The format of a disk file, as the user names it (never probed).
@@ -88,7 +89,7 @@ pub fn is_qcow2(path: &Path) -> Result<bool> {
 /// Imports a capsule from its parts and points ref `spec.name` at it (last, atomically).
 pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress) -> Result<ImportReport> {
     check_name(&spec.name)?;
-    let parent = match &spec.parent {
+    let mut parent = match &spec.parent {
         Some(p) => {
             let id = store.resolve(p).with_context(|| "--parent")?;
             crate::image::check_room_for_child(store, &id).with_context(|| "--parent")?;
@@ -96,13 +97,31 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
         }
         None => None,
     };
+    if let Some((id, m)) = &parent {
+        match (&m.sealing, &spec.key) {
+            (None, None) => {}
+            (Some(s), Some(k)) => k.check_opens(s, &format!("{} ({id})", m.name)).with_context(|| "--parent")?,
+            (Some(s), None) => {
+                return Err(Error::new(
+                    crate::ErrorKind::NoKey,
+                    format!("--parent: capsule {} is encrypted with key {}; its child must be too (--key)", m.name, s.key_id),
+                ))
+            }
+            (None, Some(_)) => return Err(Error::invalid(format!("--parent: capsule {} is not encrypted; an encrypted capsule cannot sit on it", m.name))),
+        }
+    }
+    if let (Some((_, m)), Some(k)) = (parent.as_mut(), &spec.key) {
+        // The child inherits the parent's hidden fields (boot command line, VM hints).
+        m.open(k).with_context(|| "--parent")?;
+    }
     let parent_bs = parent.as_ref().and_then(|(_, m)| m.disks.first().map(|d| d.image.block_size_log2));
     let bs = spec.block_size_log2.or(parent_bs).unwrap_or(DEFAULT_BLOCK_SIZE_LOG2);
     check_block_size_log2(bs)?;
 
     let mut report = ImportReport { id: Hash([0; 32]), images: Vec::new(), shared_layers: 0, manifest_bytes: 0 };
     let mut import_one = |what: String, path: &Path, base: Option<Image>| -> Result<Image> {
-        let reader = base.map(|b| ImageReader::open(store, b)).transpose().with_context(|| format!("{what}: parent image"))?;
+        let reader =
+            base.map(|b| ImageReader::open(store, b).map(|r| r.with_key(spec.key.clone()))).transpose().with_context(|| format!("{what}: parent image"))?;
         let size = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?.len();
         // Only disks may be qcow2, and only when the user says so.
         let qcow2 = match (what.starts_with("disk "), spec.disk_format) {
@@ -123,6 +142,9 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
         };
         progress.begin(&what, size);
         let result = if qcow2 {
+            if spec.key.is_some() {
+                return Err(Error::invalid(format!("{what}: {} is qcow2; encrypted capsules take raw disks (qemu-img convert it first)", path.display())));
+            }
             if reader.is_some() {
                 return Err(Error::invalid(format!("{what}: {} is qcow2; --parent takes raw images (a qcow2 chain brings its own parents)", path.display())));
             }
@@ -138,7 +160,7 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
             }
             Ok((image, total))
         } else {
-            let opts = FileImport { block_size_log2: bs, parent: reader.as_ref(), only: None, threads: 0, progress };
+            let opts = FileImport { block_size_log2: bs, parent: reader.as_ref(), only: None, threads: 0, progress, key: spec.key.as_ref() };
             import_file(store, path, &opts)
         };
         progress.end();
@@ -208,9 +230,13 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
         vm.hints.insert(k.clone(), v.clone());
     }
     let created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let manifest = Manifest { name: spec.name.clone(), parent: parent.as_ref().map(|(id, _)| *id), created_unix, disks, memory, devstate, boot, vm };
+    let mut manifest =
+        Manifest { name: spec.name.clone(), parent: parent.as_ref().map(|(id, _)| *id), created_unix, disks, memory, devstate, boot, vm, sealing: None };
     manifest.validate()?;
-    let (id, _) = store.put_object(ObjectKind::Manifest, &manifest)?;
+    if let Some(k) = &spec.key {
+        manifest.seal(k)?;
+    }
+    let (id, _) = store.put_manifest(&manifest)?;
     report.manifest_bytes = store.object_size(&id)?;
     report.id = id;
     store.set_ref(&spec.name, &id)?;

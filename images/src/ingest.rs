@@ -92,6 +92,9 @@ pub struct FileImport<'a> {
     pub threads: usize,
     /// Progress reporting.
     pub progress: &'a dyn Progress,
+    /// Seal the blocks with this key (an encrypted capsule; the parent, if any, is sealed
+    /// with it too and opened by it).
+    pub key: Option<&'a crate::seal::Key>,
 }
 
 impl std::fmt::Debug for FileImport<'_> {
@@ -198,7 +201,7 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
                     stats.zero_blocks += 1;
                 }
                 let below = match opts.parent {
-                    Some(p) => p.resolve_in_chain(index)?,
+                    Some(p) => p.content_hash_in_chain(index)?,
                     None => None,
                 };
                 if content == below {
@@ -210,14 +213,18 @@ pub fn import_file(store: &Store, path: &Path, opts: &FileImport<'_>) -> Result<
                     match content {
                         None => entries.push((index, Entry::Zero)),
                         Some(h) => {
-                            let put = store.put_hashed_block(&h, &buf).with_context(|| format!("{}: block {index}", path.display()))?;
+                            let put = match opts.key {
+                                Some(k) => store.put_sealed_block(k, &h, &buf),
+                                None => store.put_hashed_block(&h, &buf),
+                            }
+                            .with_context(|| format!("{}: block {index}", path.display()))?;
                             if put.new {
                                 stats.new_blocks += 1;
                                 stats.stored_bytes += put.stored_bytes;
                             } else {
                                 stats.deduplicated_blocks += 1;
                             }
-                            entries.push((index, Entry::Data(h)));
+                            entries.push((index, put.entry));
                         }
                     }
                 }

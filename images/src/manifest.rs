@@ -22,9 +22,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::block::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use crate::envelope::{self, ObjectKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hash::Hash;
 use crate::map::MapRoot;
+use crate::seal::{Key, Sealing};
 
 /// Longest layer chain accepted when resolving (guards against cycles and abuse).
 pub const MAX_CHAIN: usize = 256;
@@ -150,6 +152,92 @@ pub struct Manifest {
     pub boot: Option<BootFiles>,
     /// The VM description.
     pub vm: VmDescription,
+    /// How its blocks are sealed (an encrypted capsule, see `seal`), in the clear: which
+    /// key opens it. Encoded after the rest, and only when set, so a plain capsule's
+    /// manifest has the bytes (and id) it had before sealing existed.
+    #[serde(skip)]
+    pub sealing: Option<Sealing>,
+}
+
+/// The fields an encrypted capsule's manifest hides from the server: the boot command line
+/// and the VM hints (a run's kernel command line among them).
+#[derive(Debug, Serialize, Deserialize)]
+struct HiddenFields {
+    cmdline: Option<String>,
+    hints: BTreeMap<String, String>,
+    hypervisor: Option<String>,
+}
+
+impl Manifest {
+    /// The manifest's envelope. A sealed manifest must be sealed ([`Manifest::seal`])
+    /// first: its hidden fields are never written in the clear.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        match &self.sealing {
+            None => envelope::encode(ObjectKind::Manifest, self),
+            Some(s) => {
+                if self.boot.as_ref().is_some_and(|b| !b.cmdline.is_empty()) || !self.vm.hints.is_empty() || self.vm.hypervisor.is_some() {
+                    return Err(Error::invalid(format!("manifest of {}: encrypted, and its hidden fields are not sealed", self.name)));
+                }
+                envelope::encode(ObjectKind::Manifest, &(self, s))
+            }
+        }
+    }
+
+    /// Seals the manifest with `key`: its hidden fields (boot command line, VM hints and
+    /// hypervisor) move into its sealing header, encrypted.
+    pub fn seal(&mut self, key: &Key) -> Result<()> {
+        let hidden = HiddenFields {
+            cmdline: self.boot.as_mut().map(|b| std::mem::take(&mut b.cmdline)),
+            hints: std::mem::take(&mut self.vm.hints),
+            hypervisor: self.vm.hypervisor.take(),
+        };
+        let plain = postcard::to_stdvec(&hidden).map_err(|e| Error::invalid(format!("cannot encode manifest fields: {e}")))?;
+        self.sealing = Some(Sealing { secrets: key.seal_secrets(&plain)?, ..key.sealing() });
+        Ok(())
+    }
+
+    /// Opens a sealed manifest's hidden fields with `key` (which must be its key); a plain
+    /// manifest is left as it is.
+    pub fn open(&mut self, key: &Key) -> Result<()> {
+        let Some(s) = &self.sealing else { return Ok(()) };
+        let capsule = self.name.clone();
+        key.check_opens(s, &capsule)?;
+        if s.secrets.is_empty() {
+            return Ok(());
+        }
+        let plain = key.open_secrets(&s.secrets, &capsule)?;
+        let hidden: HiddenFields = postcard::from_bytes(&plain).map_err(|e| Error::corrupt(format!("capsule {capsule}: sealed manifest fields: {e}")))?;
+        if let (Some(b), Some(c)) = (self.boot.as_mut(), hidden.cmdline) {
+            b.cmdline = c;
+        }
+        self.vm.hints = hidden.hints;
+        self.vm.hypervisor = hidden.hypervisor;
+        Ok(())
+    }
+
+    /// A manifest from its envelope (sealing header included), not yet validated.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let payload = envelope::open(ObjectKind::Manifest, bytes)?;
+        let undecodable = |e: postcard::Error| Error::corrupt(format!("manifest: undecodable payload: {e}"));
+        let (mut m, rest): (Manifest, _) = postcard::take_from_bytes(payload).map_err(undecodable)?;
+        if !rest.is_empty() {
+            let (sealing, rest): (Sealing, _) = postcard::take_from_bytes(rest).map_err(undecodable)?;
+            if !rest.is_empty() {
+                return Err(Error::corrupt(format!("manifest: {} trailing bytes after payload", rest.len())));
+            }
+            m.sealing = Some(sealing);
+        }
+        Ok(m)
+    }
+
+    /// As [`Manifest::decode`], after checking the bytes hash to `id`.
+    pub fn decode_verified(id: &Hash, bytes: &[u8]) -> Result<Self> {
+        let actual = Hash::of(bytes);
+        if actual != *id {
+            return Err(Error::corrupt(format!("manifest {id}: content hashes to {actual}")));
+        }
+        Self::decode(bytes).map_err(|e| e.context(format!("manifest {id}")))
+    }
 }
 
 /// VM hint holding a Cloud Hypervisor `config.json` whose paths into the capsule start
@@ -229,7 +317,6 @@ pub fn check_disk_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{self, ObjectKind};
 
     fn sample() -> Manifest {
         let image = Image { size: 1 << 30, block_size_log2: 16, top: Some(Hash([3; 32])) };
@@ -242,6 +329,45 @@ mod tests {
             devstate: None,
             boot: Some(BootFiles { kernel: image, initrd: None, cmdline: "console=ttyS0".into() }),
             vm: VmDescription::default(),
+            sealing: None,
+        }
+    }
+
+    #[test]
+    fn sealing_round_trips_and_leaves_plain_manifests_as_they_were() {
+        let plain = sample();
+        let bytes = plain.encode().unwrap();
+        assert_eq!(bytes, envelope::encode(ObjectKind::Manifest, &plain).unwrap());
+        assert_eq!(Manifest::decode(&bytes).unwrap(), plain);
+        let key = Key::from_secrets([1; 32], None);
+        let mut sealed = plain.clone();
+        sealed.vm.hints.insert("qemu.append".into(), "gtoken=SECRETMARKER".into());
+        let opened = sealed.clone();
+        assert!(Manifest { sealing: Some(key.sealing()), ..sealed.clone() }.encode().is_err(), "hidden fields written in the clear");
+        sealed.seal(&key).unwrap();
+        let bytes = sealed.encode().unwrap();
+        assert!(!bytes.windows(12).any(|w| w == b"SECRETMARKER") && !bytes.windows(13).any(|w| w == b"console=ttyS0"));
+        let mut back = Manifest::decode(&bytes).unwrap();
+        assert_eq!(back, sealed);
+        assert_eq!(back.open(&Key::from_secrets([2; 32], None)).unwrap_err().kind(), ErrorKind::NoKey);
+        back.open(&key).unwrap();
+        assert_eq!(Manifest { sealing: None, ..back }, opened);
+        let mut longer = envelope::open(ObjectKind::Manifest, &bytes).unwrap().to_vec();
+        longer.push(0);
+        let bytes = envelope::encode(ObjectKind::Manifest, &RawBytes(longer)).unwrap();
+        assert!(Manifest::decode(&bytes).is_err());
+    }
+
+    /// Serializes as its bytes, with no length prefix (postcard tuples of u8).
+    struct RawBytes(Vec<u8>);
+    impl Serialize for RawBytes {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            use serde::ser::SerializeTuple;
+            let mut t = s.serialize_tuple(self.0.len())?;
+            for b in &self.0 {
+                t.serialize_element(b)?;
+            }
+            t.end()
         }
     }
 

@@ -34,6 +34,24 @@ pub enum Entry {
     Zero,
     /// The block has this content hash.
     Data(Hash),
+    /// The block is sealed (see `seal`): stored under `name`, the hash of its ciphertext;
+    /// `masked_plain` is its plaintext hash masked with a pad only its owner's key makes.
+    Sealed {
+        /// The stored block's name.
+        name: Hash,
+        /// The plaintext hash, masked.
+        masked_plain: Hash,
+    },
+}
+
+impl Entry {
+    /// The stored block it names, `None` for zero.
+    pub fn block(&self) -> Option<Hash> {
+        match self {
+            Entry::Zero => None,
+            Entry::Data(h) | Entry::Sealed { name: h, .. } => Some(*h),
+        }
+    }
 }
 
 /// One page of a block map tree.
@@ -365,6 +383,9 @@ pub(crate) mod tests {
     #[test]
     fn largest_leaf_fits_the_page_cap() {
         let slots = (0..FANOUT).map(|i| (i as u16, Entry::Data(Hash([0xff; 32])))).collect();
+        assert!(envelope::encode(ObjectKind::MapPage, &MapPage::Leaf(slots)).is_ok());
+        let sealed = Entry::Sealed { name: Hash([0xff; 32]), masked_plain: Hash([0xff; 32]) };
+        let slots = (0..FANOUT).map(|i| (i as u16, sealed)).collect();
         assert!(envelope::encode(ObjectKind::MapPage, &MapPage::Leaf(slots)).is_ok());
         let slots = (0..FANOUT).map(|i| (i as u16, Hash([0xff; 32]))).collect();
         assert!(envelope::encode(ObjectKind::MapPage, &MapPage::Node(slots)).is_ok());

@@ -74,7 +74,7 @@ pub fn import_chain(store: &Store, path: &Path, block_size_log2: u8, progress: &
             materialized.0.clone()
         };
         let reader = image.map(|i| ImageReader::open(store, i)).transpose()?;
-        let opts = FileImport { block_size_log2, parent: reader.as_ref(), only: only.as_deref(), threads: 0, progress };
+        let opts = FileImport { block_size_log2, parent: reader.as_ref(), only: only.as_deref(), threads: 0, progress, key: None };
         let had_before = image.and_then(|i| i.top);
         let (mut new_image, stats) = import_file(store, &source, &opts).with_context(|| what.clone())?;
         new_image.size = size;
@@ -154,6 +154,10 @@ pub fn export_chain(store: &Store, image: &Image, dir: &Path, stem: &str) -> Res
                     zeros.push((offset, len));
                     Ok(())
                 }
+                Entry::Sealed { name, .. } => Err(Error::new(
+                    crate::ErrorKind::NoKey,
+                    format!("layer {layer_id}, block {index}: sealed block {name}; export an encrypted capsule as raw"),
+                )),
             }
         })?;
         drop(f);

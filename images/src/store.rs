@@ -262,6 +262,34 @@ impl Store {
         Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
     }
 
+    /// zstd level of the blocks this handle stores.
+    pub fn compression_level(&self) -> i32 {
+        self.level.load(Ordering::Relaxed)
+    }
+
+    /// Stores a non-zero block sealed by `key` (see [`crate::seal`]): its ciphertext under
+    /// the ciphertext's hash, uncompressed (the plaintext was compressed before sealing).
+    pub fn put_sealed_block(&self, key: &crate::seal::Key, plain: &Hash, raw: &[u8]) -> Result<PutBlock> {
+        let sealed = key.seal(plain, raw, self.level.load(Ordering::Relaxed))?;
+        let h = sealed.name;
+        let path = self.block_path(&h);
+        if path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(&h, &path)) {
+            return Ok(PutBlock { entry: sealed.entry, stored_bytes: 0, new: false });
+        }
+        let encoded = block::encode_with_level(&sealed.ciphertext, 0)?;
+        let new = self.write_block_file(&h, &path, &encoded).with_context(|| format!("storing sealed block {h}"))?;
+        Ok(PutBlock { entry: sealed.entry, stored_bytes: if new { encoded.len() as u64 } else { 0 }, new })
+    }
+
+    /// Stores a block, sealed if `key` is given; zero blocks are mapped, not stored.
+    pub fn put_block_with(&self, key: Option<&crate::seal::Key>, raw: &[u8]) -> Result<PutBlock> {
+        match key {
+            _ if block::is_zero(raw) => Ok(PutBlock { entry: Entry::Zero, stored_bytes: 0, new: false }),
+            Some(k) => self.put_sealed_block(k, &Hash::of(raw), raw),
+            None => self.put_hashed_block(&Hash::of(raw), raw),
+        }
+    }
+
     /// Stores a block received in its encoded form after verifying it against `h`.
     pub fn put_encoded_block(&self, h: &Hash, encoded: &[u8]) -> Result<bool> {
         block::decode(h, encoded)?;
@@ -293,6 +321,14 @@ impl Store {
     pub fn block_stored_size(&self, h: &Hash) -> Result<u64> {
         let path = self.block_path(h);
         fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display(), e))
+    }
+
+    /// Stores a manifest (with its sealing header); returns its id and whether it was new.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<(Hash, bool)> {
+        let bytes = manifest.encode()?;
+        let id = Hash::of(&bytes);
+        let new = self.write_atomic(&self.object_path(&id), &bytes).with_context(|| format!("storing manifest {id}"))?;
+        Ok((id, new))
     }
 
     /// Encodes and stores an object; returns its id and whether it was new.
@@ -335,7 +371,7 @@ impl Store {
     /// The manifest of capsule `id`, verified against the id.
     pub fn manifest(&self, id: &Hash) -> Result<Manifest> {
         let bytes = self.read_object(id).with_context(|| format!("capsule {id}"))?;
-        let m: Manifest = envelope::decode_verified(ObjectKind::Manifest, id, &bytes)?;
+        let m = Manifest::decode_verified(id, &bytes)?;
         m.validate().with_context(|| format!("manifest {id}"))?;
         Ok(m)
     }
@@ -659,7 +695,7 @@ pub fn walk_capsule(
         }
         on_object(&cid)?;
         let bytes = src.object_bytes(&cid).with_context(|| format!("capsule {cid}"))?;
-        let m: Manifest = envelope::decode_verified(ObjectKind::Manifest, &cid, &bytes)?;
+        let m = Manifest::decode_verified(&cid, &bytes)?;
         m.validate().with_context(|| format!("manifest {cid}"))?;
         for (what, image) in m.images() {
             let mut layer_id = image.top;
@@ -672,9 +708,9 @@ pub fn walk_capsule(
                 let layer: Layer = envelope::decode_verified(ObjectKind::Layer, &lid, &bytes)?;
                 crate::manifest::check_block_size_log2(layer.block_size_log2).with_context(|| format!("layer {lid}"))?;
                 let label = format!("capsule {} ({}): {what}", m.name, cid.short());
-                map::walk(src, &layer.map, image.block_count(), on_object, &mut |index, entry| match entry {
-                    Entry::Data(h) => on_block(&label, index, &h),
-                    Entry::Zero => Ok(()),
+                map::walk(src, &layer.map, image.block_count(), on_object, &mut |index, entry| match entry.block() {
+                    Some(h) => on_block(&label, index, &h),
+                    None => Ok(()),
                 })
                 .with_context(|| format!("{label}: layer {lid}"))?;
                 layer_id = layer.parent;

@@ -79,7 +79,7 @@ impl From<capsule_images::Error> for Error {
             K::Corrupt => ErrorKind::Corrupt,
             K::NotFound => ErrorKind::NotFound,
             K::Conflict => ErrorKind::Conflict,
-            K::InvalidInput | K::TooLarge => ErrorKind::InvalidInput,
+            K::InvalidInput | K::TooLarge | K::NoKey => ErrorKind::InvalidInput,
             K::Io | K::External => ErrorKind::Io,
         };
         Self::new(kind, e.report())

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use capsule_images::envelope::ObjectKind;
-use capsule_images::map::{Entry, MapPage, MapRoot, PageSource};
+use capsule_images::map::{MapPage, MapRoot, PageSource};
 use capsule_images::Hash;
 
 use crate::auth::Policy;
@@ -280,10 +280,8 @@ fn walk_path(backend: &dyn Backend, root: &MapRoot, index: u64) -> Result<(Pages
     }
     let pages = Recording { backend, visited: Mutex::new(Vec::new()) };
     let entry = capsule_images::map::lookup(&pages, root, index).map_err(|e| Error::new(ErrorKind::NotFound, format!("map path to block {index}: {e}")))?;
-    let block = match entry {
-        Some(Entry::Data(h)) => Some(h),
-        _ => None,
-    };
+    // A sealed block's name is its ciphertext's hash: sent the same way.
+    let block = entry.and_then(|e| e.block());
     Ok((pages.visited.into_inner().unwrap_or_else(|p| p.into_inner()), block))
 }
 

@@ -81,7 +81,7 @@ fn store_with_blocks(root: &std::path::Path, n: u8) -> (Store, Vec<Hash>) {
     let hashes = (1..=n)
         .map(|i| match store.put_block(&vec![i; 65536]).unwrap().entry {
             capsule_images::Entry::Data(h) => h,
-            capsule_images::Entry::Zero => unreachable!(),
+            capsule_images::Entry::Zero | capsule_images::Entry::Sealed { .. } => unreachable!(),
         })
         .collect();
     (store, hashes)

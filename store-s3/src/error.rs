@@ -68,7 +68,7 @@ impl Error {
     pub(crate) fn images(e: capsule_images::Error) -> Self {
         let kind = match e.kind() {
             capsule_images::ErrorKind::NotFound => ErrorKind::NotFound,
-            capsule_images::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+            capsule_images::ErrorKind::InvalidInput | capsule_images::ErrorKind::NoKey => ErrorKind::InvalidInput,
             capsule_images::ErrorKind::Conflict => ErrorKind::Conflict,
             capsule_images::ErrorKind::Io | capsule_images::ErrorKind::External => ErrorKind::Unavailable,
             capsule_images::ErrorKind::Corrupt | capsule_images::ErrorKind::TooLarge => ErrorKind::Corrupt,

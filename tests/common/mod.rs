@@ -412,11 +412,18 @@ pub struct Run {
 impl Run {
     /// `capsule --store STORE run SOURCE --cache CACHE --id ID --accel tcg --serial-log .. [extra]`.
     pub fn start(store: &Path, config: &Path, runs: &Path, source: &str, cache: &Path, id: &str, extra: &[&str]) -> Self {
+        Self::start_env(store, config, runs, source, cache, id, extra, &[])
+    }
+
+    /// Like `start`, with extra environment variables (a key directory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_env(store: &Path, config: &Path, runs: &Path, source: &str, cache: &Path, id: &str, extra: &[&str], env: &[(&str, &Path)]) -> Self {
         std::fs::create_dir_all(runs).unwrap();
         let log = runs.join(format!("{id}.console"));
         let out = runs.join(format!("{id}.out"));
         let outf = std::fs::File::create(&out).unwrap();
         let child = client(store, config)
+            .envs(env.iter().copied())
             .env("CAPSULE_RUN_DIR", runs)
             .args(["run", source, "--accel", "tcg", "--quiet", "--id", id, "--cache"])
             .arg(cache)

@@ -19,9 +19,9 @@ impl CapsuleFs {
             if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(h) = self.resolve(chain, j)? {
-                if !self.engine.is_local(&h) {
-                    out.push(h);
+            if let Some(e) = self.resolve_entry(chain, j)? {
+                if !self.is_here(&e) {
+                    out.extend(e.block());
                 }
             }
         }
@@ -37,8 +37,9 @@ impl CapsuleFs {
             if j == i || overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(h) = self.resolve(chain, j)? {
-                if !self.engine.is_local(&h) && !out.contains(&h) {
+            if let Some(e) = self.resolve_entry(chain, j)? {
+                let h = e.block().unwrap_or(Hash([0; 32]));
+                if !self.is_here(&e) && !out.contains(&h) {
                     out.push(h);
                 }
             }
@@ -53,8 +54,9 @@ impl CapsuleFs {
             if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(h) = self.resolve(chain, j)? {
-                if !self.engine.is_local(&h) && !out.contains(&h) {
+            if let Some(e) = self.resolve_entry(chain, j)? {
+                let h = e.block().unwrap_or(Hash([0; 32]));
+                if !self.is_here(&e) && !out.contains(&h) {
                     out.push(h);
                 }
             }
@@ -93,9 +95,9 @@ impl CapsuleFs {
             if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(h) = self.resolve(chain, i)? {
-                if !self.engine.is_local(&h) {
-                    ahead.push(h);
+            if let Some(e) = self.resolve_entry(chain, i)? {
+                if !self.is_here(&e) {
+                    ahead.extend(e.block());
                 }
             }
         }
