@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest guest-debian test crash fuzz bench-load soak demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link bench-backup clean
+.PHONY: all setup build guest guest-debian test crash fuzz bench-load soak demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link bench-backup bench-crypt clean
 
 all: build
 
@@ -73,6 +73,12 @@ bench-resume-link: setup guest
 bench-load: setup guest
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/bench-load.sh | tee target/bench-load.md'
+	python3 scripts/gen-benchmarks.py
+
+# Encrypted against plain capsules: import, cold and warm reads through the mount (minutes).
+bench-crypt: setup guest
+	$(CARGO) build --release
+	bash -o pipefail -c 'bash scripts/bench-crypt.sh | tee target/bench-crypt.md'
 	python3 scripts/gen-benchmarks.py
 
 # 30 minutes (SOAK_MINUTES) of boots and reads through a mount while a driver restarts the

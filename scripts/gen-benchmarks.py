@@ -518,6 +518,24 @@ def gen_backup_retention(rows):
     return [note, ""] + table(["tool", "MB before", "MB after", "MB freed", "% freed", "s", "remaining intact"], body)
 
 
+def gen_crypt(rows):
+    t = by(rows, "variant")
+    if not all(k in t for k in ("plain", "encrypted")):
+        return None
+    plain, enc = t["plain"]["measurements"], t["encrypted"]["measurements"]
+    cols = [("import_mb_per_s", "import MB/s"), ("cold_read_mb_per_s", "cold read MB/s"), ("warm_read_mb_per_s", "warm read MB/s")]
+    body = []
+    for name, m in (("plain", plain), ("encrypted (`--key`)", enc)):
+        body.append([name] + [fx(m[k], 1) for k, _ in cols] + [mib(m["stored_bytes"])])
+    body.append(["encrypted / plain"] + [ratio(enc[k], plain[k]) for k, _ in cols] + [ratio(enc["stored_bytes"], plain["stored_bytes"])])
+    p = t["plain"]["params"]
+    note = (f"The test guest disk ({mib(plain['disk_bytes'])} MiB), best of {p['reps']} alternating rounds. Import into an "
+            f"empty store; reads: one sequential pass of {p['read_bytes'] // MIB} MiB reads through a mount of the capsule "
+            "served on loopback QUIC, cold (empty cache, page cache dropped) and warm (page cache dropped, blocks in "
+            "the capsule cache).")
+    return [note, ""] + table(["capsule"] + [c for _, c in cols] + ["stored MiB"], body)
+
+
 # name: (bench, row filter (a section name or a predicate), generator, make target)
 TABLES = {
     "format": ("format", None, gen_format, "make bench"),
@@ -533,6 +551,7 @@ TABLES = {
     "sparse-link": ("bench-bulk-link", lambda r: r["params"]["variant"] == "sparse", gen_sparse_link,
                     "make bench-bulk-link VARIANTS=sparse"),
     "load": ("load", None, gen_load, "make bench-load"),
+    "crypt": ("crypt", None, gen_crypt, "make bench-crypt"),
     "soak": ("soak", None, gen_soak, "make soak"),
     "backup-days": ("backup", "day", gen_backup_days, "make bench-backup"),
     "backup-restore": ("backup", "restore", gen_backup_restore, "make bench-backup"),

@@ -262,7 +262,7 @@ fn an_encrypted_guest_suspends_with_a_marker_in_ram_and_resumes_over_quic_with_n
         &["--append", &format!("gmode=loop gtoken={marker}"), "--token", &token],
         &env,
     );
-    a.wait_console("COUNTER 2", 150);
+    a.wait_console("COUNTER 2", 300);
     let suspend = client(&host_a, &cfg)
         .env("CAPSULE_RUN_DIR", &runs)
         .env("CAPSULE_KEY_DIR", &keys)
@@ -270,7 +270,7 @@ fn an_encrypted_guest_suspends_with_a_marker_in_ram_and_resumes_over_quic_with_n
         .output()
         .unwrap();
     assert!(suspend.status.success(), "{}", String::from_utf8_lossy(&suspend.stderr));
-    let (success, output) = a.wait(60);
+    let (success, output) = a.wait(120);
     assert!(success, "{output}");
     let last = *counters(&a.console()).last().unwrap();
     assert!(files_containing(&server_store, marker.as_bytes()).is_empty(), "the server's store holds the guest's RAM marker");
@@ -293,7 +293,7 @@ fn an_encrypted_guest_suspends_with_a_marker_in_ram_and_resumes_over_quic_with_n
         &["--token", &token],
         &env,
     );
-    b.wait_console(&format!("COUNTER {}", last + 2), 120);
+    b.wait_console(&format!("COUNTER {}", last + 2), 300);
     let after = counters(&b.console());
     assert!(after[0] > last && after[0] <= last + 2, "host A stopped at {last}, host B went on from {}", after[0]);
     assert!(!b.console().contains("CAPSULE-GUEST-VERSION"), "host B booted instead of resuming");
