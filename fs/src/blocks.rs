@@ -139,14 +139,20 @@ impl LazyPages {
     /// too); `None` when no layer maps it.
     pub fn resolve_entry(&self, chain: &[(Hash, Layer)], index: u64, engine: Option<&Engine>) -> capsule_images::Result<Option<Entry>> {
         for (id, layer) in chain {
-            if let Some(source) = &self.source {
-                if let Some((sub_root, sub_index)) = self.first_missing(&layer.map, index)? {
-                    if let Some(Ok(reply)) = source.fetch_path(&sub_root, sub_index, engine.is_some()) {
-                        self.keep_path(&sub_root, sub_index, reply, engine);
+            // The store's pages first (one walk on the read path); a missing page sends
+            // for the rest of the path, then the walk goes again, page by page if need be.
+            let entry = match capsule_images::map::lookup(self.store(), &layer.map, index) {
+                Err(e) if e.kind() == capsule_images::ErrorKind::NotFound && self.source.is_some() => {
+                    if let (Some(source), Some((sub_root, sub_index))) = (&self.source, self.first_missing(&layer.map, index)?) {
+                        if let Some(Ok(reply)) = source.fetch_path(&sub_root, sub_index, engine.is_some()) {
+                            self.keep_path(&sub_root, sub_index, reply, engine);
+                        }
                     }
+                    capsule_images::map::lookup(self, &layer.map, index)
                 }
-            }
-            if let Some(e) = capsule_images::map::lookup(self, &layer.map, index).with_context(|| format!("layer {id}, block {index}"))? {
+                r => r,
+            };
+            if let Some(e) = entry.with_context(|| format!("layer {id}, block {index}"))? {
                 return Ok(Some(e));
             }
         }
