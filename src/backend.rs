@@ -30,16 +30,22 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The backend and a description of it for the server's banner.
     pub fn open(&self, store: Store) -> Result<(Arc<dyn Backend>, String)> {
-        let Some(url) = &self.backend else {
+        if self.backend.is_none() {
             let what = store.root().display().to_string();
             return Ok((Arc::new(store), what));
-        };
+        }
+        let backend = self.open_s3()?;
+        let what = backend.description().to_string();
+        Ok((Arc::new(backend), what))
+    }
+
+    /// The bucket `--backend` names (which must be set).
+    pub fn open_s3(&self) -> Result<capsule_store_s3::S3Backend> {
+        let url = self.backend.as_deref().context("no --backend s3://BUCKET given")?;
         let mut config = capsule_store_s3::S3Config::parse_url(url)?;
         config.endpoint = self.s3_endpoint.clone();
         config.region = self.s3_region.clone();
         config.cache_bytes = self.block_cache;
-        let backend = capsule_store_s3::S3Backend::open(&config).with_context(|| format!("opening {url}"))?;
-        let what = backend.description().to_string();
-        Ok((Arc::new(backend), what))
+        capsule_store_s3::S3Backend::open(&config).with_context(|| format!("opening {url}"))
     }
 }

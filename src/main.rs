@@ -166,10 +166,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove blocks and objects that no ref reaches
+    /// Remove blocks and objects that no ref reaches (in the store, or in a bucket with --backend)
     Gc {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        backend: backend::BackendArgs,
+        /// With --backend: unreachable blocks and objects younger than this stay (pushes in
+        /// progress write their blocks before their ref)
+        #[arg(long, value_name = "SECONDS", default_value_t = capsule_store_s3::gc::DEFAULT_GRACE.as_secs_f64())]
+        grace: f64,
+        /// With --backend: wait between publishing what will go and reading the refs again;
+        /// longer than the servers' fence window plus one write to the bucket
+        #[arg(long, value_name = "SECONDS", default_value_t = capsule_store_s3::gc::DEFAULT_SETTLE.as_secs_f64())]
+        settle: f64,
     },
     /// Remove a ref (its blocks go at the next gc)
     Rm {
@@ -612,9 +622,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Gc { json } => {
-            let store = open()?;
-            let s = store.gc()?;
+        Command::Gc { json, backend, grace, settle } => {
+            let s = match &backend.backend {
+                Some(_) => {
+                    let secs = |v: f64, what: &str| std::time::Duration::try_from_secs_f64(v).with_context(|| format!("--{what}: not a duration in seconds"));
+                    let options = capsule_store_s3::gc::GcOptions { grace: secs(grace, "grace")?, settle: secs(settle, "settle")? };
+                    if options.settle <= capsule_store_s3::gc::FENCE_WINDOW {
+                        bail!(
+                            "--settle {settle} s: must be longer than the servers' fence window ({} s) plus one write",
+                            capsule_store_s3::gc::FENCE_WINDOW.as_secs()
+                        );
+                    }
+                    backend.open_s3()?.gc(&options)?
+                }
+                None => open()?.gc()?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(ExitCode::SUCCESS);

@@ -64,8 +64,10 @@ fn push_through_a_boot_through_b_while_a_garage_node_and_then_b_die() {
     let b = Arc::new(Mutex::new(Some(b)));
     let (mnt, stop) = (m.dir.clone(), Arc::new(AtomicBool::new(false)));
     let (node_killed_at, server_killed_at) = (Arc::new(AtomicU64::new(u64::MAX)), Arc::new(AtomicU64::new(u64::MAX)));
+    let failover_ms = Arc::new(AtomicU64::new(u64::MAX));
     let killer = {
-        let (cluster, b, stop, node_at, server_at) = (cluster.clone(), b.clone(), stop.clone(), node_killed_at.clone(), server_killed_at.clone());
+        let (cluster, b, stop, node_at, server_at, failover_ms) =
+            (cluster.clone(), b.clone(), stop.clone(), node_killed_at.clone(), server_killed_at.clone(), failover_ms.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = fetched_blocks(&mnt);
@@ -76,6 +78,15 @@ fn push_through_a_boot_through_b_while_a_garage_node_and_then_b_die() {
                 if n >= 14 {
                     drop(b.lock().unwrap().take()); // kills server B
                     server_at.store(n, Ordering::Relaxed);
+                    // How long until a block arrives again (from A).
+                    let killed = std::time::Instant::now();
+                    while !stop.load(Ordering::Relaxed) && killed.elapsed() < Duration::from_secs(120) {
+                        if fetched_blocks(&mnt) > n {
+                            failover_ms.store(killed.elapsed().as_millis() as u64, Ordering::Relaxed);
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -91,6 +102,10 @@ fn push_through_a_boot_through_b_while_a_garage_node_and_then_b_die() {
     assert!(node_at != u64::MAX && server_at != u64::MAX, "the boot finished before the kills ({node_at}, {server_at} of {end} blocks)");
     assert!(end > server_at, "no block was fetched after server B died ({server_at} before, {end} at the end)");
     assert!(m.stats()["reconnects"].as_u64().unwrap() >= 1, "{}", m.stats());
+    // A dead server is noticed by its silence within seconds, not at the 15 s idle timeout.
+    let failover = failover_ms.load(Ordering::Relaxed);
+    assert!(failover < 10_000, "blocks resumed {failover} ms after server B died (the idle timeout is 15 s)");
+    eprintln!("failover: blocks resumed {failover} ms after server B died");
     drop(m);
     drop(a);
 }
@@ -135,4 +150,64 @@ fn racing_pushes_through_two_servers_one_wins_and_the_bucket_verifies() {
     let loser_store = if winner == "guest" { &two } else { &one };
     let again = run(client(loser_store, &cfg).args(["push", old_ref, &format!("{}/race-2", b.url), "--token", &token]));
     assert!(again.0.status.success(), "{}", again.1);
+
+    gc_races_a_push(dir.path(), &cluster, (&a, &b), &token, &one);
+}
+
+/// A capsule of `mib` MiB of pseudo-random bytes imported as `name` into `store`.
+fn import_random(store: &Path, name: &str, mib: usize, seed: u64) {
+    let file = store.with_extension(format!("{name}.raw"));
+    std::fs::write(&file, pseudo_random(mib << 20, seed)).unwrap();
+    ok(capsule(store).args(["import", name, "--disk"]).arg(format!("root={}", file.display())));
+}
+
+/// `capsule gc` directly on the bucket (through node 0, A's) while a push of new blocks goes
+/// through B: every ref names a whole capsule afterwards, the orphans went, and the push
+/// either won or was told to push again once the gc ended (then does).
+fn gc_races_a_push(dir: &Path, cluster: &Cluster, (a, b): (&ServerProcess, &ServerProcess), token: &str, guest_store: &Path) {
+    let cfg = dir.join("cfg");
+    // Orphans: `junk` is pushed as race-junk, then race-junk moves to the guest.
+    let (junk, fresh) = (dir.join("junk"), dir.join("fresh"));
+    import_random(&junk, "junk", 6, 11);
+    import_random(&fresh, "fresh", 12, 12);
+    let junk_blocks = stored_blocks(&junk).len();
+    ok(client(&junk, &cfg).args(["push", "junk", &format!("{}/race-junk", a.url), "--token", token]));
+    ok(client(guest_store, &cfg).args(["push", "guest", &format!("{}/race-junk", a.url), "--token", token]));
+
+    let gc = || {
+        let mut cmd = capsule(&dir.join("gc"));
+        cmd.args(["gc", "--json", "--grace", "0", "--settle", "5"]).args(cluster.serve_args(0, "race")).envs(cluster.env());
+        cmd
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let pusher = {
+        let (fresh, cfg, url, token, barrier) = (fresh.clone(), cfg.clone(), format!("{}/race-fresh", b.url), token.to_string(), barrier.clone());
+        std::thread::spawn(move || {
+            barrier.wait();
+            run(client(&fresh, &cfg).args(["push", "fresh", &url, "--token", &token]))
+        })
+    };
+    barrier.wait();
+    let collected = ok(&mut gc());
+    let (pushed, text) = pusher.join().unwrap();
+    if !pushed.status.success() {
+        assert!(text.contains("a gc of the bucket"), "a push refused during a gc must say why: {text}");
+        ok(client(&fresh, &cfg).args(["push", "fresh", &format!("{}/race-fresh", b.url), "--token", token]));
+    }
+    let report: serde_json::Value = serde_json::from_str(&collected[collected.find('{').unwrap()..]).unwrap();
+    // A second gc with nothing racing: the orphans are gone by now, whatever the first left.
+    let second: serde_json::Value = {
+        let t = ok(&mut gc());
+        serde_json::from_str(&t[t.find('{').unwrap()..]).unwrap()
+    };
+    let removed = report["blocks_removed"].as_u64().unwrap() + second["blocks_removed"].as_u64().unwrap();
+    assert!(removed >= junk_blocks as u64, "junk's {junk_blocks} blocks must go: {report} then {second}");
+
+    // Every ref arrives whole through either server and verifies; the pushed one is `fresh`.
+    let check = dir.join("after-gc");
+    for (server, name) in [(a, "race"), (b, "base"), (a, "race-2"), (b, "race-junk"), (a, "race-fresh")] {
+        ok(client(&check, &cfg).args(["pull", &format!("{}/{name}", server.url)]));
+        ok(capsule(&check).args(["verify", name]));
+    }
+    assert_eq!(capsule_id(&check, "race-fresh"), capsule_id(&fresh, "fresh"));
 }

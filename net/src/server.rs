@@ -95,7 +95,8 @@ impl ServeOptions {
 }
 
 /// Transport settings shared by both ends: windows big enough for a fast loopback,
-/// keep-alives so an idle mount notices a dead link.
+/// keep-alives every second so a client notices a dead server within seconds (see
+/// `source::watch_silence`).
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
@@ -103,15 +104,15 @@ pub fn transport() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
     t.send_window(32 << 20);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     // Ask the receiver for an ACK every 8 packets instead of every 2 (the ACK frequency
     // extension, which both ends speak): on a slow link a block transfer's ACKs otherwise
     // fill ~7% of the return direction, and the sender's bandwidth model needs no more.
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(quinn::VarInt::from_u32(7));
     t.ack_frequency_config(Some(acks));
-    // A dead peer is noticed after three missed keep-alives, so a mount moves to a new
-    // connection within seconds instead of half a minute.
+    // A dead peer is noticed here after 15 s of silence; a mount's source watches for a
+    // shorter silence itself and moves on within a few seconds.
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(15_000))));
     // The sender's congestion controller decides bulk goodput on a lossy link: Cubic backs
     // off on every random drop (0.56 of a 10 Mbit/s, 40 ms link at 0.5% loss in

@@ -21,6 +21,12 @@ use crate::error::{Error, ErrorKind, Result};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A connection silent this long (or [`SILENCE_RTTS`] round trips, if longer) is taken for
+/// dead. A live peer answers the 1 s keep-alives, so this notices a dead server in a few
+/// seconds instead of the 15 s idle timeout; a false alarm costs one reconnect.
+const SILENCE_FLOOR: Duration = Duration::from_secs(3);
+const SILENCE_RTTS: u32 = 8;
+const SILENCE_CHECK: Duration = Duration::from_millis(250);
 
 /// Counters, for `.capsule/stats.json` and tests.
 #[derive(Debug, Default)]
@@ -120,6 +126,7 @@ impl Shared {
         }
         *slot = Some(c.clone());
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        tokio::spawn(watch_silence(Arc::downgrade(&c), server.host_port()));
         Ok(c)
     }
 
@@ -161,6 +168,32 @@ impl Shared {
             }
         }
         result.map_err(|e| fetch_error(&e))
+    }
+}
+
+/// Closes `conn` once nothing arrived on it for the silence limit, so its batches fail
+/// over (to the next server) now rather than at the idle timeout.
+async fn watch_silence(client: std::sync::Weak<Client>, server: String) {
+    let (mut seen, mut since) = (0, Instant::now());
+    loop {
+        tokio::time::sleep(SILENCE_CHECK).await;
+        // Holds no connection between checks: a dropped client closes it as before.
+        let Some(client) = client.upgrade() else { return };
+        let conn = client.connection();
+        if conn.close_reason().is_some() {
+            return;
+        }
+        let now = conn.stats().udp_rx.datagrams;
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+            continue;
+        }
+        let limit = SILENCE_FLOOR.max(conn.rtt() * SILENCE_RTTS);
+        if since.elapsed() > limit {
+            warn!(%server, "no packet from the server for {:.1} s; taking it for dead", since.elapsed().as_secs_f64());
+            conn.close(quinn::VarInt::from_u32(0), b"server silent");
+            return;
+        }
     }
 }
 

@@ -21,6 +21,7 @@
 //! saw in the bucket, which makes the completeness check of a ref update after a push cheap.
 
 pub mod error;
+pub mod gc;
 pub mod refs;
 
 use std::sync::Arc;
@@ -49,6 +50,8 @@ const PARALLEL_CHECKS: usize = 32;
 /// Blocks remembered as present in the bucket.
 const PRESENT_ENTRIES: usize = 1 << 20;
 const PAGE_CACHE_ENTRIES: usize = 4096;
+/// Tries of a ref update that a gc starting or ending restarts.
+const FENCE_ATTEMPTS: usize = 3;
 
 /// Where the bucket is and how to reach it. Unset fields come from the usual `AWS_*`
 /// environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
@@ -118,6 +121,8 @@ pub struct S3Backend {
     pages: quick_cache::sync::Cache<Hash, Arc<MapPage>>,
     /// Blocks seen in the bucket (read, written or checked) by this server.
     present: quick_cache::sync::Cache<Hash, ()>,
+    /// gc markers seen: a new one makes the server forget `present` and its caches.
+    gc_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
     handle: tokio::runtime::Handle,
     _runtime: OwnRuntime,
     description: String,
@@ -171,6 +176,7 @@ impl S3Backend {
             cache: quick_cache::sync::Cache::with_weighter((cache_bytes / (64 << 10)).max(16) as usize, cache_bytes, Weigh),
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             present: quick_cache::sync::Cache::new(PRESENT_ENTRIES),
+            gc_seen: std::sync::Mutex::default(),
             handle: runtime.handle().clone(),
             _runtime: OwnRuntime(Some(runtime)),
             description,
@@ -263,27 +269,40 @@ impl S3Backend {
         Ok(missing)
     }
 
-    /// Why capsule `id` cannot be named by a ref here, if it cannot: an object or block missing.
-    fn incomplete(&self, id: &Hash) -> Result<Option<String>> {
+    /// Everything capsule `id` needs, or why a ref cannot name it here (an object or block missing).
+    fn needs(&self, id: &Hash) -> Result<std::result::Result<std::collections::HashSet<(u8, Hash)>, String>> {
         let mut blocks = Vec::new();
+        let mut needed = std::collections::HashSet::new();
         let mut labels = std::collections::HashMap::new();
-        let walked = capsule_images::store::walk_capsule(self, id, &mut |_| Ok(()), &mut |label, index, h| {
-            if labels.insert(*h, (label.to_string(), index)).is_none() {
-                blocks.push(*h);
-            }
-            Ok(())
-        });
+        let walked = capsule_images::store::walk_capsule(
+            self,
+            id,
+            &mut |h| {
+                needed.insert((OBJECT, *h));
+                Ok(())
+            },
+            &mut |label, index, h| {
+                if labels.insert(*h, (label.to_string(), index)).is_none() {
+                    blocks.push(*h);
+                }
+                Ok(())
+            },
+        );
         if let Err(e) = walked {
             return match e.kind() {
-                capsule_images::ErrorKind::NotFound | capsule_images::ErrorKind::Corrupt => Ok(Some(e.to_string())),
+                capsule_images::ErrorKind::NotFound | capsule_images::ErrorKind::Corrupt => Ok(Err(e.to_string())),
                 _ => Err(Error::images(e)),
             };
         }
+        needed.extend(blocks.iter().map(|h| (BLOCK, *h)));
         let missing = self.missing_blocks(blocks)?;
-        Ok(missing.first().map(|h| {
-            let (label, index) = &labels[h];
-            format!("{label}: block {index} ({h}) missing ({} blocks missing)", missing.len())
-        }))
+        Ok(match missing.first() {
+            None => Ok(needed),
+            Some(h) => {
+                let (label, index) = &labels[h];
+                Err(format!("{label}: block {index} ({h}) missing ({} blocks missing)", missing.len()))
+            }
+        })
     }
 }
 
@@ -361,11 +380,28 @@ impl Backend for S3Backend {
     }
 
     fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> capsule_net::Result<()> {
-        // A ref must never name a capsule the bucket cannot serve whole.
-        if let Some(why) = self.incomplete(new)? {
-            return Err(capsule_net::Error::new(capsule_net::ErrorKind::NotFound, format!("capsule {new} is incomplete in {}: {why}", self.description)));
+        // A ref must never name a capsule the bucket cannot serve whole, now or after a gc
+        // running meanwhile (see `gc`): the completeness check follows one listing of the gc
+        // markers, and the commit a second.
+        for _ in 0..FENCE_ATTEMPTS {
+            let markers = self.run(self.gc_markers())?;
+            self.forget_if_gc_moved(&markers);
+            let needed = match self.needs(new)? {
+                Ok(needed) => needed,
+                Err(why) => {
+                    return Err(capsule_net::Error::new(
+                        capsule_net::ErrorKind::NotFound,
+                        format!("capsule {new} is incomplete in {}: {why}", self.description),
+                    ))
+                }
+            };
+            let fence = gc::Fence::new(self, &markers, &needed, format!("ref {name} -> {}", new.short()));
+            match self.run(self.refs.compare_and_swap(self.os.as_ref(), name, old, new, &fence)) {
+                Err(_) if fence.changed() => continue,
+                r => return Ok(r?),
+            }
         }
-        Ok(self.run(self.refs.compare_and_swap(self.os.as_ref(), name, old, new))?)
+        Err(capsule_net::Error::new(capsule_net::ErrorKind::Conflict, format!("ref {name}: gc of {} kept starting and ending; try again", self.description)))
     }
 
     fn list_profiles(&self, capsule: &Hash) -> capsule_net::Result<Vec<(String, Hash)>> {
@@ -399,10 +435,27 @@ impl Backend for S3Backend {
         if p.capsule != *capsule || p.name != name {
             return Err(invalid(format!("profile {id} is {:?} of capsule {}, not {name:?} of {capsule}", p.name, p.capsule)));
         }
-        let path = Path::from(format!("{}/{name}", self.profiles_dir(capsule)));
-        Ok(self.run(self.put(&path, format!("{id}\n").into_bytes(), &format!("storing profile {name} of {capsule}")))?)
+        // The profile object must outlive a gc running meanwhile: the same fence as a ref's.
+        for _ in 0..FENCE_ATTEMPTS {
+            let markers = self.run(self.gc_markers())?;
+            self.forget_if_gc_moved(&markers);
+            if !self.has("objects", id) {
+                return Err(capsule_net::Error::new(capsule_net::ErrorKind::NotFound, format!("profile {id} is not in {}", self.description)));
+            }
+            let needed = std::collections::HashSet::from([(OBJECT, *id)]);
+            let fence = gc::Fence::new(self, &markers, &needed, format!("profile {name} of {}", capsule.short()));
+            match self.run(fence.check_now()) {
+                Err(_) if fence.changed() => continue,
+                r => r?,
+            }
+            let path = Path::from(format!("{}/{name}", self.profiles_dir(capsule)));
+            return Ok(self.run(self.put(&path, format!("{id}\n").into_bytes(), &format!("storing profile {name} of {capsule}")))?);
+        }
+        Err(capsule_net::Error::new(
+            capsule_net::ErrorKind::Conflict,
+            format!("profile {name}: gc of {} kept starting and ending; try again", self.description),
+        ))
     }
 }
-
 #[cfg(test)]
 mod tests;

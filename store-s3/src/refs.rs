@@ -45,6 +45,23 @@ const RACE_ATTEMPTS: u32 = 5;
 /// Commits kept below the newest (older ones and old proposals are pruned).
 const KEEP_OLD_COMMITS: u64 = 1;
 
+/// Checked right before a commit is written; an error withdraws the proposal. The bucket's
+/// gc fence ([`crate::gc`]) is one: it refuses a capsule that needs what a gc is removing.
+pub trait CommitFence: Sync {
+    /// Whether the commit may be written now.
+    fn check(&self) -> futures_util::future::BoxFuture<'_, Result<()>>;
+}
+
+/// No fence (a bucket without gc, tests of the ref protocol).
+#[derive(Debug)]
+pub struct NoFence;
+
+impl CommitFence for NoFence {
+    fn check(&self) -> futures_util::future::BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// The refs of one bucket prefix.
 #[derive(Debug, Clone)]
 pub struct Refs {
@@ -105,7 +122,8 @@ impl Refs {
     }
 
     /// Points `name` at `new` only if it names `expected` now (`None`: absent).
-    pub async fn compare_and_swap(&self, os: &dyn ObjectStore, name: &str, expected: Option<&Hash>, new: &Hash) -> Result<()> {
+    /// `fence` is checked right before the commit is written.
+    pub async fn compare_and_swap(&self, os: &dyn ObjectStore, name: &str, expected: Option<&Hash>, new: &Hash, fence: &dyn CommitFence) -> Result<()> {
         let dir = self.dir(name)?;
         for attempt in 1..=RACE_ATTEMPTS {
             let (generation, current) = self.newest(os, name).await?;
@@ -117,7 +135,7 @@ impl Refs {
                 ));
             }
             let next = generation + 1;
-            match self.try_generation(os, &dir, name, next, new).await? {
+            match self.try_generation(os, &dir, name, next, new, fence).await? {
                 Attempt::Won => {
                     self.prune(os, &dir, next).await;
                     return Ok(());
@@ -132,13 +150,13 @@ impl Refs {
         Err(Error::new(ErrorKind::Conflict, format!("ref {name}: another server is moving it at the same time; try again")))
     }
 
-    async fn try_generation(&self, os: &dyn ObjectStore, dir: &str, name: &str, next: u64, new: &Hash) -> Result<Attempt> {
+    async fn try_generation(&self, os: &dyn ObjectStore, dir: &str, name: &str, next: u64, new: &Hash, fence: &dyn CommitFence) -> Result<Attempt> {
         let proposals = Path::from(format!("{dir}/.p{next:020}"));
         let mine = proposals.clone().join(nonce()?);
         let started = Instant::now();
         let body = format!("{} {}\n", new.to_hex(), unix_ms());
         os.put(&mine, PutPayload::from(body.into_bytes())).await.map_err(|e| Error::store(format!("proposing ref {name}"), e))?;
-        let outcome = self.decide(os, dir, name, next, (&proposals, &mine), started, new).await;
+        let outcome = self.decide(os, dir, name, next, (&proposals, &mine), started, new, fence).await;
         if !matches!(outcome, Ok(Attempt::Won)) {
             // Withdraw, so the rival can win; if this fails the proposal expires.
             if let Err(e) = os.delete(&mine).await {
@@ -158,6 +176,7 @@ impl Refs {
         (proposals, mine): (&Path, &Path),
         started: Instant,
         new: &Hash,
+        fence: &dyn CommitFence,
     ) -> Result<Attempt> {
         let listed: Vec<_> = os.list(Some(proposals)).try_collect().await.map_err(|e| Error::store(format!("listing proposals of ref {name}"), e))?;
         let now = unix_ms();
@@ -175,6 +194,7 @@ impl Refs {
         if started.elapsed() > COMMIT_DEADLINE {
             return Err(Error::new(ErrorKind::Unavailable, format!("ref {name}: the object store took over {COMMIT_DEADLINE:?} to take a proposal")));
         }
+        fence.check().await?;
         let commit = commit_path(dir, next);
         let body = format!("{}\n", new.to_hex());
         os.put(&commit, PutPayload::from(body.into_bytes())).await.map_err(|e| Error::store(format!("committing ref {name}"), e))?;
@@ -230,7 +250,7 @@ async fn read_id(os: &dyn ObjectStore, path: &Path, name: &str) -> Result<Hash> 
     text.trim_end().parse().map_err(|e: capsule_images::Error| Error::images(e).context(format!("ref {name} ({path})")))
 }
 
-fn nonce() -> Result<String> {
+pub(crate) fn nonce() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| Error::new(ErrorKind::Unavailable, format!("no randomness for a ref proposal: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())

@@ -31,7 +31,7 @@ fn refs_compare_and_swap() {
     let b = backend(Arc::new(InMemory::new()));
     let refs = refs::Refs::new("team");
     let (x, y, z) = (Hash([1; 32]), Hash([2; 32]), Hash([3; 32]));
-    let cas = |old: Option<&Hash>, new: &Hash| b.run(refs.compare_and_swap(b.os.as_ref(), "app/web", old, new));
+    let cas = |old: Option<&Hash>, new: &Hash| b.run(refs.compare_and_swap(b.os.as_ref(), "app/web", old, new, &refs::NoFence));
     cas(None, &x).unwrap();
     assert_eq!(cas(None, &y).unwrap_err().kind(), ErrorKind::Conflict);
     cas(Some(&x), &y).unwrap();
@@ -58,7 +58,7 @@ fn racing_writers_one_wins_the_others_are_told() {
                 let b = backend(os);
                 barrier.wait();
                 let target = Hash([i as u8 + 1; 32]);
-                (target, b.run(refs::Refs::new("team").compare_and_swap(b.os.as_ref(), "app", None, &target)))
+                (target, b.run(refs::Refs::new("team").compare_and_swap(b.os.as_ref(), "app", None, &target, &refs::NoFence)))
             })
         })
         .collect();
@@ -80,7 +80,7 @@ fn a_dead_writers_proposal_blocks_until_it_expires() {
     // A proposal for generation 1 from a writer that never came back.
     let stale = Path::from(format!("team/refs/app/.p{:020}/deadbeef", 1));
     b.run(os.put(&stale, PutPayload::from_static(b"00 0\n"))).unwrap();
-    let err = b.run(refs::Refs::new("team").compare_and_swap(os.as_ref(), "app", None, &Hash([7; 32]))).unwrap_err();
+    let err = b.run(refs::Refs::new("team").compare_and_swap(os.as_ref(), "app", None, &Hash([7; 32]), &refs::NoFence)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict);
     assert!(err.to_string().contains("at the same time"), "{err}");
     assert_eq!(b.read_ref("app").unwrap(), None);
@@ -126,4 +126,124 @@ fn blocks_objects_and_ref_completeness() {
     assert_eq!(b.read_ref("app").unwrap(), Some(id));
     assert_eq!(b.read_encoded_block(&blocks[0]).unwrap(), encoded);
     assert!(b.has_object(&id) && b.has_block(&blocks[1]));
+}
+
+/// A capsule of `len` pseudo-random bytes imported into a fresh local store, copied into `b`
+/// (objects and blocks) and named by ref `name` there; returns its id and closure.
+fn pushed(b: &S3Backend, dir: &std::path::Path, name: &str, seed: u32, len: u32) -> (Hash, Vec<Hash>, Vec<Hash>) {
+    let local = Store::open(dir.join(format!("store-{name}"))).unwrap();
+    let disk = dir.join(format!("{name}.raw"));
+    // xorshift: incompressible, so blocks weigh what they hold.
+    let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    capsule_images::import_capsule(&local, &CapsuleSpec { name: name.into(), disks: vec![("root".into(), disk)], ..Default::default() }, &NoProgress).unwrap();
+    let id = local.read_ref(name).unwrap().unwrap();
+    let (objects, blocks) = local.closure(&id).unwrap();
+    for o in &objects {
+        let bytes = local.read_object(o).unwrap();
+        b.put_encoded_object(envelope::peek_kind(&bytes).unwrap(), o, &bytes).unwrap();
+    }
+    for h in &blocks {
+        b.put_encoded_block(h, &local.read_encoded_block(h).unwrap()).unwrap();
+    }
+    let old = b.read_ref(name).unwrap();
+    b.update_ref(name, old.as_ref(), &id).unwrap();
+    (id, objects, blocks)
+}
+
+fn keys(b: &S3Backend, dir: &str) -> Vec<String> {
+    b.run(b.os.list(Some(&b.dir(dir))).map_ok(|m| m.location.to_string()).try_collect()).unwrap()
+}
+
+#[test]
+fn gc_removes_what_no_ref_reaches_and_keeps_young_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = backend(os.clone());
+    let (kept, kept_objects, kept_blocks) = pushed(&b, dir.path(), "kept", 1, 1 << 20);
+    let (_, _, orphan_blocks) = pushed(&b, dir.path(), "moved", 2, 1 << 20);
+    // The ref moves to `kept`: the first capsule's blocks are reachable no more.
+    b.update_ref("moved", b.read_ref("moved").unwrap().as_ref(), &kept).unwrap();
+    let before = keys(&b, "blocks").len();
+
+    // Within the grace period nothing goes.
+    let gc = backend(os.clone());
+    let young = gc.gc(&gc::GcOptions { grace: Duration::from_secs(3600), settle: Duration::ZERO }).unwrap();
+    assert_eq!((young.blocks_removed, young.objects_removed), (0, 0));
+    let s = gc.gc(&gc::GcOptions { grace: Duration::ZERO, settle: Duration::ZERO }).unwrap();
+    assert_eq!(s.blocks_removed as usize, orphan_blocks.len(), "{s:?}");
+    assert!(s.objects_removed > 0 && s.bytes_freed > 0, "{s:?}");
+    assert_eq!(keys(&b, "blocks").len(), before - orphan_blocks.len());
+    for h in &kept_blocks {
+        assert!(b.has_block(h));
+    }
+    for o in &kept_objects {
+        assert!(b.has_object(o));
+    }
+    // Its marker says it ended; the pending one is gone.
+    let markers = keys(&b, "gc");
+    assert!(markers.len() == 1 && markers[0].ends_with(".done"), "{markers:?}");
+    // A server that remembered the removed blocks forgets them at its next ref update
+    // (the new marker), so pushing the old capsule again is refused until its blocks return.
+    let local = Store::open(dir.path().join("store-moved")).unwrap();
+    let old_id = local.read_ref("moved").unwrap().unwrap();
+    let err = b.update_ref("again", None, &old_id).unwrap_err();
+    assert_eq!(err.kind(), capsule_net::ErrorKind::NotFound, "{err}");
+}
+
+#[test]
+fn a_ref_update_needing_what_a_running_gc_removes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = backend(os.clone());
+    let (id, _, blocks) = pushed(&b, dir.path(), "app", 3, 1 << 20);
+    // A gc (another process) published a candidate this capsule needs and is settling.
+    let mut body = b"capsule-gc 1\n".to_vec();
+    body.push(BLOCK);
+    body.extend_from_slice(&blocks[1].0);
+    let marker = b.dir("gc").join("00000000000000000001-cafe.pending");
+    b.run(os.put(&marker, PutPayload::from(body))).unwrap();
+    let err = b.update_ref("copy", None, &id).unwrap_err();
+    assert_eq!(err.kind(), capsule_net::ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("is removing") && err.to_string().contains(&blocks[1].to_hex()), "{err}");
+    assert_eq!(b.read_ref("copy").unwrap(), None);
+    // Once it ended (done marker, pending removed) the update goes through.
+    b.run(os.put(&b.dir("gc").join("00000000000000000001-cafe.done"), PutPayload::from_static(b"done\n"))).unwrap();
+    b.run(os.delete(&marker)).unwrap();
+    b.update_ref("copy", None, &id).unwrap();
+    // A damaged marker is an error naming it, not a pass.
+    b.run(os.put(&b.dir("gc").join("00000000000000000002-beef.pending"), PutPayload::from_static(b"junk"))).unwrap();
+    let err = b.update_ref("copy2", None, &id).unwrap_err();
+    assert!(err.to_string().contains("beef.pending"), "{err}");
+}
+
+#[test]
+fn popular_blocks_are_read_from_the_bucket_once_and_the_cache_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let writer = backend(os.clone());
+    let (_, _, blocks) = pushed(&writer, dir.path(), "app", 4, 4 << 20);
+    // A server with a 1 MiB cache (the smallest allowed) reads one block, then the bucket
+    // loses it: the server still serves it from memory.
+    let cap = 1 << 20;
+    let server = S3Backend::with_store(os.clone(), "team", cap, "s3://test/team".into()).unwrap();
+    let first = server.read_encoded_block(&blocks[0]).unwrap();
+    server.run(os.delete(&server.key("blocks", &blocks[0]))).unwrap();
+    assert_eq!(server.read_encoded_block(&blocks[0]).unwrap(), first);
+    // Reading the whole capsule (4 MiB of blocks) keeps the cache within its bytes.
+    let mut read = 0;
+    for h in &blocks[1..] {
+        read += server.read_encoded_block(h).unwrap().len() as u64;
+    }
+    assert!(read > 2 * cap, "{read}");
+    assert!(server.cache.weight() <= cap, "cache holds {} bytes, cap {cap}", server.cache.weight());
+    assert!(server.cache.weight() > cap / 4, "the cache keeps something: {}", server.cache.weight());
 }
