@@ -197,7 +197,7 @@ enum Command {
     },
     /// Restart a mount's daemon on the binary now installed where it started, its guests running on
     Takeover { mountpoint: PathBuf },
-    /// Fetch every block of a capsule (and its ancestors) into the cache; --pin pins them (`warm --all`, and pinning)
+    /// Fetch every block a capsule's files read (through its ancestors' layers) into the cache; --pin pins them (`warm --all`, and pinning)
     Prefetch {
         #[command(flatten)]
         target: offline::CacheTarget,

@@ -293,7 +293,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
     }
     if args.prefetch == PrefetchMode::All {
         let listed: std::collections::HashSet<Hash> = blocks.iter().copied().collect();
-        let (_, everything) = store.closure(id)?;
+        let everything = capsule_images::image::live_blocks(store, id)?;
         blocks.extend(everything.into_iter().filter(|h| !listed.contains(h)));
     }
     let follow = (matches!(args.prefetch, PrefetchMode::Profile | PrefetchMode::Auto) && !blocks.is_empty()).then(|| fs.follow_profile(&blocks));

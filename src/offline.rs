@@ -69,7 +69,8 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
         cache.store().set_ref(&remembered_ref(&url, &name), &id)?;
         capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching profiles")?;
-        let (_, everything) = cache.store().closure(&id)?;
+        // What the capsule's files read, not the blocks its ancestors' layers shadow.
+        let everything = capsule_images::image::live_blocks(cache.store(), &id)?;
         let mut blocks = Vec::new();
         if let Some(name) = profile {
             let (_, pid) =

@@ -165,9 +165,19 @@ fn plain_prefetch_and_warm_all_cache_every_block_unpinned_and_status_reads_a_mou
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     import_guest(&d.join("server"), true);
+    import_guest_update(&d.join("server"));
     let server = ServerProcess::start(&d.join("server"), &["--public-read"]);
     let url = format!("{}/guest", server.url);
     let g = guest_dir();
+    // A child: exactly the blocks its files read travel, not its parent's that it overwrote
+    // (a restore of the last day of a daily chain fetches that day, not every day's writes).
+    let update = distinct_blocks(&[&g.join("disk-update.raw"), &g.join("vmlinuz"), &g.join("initrd.gz")], 65536);
+    let text = ok(client(&d.join("c"), &d.join("cfg")).args(["prefetch", &format!("{}/guest-update", server.url), "--cache"]).arg(d.join("c5")));
+    assert!(text.contains(&format!("warm: every block: {} blocks", update.len())), "expected {} blocks: {text}", update.len());
+    let cached = stored_block_names(&d.join("c5"));
+    assert!(update.is_subset(&cached), "{} of the child's blocks missing from the cache", update.difference(&cached).count());
+    let shadowed = distinct_blocks(&[&g.join("disk.raw")], 65536).difference(&update).count();
+    assert!(shadowed > 0 && cached.len() <= update.len(), "{} blocks cached for {} the child reads", cached.len(), update.len());
     // Every distinct non-zero 64 KiB block of the disk, kernel and initrd, hashed here.
     let every = distinct_blocks(&[&g.join("disk.raw"), &g.join("vmlinuz"), &g.join("initrd.gz")], 65536);
     let c = |cache: &str, args: &[&str]| client(&d.join("c"), &d.join("cfg")).args(args).arg("--cache").arg(d.join(cache)).output().unwrap();

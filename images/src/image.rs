@@ -79,6 +79,34 @@ pub fn open_block(entry: &Entry, key: Option<&Key>, stored: Vec<u8>) -> Result<V
     }
 }
 
+/// The distinct blocks capsule `id`'s files read, in walk order: each image's blocks
+/// resolved through its layer chain (the topmost layer mapping an index decides). Blocks of
+/// lower layers that a higher one shadows are left out: a capsule runs offline without them,
+/// while its closure ([`Store::closure`]) keeps every generation's (a restore of day 14 of a
+/// daily chain need not fetch what days 1-13 overwrote).
+pub fn live_blocks(store: &Store, id: &Hash) -> Result<Vec<Hash>> {
+    let manifest = store.manifest(id)?;
+    let (mut seen, mut out) = (std::collections::HashSet::new(), Vec::new());
+    for (what, image) in manifest.images() {
+        let reader = ImageReader::open(store, image).with_context(|| format!("capsule {}: {what}", manifest.name))?;
+        let mut decided = std::collections::HashSet::new();
+        for (lid, layer) in &reader.chain {
+            map::walk(store, &layer.map, image.block_count(), &mut |_| Ok(()), &mut |index, entry| {
+                if decided.insert(index) {
+                    if let Some(h) = entry.block() {
+                        if seen.insert(h) {
+                            out.push(h);
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .with_context(|| format!("capsule {}: {what}: layer {lid}", manifest.name))?;
+        }
+    }
+    Ok(out)
+}
+
 /// An image opened for reading: its layer chain loaded, map pages fetched on demand.
 #[derive(Debug)]
 pub struct ImageReader<'s> {
@@ -230,6 +258,35 @@ mod tests {
         assert!(err.to_string().contains("capsule export"), "{err}");
         assert!(store.resolve(&format!("c{MAX_CHAIN}")).is_err(), "the refused child got a ref");
         check_room_for_child(&store, &store.resolve("c100").unwrap()).unwrap();
+    }
+
+    /// A child's live blocks are what its files read: the blocks it overwrote in its parent
+    /// are in its closure but not live; zero blocks are neither.
+    #[test]
+    fn live_blocks_leave_out_what_a_child_shadows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let disk = dir.path().join("d.raw");
+        let block = |b: u8| vec![b; 4096];
+        let spec = |name: &str, parent: Option<&str>| crate::CapsuleSpec {
+            name: name.into(),
+            disks: vec![("root".into(), disk.clone())],
+            parent: parent.map(Into::into),
+            block_size_log2: Some(12),
+            ..Default::default()
+        };
+        std::fs::write(&disk, [block(1), block(2), block(3), block(0)].concat()).unwrap();
+        crate::import_capsule(&store, &spec("base", None), &NoProgress).unwrap();
+        std::fs::write(&disk, [block(4), block(2), block(0), block(5)].concat()).unwrap();
+        crate::import_capsule(&store, &spec("child", Some("base")), &NoProgress).unwrap();
+        let h = |b: u8| Hash::of(&block(b));
+        let child = store.resolve("child").unwrap();
+        let live: std::collections::HashSet<Hash> = live_blocks(&store, &child).unwrap().into_iter().collect();
+        assert_eq!(live, [h(4), h(2), h(5)].into_iter().collect());
+        let (_, closure) = store.closure(&child).unwrap();
+        assert_eq!(closure.len(), 5, "the closure keeps the shadowed blocks 1 and 3");
+        let base = store.resolve("base").unwrap();
+        assert_eq!(live_blocks(&store, &base).unwrap().len(), 3);
     }
 
     proptest! {
