@@ -9,6 +9,15 @@ use capsule_images::{self as images, CapsuleSpec, Store};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+/// `eprint!`/`eprintln!` that never panic: a mount daemon's stderr is its log file, on a
+/// disk that may be full (a panic there would end the mount).
+macro_rules! note {
+    ($($arg:tt)*) => {{ use std::io::Write as _; let _ = writeln!(std::io::stderr(), $($arg)*); }};
+}
+macro_rules! note_raw {
+    ($($arg:tt)*) => {{ use std::io::Write as _; let _ = write!(std::io::stderr(), $($arg)*); }};
+}
+
 mod args;
 mod backend;
 mod chv;
@@ -389,6 +398,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG").unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
+        // A mount daemon logs to a file on the cache's disk: when that is full, a log line
+        // is lost, not the thread that logged it (the report of a failed write would panic).
+        .log_internal_errors(false)
         .init();
     match run(cli) {
         Ok(code) => code,

@@ -38,7 +38,7 @@ fn clean_stale(mountpoint: &Path) {
     // opendir always asks the daemon.
     if let Err(e) = std::fs::metadata(mountpoint).and_then(|_| std::fs::read_dir(mountpoint).map(drop)) {
         if e.raw_os_error() == Some(ENOTCONN) {
-            eprintln!("capsule: cleaning up a stale mount at {}", mountpoint.display());
+            note!("capsule: cleaning up a stale mount at {}", mountpoint.display());
             let _ = std::process::Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
             let _ = std::process::Command::new("umount").arg("-l").arg(mountpoint).status();
         }
@@ -94,7 +94,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                 match capsule_net::Client::connect(&url, &args.conn.options()).await {
                     Ok(client) => {
                         if client.newly_trusted {
-                            eprintln!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
+                            note!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
                         }
                         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
                         // Manifests and layers now; map pages when a read needs them, unless
@@ -170,7 +170,7 @@ fn serve_mount(
         let suspended = cache.store().manifest(&id)?.devstate.is_some();
         let dropped = capsule_fs::overlay::prepare_for_run(&config.overlay_dir, suspended, args.discard_changes).map_err(anyhow::Error::msg)?;
         if !dropped.is_empty() {
-            eprintln!("capsule: dropped local state of an earlier run: {}", dropped.join(", "));
+            note!("capsule: dropped local state of an earlier run: {}", dropped.join(", "));
         }
     }
     let recorder = args.record_profile.as_ref().map(|_| Arc::new(capsule_fs::mount::Recorder::default()));
@@ -209,11 +209,11 @@ fn serve_mount(
     let at = mountpoint.to_path_buf();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
-            eprintln!("capsule: unmounting");
+            note!("capsule: unmounting");
             match unmounter.as_mut() {
                 Some(u) => {
                     if let Err(e) = u.unmount() {
-                        eprintln!("capsule: unmount failed: {e}");
+                        note!("capsule: unmount failed: {e}");
                     }
                 }
                 // A successor's session did not mount: unmount by path.
@@ -225,13 +225,13 @@ fn serve_mount(
         (Some(h), _) => {
             crate::supervise::resend_unanswered(&h.fuse)?;
             crate::supervise::report_serving()?;
-            eprintln!("capsule: took over {name} ({id}) at {} (pid {})", mountpoint.display(), std::process::id());
+            note!("capsule: took over {name} ({id}) at {} (pid {})", mountpoint.display(), std::process::id());
         }
         (None, crate::supervise::Role::First) => {
             crate::supervise::report_mounted(std::os::fd::AsFd::as_fd(&session), &id)?;
-            eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
+            note!("capsule: mounted {name} ({id}) at {}", mountpoint.display());
         }
-        (None, _) => eprintln!("capsule: mounted {name} ({id}) at {}", mountpoint.display()),
+        (None, _) => note!("capsule: mounted {name} ({id}) at {}", mountpoint.display()),
     }
     // In the foreground on a terminal: a live line of what arrives (once the mount answers).
     let stop_line = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -246,11 +246,11 @@ fn serve_mount(
     stop_line.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = line.join();
     served?;
-    eprintln!("capsule: unmounted {}", mountpoint.display());
+    note!("capsule: unmounted {}", mountpoint.display());
     if let (Some(name), Some(recorder)) = (&args.record_profile, recorder) {
         let profile = capsule_images::Profile { capsule: id, name: name.clone(), blocks: recorder.blocks() };
         let pid = store_cache.store().put_profile(&profile).with_context(|| format!("saving profile {name}"))?;
-        eprintln!("capsule: recorded profile {name} of {id}: {} blocks ({pid})", profile.blocks.len());
+        note!("capsule: recorded profile {name} of {id}: {} blocks ({pid})", profile.blocks.len());
     }
     Ok(())
 }
@@ -285,7 +285,7 @@ fn start_prefetch(cache: &Arc<BlockCache>, fs: &CapsuleFs, id: &Hash, args: &Mou
         match store.list_profiles(id)?.into_iter().find(|(n, _)| *n == name) {
             Some((_, pid)) => {
                 blocks = store.profile(&pid)?.blocks;
-                eprintln!("capsule: prefetching profile {name:?} ({} blocks) ahead of the guest", blocks.len());
+                note!("capsule: prefetching profile {name:?} ({} blocks) ahead of the guest", blocks.len());
             }
             None if args.prefetch == PrefetchMode::Auto => return Ok(()),
             None => tracing::warn!("no profile {name:?} for {id}; prefetching without one"),

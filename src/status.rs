@@ -178,16 +178,16 @@ pub fn live_line(mountpoint: PathBuf, shared: bool, stop: Arc<AtomicBool>) -> Op
             let Ok(s) = sampler.sample() else { break };
             if shared {
                 if last_bytes != Some(s.fetched_bytes) {
-                    eprintln!("capsule: {}", s.line());
+                    note!("capsule: {}", s.line());
                 }
             } else {
-                eprint!("\r\x1b[Kcapsule: {}", s.line());
+                note_raw!("\r\x1b[Kcapsule: {}", s.line());
                 drawn = true;
             }
             last_bytes = Some(s.fetched_bytes);
         }
         if drawn {
-            eprint!("\r\x1b[K");
+            note_raw!("\r\x1b[K");
         }
     }))
 }

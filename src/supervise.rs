@@ -246,13 +246,13 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
                     }
                     _ if text == "serving" => {
                         let gap = gap_from.take().map(|t| t.elapsed().as_millis()).unwrap_or_default();
-                        eprintln!("capsule: daemon {pid} took over the mount ({gap} ms without a daemon)");
+                        note!("capsule: daemon {pid} took over the mount ({gap} ms without a daemon)");
                     }
-                    _ => eprintln!("capsule: unexpected message from daemon {pid}: {text:?}"),
+                    _ => note!("capsule: unexpected message from daemon {pid}: {text:?}"),
                 },
                 Event::Exited(g, status) if g == generation => break status,
                 Event::Signal(signal_hook::consts::SIGUSR1) if fuse.is_some() && !stopping => {
-                    eprintln!("capsule: takeover asked: replacing daemon {pid} with {}", exe.display());
+                    note!("capsule: takeover asked: replacing daemon {pid} with {}", exe.display());
                     takeover = true;
                     kill(pid, rustix::process::Signal::KILL);
                 }
@@ -273,7 +273,7 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
             bail!("the mount daemon failed before mounting ({status})");
         }
         if !crate::mount::is_capsule_mount(&mountpoint) {
-            eprintln!("capsule: daemon {pid} ended ({status}) and {} is no longer mounted", mountpoint.display());
+            note!("capsule: daemon {pid} ended ({status}) and {} is no longer mounted", mountpoint.display());
             return Ok(());
         }
         if stopping {
@@ -288,7 +288,7 @@ pub fn supervise(mountpoint: &Path) -> Result<()> {
                 abort_and_unmount(fuse, &mountpoint);
                 bail!("the mount daemon died {} times within {} s; gave up and detached {}", deaths.len(), CRASH_WINDOW.as_secs(), mountpoint.display());
             }
-            eprintln!("capsule: mount daemon {pid} died ({status}); starting a successor");
+            note!("capsule: mount daemon {pid} died ({status}); starting a successor");
             // The first death restarts at once; a daemon dying again and again, less often.
             std::thread::sleep(Duration::from_millis(50) * (deaths.len() as u32 - 1));
         }

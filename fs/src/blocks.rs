@@ -116,9 +116,15 @@ impl PageSource for LazyPages {
                     .fetch_objects(&[*id])
                     .map_err(|f| capsule_images::Error::new(capsule_images::ErrorKind::Io, format!("fetching map page {id}: {f}")))?;
                 let bytes = objects.into_iter().next().ok_or_else(|| capsule_images::Error::not_found(format!("the source sent no map page {id}")))?;
-                self.store().put_encoded_object(ObjectKind::MapPage, id, &bytes)?;
                 self.fetched.fetch_add(1, Ordering::Relaxed);
-                self.store().page(id)
+                match self.store().put_encoded_object(ObjectKind::MapPage, id, &bytes) {
+                    Ok(_) => self.store().page(id),
+                    Err(e) if e.is_storage_full() => {
+                        warn!("cannot cache map page {id}: {e}; keeping it in memory");
+                        self.store().remember_page(id, &bytes)
+                    }
+                    Err(e) => Err(e),
+                }
             }
             r => r,
         }

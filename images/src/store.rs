@@ -727,7 +727,15 @@ impl PageSource for Store {
             return Ok(p);
         }
         let bytes = self.read_object(id)?;
-        let page: MapPage = envelope::decode_verified(ObjectKind::MapPage, id, &bytes)?;
+        self.remember_page(id, &bytes)
+    }
+}
+
+impl Store {
+    /// A map page's encoded bytes, verified against `id` and checked, kept in memory only
+    /// (a cache whose disk is full still serves the reads that need the page).
+    pub fn remember_page(&self, id: &Hash, bytes: &[u8]) -> Result<Arc<MapPage>> {
+        let page: MapPage = envelope::decode_verified(ObjectKind::MapPage, id, bytes)?;
         page.validate().with_context(|| format!("map page {id}"))?;
         let page = Arc::new(page);
         self.pages.insert(*id, page.clone());
