@@ -161,7 +161,7 @@ while [ "$(date +%s)" -lt "$((END - 45))" ]; do
 done
 
 read -r reads compared wrong errors < <(grep '^reads=' "$W/reader.out" | sed 's/[a-z]*=//g' |
-  awk '{r += $1; c += $2; w += $3; e += $4} END {print r + 0, c + 0, w + 0, e + 0}')
+  awk '{r += $1; c += $2; w += $3; e += $4} END {printf "%d %.0f %d %d\n", r, c, w, e}')
 # Random reads failing inside a corruption window (a corrupt block is never served: EIO
 # until it is repaired) are expected; any other is not.
 in_window=$(python3 - "$W/reader.out" "$W/corrupt-windows" <<'PY'
