@@ -81,9 +81,10 @@ bench-crypt: setup guest
 	bash -o pipefail -c 'bash scripts/bench-crypt.sh | tee target/bench-crypt.md'
 	python3 scripts/gen-benchmarks.py
 
-# 30 minutes (SOAK_MINUTES) of boots and reads through a mount while a driver restarts the
-# server, cuts the link, corrupts served blocks and fills the cache disk: the reliability
-# table (wrong bytes must be 0). Run it on an otherwise quiet machine.
+# 30 minutes (SOAK_MINUTES) of phases, each a fresh mount booting the guest and reading
+# at random while one fault holds (server killed, link cut, served blocks corrupt, cache
+# disk full) and a probe reads blocks the cache lacks: the reliability table (wrong bytes
+# must be 0). Correctness needs no quiet machine (a busy one makes fewer phases).
 soak: setup guest
 	$(CARGO) build --release
 	bash -o pipefail -c 'bash scripts/soak.sh | tee target/soak.md'

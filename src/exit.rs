@@ -4,6 +4,7 @@
 //!   0    success (a run: the guest powered off cleanly)
 //!   1    Capsule failed (the message says what and where)
 //!   2    bad usage (clap)
+//!   3    `verify` found damage (each problem is listed; the store is readable)
 //!   64+N a run: the guest ended with status N (QEMU's exit code; N = 1..=63, clamped)
 //!  125   a run: the hypervisor was killed by a signal
 //! ```
@@ -12,6 +13,8 @@ use std::process::{ExitCode, ExitStatus};
 
 /// Capsule failed.
 pub const FAILURE: u8 = 1;
+/// `verify` found damaged or missing objects or blocks.
+pub const DAMAGED: u8 = 3;
 /// Added to the guest's (hypervisor's) non-zero exit status.
 pub const GUEST_BASE: u8 = 64;
 /// The hypervisor died of a signal.

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use capsule_images::{self as images, CapsuleSpec, Store};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use capsule_images::{self as images, CapsuleSpec};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 /// `eprint!`/`eprintln!` that never panic: a mount daemon's stderr is its log file, on a
@@ -29,6 +29,7 @@ mod progress;
 mod remote;
 mod report;
 mod run;
+mod serve;
 mod status;
 mod supervise;
 
@@ -49,7 +50,7 @@ Environment:
   CAPSULE_LOG               log filter (tracing syntax: warn, info, debug, capsule_fs=trace)
 
 Exit codes:
-  0 success; 1 Capsule failed; 2 bad usage;
+  0 success; 1 Capsule failed; 2 bad usage; 3 `verify` found damage;
   64+N `run`: the hypervisor exited with status N; 125 `run`: it was killed by a signal";
 
 #[derive(Parser, Debug)]
@@ -205,7 +206,11 @@ enum Command {
         json: bool,
     },
     /// Restart a mount's daemon on the binary now installed where it started, its guests running on
-    Takeover { mountpoint: PathBuf },
+    Takeover {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch every block a capsule's files read (through its ancestors' layers) into the cache; --pin pins them (`warm --all`, and pinning)
     Prefetch {
         #[command(flatten)]
@@ -310,6 +315,9 @@ enum Command {
         header_timeout: f64,
         #[command(flatten)]
         backend: backend::BackendArgs,
+        /// Print one JSON line once listening (address, certificate fingerprint, limits)
+        #[arg(long)]
+        json: bool,
     },
     /// Manage access tokens of this store's server
     Token {
@@ -380,12 +388,28 @@ enum DiskFormatArg {
     Qcow2,
 }
 
+/// Commands that never open a store: `--store` is hidden from their help, completions
+/// and man pages (still accepted, as scripts pass it to every command).
+const STORELESS: &[&str] = &["takeover", "umount", "prefetch", "warm", "unpin", "status", "ps", "stop", "completions", "man"];
+
+/// The command line's definition, `--store` hidden where it would do nothing.
+fn cli_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for name in STORELESS {
+        // A subcommand's own arg of a global's id stops the global's copy reaching it.
+        let hidden = clap::Arg::new("store").long("store").value_name("DIR").value_parser(clap::value_parser!(PathBuf)).global(true).hide(true);
+        cmd = cmd.mut_subcommand(name, |s| s.arg(hidden));
+    }
+    cmd.build();
+    cmd
+}
+
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == LAUNCH_ARG) {
         return run::launch_qemu(&argv[2..]);
     }
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (_, 0) => "warn",
@@ -417,7 +441,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let open_existing = || remote::open_existing_store(cli.store.clone());
     match cli.command {
         Command::Mount(args) => mount::mount(cli.store.clone(), args)?,
-        Command::Takeover { mountpoint } => supervise::takeover(&mountpoint)?,
+        Command::Takeover { mountpoint, json } => {
+            let t = supervise::takeover(&mountpoint)?;
+            print_json_or(json, &t, || format!("{}: daemon {} replaced by {} ({})", t.mountpoint.display(), t.old_pid, t.new_pid, t.exe.display()))?;
+        }
         Command::Umount { mountpoint, json } => {
             mount::umount(&mountpoint)?;
             print_json_or(json, &json!({"unmounted": mountpoint}), || format!("unmounted {}", mountpoint.display()))?;
@@ -443,11 +470,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_json_or(json, &json!({"stopped": id}), || format!("stopped {id}"))?;
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "capsule", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut cli_command(), "capsule", &mut std::io::stdout());
         }
         Command::Man { command } => {
-            let mut cmd = Cli::command();
-            cmd.build();
+            let cmd = cli_command();
             let man = match &command {
                 Some(name) => {
                     let sub = cmd.find_subcommand(name).cloned().with_context(|| format!("no command {name:?}; `capsule --help` lists them"))?;
@@ -617,7 +643,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
             if failed {
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(exit::DAMAGED));
             }
         }
         Command::Export { name, out, key, format, json } => {
@@ -661,10 +687,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 human(s.bytes_freed)
             );
         }
-        Command::Serve { listen, public_read, max_connections, max_connections_per_ip, header_timeout, backend } => {
+        Command::Serve { listen, public_read, max_connections, max_connections_per_ip, header_timeout, backend, json } => {
             let store = open()?;
             let header_timeout = std::time::Duration::try_from_secs_f64(header_timeout).context("--header-timeout: not a duration in seconds")?;
-            serve(store, &backend, listen, public_read, (max_connections.max(1), max_connections_per_ip.max(1)), header_timeout)?
+            let limits = serve::Limits { max_connections: max_connections.max(1), max_connections_per_ip: max_connections_per_ip.max(1), header_timeout };
+            serve::serve(store, &backend, listen, public_read, limits, json)?
         }
         Command::Token { command: TokenCommand::Create { scope, prefix, json } } => {
             let store = open()?;
@@ -744,41 +771,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `value` as pretty JSON, or the line `text` makes.
-pub(crate) fn print_json_or(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print_json_or(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
         println!("{}", text());
     }
     Ok(())
-}
-
-fn serve(
-    store: Store,
-    backend: &backend::BackendArgs,
-    listen: std::net::SocketAddr,
-    public_read: bool,
-    (max_connections, max_per_ip): (usize, usize),
-    header_timeout: std::time::Duration,
-) -> Result<()> {
-    let root = store.root().to_path_buf();
-    let identity = capsule_net::tls::load_or_create_identity(&root)?;
-    let (backend, what) = backend.open(store)?;
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let server = capsule_net::Server::bind(identity, listen)?;
-        let addr = server.local_addr()?;
-        println!("capsule: serving {what} on {addr}");
-        println!("capsule: certificate SHA-256 {}", server.fingerprint);
-        if public_read {
-            println!("capsule: reads need no token (--public-read)");
-        }
-        let opts = capsule_net::ServeOptions { max_connections, max_per_ip, header_timeout, ..capsule_net::ServeOptions::new(addr, public_read, root) };
-        tokio::select! {
-            r = server.run(backend, opts) => r.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => { println!("capsule: stopping"); Ok(()) }
-        }
-    })
 }
 
 fn parse_disk_arg(arg: &str) -> Result<(String, PathBuf)> {

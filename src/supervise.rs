@@ -314,9 +314,19 @@ pub fn unmount_path(mountpoint: &Path) {
     }
 }
 
+/// What `capsule takeover` did (`--json` prints it).
+#[derive(Debug, serde::Serialize)]
+pub struct Takeover {
+    pub mountpoint: PathBuf,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The binary the new daemon runs.
+    pub exe: PathBuf,
+}
+
 /// `capsule takeover MOUNTPOINT`: the mount's supervisor replaces its daemon with one running
 /// the binary now at the path the mount started from; returns once the new daemon serves.
-pub fn takeover(mountpoint: &Path) -> Result<()> {
+pub fn takeover(mountpoint: &Path) -> Result<Takeover> {
     let info_path = mountpoint.join(".capsule/info.json");
     let read_pid = || -> Result<u32> {
         let info: capsule_fs::mount::MountInfo =
@@ -339,8 +349,7 @@ pub fn takeover(mountpoint: &Path) -> Result<()> {
         if let Ok(new) = read_pid() {
             if new != old {
                 let exe = std::fs::read_link(format!("/proc/{new}/exe")).unwrap_or_default();
-                println!("{}: daemon {old} replaced by {new} ({})", mountpoint.display(), exe.display());
-                return Ok(());
+                return Ok(Takeover { mountpoint: mountpoint.to_path_buf(), old_pid: old, new_pid: new, exe });
             }
         }
         if start.elapsed() > Duration::from_secs(60) {

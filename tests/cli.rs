@@ -26,6 +26,15 @@ fn completions_man_pages_and_help_come_from_the_parser() {
         assert!(help.contains(var), "--help lacks {var}:\n{help}");
     }
     assert!(!store.exists(), "printing help made a store");
+    // --store is listed only where a store is used.
+    for cmd in ["import", "inspect", "mount", "run", "serve", "push"] {
+        let help = ok(capsule(&store).args([cmd, "--help"]));
+        assert!(help.contains("--store"), "{cmd} --help lacks --store:\n{help}");
+    }
+    for cmd in ["ps", "stop", "status", "umount", "warm", "prefetch", "unpin", "takeover", "man"] {
+        let help = ok(capsule(&store).args([cmd, "--help"]));
+        assert!(!help.contains("--store"), "{cmd} --help lists --store, which it ignores:\n{help}");
+    }
 }
 
 #[test]

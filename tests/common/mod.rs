@@ -29,8 +29,13 @@ pub fn ok(cmd: &mut Command) -> String {
 
 /// Runs, expects failure with exit code 1 (an error, not a panic), returns the output.
 pub fn fails(cmd: &mut Command) -> String {
+    fails_with(cmd, 1)
+}
+
+/// Runs `cmd`, expecting exit code `code` (3: `verify` found damage) and no panic.
+pub fn fails_with(cmd: &mut Command, code: i32) -> String {
     let (out, text) = run(cmd);
-    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail cleanly:\n{text}");
+    assert_eq!(out.status.code(), Some(code), "{cmd:?} should fail cleanly with {code}:\n{text}");
     assert!(!text.contains("panicked"), "{cmd:?} panicked:\n{text}");
     text
 }
