@@ -425,7 +425,8 @@ def gen_soak(rows):
             f"`--stall-timeout {p['stall_timeout_s']}`) over a capsule-linkemu relay: a boot of the guest and random "
             "O_DIRECT reads, every byte compared with the source disk, and one fault injected as the boot starts. "
             "A probe then reads blocks the cache lacks (8 in parallel; of a corruption, the 4 damaged blocks) while "
-            "the fault holds: those are the reads that met it.")
+            "the fault holds; a read of a block not cached when it began met the fault (a read of a damaged block the "
+            "booter had fetched before the damage gets the right bytes).")
     kinds = [("restart", "server killed, restarted after 2-10 s", "right bytes"),
              ("cut", "link cut for 3-20 s", "right bytes"),
              ("corrupt", "4 blocks corrupted in the server's store", "EIO, never wrong bytes"),
@@ -433,10 +434,10 @@ def gen_soak(rows):
     body = []
     for k, what, must in kinds:
         x = met[k]
-        body.append([f"{what} ({k})", str(x["injected"]), str(x["met"]), str(x["ok"]), str(x["eio"]),
+        body.append([f"{what} ({k})", str(x["injected"]), f"{x['probe_reads']} ({x['met']})", str(x["ok"]), str(x["eio"]),
                      str(x["other_errors"]), str(x["wrong_bytes"]), f"{x['slowest_s']:.1f}", must])
     c = met["corrupt"]
-    faults = [note, ""] + table(["fault", "injected", "reads that met it", "right bytes", "EIO", "other errors",
+    faults = [note, ""] + table(["fault", "injected", "probe reads (of blocks not cached)", "right bytes", "EIO", "other errors",
                                  "wrong bytes", "slowest read s", "must be"], body)
     outside = m["read_errors"] - m["read_errors_in_corruption_windows"]
     summary = [["boots (failed, with guest I/O errors) outside corruptions", f"{m['boots'] - m['boots_meeting_corrupt_blocks']} ({m['boots_failed']}, {m['boots_with_guest_io_errors']})", "0 failed, 0 with errors"],
