@@ -43,7 +43,7 @@ demo: setup guest
 # The short benchmarks: each appends its raw results to results/*.jsonl; then the tables
 # of BENCHMARKS.md are regenerated from them.
 bench: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-format.sh | tee target/bench-format.md'
 	bash -o pipefail -c 'bash scripts/bench-net.sh | tee target/bench-net.md'
 	bash -o pipefail -c 'bash scripts/bench-mount.sh | tee target/bench-mount.md'
@@ -57,27 +57,27 @@ bench-tables:
 # Boot, suspend (with and without ballooning) and resume (with and without the
 # fault-granularity fix) over loopback QUIC: a few minutes.
 bench-run: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-run.sh | tee target/bench-run.md'
 	python3 scripts/gen-benchmarks.py
 
 # Resumes a suspended guest over emulated 2 and 10 Mbit/s links, with and without the
 # fault-granularity fix, with --prefetch memory and with --memory-cluster 8: about 20 minutes.
 bench-resume-link: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-resume-link.sh | tee target/bench-resume-link.md'
 	python3 scripts/gen-benchmarks.py
 
 # A pull from a server that 1,000 idle connections and 100 slow-header clients load
 # (capsule-loadgen), beside the same pull alone: rate ratio and server RSS (a few minutes).
 bench-load: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-load.sh | tee target/bench-load.md'
 	python3 scripts/gen-benchmarks.py
 
 # Encrypted against plain capsules: import, cold and warm reads through the mount (minutes).
 bench-crypt: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-crypt.sh | tee target/bench-crypt.md'
 	python3 scripts/gen-benchmarks.py
 
@@ -86,34 +86,34 @@ bench-crypt: setup guest
 # disk full) and a probe reads blocks the cache lacks: the reliability table (wrong bytes
 # must be 0). Correctness needs no quiet machine (a busy one makes fewer phases).
 soak: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/soak.sh | tee target/soak.md'
 	python3 scripts/gen-benchmarks.py
 
 # Boots over emulated 384 kbit/s, 2 and 10 Mbit/s links: long (about an hour at 384 kbit/s).
 bench-link: setup guest
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-link.sh | tee target/bench-link.md'
 	python3 scripts/gen-benchmarks.py
 
 # The Debian guest over emulated 2 and 10 Mbit/s links with 40 ms RTT: qemu-nbd against
 # capsule run (cold, seeded, profile prefetch), side by side (RATES=, VARIANTS= for a subset).
 bench-boot-link: setup guest-debian
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib
 	bash -o pipefail -c 'bash scripts/bench-boot-link.sh | tee target/bench-boot-link.md'
 
 # Warm and offline-prefetch goodput over emulated 10 and 50 Mbit/s links (40 ms RTT, also
 # with 0.5% loss) beside rsync: about 5 minutes.
 bench-bulk-link: setup
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-bulk-link.sh | tee target/bench-bulk-link.md'
 
 # Two weeks of the Debian guest's disk backed up daily by capsule commit + push, restic, borg
 # and rsync --inplace side by side; a restore of day 7 over an emulated 10 Mbit/s link and
 # retention (capsule rm + gc against restic forget --prune, borg prune): about 45 minutes.
 bench-backup: setup guest-debian
-	$(CARGO) build --release
+	$(CARGO) build --release --features testtools
 	python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib
 	bash -o pipefail -c 'bash scripts/bench-backup.sh | tee target/bench-backup.md'
 	python3 scripts/gen-benchmarks.py

@@ -48,7 +48,7 @@ TOOLS=(capsule restic borg rsync)
 die() { echo "bench-backup: $*" >&2; exit 1; }
 log() { echo "bench-backup: $*" >&2; }
 [ -f "$G/.complete" ] || die "no Debian guest in $G (make guest-debian)"
-[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
+[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release --features testtools"
 need=()
 for t in restic borg /usr/sbin/sshd; do command -v $t >/dev/null || need+=("$t"); done
 if [ ${#need[@]} -gt 0 ]; then

@@ -42,7 +42,7 @@ TRACE_DIR=${TRACE_DIR:-$RESULTS_DIR/bench-boot-link/$RESULT_RUN}
 MARKER='CAPSULE-GUEST-MARKER debian-ready'
 die() { echo "bench-boot-link: $*" >&2; exit 1; }
 [ -f "$G/.complete" ] || die "no Debian guest in $G (make guest-debian)"
-[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
+[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release --features testtools"
 for t in qemu-system-x86_64 qemu-nbd zstd jq python3 nsenter; do command -v $t >/dev/null || die "needs $t"; done
 # `capsule run --id` names a directory: keep only characters it accepts.
 rate_id() { echo "$1" | tr -cd 'a-z0-9'; }

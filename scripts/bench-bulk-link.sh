@@ -21,7 +21,7 @@ DELAY_MS=${DELAY_MS:-20}
 SIZE_MIB=${SIZE_MIB:-64}
 VARIANTS=${VARIANTS:-warm offline rsync sparse}
 die() { echo "bench-bulk-link: $*" >&2; exit 1; }
-[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release"
+[ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release --features testtools"
 for t in rsync jq nsenter python3; do command -v $t >/dev/null || die "needs $t"; done
 
 NS=capsule-bulk-$$

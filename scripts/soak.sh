@@ -23,7 +23,7 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-soak.XXXXXX")
 PIDS=()
 SERVER=
 die() { echo "soak: $*" >&2; exit 1; }
-[ -x "$LINKEMU" ] || die "no $LINKEMU (cargo build --release builds it)"
+[ -x "$LINKEMU" ] || die "no $LINKEMU (cargo build --release --features testtools builds it)"
 python3 -c 'import blake3' 2>/dev/null || pip install -q blake3 || die "python3 needs the blake3 module (pip install blake3)"
 PROBE="python3 scripts/soak-probe.py"
 BLOCK=65536  # import --block-size 64K

@@ -40,7 +40,7 @@ main() {
 
   # timeout signals the whole process group it leads: cargo, the test binaries and what
   # they started in the foreground.
-  timeout --kill-after=30 "$limit" cargo test --workspace --no-fail-fast "$@" 2>&1 | tee target/test.log
+  timeout --kill-after=30 "$limit" cargo test --workspace --features capsule/testtools --no-fail-fast "$@" 2>&1 | tee target/test.log
   status=${PIPESTATUS[0]}
 
   # Per binary ("Running ..." / "Doc-tests ..."): its "test result:" counts, or a crash if it
@@ -66,7 +66,7 @@ main() {
     status=1
   fi
   # Lints as errors (clippy.toml lets tests unwrap); same target dir, so mostly a re-check.
-  if ! cargo clippy --workspace --all-targets --quiet -- -D warnings; then
+  if ! cargo clippy --workspace --all-targets --features capsule/testtools --quiet -- -D warnings; then
     echo "tests: cargo clippy --workspace --all-targets -- -D warnings finds problems"
     status=1
   fi

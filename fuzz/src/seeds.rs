@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use capsule_images::envelope::{self, ObjectKind};
 use capsule_images::{Hash, Image, Manifest};
 
-
 pub(crate) fn seed_pair(encoded: Vec<u8>, payload: Vec<u8>) -> [Vec<u8>; 2] {
     let mut raw = vec![0u8];
     raw.extend(encoded);
