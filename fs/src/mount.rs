@@ -641,7 +641,7 @@ impl Filesystem for CapsuleFs {
                     Ok(data) => reply.data(&data),
                     Err(e) => {
                         self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                        error!("read of {} at offset {offset} ({size} bytes) failed: {e}", node.name);
+                        error!("read of {} at offset {offset} ({size} bytes) failed: {}", node.name, e.report());
                         reply.error(errno(&e));
                     }
                 }
@@ -666,7 +666,7 @@ impl Filesystem for CapsuleFs {
         match self.write_image(node, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => {
-                error!("write of {} at offset {offset} ({} bytes) failed: {e}", node.name, data.len());
+                error!("write of {} at offset {offset} ({} bytes) failed: {}", node.name, data.len(), e.report());
                 reply.error(errno(&e));
             }
         }
@@ -711,7 +711,7 @@ impl Filesystem for CapsuleFs {
         match result {
             Ok(()) => reply.ok(),
             Err(e) => {
-                warn!("fallocate of {} failed: {e}", node.name);
+                warn!("fallocate of {} failed: {}", node.name, e.report());
                 reply.error(errno(&e));
             }
         }

@@ -87,6 +87,11 @@ impl Error {
         out
     }
 
+    /// The message and the cause, for a crate whose own error carries them on.
+    pub fn into_parts(self) -> (String, Option<Box<dyn std::error::Error + Send + Sync + 'static>>) {
+        (self.message, self.source)
+    }
+
     /// The operating-system error under this one, if any.
     pub fn io_error(&self) -> Option<&std::io::Error> {
         let mut next = std::error::Error::source(self);

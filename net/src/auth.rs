@@ -133,7 +133,7 @@ impl Policy {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::new(ErrorKind::Io, format!("{}: {e}", path.display()))
+    Error::with_source(ErrorKind::Io, path.display(), e)
 }
 
 fn read_tokens(path: &Path) -> Result<Vec<TokenRecord>> {

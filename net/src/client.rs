@@ -148,7 +148,7 @@ impl Client {
                 Ok(c) => return Ok(c),
                 Err(e) if e.kind() == ErrorKind::Unavailable => {
                     if url.server_count() > 1 {
-                        tracing::info!("{e}; trying the next server");
+                        tracing::info!("{}; trying the next server", e.report());
                     }
                     failure = Some(e);
                 }

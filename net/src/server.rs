@@ -327,8 +327,8 @@ async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, op
         let authorized = authorized.clone();
         tokio::spawn(async move {
             match serve_stream(&conn, &authorized, send, recv, backend, &opts).await {
-                Err(e) if e.kind() == ErrorKind::Denied => debug!(%remote, "refused: {e}"),
-                Err(e) => warn!(%remote, "stream failed: {e}"),
+                Err(e) if e.kind() == ErrorKind::Denied => debug!(%remote, "refused: {}", e.report()),
+                Err(e) => warn!(%remote, "stream failed: {}", e.report()),
                 Ok(()) => {}
             }
         });
@@ -361,7 +361,7 @@ async fn serve_stream(
     };
     if let Err(e) = &result {
         // Tell the client why, then end only this stream.
-        let _ = write_control(&mut send, true, &Response::Error { kind: e.kind(), message: e.to_string() }).await;
+        let _ = write_control(&mut send, true, &Response::Error { kind: e.kind(), message: e.report() }).await;
         reader.stop();
     }
     let _ = send.finish();

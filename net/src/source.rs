@@ -83,7 +83,7 @@ fn fetch_error(e: &Error) -> FetchError {
         ErrorKind::Denied | ErrorKind::Fingerprint => FetchErrorKind::Denied,
         _ => FetchErrorKind::Unavailable,
     };
-    FetchError::new(kind, e.to_string())
+    FetchError::new(kind, e.report())
 }
 
 impl Shared {

@@ -104,7 +104,7 @@ impl CapsuleFs {
         match self.complete_metadata() {
             Ok(pages) => Ok(serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default()),
             Err(e) => {
-                error!("completing the metadata of {}: {e}", self.info.capsule_id);
+                error!("completing the metadata of {}: {}", self.info.capsule_id, e.report());
                 Err(e)
             }
         }
