@@ -198,6 +198,9 @@ pub struct RunArgs {
     /// Print the hypervisor command line and stop
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: the command line as JSON (binary, arguments, the shell line)
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
     /// Name of this run [default: the capsule's name and a number]
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,

@@ -301,7 +301,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         // Hypervisor's restore reads its config through the mount: that one mounts.)
         let view = planned_view(store, args, dir)?;
         if hypervisor_of(args, &view.vm) == HypervisorArg::Qemu {
-            println!("{}", plan_qemu(args, &view, dir)?.config.shell_line());
+            print_dry_run(args, &plan_qemu(args, &view, dir)?.config)?;
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -312,7 +312,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
     let plan = plan_qemu(args, &m.view, dir)?;
     let config = &plan.config;
     if args.dry_run {
-        println!("{}", config.shell_line());
+        print_dry_run(args, config)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Serial::File(log) = &config.serial {
@@ -574,4 +574,23 @@ pub fn launch_qemu(argv: &[std::ffi::OsString]) -> ExitCode {
     let e = Command::new(binary).args(args).exec();
     eprintln!("capsule: cannot start {}: {e}", binary.to_string_lossy());
     ExitCode::FAILURE
+}
+
+/// What `run --dry-run --json` prints: the QEMU command line, as words and as one line.
+#[derive(Debug, serde::Serialize)]
+struct DryRun {
+    binary: PathBuf,
+    args: Vec<String>,
+    line: String,
+}
+
+fn print_dry_run(args: &RunArgs, config: &capsule_vmm_glue::qemu::QemuConfig) -> Result<()> {
+    if args.json {
+        let plan =
+            DryRun { binary: config.binary.clone(), args: config.args().iter().map(|a| a.to_string_lossy().into_owned()).collect(), line: config.shell_line() };
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        println!("{}", config.shell_line());
+    }
+    Ok(())
 }

@@ -140,6 +140,13 @@ fn run_dry_run_prints_the_command_line_without_mounting() {
     let mnt = runs.join("dry/mnt");
     assert!(line.contains(&format!("file={}/root.raw,format=raw", mnt.display())), "{line}");
     assert!(line.contains(&format!("mem-path={}/memory.raw", mnt.display())) && line.contains("-smp 2"), "{line}");
+    let plan: serde_json::Value = serde_json::from_str(&ok(client(&d.join("client"), &cfg)
+        .env("CAPSULE_RUN_DIR", &runs)
+        .args(["run", &format!("{}/vm", server.url), "--accel", "tcg", "--id", "dry", "--dry-run", "--json", "--cache"])
+        .arg(&cache)))
+    .unwrap();
+    assert_eq!(plan["line"].as_str(), line.lines().next(), "{plan}");
+    assert!(plan["args"].as_array().unwrap().iter().any(|a| a == "-smp"), "{plan}");
     // No mount daemon ran (it would have logged into the cache), and no block came over.
     assert!(!cache.join("logs").exists(), "--dry-run started a mount");
     let blocks = std::fs::read_dir(cache.join("blocks")).map(|d| d.flatten().count()).unwrap_or(0);
