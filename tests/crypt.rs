@@ -137,6 +137,28 @@ fn encrypted_imports_store_only_ciphertext_dedup_under_one_key_and_mount_only_wi
     assert_eq!(s["blocks_fetched"], 0, "{s}");
     assert!(s["seed_blocks"].as_u64() >= Some(distinct), "{s}");
     drop(m);
+    // Prefetched for offline use with no key at all (only ciphertext moves), then
+    // mounted with the server gone.
+    let url = format!("{}/b", server.url);
+    let text = ok(client(&dir.path().join("client"), &dir.path().join("cfg"))
+        .env("CAPSULE_KEY_DIR", dir.path().join("no-keys"))
+        .args(["prefetch", "--pin", &url, "--cache"])
+        .arg(dir.path().join("cache-offline")));
+    assert!(text.contains("100%"), "{text}");
+    drop(server);
+    let m = Mounted::started_by(
+        client(&dir.path().join("client"), &dir.path().join("cfg"))
+            .env("CAPSULE_KEY_DIR", &keys)
+            .args(["mount", &url])
+            .arg(dir.path().join("mnt"))
+            .args(["--read-only", "--offline", "--cache"])
+            .arg(dir.path().join("cache-offline")),
+        &dir.path().join("client"),
+        &dir.path().join("mnt"),
+        &dir.path().join("cache-offline"),
+    );
+    assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == disk, "the offline mount does not read back the disk");
+    drop(m);
     // Without the key: a clear error naming the capsule and the key, and no mount.
     let err = fails(cap(&store, &dir.path().join("no-keys")).args(["mount", "a"]).arg(dir.path().join("mnt")).arg("--cache").arg(dir.path().join("cache")));
     assert!(err.contains("capsule a") && err.contains(&alice_id), "{err}");
