@@ -10,7 +10,10 @@ use crate::error::Result;
 impl CapsuleFs {
     /// Block `i`'s entry if it names a stored block (`None` for zero).
     pub(super) fn resolve_entry(&self, chain: &[(Hash, Layer)], i: u64) -> Result<Option<Entry>> {
-        Ok(self.pages.resolve_entry(chain, i, Some(&self.engine))?.filter(|e| e.block().is_some()))
+        // A map path brings its block along only where no seed may hold it: a seeded
+        // block must not travel (`blocks_fetched` counts it).
+        let offer_to = self.local.seeds_empty().then_some(&*self.engine);
+        Ok(self.pages.resolve_entry(chain, i, offer_to)?.filter(|e| e.block().is_some()))
     }
 
     /// A sealed block's plaintext from a seed, matched by its plaintext hash (the seeds
