@@ -5,7 +5,7 @@ CARGO ?= cargo
 GUEST := target/guest
 export CAPSULE_GUEST_DIR := $(CURDIR)/$(GUEST)
 
-.PHONY: all setup build guest guest-debian test crash fuzz bench-load soak demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link bench-backup bench-crypt clean
+.PHONY: all setup build guest guest-debian test crash fuzz bench-load bench-scale soak demo bench bench-tables bench-link bench-run bench-resume-link bench-boot-link bench-bulk-link bench-backup bench-crypt clean
 
 all: build
 
@@ -79,6 +79,13 @@ bench-load: setup guest
 bench-crypt: setup guest
 	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-crypt.sh | tee target/bench-crypt.md'
+	python3 scripts/gen-benchmarks.py
+
+# 32 cold clients warming the guest from one server on a local store, one and two servers
+# on a 3-node Garage cluster: throughput, per-client times, server memory (a few minutes).
+bench-scale: setup guest
+	$(CARGO) build --release
+	bash -o pipefail -c 'bash scripts/bench-scale.sh | tee target/bench-scale.md'
 	python3 scripts/gen-benchmarks.py
 
 # 30 minutes (SOAK_MINUTES) of phases, each a fresh mount booting the guest and reading

@@ -414,6 +414,39 @@ def gen_load(rows):
         "", f"Server peak RSS over the whole run: {kib('server_peak_rss_kib')} MiB."]
 
 
+SCALE_LABELS = {
+    "local": "one server, local store",
+    "garage-1": "one server on Garage (3 nodes)",
+    "garage-2": "two servers on Garage (3 nodes)",
+}
+
+
+def gen_scale(rows):
+    runs = {r["params"]["deployment"]: r for r in rows}
+    ref = runs.get("local")
+    if ref is None:
+        return None
+    rm = ref["measurements"]
+    c = ref["params"]["clients"]
+    note = (f"{c} concurrent `capsule warm --all` of the test guest ({mib(rm['capsule_block_bytes'], 0)} MiB of blocks), "
+            f"each into its own empty cache, from servers started fresh (empty block cache) for each deployment; "
+            f"ratios are to the single server on a local store, measured in the same run.")
+    body = []
+    for d in ["local", "garage-1", "garage-2"]:
+        r = runs.get(d)
+        if r is None:
+            continue
+        m = r["measurements"]
+        peaks = m["server_peak_rss_kib"]
+        body.append([SCALE_LABELS[d], fx(m["wall_s"], 1), fx(m["throughput_mib_s"], 1), ratio(m["throughput_mib_s"], rm["throughput_mib_s"]),
+                     fx(m["client_median_s"], 1), ratio(m["client_median_s"], rm["client_median_s"]),
+                     fx(m["client_worst_s"], 1), ratio(m["client_worst_s"], rm["client_worst_s"]),
+                     " + ".join(f"{k / 1024:.0f}" for k in peaks),
+                     " + ".join(ratio(k, rm["server_peak_rss_kib"][0]) for k in peaks)])
+    return [note, ""] + table(["deployment", "wall s", "aggregate MiB/s", "vs local", "client median s", "vs local",
+                               "client worst s", "vs local", "server peak RSS MiB", "vs local"], body)
+
+
 def gen_soak(rows):
     r = rows[-1]
     m, p = r["measurements"], r["params"]
@@ -589,6 +622,7 @@ TABLES = {
     "load": ("load", None, gen_load, "make bench-load"),
     "crypt": ("crypt", None, gen_crypt, "make bench-crypt"),
     "soak": ("soak", None, gen_soak, "make soak"),
+    "scale": ("scale", None, gen_scale, "make bench-scale"),
     "backup-days": ("backup", "day", gen_backup_days, "make bench-backup"),
     "backup-restore": ("backup", "restore", gen_backup_restore, "make bench-backup"),
     "backup-retention": ("backup", "retention", gen_backup_retention, "make bench-backup"),

@@ -45,6 +45,8 @@ pub const MARKER_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 /// Default wait between publishing the candidates and reading the refs again.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(60);
+/// How stale a server's view of running gcs may be when it answers "present" from memory.
+const GC_VIEW_REFRESH: Duration = Duration::from_secs(10);
 const MARKER_MAGIC: &[u8] = b"capsule-gc 1\n";
 /// One candidate in a marker: kind tag and hash.
 const ENTRY: usize = 33;
@@ -116,6 +118,22 @@ impl S3Backend {
         }
         if moved {
             self.forget_all();
+        }
+    }
+
+    /// Looks at the gc markers at most every [`GC_VIEW_REFRESH`], so a push's "which blocks
+    /// do you lack" is not answered from memory a gc made stale.
+    pub(crate) fn refresh_gc_view(&self) {
+        {
+            let mut last = self.gc_checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < GC_VIEW_REFRESH) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        match self.run(self.gc_markers()) {
+            Ok(markers) => self.forget_if_gc_moved(&markers),
+            Err(e) => warn!("listing gc markers: {e}"),
         }
     }
 

@@ -123,6 +123,8 @@ pub struct S3Backend {
     present: quick_cache::sync::Cache<Hash, ()>,
     /// gc markers seen: a new one makes the server forget `present` and its caches.
     gc_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// When the gc markers were last listed for `present`'s sake.
+    gc_checked: std::sync::Mutex<Option<std::time::Instant>>,
     handle: tokio::runtime::Handle,
     _runtime: OwnRuntime,
     description: String,
@@ -177,6 +179,7 @@ impl S3Backend {
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             present: quick_cache::sync::Cache::new(PRESENT_ENTRIES),
             gc_seen: std::sync::Mutex::default(),
+            gc_checked: std::sync::Mutex::default(),
             handle: runtime.handle().clone(),
             _runtime: OwnRuntime(Some(runtime)),
             description,
@@ -230,13 +233,13 @@ impl S3Backend {
     }
 
     fn cached(&self, tag: u8, dir: &str, h: &Hash) -> Result<bytes::Bytes> {
-        if let Some(b) = self.cache.get(&(tag, *h)) {
-            return Ok(b);
-        }
-        let what = format!("{} {h} in {}", if tag == BLOCK { "block" } else { "object" }, self.description);
-        let bytes = self.run(self.get(&self.key(dir, h), &what))?;
-        self.cache.insert((tag, *h), bytes.clone());
-        Ok(bytes)
+        // One read from the bucket per block however many clients ask for it at once: the
+        // others wait for the first (a cold cache under many clients would otherwise send
+        // the store one GET per client).
+        self.cache.get_or_insert_with(&(tag, *h), || {
+            let what = format!("{} {h} in {}", if tag == BLOCK { "block" } else { "object" }, self.description);
+            self.run(self.get(&self.key(dir, h), &what))
+        })
     }
 
     fn has(&self, dir: &str, h: &Hash) -> bool {
@@ -334,6 +337,7 @@ impl Backend for S3Backend {
     }
 
     fn has_block(&self, hash: &Hash) -> bool {
+        self.refresh_gc_view();
         self.present.get(hash).is_some() || {
             let found = self.has("blocks", hash);
             if found {
@@ -357,6 +361,7 @@ impl Backend for S3Backend {
     }
 
     fn has_object(&self, id: &Hash) -> bool {
+        self.refresh_gc_view();
         self.cache.get(&(OBJECT, *id)).is_some() || self.has("objects", id)
     }
 

@@ -247,3 +247,73 @@ fn popular_blocks_are_read_from_the_bucket_once_and_the_cache_stays_bounded() {
     assert!(server.cache.weight() <= cap, "cache holds {} bytes, cap {cap}", server.cache.weight());
     assert!(server.cache.weight() > cap / 4, "the cache keeps something: {}", server.cache.weight());
 }
+
+/// Counts GETs, each slowed down so concurrent readers overlap.
+#[derive(Debug)]
+struct CountingGets {
+    inner: InMemory,
+    gets: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Display for CountingGets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CountingGets")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for CountingGets {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: object_store::PutOptions) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &Path, options: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures_util::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&Path>) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(&self, from: &Path, to: &Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn a_cold_block_asked_by_many_at_once_is_read_from_the_bucket_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let counting = Arc::new(CountingGets { inner: InMemory::new(), gets: std::sync::atomic::AtomicUsize::new(0) });
+    let os: Arc<dyn ObjectStore> = counting.clone();
+    let (_, _, blocks) = pushed(&backend(os.clone()), dir.path(), "app", 5, 1 << 20);
+    let server = Arc::new(backend(os));
+    let before = counting.gets.load(std::sync::atomic::Ordering::Relaxed);
+    let barrier = Arc::new(Barrier::new(16));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (server, barrier, h) = (server.clone(), barrier.clone(), blocks[0]);
+            std::thread::spawn(move || {
+                barrier.wait();
+                server.read_encoded_block(&h).unwrap()
+            })
+        })
+        .collect();
+    let got: Vec<Vec<u8>> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(got.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(counting.gets.load(std::sync::atomic::Ordering::Relaxed) - before, 1, "16 readers of one cold block");
+}
