@@ -134,9 +134,11 @@ pub trait BlockSource: Send + Sync {
     fn counters(&self) -> SourceCounters;
     /// The map pages from `root` down to block `index` and, with `with_block`, the block
     /// there, in one request (pages checked against their ids; the caller checks the
-    /// chain). `None`: this source cannot; the caller fetches page by page.
-    fn fetch_path(&self, root: &MapRoot, index: u64, with_block: bool) -> Option<Result<PathReply, FetchError>> {
-        let _ = (root, index, with_block);
+    /// chain). Once the leaf names the block, `needed` says whether to take it: a block
+    /// already here is not read off the wire. `None`: this source cannot; the caller
+    /// fetches page by page.
+    fn fetch_path(&self, root: &MapRoot, index: u64, with_block: bool, needed: &(dyn Fn(&Hash) -> bool + Sync)) -> Option<Result<PathReply, FetchError>> {
+        let _ = (root, index, with_block, needed);
         None
     }
 }

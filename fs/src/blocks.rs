@@ -150,7 +150,7 @@ impl LazyPages {
             let entry = match capsule_images::map::lookup(self.store(), &layer.map, index) {
                 Err(e) if e.kind() == capsule_images::ErrorKind::NotFound && self.source.is_some() => {
                     if let (Some(source), Some((sub_root, sub_index))) = (&self.source, self.first_missing(&layer.map, index)?) {
-                        if let Some(Ok(reply)) = source.fetch_path(&sub_root, sub_index, engine.is_some()) {
+                        if let Some(Ok(reply)) = source.fetch_path(&sub_root, sub_index, engine.is_some(), &|h| engine.is_some_and(|e| !e.is_local(h))) {
                             self.keep_path(&sub_root, sub_index, reply, engine);
                         }
                     }

@@ -23,7 +23,7 @@ use fuser::{
 };
 use tracing::{error, warn};
 
-use capsule_fetch::readahead::Readahead;
+use capsule_fetch::readahead::{Neighbours, Readahead};
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::{BlockSource, Engine, EngineConfig, Urgency};
 
@@ -52,7 +52,7 @@ const MAX_READAHEAD_BYTES: u64 = 8 << 20;
 
 #[allow(clippy::large_enum_variant)] // one per file of a mount
 enum Content {
-    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead> },
+    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead>, neighbours: Mutex<Neighbours> },
     Bytes(Vec<u8>),
 }
 
@@ -202,7 +202,7 @@ impl CapsuleFs {
             files.push((name.clone(), slot));
             nodes.push(Node {
                 name,
-                content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()) },
+                content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()), neighbours: Mutex::new(Neighbours::default()) },
                 ahead,
                 asked_whole: Default::default(),
             });
@@ -365,7 +365,7 @@ impl CapsuleFs {
     }
 
     fn read_image(&self, tag: u32, node: &Node, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let Content::Image { image, chain, overlay, readahead } = &node.content else { return Err(Error::new(ErrorKind::Invalid, "not an image")) };
+        let Content::Image { image, chain, overlay, readahead, neighbours } = &node.content else { return Err(Error::new(ErrorKind::Invalid, "not an image")) };
         let end = image.size.min(offset.saturating_add(u64::from(size)));
         if offset >= end {
             return Ok(Vec::new());
@@ -393,8 +393,13 @@ impl CapsuleFs {
             match node.ahead {
                 Ahead::Sequential => {
                     let mut plan = self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?;
-                    if plan.is_empty() && missed {
+                    let mut near = neighbours.lock().unwrap_or_else(|p| p.into_inner());
+                    near.on_read(first, last);
+                    if plan.is_empty() && missed && near.on_miss(first, last) {
                         let n = ahead::neighbours_on_miss(self.engine.rtt(), self.engine.peak_bandwidth(), self.engine.block_bytes(), bs);
+                        for j in last + 1..=last + n {
+                            near.sent(j);
+                        }
                         if n > 0 {
                             plan = self.neighbour_plan(image, chain, overlay, last, n)?;
                         }

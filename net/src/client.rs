@@ -363,7 +363,9 @@ impl Client {
     /// The map pages from page `root` down to block `index` (each checked against its id;
     /// the caller checks that each names the next) and, with `with_block`, the block
     /// there in its stored encoding (unverified: the fetch engine verifies it).
-    pub async fn get_path(&self, root: MapRoot, index: u64, with_block: bool) -> Result<PathReply> {
+    /// Once the leaf arrived, a block `needed` refuses is left unread (the stream is
+    /// dropped: the server stops sending it).
+    pub async fn get_path(&self, root: MapRoot, index: u64, with_block: bool, needed: &(dyn Fn(&Hash) -> bool + Sync)) -> Result<PathReply> {
         let (mut send, mut reader) = self.open(Request::GetPath { root, index, with_block }, 2).await?;
         let _ = send.finish();
         let mut reply = PathReply::default();
@@ -373,7 +375,11 @@ impl Client {
                     if reply.pages.len() >= usize::from(root.height) || Hash::of(&bytes) != id {
                         return Err(Error::new(ErrorKind::Corrupt, format!("server sent map page {id} that is not on the path to block {index}")));
                     }
+                    let leaf = (reply.pages.len() + 1 == usize::from(root.height)).then(|| leaf_block(&id, &bytes, index)).flatten();
                     reply.pages.push((id, bytes));
+                    if with_block && leaf.is_some_and(|h| !needed(&h)) {
+                        return Ok(reply);
+                    }
                 }
                 Frame::Block { hash, encoded } if with_block && reply.block.is_none() => reply.block = Some((hash, encoded)),
                 Frame::End => return Ok(reply),
@@ -466,4 +472,14 @@ mod tests {
             assert!(RemoteUrl::parse(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// The block a leaf page names for `index`, if it names one (an undecodable page names
+/// none: the caller checks pages itself).
+fn leaf_block(id: &Hash, bytes: &[u8], index: u64) -> Option<Hash> {
+    let page: capsule_images::map::MapPage = capsule_images::envelope::decode_verified(ObjectKind::MapPage, id, bytes).ok()?;
+    let capsule_images::map::MapPage::Leaf(slots) = page else { return None };
+    let slot = (index & (capsule_images::map::FANOUT - 1)) as u16;
+    let i = slots.binary_search_by_key(&slot, |s| s.0).ok()?;
+    slots[i].1.block()
 }

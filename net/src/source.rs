@@ -304,7 +304,13 @@ impl BlockSource for RemoteSource {
         })
     }
 
-    fn fetch_path(&self, root: &MapRoot, index: u64, with_block: bool) -> Option<std::result::Result<PathReply, FetchError>> {
+    fn fetch_path(
+        &self,
+        root: &MapRoot,
+        index: u64,
+        with_block: bool,
+        needed: &(dyn Fn(&Hash) -> bool + Sync),
+    ) -> Option<std::result::Result<PathReply, FetchError>> {
         let shared = &self.shared;
         if shared.stats.paths_refused.load(Ordering::Relaxed) {
             return None;
@@ -313,7 +319,7 @@ impl BlockSource for RemoteSource {
         shared.stats.path_requests.fetch_add(1, Ordering::Relaxed);
         // One attempt: on any failure the caller walks page by page, with its retries.
         let result = self.runtime.block_on(async {
-            let attempt = async { shared.connected().await?.get_path(*root, index, with_block).await };
+            let attempt = async { shared.connected().await?.get_path(*root, index, with_block, needed).await };
             match tokio::time::timeout(shared.stall_timeout, attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::new(ErrorKind::Unavailable, format!("no answer within {:.0} s", shared.stall_timeout.as_secs_f64()))),

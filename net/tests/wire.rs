@@ -135,18 +135,20 @@ async fn a_map_path_brings_every_page_down_to_the_block_and_the_block_in_one_req
     let Some(capsule_images::Entry::Data(block)) = want else { panic!("block {index} of a is data: {want:?}") };
 
     let c = Client::connect(&f.url, &f.opts).await.unwrap();
-    let reply = c.get_path(layer.map, index, true).await.unwrap();
+    let reply = c.get_path(layer.map, index, true, &|_| true).await.unwrap();
     assert_eq!(reply.pages.len(), usize::from(layer.map.height), "one page per tree level");
     assert_eq!(reply.pages[0].0, layer.map.root.unwrap(), "top first");
     let (hash, encoded) = reply.block.expect("the block came along");
     assert_eq!(hash, block);
     assert_eq!(capsule_images::block::decode(&hash, &encoded).unwrap().len(), 1 << image.block_size_log2);
-    assert!(c.get_path(layer.map, index, false).await.unwrap().block.is_none(), "only when asked");
+    assert!(c.get_path(layer.map, index, false, &|_| true).await.unwrap().block.is_none(), "only when asked");
+    let held = c.get_path(layer.map, index, true, &|h| *h != block).await.unwrap();
+    assert!(held.block.is_none() && held.pages.len() == reply.pages.len(), "a block the client holds is left unread");
 
     // Hostile or stale requests fail alone, with a kind the client can act on.
     let too_high = capsule_images::map::MapRoot { height: 7, ..layer.map };
-    assert_eq!(c.get_path(too_high, index, true).await.unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(c.get_path(too_high, index, true, &|_| true).await.unwrap_err().kind(), ErrorKind::InvalidInput);
     let unknown = capsule_images::map::MapRoot { root: Some(capsule_images::Hash([7; 32])), ..layer.map };
-    assert_eq!(c.get_path(unknown, index, true).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(c.get_path(unknown, index, true, &|_| true).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert!(c.get_ref("a").await.unwrap().is_some(), "the connection lives on");
 }
