@@ -447,6 +447,16 @@ fn unexpected(r: &Response) -> Error {
     Error::protocol(format!("unexpected response {r:?}"))
 }
 
+/// The block a leaf page names for `index`, if it names one (an undecodable page names
+/// none: the caller checks pages itself).
+fn leaf_block(id: &Hash, bytes: &[u8], index: u64) -> Option<Hash> {
+    let page: capsule_images::map::MapPage = capsule_images::envelope::decode_verified(ObjectKind::MapPage, id, bytes).ok()?;
+    let capsule_images::map::MapPage::Leaf(slots) = page else { return None };
+    let slot = (index & (capsule_images::map::FANOUT - 1)) as u16;
+    let i = slots.binary_search_by_key(&slot, |s| s.0).ok()?;
+    slots[i].1.block()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,14 +482,4 @@ mod tests {
             assert!(RemoteUrl::parse(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// The block a leaf page names for `index`, if it names one (an undecodable page names
-/// none: the caller checks pages itself).
-fn leaf_block(id: &Hash, bytes: &[u8], index: u64) -> Option<Hash> {
-    let page: capsule_images::map::MapPage = capsule_images::envelope::decode_verified(ObjectKind::MapPage, id, bytes).ok()?;
-    let capsule_images::map::MapPage::Leaf(slots) = page else { return None };
-    let slot = (index & (capsule_images::map::FANOUT - 1)) as u16;
-    let i = slots.binary_search_by_key(&slot, |s| s.0).ok()?;
-    slots[i].1.block()
 }
