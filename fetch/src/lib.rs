@@ -18,6 +18,7 @@ pub mod engine;
 pub mod readahead;
 pub mod sched;
 pub mod sim;
+mod verify;
 
 use std::sync::Arc;
 
