@@ -25,6 +25,7 @@ pub mod slot;
 pub mod store;
 pub mod verify;
 pub mod vm_file;
+mod walk;
 
 pub use error::{Error, ErrorKind, Result};
 pub use hash::Hash;
