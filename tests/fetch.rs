@@ -93,10 +93,11 @@ fn random_readers_fetch_only_what_they_read_and_sequential_readers_earn_readahea
     let s = m.stats();
     let all = distinct_nonzero_blocks(&disk, 0..size.div_ceil(BS)) as u64;
     assert_eq!(s["blocks_fetched"].as_u64().unwrap(), all, "every distinct block once: {s}");
-    // A random reader gets none (above); a sequential one gets much of the file ahead of
-    // it. How much depends on how fast the reader runs against the link (a busy machine
-    // slows the server more than the reader), so the bar is a quarter, not a half.
-    assert!(fetch_stat(&s, "readahead_blocks") > all / 4, "a sequential reader earns readahead: {s}");
+    // A random reader gets none (above); a sequential one gets part of the file ahead of
+    // it. How much depends on how fast the reader runs against the link: on loopback both
+    // share two cores, the reader often catches up and misses, and a loaded CI machine saw
+    // 20% (quiet: 35-45%). The bar is an eighth: far from none, and not a timing test.
+    assert!(fetch_stat(&s, "readahead_blocks") > all / 8, "a sequential reader earns readahead: {s}");
     assert_eq!(fetch_stat(&s, "unwanted_blocks"), 0, "{s}");
     assert_eq!(fetch_stat(&s, "verified_blocks"), all, "each block decoded and hashed once: {s}");
 }

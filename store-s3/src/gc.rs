@@ -209,7 +209,9 @@ impl S3Backend {
         let blocks = self.run(self.list_hashed("blocks"))?;
         let objects = self.run(self.list_hashed("objects"))?;
         let (live, _) = self.live()?;
-        let old = |m: &ObjectMeta| u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(u64::MAX) < cutoff;
+        // At least `grace` old, to the millisecond: with a zero grace, what was written in the
+        // gc's own first millisecond goes too.
+        let old = |m: &ObjectMeta| u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(u64::MAX) <= cutoff;
         let mut doomed: HashMap<(u8, Hash), ObjectMeta> = HashMap::new();
         for (tag, listed) in [(BLOCK, &blocks), (OBJECT, &objects)] {
             for (h, meta) in listed.iter() {
@@ -286,7 +288,7 @@ impl S3Backend {
             }
         }
         // Profile pointers of capsules no ref reaches (the objects they name went above).
-        for meta in dead_profiles.iter().filter(|m| u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(u64::MAX) < cutoff) {
+        for meta in dead_profiles.iter().filter(|m| u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(u64::MAX) <= cutoff) {
             if let Err(e) = self.run(self.os.delete(&meta.location)) {
                 warn!("gc: removing {}: {e}", meta.location);
             }
