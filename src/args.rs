@@ -43,9 +43,11 @@ pub struct MountArgs {
     /// capsule, else `boot`]
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
-    /// Kernel readahead in bytes; `capsule run` sets 0 so guest-RAM faults read one page
-    #[arg(long, value_name = "BYTES", default_value_t = capsule_fs::mount::DEFAULT_KERNEL_READAHEAD)]
-    pub kernel_readahead: u32,
+    /// Kernel readahead in bytes [default: 1 MiB; 0 with --record-profile, so that a
+    /// profile lists what readers read, not what the kernel read ahead for them]; `capsule
+    /// run` sets 0 so guest-RAM faults read one page
+    #[arg(long, value_name = "BYTES")]
+    pub kernel_readahead: Option<u32>,
     /// A guest-RAM fault also fetches the rest of its aligned group of N pages (fewer round
     /// trips, more bytes); 0: sized from the measured round trip and bandwidth
     #[arg(long, value_name = "N", default_value_t = 0, hide = true)]

@@ -23,9 +23,11 @@ use crate::{BatchRequest, FetchError, FetchErrorKind, Urgency};
 pub struct SchedConfig {
     /// Most blocks in one batch.
     pub max_batch_blocks: usize,
-    /// Least bytes background and readahead may keep in flight (before anything is measured,
-    /// and on links whose bandwidth-delay product is tiny).
+    /// Least bytes background and readahead may keep in flight (on links whose
+    /// bandwidth-delay product is tiny; two mean blocks if that is more).
     pub min_window_bytes: u64,
+    /// Bytes background and readahead may keep in flight before a bandwidth is measured.
+    pub initial_window_bytes: u64,
     /// Most bytes background and readahead may keep in flight.
     pub max_window_bytes: u64,
     /// Link time the window holds beyond two round trips.
@@ -46,7 +48,8 @@ impl Default for SchedConfig {
     fn default() -> Self {
         Self {
             max_batch_blocks: 64,
-            min_window_bytes: 1 << 20,
+            min_window_bytes: 64 << 10,
+            initial_window_bytes: 256 << 10,
             max_window_bytes: 64 << 20,
             queue_allowance: Duration::from_millis(25),
             block_bytes_guess: 64 << 10,
@@ -118,6 +121,9 @@ pub struct Estimator {
     block_bytes: Option<f64>,
     /// The best rate ever measured: what the link carries when something fills it.
     peak_rate: Option<f64>,
+    /// The smallest round trip ever measured: the link's own, without the queue that
+    /// traffic builds in front of it.
+    base_rtt: Option<Duration>,
 }
 
 const RTT_SAMPLES: usize = 32;
@@ -126,6 +132,7 @@ const RATE_MIN_SPAN: Duration = Duration::from_millis(250);
 
 impl Estimator {
     fn on_rtt(&mut self, sample: Duration) {
+        self.base_rtt = Some(self.base_rtt.map_or(sample, |b| b.min(sample)));
         if self.rtt_samples.len() == RTT_SAMPLES {
             self.rtt_samples.pop_front();
         }
@@ -162,6 +169,12 @@ impl Estimator {
     /// The smallest recent round trip (request sent to first block back).
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt_samples.iter().min().copied()
+    }
+
+    /// The smallest round trip since the start: the link's, where [`Self::rtt`] also holds
+    /// the queue in front of it while the link is busy.
+    pub fn base_rtt(&self) -> Option<Duration> {
+        self.base_rtt
     }
 
     /// The best recent delivery rate, bytes per second.
@@ -242,16 +255,20 @@ impl Scheduler {
         self.batches.len()
     }
 
-    /// Bytes readahead and background may have in flight now: two measured
-    /// bandwidth-delay products plus `queue_allowance` of link time (on a fast LAN the
-    /// receiver's own processing, not the round trip, is the delay to cover), within the
-    /// configured bounds.
+    /// Bytes readahead and background may have in flight now: two bandwidth-delay
+    /// products of the measured rate and the link's base round trip, plus `queue_allowance`
+    /// of link time (on a fast LAN the receiver's own processing, not the round trip, is
+    /// the delay to cover), within the configured bounds. The base round trip, not the
+    /// recent one: a sender that fills a deep router buffer inflates every recent sample,
+    /// a window sized from them lets more in, and a demand block waits behind all of it
+    /// (a second and more at 10 Mbit/s over the benchmarks' relay).
     pub fn window(&self) -> u64 {
-        let bdp = match (self.est.bandwidth(), self.est.rtt()) {
-            (Some(bw), Some(rtt)) => (bw * (rtt.as_secs_f64() * 2.0 + self.cfg.queue_allowance.as_secs_f64())) as u64,
-            _ => 0,
+        let (Some(bw), Some(rtt)) = (self.est.bandwidth(), self.est.base_rtt()) else {
+            return self.cfg.initial_window_bytes.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes);
         };
-        bdp.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes)
+        let bdp = (bw * (rtt.as_secs_f64() * 2.0 + self.cfg.queue_allowance.as_secs_f64())) as u64;
+        let floor = self.cfg.min_window_bytes.max(2 * self.block_bytes());
+        bdp.clamp(floor, self.cfg.max_window_bytes.max(floor))
     }
 
     fn block_bytes(&self) -> u64 {

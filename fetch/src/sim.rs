@@ -4,7 +4,10 @@
 //! The server serves batches one block at a time, highest urgency first and round robin
 //! among batches of equal urgency (as QUIC stream priorities do), serialising each block at
 //! the link's bandwidth; a block reaches the client half a round trip after it was sent,
-//! or a full round trip later if it was "lost" (retransmitted). A missing block ends its
+//! or a full round trip later if it was "lost" (retransmitted). With a `buffer`, the
+//! sender runs that far ahead of the link into a first-in first-out queue (a bloated
+//! router buffer that the congestion controller fills): priorities then act only on what
+//! enters the queue, and whatever is queued delays a demand block. A missing block ends its
 //! batch with "not found" (as the real server does); a corrupt block arrives damaged.
 
 use std::cmp::Reverse;
@@ -25,12 +28,15 @@ pub struct Link {
     pub bytes_per_sec: f64,
     /// Probability that a block needs a retransmission (one more round trip).
     pub loss: f64,
+    /// Link time the sender may queue ahead of the bottleneck (zero: it sends each block
+    /// just in time, by priority).
+    pub buffer: Duration,
 }
 
 impl Link {
     /// `mbit` Mbit/s with `rtt_ms` of round trip and no loss.
     pub fn mbit(mbit: f64, rtt_ms: u64) -> Self {
-        Self { rtt: Duration::from_millis(rtt_ms), bytes_per_sec: mbit * 1e6 / 8.0, loss: 0.0 }
+        Self { rtt: Duration::from_millis(rtt_ms), bytes_per_sec: mbit * 1e6 / 8.0, loss: 0.0, buffer: Duration::ZERO }
     }
 }
 
@@ -70,6 +76,8 @@ pub struct Sim {
     pub silent: bool,
     serving: Vec<Serving>,
     server_busy: bool,
+    /// When the bottleneck has sent everything queued so far.
+    link_free_at: Instant,
     turn: u64,
     events: BinaryHeap<Reverse<(Instant, u64)>>,
     payloads: HashMap<u64, Event>,
@@ -103,6 +111,7 @@ impl Sim {
             silent: false,
             serving: Vec::new(),
             server_busy: false,
+            link_free_at: Instant::now(),
             turn: 0,
             events: BinaryHeap::new(),
             payloads: HashMap::new(),
@@ -171,7 +180,8 @@ impl Sim {
         }
         let bytes = self.sizes.get(&hash).copied().unwrap_or(65536);
         let send = Duration::from_secs_f64(bytes as f64 / self.link.bytes_per_sec);
-        let sent = self.now + send;
+        let sent = self.now.max(self.link_free_at) + send;
+        self.link_free_at = sent;
         let lost = self.random() < self.link.loss;
         let mut arrives = sent + self.link.rtt / 2 + if lost { self.link.rtt } else { Duration::ZERO };
         // One stream delivers in order: a retransmission holds up the blocks behind it.
@@ -193,7 +203,9 @@ impl Sim {
             self.at(arrives, Event::End { batch: s.id, result: Ok(()) });
         }
         self.server_busy = true;
-        self.at(sent, Event::ServerFree);
+        // The next block enters the queue once what is queued drains below the buffer.
+        let free = sent.checked_sub(self.link.buffer).unwrap_or(self.now).max(self.now);
+        self.at(free, Event::ServerFree);
     }
 
     fn handle(&mut self, e: Event) {
