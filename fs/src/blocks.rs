@@ -10,7 +10,7 @@ use capsule_fetch::{BlockSource, Engine, LocalBlocks, PathReply};
 use capsule_images::envelope::ObjectKind;
 use capsule_images::error::ResultExt;
 use capsule_images::manifest::Layer;
-use capsule_images::map::{Entry, MapPage, MapRoot, PageSource, FANOUT, FANOUT_BITS};
+use capsule_images::map::{Entry, MapPage, MapRoot, PageSource, Step, FANOUT_BITS};
 use capsule_images::{Hash, Store};
 use tracing::warn;
 
@@ -179,14 +179,8 @@ impl LazyPages {
                 }
                 r => r?,
             };
-            match &*page {
-                MapPage::Node(slots) if level > 0 => {
-                    let slot = ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as u16;
-                    match slots.binary_search_by_key(&slot, |s| s.0) {
-                        Ok(i) => page_id = slots[i].1,
-                        Err(_) => return Ok(None),
-                    }
-                }
+            match page.step(index, level) {
+                Step::Page(child) => page_id = child,
                 _ => return Ok(None),
             }
         }
@@ -217,14 +211,14 @@ impl LazyPages {
                     return;
                 }
             };
-            let slot = ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as u16;
-            expected = match (&*page, level) {
-                (MapPage::Node(slots), l) if l > 0 => slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| slots[i].1),
-                (MapPage::Leaf(slots), 0) => {
-                    entry = slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| slots[i].1);
+            expected = match page.step(index, level) {
+                Step::Page(child) => Some(child),
+                Step::Entry(e) => {
+                    entry = Some(e);
                     None
                 }
-                _ => return,
+                Step::Unmapped => None,
+                Step::WrongType => return,
             };
         }
         if let (Some(engine), Some((hash, encoded)), Some(want)) = (engine, reply.block, entry.and_then(|e| e.block())) {

@@ -136,7 +136,7 @@ pub fn build(entries: &[(u64, Entry)], nblocks: u64, put: &mut dyn FnMut(&MapPag
         let key = entries[i].0 >> FANOUT_BITS;
         let mut slots = Vec::new();
         while i < entries.len() && entries[i].0 >> FANOUT_BITS == key {
-            slots.push((slot_of(entries[i].0), entries[i].1));
+            slots.push((slot_at(entries[i].0, 0), entries[i].1));
             i += 1;
         }
         level.push((key, put(&MapPage::Leaf(slots))?));
@@ -148,7 +148,7 @@ pub fn build(entries: &[(u64, Entry)], nblocks: u64, put: &mut dyn FnMut(&MapPag
             let key = level[i].0 >> FANOUT_BITS;
             let mut slots = Vec::new();
             while i < level.len() && level[i].0 >> FANOUT_BITS == key {
-                slots.push((slot_of(level[i].0), level[i].1));
+                slots.push((slot_at(level[i].0, 0), level[i].1));
                 i += 1;
             }
             next.push((key, put(&MapPage::Node(slots))?));
@@ -159,9 +159,40 @@ pub fn build(entries: &[(u64, Entry)], nblocks: u64, put: &mut dyn FnMut(&MapPag
     Ok(MapRoot { height, root: Some(level[0].1) })
 }
 
-fn slot_of(index: u64) -> u16 {
+/// The slot block `index` takes in a page at `level` of the tree (0: a leaf).
+pub fn slot_at(index: u64, level: u32) -> u16 {
     // Masked to 10 bits, so it always fits.
-    (index & (FANOUT - 1)) as u16
+    if FANOUT_BITS * level >= 64 {
+        return 0;
+    }
+    ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as u16
+}
+
+impl MapPage {
+    /// What this page, read as the page at `level` (a node above 0, a leaf at 0), says
+    /// on the way to block `index`.
+    pub fn step(&self, index: u64, level: u32) -> Step {
+        let slot = slot_at(index, level);
+        let found = match (self, level) {
+            (MapPage::Node(slots), l) if l > 0 => slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| Step::Page(slots[i].1)),
+            (MapPage::Leaf(slots), 0) => slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| Step::Entry(slots[i].1)),
+            _ => return Step::WrongType,
+        };
+        found.unwrap_or(Step::Unmapped)
+    }
+}
+
+/// One step of a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The child page to read next.
+    Page(Hash),
+    /// The leaf's entry for the block.
+    Entry(Entry),
+    /// The page maps nothing there.
+    Unmapped,
+    /// A leaf above level 0 or a node at it: a damaged or hostile map.
+    WrongType,
 }
 
 /// What the map says about block `index`: `None` when it does not map it.
@@ -172,17 +203,12 @@ pub fn lookup(src: &dyn PageSource, root: &MapRoot, index: u64) -> Result<Option
         return Ok(None);
     }
     for level in (0..u32::from(root.height)).rev() {
-        let slot = slot_of(index >> (FANOUT_BITS * level));
         let page = src.page(&page_id)?;
-        match (&*page, level) {
-            (MapPage::Leaf(slots), 0) => {
-                return Ok(slots.binary_search_by_key(&slot, |s| s.0).ok().map(|i| slots[i].1));
-            }
-            (MapPage::Node(slots), l) if l > 0 => match slots.binary_search_by_key(&slot, |s| s.0) {
-                Ok(i) => page_id = slots[i].1,
-                Err(_) => return Ok(None),
-            },
-            _ => return Err(Error::corrupt(format!("map page {page_id} has the wrong type for tree level {level}"))),
+        match page.step(index, level) {
+            Step::Entry(e) => return Ok(Some(e)),
+            Step::Page(child) => page_id = child,
+            Step::Unmapped => return Ok(None),
+            Step::WrongType => return Err(Error::corrupt(format!("map page {page_id} has the wrong type for tree level {level}"))),
         }
     }
     Err(Error::corrupt("map tree of height 0"))

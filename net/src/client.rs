@@ -451,10 +451,10 @@ fn unexpected(r: &Response) -> Error {
 /// none: the caller checks pages itself).
 fn leaf_block(id: &Hash, bytes: &[u8], index: u64) -> Option<Hash> {
     let page: capsule_images::map::MapPage = capsule_images::envelope::decode_verified(ObjectKind::MapPage, id, bytes).ok()?;
-    let capsule_images::map::MapPage::Leaf(slots) = page else { return None };
-    let slot = (index & (capsule_images::map::FANOUT - 1)) as u16;
-    let i = slots.binary_search_by_key(&slot, |s| s.0).ok()?;
-    slots[i].1.block()
+    match page.step(index, 0) {
+        capsule_images::map::Step::Entry(e) => e.block(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
