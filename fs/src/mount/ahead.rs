@@ -105,26 +105,6 @@ impl CapsuleFs {
     }
 }
 
-/// Blocks after a disk read's missed blocks that its fetch brings along when its stream
-/// earned no readahead. A booting guest's reads jump about, but a block it misses is
-/// often followed by the next one soon after (70% of the time in a Debian boot's trace:
-/// fetching one neighbour per miss cut its requests by a fifth for 15% more blocks). A
-/// neighbour pays when its transfer costs less than the round trip it saves at that odds:
-/// on a 10 Mbit/s, 40 ms link one block, on faster links two, on 2 Mbit/s or on a LAN
-/// (round trips are cheap there) none. `bandwidth` is the link's capacity (the peak
-/// measured), not the recent rate, which a reader waiting on round trips keeps low.
-pub fn neighbours_on_miss(rtt: Option<Duration>, bandwidth: Option<f64>, encoded_block_bytes: Option<f64>, block_size: u64) -> u64 {
-    const USED_ODDS: f64 = 0.7;
-    let Some(rtt) = rtt else { return 0 };
-    if rtt < Duration::from_millis(2) {
-        return 0;
-    }
-    // Before anything is measured: a 10 Mbit/s link, blocks a third of their size.
-    let bdp = bandwidth.unwrap_or(1.25e6) * rtt.as_secs_f64();
-    let block = encoded_block_bytes.unwrap_or(block_size as f64 / 3.0).max(1.0);
-    ((USED_ODDS * bdp / block) as u64).min(2)
-}
-
 /// Pages a RAM fault fetches at once when the cluster is left to the link: a round trip
 /// costs what a few bandwidth-delay products of extra pages cost, and a guest's first
 /// touches after a resume are loosely clustered, so on a long link a fault brings its
@@ -154,18 +134,5 @@ mod tests {
         assert_eq!(auto_cluster(Some(ms(40)), Some(2e6 / 8.0), 4096), 16, "2 Mbit/s, 40 ms: 10 KB BDP, 4 of them");
         assert_eq!(auto_cluster(Some(ms(40)), Some(0.384e6 / 8.0), 4096), 4, "384 kbit/s keeps the floor");
         assert_eq!(auto_cluster(Some(ms(200)), Some(1.25e7), 4096), 16, "capped");
-    }
-
-    #[test]
-    fn a_missed_disk_block_brings_neighbours_only_where_they_pay() {
-        let ms = Duration::from_millis;
-        let bs = 64 << 10;
-        let block = Some(19_000.0);
-        assert_eq!(neighbours_on_miss(None, None, None, bs), 0, "nothing measured yet");
-        assert_eq!(neighbours_on_miss(Some(ms(0)), Some(1e9), block, bs), 0, "loopback: round trips are cheap");
-        assert_eq!(neighbours_on_miss(Some(ms(40)), Some(1.25e6), block, bs), 1, "10 Mbit/s, 40 ms: one");
-        assert_eq!(neighbours_on_miss(Some(ms(40)), Some(6.25e6), block, bs), 2, "50 Mbit/s: capped at two");
-        assert_eq!(neighbours_on_miss(Some(ms(40)), Some(0.25e6), block, bs), 0, "2 Mbit/s: a neighbour costs more than it saves");
-        assert_eq!(neighbours_on_miss(Some(ms(40)), Some(1.25e6), Some(65536.0), bs), 0, "incompressible blocks at 10 Mbit/s");
     }
 }
