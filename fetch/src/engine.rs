@@ -316,9 +316,7 @@ impl Engine {
         match capsule_images::block::decode(hash, encoded) {
             Ok(raw) => {
                 self.stats.verified_blocks.fetch_add(1, Ordering::Relaxed);
-                self.stats.fetched_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                self.stats.demand_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                self.stats.demand_blocks.fetch_add(1, Ordering::Relaxed);
+                self.count_fetched(Urgency::Demand, encoded.len() as u64);
                 self.decoded.insert(*hash, Arc::new(raw));
                 self.write_local(hash, encoded);
                 true
@@ -329,6 +327,20 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// A wanted block of `bytes` (encoded) arrived at `urgency`.
+    fn count_fetched(&self, urgency: Urgency, bytes: u64) {
+        self.stats.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let blocks = match urgency {
+            Urgency::Demand => {
+                self.stats.demand_bytes.fetch_add(bytes, Ordering::Relaxed);
+                &self.stats.demand_blocks
+            }
+            Urgency::Readahead => &self.stats.readahead_blocks,
+            Urgency::Background => &self.stats.background_blocks,
+        };
+        blocks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// True if the block is here (memory or the local cache), unverified.
@@ -572,16 +584,7 @@ impl Engine {
                 st.last_progress = now;
                 match st.sched.on_block(now, batch, &hash, encoded.len() as u64) {
                     Arrival::Wanted(urgency) => {
-                        self.stats.fetched_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                        let counter = match urgency {
-                            Urgency::Demand => {
-                                self.stats.demand_bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                                &self.stats.demand_blocks
-                            }
-                            Urgency::Readahead => &self.stats.readahead_blocks,
-                            Urgency::Background => &self.stats.background_blocks,
-                        };
-                        counter.fetch_add(1, Ordering::Relaxed);
+                        self.count_fetched(urgency, encoded.len() as u64);
                         // Background blocks nobody reads yet stay on disk only.
                         let keep = urgency > Urgency::Background;
                         if keep {
