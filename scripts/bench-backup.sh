@@ -28,7 +28,8 @@
 # Results: results/backup.jsonl (scripts/results-lib.sh), tables by scripts/gen-benchmarks.py,
 # plot by scripts/plot-backup.py (results/backup/stored.png).
 # Environment: DAYS=14, SEED=1, RESTORE_DAY=7, RATE=10mbit, DELAY_MS=20, GUEST_MEM=512,
-# BOOT_TIMEOUT=900, CAPSULE_DEBIAN_GUEST_DIR (default target/guest-debian), CAPSULE_BIN.
+# BOOT_TIMEOUT=900, RESTORE=1 (0: the two weeks and retention only, no restore; about 15
+# minutes), CAPSULE_DEBIAN_GUEST_DIR (default target/guest-debian), CAPSULE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/results-lib.sh
@@ -43,6 +44,7 @@ RATE=${RATE:-10mbit}
 DELAY_MS=${DELAY_MS:-20}
 MEM=${GUEST_MEM:-512}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-900}
+RESTORE=${RESTORE:-1}
 MARKER='CAPSULE-GUEST-MARKER debian-ready'
 TOOLS=(capsule restic borg rsync)
 die() { echo "bench-backup: $*" >&2; exit 1; }
@@ -211,6 +213,8 @@ done
 RD=$(printf 'day-%02d' "$RESTORE_DAY")
 WANT=$(sha256sum "$W/srv/day-restore.raw" | cut -d' ' -f1)
 
+FAILED=0
+if [ "$RESTORE" = 1 ]; then
 ############ restore of day 7 on an empty machine, across the slow link ############
 log "restore of $RD across $RATE, $((2 * DELAY_MS)) ms RTT"
 link_rate "$RATE"
@@ -244,7 +248,6 @@ boot_to_marker() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
 }
-FAILED=0
 # restored TOOL LOCAL_S LINK_BYTES RUN_S BOOT_S SHA256: records a restore (SHA256: of the
 # restored image before the guest booted from it, against day 7's).
 restored() {
@@ -299,30 +302,42 @@ mkdir -p "$R/restic" "$R/borg" "$R/rsync"
 restore_then_boot restic "$R/restic$IMG" restic "${RESTIC_R[@]}" restore latest --tag "$RD" --target "$R/restic"
 restore_then_boot borg "$R/borg$IMG" sh -c 'cd "$1" && shift && exec borg extract --sparse "$@"' - "$R/borg" "$BORG_URL::$RD"
 restore_then_boot rsync "$R/rsync/disk.raw" rsync -z --sparse -e "$(ssh_to 2223)" "root@$SRV_IP:$W/srv/day-restore.raw" "$R/rsync/disk.raw"
+fi # RESTORE
 
 ############ retention: the servers drop days 1-7 ############
 log "retention: drop days 1-$RESTORE_DAY"
 retained() {
-  local tool=$1 before=$2 after=$3 s=$4 ok=$5
+  local tool=$1 before=$2 after=$3 s=$4 ok=$5 detail=${6:-null}
   result_line backup "$(jq -n --arg t "$tool" --argjson k "$RESTORE_DAY" '{section: "retention", tool: $t, dropped_days: $k}')" \
-    "$(jq -n --argjson b "$before" --argjson a "$after" --argjson s "$s" --argjson ok "$ok" \
-          '{stored_before: $b, stored_after: $a, freed_bytes: ($b - $a), seconds: $s, remaining_verified: $ok}')"
+    "$(jq -n --argjson b "$before" --argjson a "$after" --argjson s "$s" --argjson ok "$ok" --argjson x "$detail" \
+          '{stored_before: $b, stored_after: $a, freed_bytes: ($b - $a), seconds: $s, remaining_verified: $ok, detail: $x}')"
   log "retention $tool: $(mb "$before") MB -> $(mb "$after") MB in $s s (remaining intact: $ok)"
 }
 # Capsule: on the server's store (its server stopped: gc takes the store's lock).
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
 before=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
 t0=$(now)
-for day in $(seq 1 "$RESTORE_DAY"); do "$BIN" --store "$SRV_STORE" rm "$(printf 'day-%02d' "$day")" >/dev/null; done
+# rm alone first (day 8 still reads through days 1-7: it says so, and gc frees next to
+# nothing), then `capsule flatten` of the oldest kept day, as `rm --flatten` would do at once.
+# shellcheck disable=SC2046
+rm_out=$("$BIN" --store "$SRV_STORE" rm $(seq -f 'day-%02g' 1 "$RESTORE_DAY") --json)
+gc_rm=$("$BIN" --store "$SRV_STORE" gc --json)
+flattened=()
+for name in $(jq -r '.still_reaching_removed[]' <<<"$rm_out"); do
+  flattened+=("$("$BIN" --store "$SRV_STORE" flatten "$name" --json)")
+done
 gc=$("$BIN" --store "$SRV_STORE" gc --json)
 s=$(secs "$t0" "$(now)")
 after=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
+CAPSULE_RETENTION=$(jq -n --argjson rm "$rm_out" --argjson g1 "$gc_rm" --argjson g2 "$gc" '{rm: $rm, gc_after_rm: $g1, gc_after_flatten: $g2, flattened: $ARGS.positional}' \
+  --jsonargs "${flattened[@]}")
+log "capsule rm: $(jq -c . <<<"$rm_out"); gc after rm alone: $(jq -c . <<<"$gc_rm")"
 ok=true
 for day in $(seq $((RESTORE_DAY + 1)) "$DAYS"); do
   "$BIN" --store "$SRV_STORE" verify "$(printf 'day-%02d' "$day")" >/dev/null 2>"$W/verify.err" || { ok=false; FAILED=1; cat "$W/verify.err" >&2; }
 done
 log "capsule gc: $gc"
-retained capsule "$before" "$after" "$s" "$ok"
+retained capsule "$before" "$after" "$s" "$ok" "$CAPSULE_RETENTION"
 # restic and borg: on the server's repositories, as their admin would.
 export RESTIC_CACHE_DIR=$W/srv/restic-cache BORG_BASE_DIR=$W/srv/borg-home
 before=$(size_of "$RESTIC_REPO")

@@ -28,6 +28,7 @@ mod offline;
 mod progress;
 mod remote;
 mod report;
+mod retain;
 mod run;
 mod serve;
 mod status;
@@ -191,8 +192,22 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = capsule_store_s3::gc::DEFAULT_SETTLE.as_secs_f64())]
         settle: f64,
     },
-    /// Remove a ref (its blocks go at the next gc)
+    /// Remove refs (their blocks go at the next gc, unless a remaining capsule still reads
+    /// through them: --flatten makes those stand alone)
     Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Flatten the oldest remaining capsule of each chain that reads through a removed one
+        /// (see `capsule flatten`), so `gc` frees what only the removed ones read
+        #[arg(long)]
+        flatten: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a capsule stand alone: one layer per image holding its whole map, no parent (same
+    /// bytes, blocks unchanged), and every capsule built on it moved onto the new one; then
+    /// `gc` frees what only its ancestors read. Ids change: commit writable mounts first
+    Flatten {
         name: String,
         #[arg(long)]
         json: bool,
@@ -759,13 +774,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             print_transfer(json, "pulled", &local, &report, Some(id))?;
         }
-        Command::Rm { name, json } => {
-            let store = open()?;
-            if !store.delete_ref(&name)? {
-                bail!("no capsule named {name:?} in store {}", store.root().display());
-            }
-            print_json_or(json, &json!({"removed": name}), || format!("removed ref {name}; run `capsule gc` to free its blocks"))?;
-        }
+        Command::Rm { names, flatten, json } => retain::rm(&open()?, &names, flatten, json)?,
+        Command::Flatten { name, json } => retain::flatten(&open()?, &name, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -71,7 +71,7 @@ fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
     assert!(files.iter().any(|f| f.ends_with("/root.raw")) && files.iter().any(|f| f.ends_with("/capsule.json")), "{exported}");
     assert_eq!(std::fs::read(d.join("out/root.raw")).unwrap(), std::fs::read(&disk).unwrap());
     let rm: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["rm", "spare", "--json"]))).unwrap();
-    assert_eq!(rm["removed"], "spare");
+    assert_eq!(rm["removed"], serde_json::json!(["spare"]));
     let gc: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["gc", "--json"]))).unwrap();
     assert!(gc["blocks_kept"].as_u64().unwrap() >= 64, "{gc}");
 

@@ -59,12 +59,12 @@ pub fn complete_metadata(mountpoint: &std::path::Path) -> Result<()> {
 pub fn commit(info: &MountInfo, target: &Store, name: &str, options: &CommitOptions) -> Result<CommitReport> {
     capsule_images::manifest::check_name(name)?;
     let cache = Store::open(&info.cache_store)?;
-    let base_id = info.capsule_id;
     if cache.root() != target.root() {
-        copy_metadata(&cache, target, &base_id)?;
+        copy_metadata(&cache, target, &info.capsule_id)?;
     }
+    // A capsule as deep as a chain may go: the child sits on a flattened copy (same bytes).
+    let base_id = capsule_images::flatten::base_for_child(target, &info.capsule_id)?;
     let mut base = target.manifest(&base_id)?;
-    capsule_images::image::check_room_for_child(target, &base_id)?;
     if let Some(s) = &base.sealing {
         let capsule = format!("{} ({})", base.name, base_id.short());
         let key = options.key.as_ref().ok_or_else(|| {

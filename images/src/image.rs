@@ -48,7 +48,7 @@ pub fn check_room_for_child(store: &Store, parent: &Hash) -> Result<()> {
             crate::error::ErrorKind::TooLarge,
             format!(
                 "capsule {} ({}) is {deepest} generations deep and a chain may have at most {MAX_CHAIN}: a child of it could \
-                 never be read. Start a new chain from it: `capsule export {} --out DIR`, then `capsule import NAME --disk DIR/...`",
+                 never be read; `capsule flatten {}` makes it stand alone (same bytes, no ancestors)",
                 manifest.name,
                 parent.short(),
                 manifest.name
@@ -230,10 +230,10 @@ mod tests {
         bytes
     }
 
-    /// A chain grows to MAX_CHAIN generations, every one readable; the next child is refused
-    /// before anything is written, instead of being made unreadable.
+    /// A chain grows to MAX_CHAIN generations, every one readable; the next child sits on a
+    /// flattened copy of its parent (no ancestors, one layer per image) and reads right.
     #[test]
-    fn a_child_beyond_the_longest_chain_is_refused_and_every_made_capsule_reads() {
+    fn a_child_beyond_the_longest_chain_sits_on_a_flattened_parent() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store")).unwrap();
         store.set_durable(false);
@@ -245,19 +245,35 @@ mod tests {
             block_size_log2: Some(12),
             ..Default::default()
         };
+        // Block i % 3 changes each generation: the chain's blocks overlap and shadow.
+        let content = |i: usize| {
+            let mut bytes = vec![0u8; 3 * 4096];
+            for g in 0..=i {
+                bytes[(g % 3) * 4096..][..4096].copy_from_slice(&(g as u32).to_le_bytes().repeat(1024));
+            }
+            bytes
+        };
         for i in 0..MAX_CHAIN {
-            std::fs::write(&disk, (i as u32).to_le_bytes().repeat(1024)).unwrap();
+            std::fs::write(&disk, content(i)).unwrap();
             crate::import_capsule(&store, &spec(i), &NoProgress).unwrap();
         }
         let last = store.resolve(&format!("c{}", MAX_CHAIN - 1)).unwrap();
         let report = crate::verify_capsule(&store, "last", &last);
         assert!(report.ok() && report.blocks_checked > 0, "{:?}", report.problems);
-        std::fs::write(&disk, [7u8; 4096]).unwrap();
-        let err = crate::import_capsule(&store, &spec(MAX_CHAIN), &NoProgress).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::TooLarge, "{err}");
-        assert!(err.to_string().contains("capsule export"), "{err}");
-        assert!(store.resolve(&format!("c{MAX_CHAIN}")).is_err(), "the refused child got a ref");
-        check_room_for_child(&store, &store.resolve("c100").unwrap()).unwrap();
+        assert_eq!(check_room_for_child(&store, &last).unwrap_err().kind(), crate::ErrorKind::TooLarge);
+        std::fs::write(&disk, content(MAX_CHAIN)).unwrap();
+        crate::import_capsule(&store, &spec(MAX_CHAIN), &NoProgress).unwrap();
+        let child = store.resolve(&format!("c{MAX_CHAIN}")).unwrap();
+        let base = store.manifest(&child).unwrap().parent.unwrap();
+        assert_ne!(base, last, "the child sits on a flattened copy");
+        assert_eq!(store.manifest(&base).unwrap().parent, None);
+        check_room_for_child(&store, &child).unwrap();
+        for (id, i) in [(child, MAX_CHAIN), (base, MAX_CHAIN - 1), (last, MAX_CHAIN - 1)] {
+            let reader = ImageReader::open(&store, store.manifest(&id).unwrap().disks[0].image).unwrap();
+            let bytes: Vec<u8> = (0..3).flat_map(|b| reader.read_block(b).unwrap()).collect();
+            assert!(bytes == content(i), "capsule {id} reads wrong");
+        }
+        assert_eq!(store.read_ref(&format!("c{}", MAX_CHAIN - 1)).unwrap(), Some(last), "the parent's ref stays");
     }
 
     /// A child's live blocks are what its files read: the blocks it overwrote in its parent

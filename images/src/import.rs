@@ -91,8 +91,8 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
     check_name(&spec.name)?;
     let mut parent = match &spec.parent {
         Some(p) => {
-            let id = store.resolve(p).with_context(|| "--parent")?;
-            crate::image::check_room_for_child(store, &id).with_context(|| "--parent")?;
+            // A parent as deep as a chain may go gets a flattened copy to sit on.
+            let id = crate::flatten::base_for_child(store, &store.resolve(p).with_context(|| "--parent")?).with_context(|| "--parent")?;
             Some((id, store.manifest(&id).with_context(|| format!("parent capsule {p}"))?))
         }
         None => None,

@@ -11,6 +11,7 @@ pub mod block;
 pub mod envelope;
 pub mod error;
 pub mod export;
+pub mod flatten;
 pub mod hash;
 pub mod image;
 pub mod import;
