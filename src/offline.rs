@@ -169,6 +169,8 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
     } else {
         let dir = cache.unwrap_or_else(default_cache_dir);
         let (store, id) = resolve_in_cache(source, &dir)?;
+        // The blocks are in its packs; no bound: looking must not evict.
+        let cache = BlockCache::open(&dir, u64::MAX).with_context(|| format!("opening cache {}", dir.display()))?;
         let mut pinset = pins::PinSet::new(&dir);
         pinset.refresh();
         let m = store.manifest(&id)?;
@@ -182,7 +184,7 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
                 let (r, p) = match reader.resolve(i)? {
                     None => (true, true),
                     Some(h) => {
-                        let here = store.has_block(&h);
+                        let here = cache.contains(&h);
                         (here, here && pinset.contains(&h))
                     }
                 };

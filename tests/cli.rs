@@ -149,7 +149,7 @@ fn run_dry_run_prints_the_command_line_without_mounting() {
     assert!(plan["args"].as_array().unwrap().iter().any(|a| a == "-smp"), "{plan}");
     // No mount daemon ran (it would have logged into the cache), and no block came over.
     assert!(!cache.join("logs").exists(), "--dry-run started a mount");
-    let blocks = std::fs::read_dir(cache.join("blocks")).map(|d| d.flatten().count()).unwrap_or(0);
+    let blocks = stored_block_names(&cache).len();
     assert_eq!(blocks, 0, "--dry-run fetched blocks");
     assert!(!runs.join("dry").exists(), "the run's directory is left behind");
 }

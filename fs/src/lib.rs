@@ -17,6 +17,7 @@ pub mod error;
 pub mod layout;
 pub mod mount;
 pub mod overlay;
+pub mod pack;
 pub mod pins;
 pub mod recorder;
 pub mod seed;

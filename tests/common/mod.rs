@@ -594,5 +594,35 @@ pub fn new_contents(base: &Path, update: &Path, bs: usize) -> std::collections::
 
 /// Names (hashes) of the block files in a store or cache.
 pub fn stored_block_names(store: &Path) -> std::collections::HashSet<String> {
-    stored_blocks(store).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
+    let mut names: std::collections::HashSet<String> = stored_blocks(store).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    names.extend(packed_block_names(store));
+    names
+}
+
+/// Blocks a cache holds in its pack files (`CACHE/packs/*.pack`), read with a parser of
+/// the test's own: a 16-byte file header, then records of magic "BLK1", length (u32 LE),
+/// hash (32 bytes), checksum (8 bytes) and the block's encoding.
+pub fn packed_block_names(cache: &Path) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(dir) = std::fs::read_dir(cache.join("packs")) else { return out };
+    for f in dir.flatten() {
+        let bytes = std::fs::read(f.path()).unwrap_or_default();
+        if bytes.len() < 16 || &bytes[..8] != b"CAPSPACK" {
+            continue;
+        }
+        let mut at = 16;
+        while at + 48 <= bytes.len() && &bytes[at..at + 4] == b"BLK1" {
+            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+            out.insert(bytes[at + 8..at + 40].iter().map(|b| format!("{b:02x}")).collect());
+            at += 48 + len;
+        }
+    }
+    out
+}
+
+/// Bytes a cache's blocks take on disk: block files and pack files.
+pub fn cache_block_bytes(cache: &Path) -> u64 {
+    let files: u64 = stored_blocks(cache).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let packs: u64 = std::fs::read_dir(cache.join("packs")).map(|d| d.flatten().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum()).unwrap_or(0);
+    files + packs
 }
