@@ -129,7 +129,24 @@ fn encrypted_imports_store_only_ciphertext_dedup_under_one_key_and_mount_only_wi
     assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == disk, "the mount does not read back the disk");
     assert!(m.stats()["blocks_fetched"].as_u64() > Some(0));
     drop(m);
-    assert!(files_containing(&dir.path().join("cache"), marker.as_bytes()).is_empty(), "the cache holds plaintext");
+    // The cache keeps blocks as the server sent them (encoded, verified): no marker in what
+    // travelled. Not checked on the wire itself: QUIC's TLS encrypts every datagram, so a
+    // capture would show no marker even for a plain capsule and could never fail.
+    assert!(files_containing(&dir.path().join("cache"), marker.as_bytes()).is_empty(), "the server sent plaintext");
+    // The control: the plain capsule mounted the same way leaves the marker in its cache.
+    let m = Mounted::started_by(
+        client(&dir.path().join("client"), &dir.path().join("cfg")).args(["mount", &format!("{}/p", server.url)]).arg(dir.path().join("mnt")).args([
+            "--read-only",
+            "--cache",
+            &dir.path().join("cache-plain").display().to_string(),
+        ]),
+        &dir.path().join("client"),
+        &dir.path().join("mnt"),
+        &dir.path().join("cache-plain"),
+    );
+    assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == disk);
+    drop(m);
+    assert!(!files_containing(&dir.path().join("cache-plain"), marker.as_bytes()).is_empty(), "the cache scan never finds anything");
     let seed = dir.path().join("disk.raw").display().to_string();
     let m = mount("cache-seeded", &["--seed", &seed]);
     assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == disk);
@@ -345,4 +362,60 @@ fn an_encrypted_guest_suspends_with_a_marker_in_ram_and_resumes_over_quic_with_n
     let after = counters(&b.console());
     assert!(after[0] > last && after[0] <= last + 2, "host A stopped at {last}, host B went on from {}", after[0]);
     assert!(!b.console().contains("CAPSULE-GUEST-VERSION"), "host B booted instead of resuming");
+}
+
+/// A profile recorded on an encrypted capsule lists what its reads fetched (ciphertext
+/// names), travels with it, and a mount on another cache with `--prefetch profile` fetches
+/// exactly those blocks ahead of the reads, which then fetch nothing more.
+#[test]
+fn a_profile_recorded_on_an_encrypted_capsule_drives_prefetch_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (keys, store) = (d.join("keys"), d.join("store"));
+    let disk = marked_disk(&d.join("disk.raw"), "CAPSULE-PROFILE-MARKER");
+    ok(cap(&store, &keys).args(["key", "create", "alice"]));
+    ok(cap(&store, &keys).args(["import", "enc", "--key", "alice", "--disk"]).arg(format!("root={}", d.join("disk.raw").display())));
+    // Scattered 4 KiB reads: random-block data, the repeated block, a zero block.
+    let offsets = [3u64 * 65536 + 4096, 17 * 65536, 40 * 65536 + 8192, 70 * 65536, 90 * 65536];
+    let read_all = |m: &Mounted| {
+        for &o in &offsets {
+            assert!(pread(&m.dir.join("root.raw"), o, 4096).unwrap() == disk[o as usize..o as usize + 4096], "offset {o} reads wrong");
+        }
+    };
+    {
+        let m = Mounted::started_by(
+            cap(&store, &keys).args(["mount", "enc"]).arg(d.join("mnt")).args(["--read-only", "--record-profile", "boot", "--cache"]).arg(d.join("rec-cache")),
+            &store,
+            &d.join("mnt"),
+            &d.join("rec-cache"),
+        );
+        read_all(&m);
+    }
+    let v = inspect(&store, "enc");
+    assert_eq!(v["profiles"][0]["name"], "boot", "{v}");
+    let recorded = v["profiles"][0]["blocks"].as_u64().unwrap();
+    assert!((4..20).contains(&recorded), "{recorded} blocks recorded for 4 distinct non-zero blocks read: {v}");
+
+    let server = ServerProcess::start(&store, &["--public-read"]);
+    let url = format!("{}/enc", server.url);
+    let m = Mounted::started_by(
+        client(&d.join("client"), &d.join("cfg"))
+            .env("CAPSULE_KEY_DIR", &keys)
+            .args(["mount", &url])
+            .arg(d.join("mnt2"))
+            .args(["--read-only", "--prefetch", "profile", "--cache"])
+            .arg(d.join("cache")),
+        &d.join("client"),
+        &d.join("mnt2"),
+        &d.join("cache"),
+    );
+    let start = std::time::Instant::now();
+    while m.stats()["blocks_fetched"].as_u64().unwrap() < recorded {
+        assert!(start.elapsed().as_secs() < 60, "the profile was not prefetched: {}", m.stats());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    read_all(&m);
+    assert_eq!(m.stats()["blocks_fetched"].as_u64().unwrap(), recorded, "the reads needed blocks beyond the profile: {}", m.stats());
+    drop(m);
+    assert!(files_containing(&d.join("cache"), b"CAPSULE-PROFILE-MARKER").is_empty(), "plaintext in the cache");
 }
