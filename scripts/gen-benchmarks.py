@@ -574,17 +574,43 @@ def gen_backup_retention(rows):
         return None
     k = got["capsule"]["params"]["dropped_days"]
     body = []
+    detail = got["capsule"]["measurements"].get("detail")
+    if detail:
+        # rm alone first (the kept days still read through the removed ones), then flatten.
+        g1 = detail["gc_after_rm"]
+        m = got["capsule"]["measurements"]
+        body.append(["capsule, `rm` + `gc` alone", fx(m["stored_before"] / 1e6, 1),
+                     fx((m["stored_before"] - g1["bytes_freed"]) / 1e6, 1), fx(g1["bytes_freed"] / 1e6, 1),
+                     fx(100 * g1["bytes_freed"] / m["stored_before"], 1), "", ""])
     for t in BACKUP_TOOLS:
         if t not in got:
             continue
         m = got[t]["measurements"]
-        body.append([t, fx(m["stored_before"] / 1e6, 1), fx(m["stored_after"] / 1e6, 1), fx(m["freed_bytes"] / 1e6, 1),
+        name = "capsule, then `flatten` + `gc`" if t == "capsule" and detail else t
+        body.append([name, fx(m["stored_before"] / 1e6, 1), fx(m["stored_after"] / 1e6, 1), fx(m["freed_bytes"] / 1e6, 1),
                      fx(100 * m["freed_bytes"] / m["stored_before"], 1), fx(m["seconds"], 1),
                      "yes" if m["remaining_verified"] else "**NO**"])
-    note = (f"Days 1-{k} dropped on the server: `capsule rm` of each and `capsule gc`; `restic forget --keep-last` "
-            "`--prune`; `borg prune --keep-last` and `borg compact`. Remaining intact: `capsule verify` of every "
-            "remaining day, `restic check`, `borg check --repository-only`.")
-    return [note, ""] + table(["tool", "MB before", "MB after", "MB freed", "% freed", "s", "remaining intact"], body)
+    cap = got["capsule"]["measurements"]
+    for row, t in zip(body[1:] if detail else body, [t for t in BACKUP_TOOLS if t in got]):
+        row.insert(3, ratio(got[t]["measurements"]["stored_after"], cap["stored_after"]))
+        row.insert(5, ratio(got[t]["measurements"]["freed_bytes"], cap["freed_bytes"]))
+    if detail:
+        body[0].insert(3, "")
+        body[0].insert(5, "")
+    if detail:
+        flat = detail["flattened"]
+        how = (f"Capsule: `capsule rm` of days 1-{k} (one command), `capsule gc`, then `capsule flatten` of "
+               f"{', '.join(f['name'] for f in flat) or 'nothing'} (the oldest kept day; what `rm --flatten` does at once: "
+               f"{sum(len(f['rebased']) for f in flat)} later days rebased onto it, "
+               f"{sum(f['layers_written'] for f in flat)} layers and {sum(f['pages_written'] for f in flat)} map pages "
+               "written) and `capsule gc` again; s: all of it. ")
+    else:
+        how = "Capsule: `capsule rm` of each and `capsule gc`. "
+    note = (f"Days 1-{k} dropped on the server. {how}restic: `forget --keep-last` `--prune`; borg: `prune --keep-last` "
+            "and `compact`. Remaining intact: `capsule verify` of every remaining day, `restic check`, "
+            "`borg check --repository-only`.")
+    return [note, ""] + table(["tool", "MB before", "MB after", "after vs capsule", "MB freed", "freed vs capsule",
+                               "% freed", "s", "remaining intact"], body)
 
 
 def gen_crypt(rows):
