@@ -1,7 +1,8 @@
 //! Retention of a daily chain (issue 14): `capsule rm` of the oldest days and `capsule gc`
 //! free the blocks no remaining day reads once the oldest remaining day is flattened
 //! (`capsule flatten`, `rm --flatten`); every remaining day still verifies, exports,
-//! mounts and pulls byte for byte as it was.
+//! mounts (from the store and over QUIC, where a client's cache still serves it) and pulls
+//! byte for byte as it was.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -86,6 +87,28 @@ fn rm_of_old_days_then_flatten_and_gc_frees_what_only_they_read() {
     let text = fails(capsule(&store).args(["flatten", "day0"]));
     assert!(text.contains("no capsule named \"day0\""), "{text}");
 
+    // A client reads day7 over QUIC before the flatten; its cache serves the flattened day7
+    // afterwards (new id, same blocks): nothing travels again.
+    let day7 = std::fs::read(&images[7]).unwrap();
+    let remote_day7 = |url: &str| {
+        Mounted::started_by(
+            client(&d.join("client"), &d.join("cfg"))
+                .args(["mount", &format!("{url}/day7")])
+                .arg(d.join("rmnt"))
+                .args(["--read-only", "--cache"])
+                .arg(d.join("client-cache")),
+            &d.join("client"),
+            &d.join("rmnt"),
+            &d.join("client-cache"),
+        )
+    };
+    {
+        let server = ServerProcess::start(&store, &["--public-read"]);
+        let m = remote_day7(&server.url);
+        assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == day7, "day7 over QUIC reads wrong");
+        assert!(m.stats()["blocks_fetched"].as_u64().unwrap() > 0);
+    }
+
     let f: serde_json::Value = serde_json::from_str(&ok(capsule(&store).args(["flatten", "day4", "--json"]))).unwrap();
     let moved: Vec<&str> = f["rebased"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(moved, ["day5", "day6", "day7"], "{f}");
@@ -108,6 +131,11 @@ fn rm_of_old_days_then_flatten_and_gc_frees_what_only_they_read() {
         assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == day6, "mounted day6 reads wrong");
     }
     let server = ServerProcess::start(&store, &["--public-read"]);
+    {
+        let m = remote_day7(&server.url);
+        assert!(std::fs::read(m.dir.join("root.raw")).unwrap() == day7, "the flattened day7 over QUIC reads wrong");
+        assert_eq!(m.stats()["blocks_fetched"], 0, "the client's cache no longer served day7's blocks: {}", m.stats());
+    }
     let local = d.join("local");
     ok(client(&local, &d.join("cfg")).args(["pull", &format!("{}/day7", server.url)]));
     drop(server);
