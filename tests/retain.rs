@@ -144,7 +144,14 @@ fn rm_of_old_days_then_flatten_and_gc_frees_what_only_they_read() {
     // rm --flatten does it in one step, and a new day can still be committed on the chain.
     let store2 = d.join("store2");
     import_days(&store2, &images[..6], &[]);
+    let client_store = d.join("client-store");
+    assert!(std::process::Command::new("cp").arg("-a").arg(&store2).arg(&client_store).status().unwrap().success());
     let rm: serde_json::Value = serde_json::from_str(&ok(capsule(&store2).args(["rm", "day0", "day1", "day2", "--flatten", "--json"]))).unwrap();
+    // The same rm on another store holding the chain (the client that commits the next day)
+    // gives the same ids.
+    ok(capsule(&client_store).args(["rm", "day0", "day1", "day2", "--flatten"]));
+    let ids = |s: &Path| ok(capsule(s).args(["ls", "--json"]));
+    assert_eq!(ids(&client_store), ids(&store2), "one flatten on two stores gave different ids");
     assert_eq!(rm["flattened"][0]["name"], "day3", "{rm}");
     assert_eq!(rm["flattened"].as_array().unwrap().len(), 1, "{rm}");
     gc_json(&store2);
