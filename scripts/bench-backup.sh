@@ -23,8 +23,9 @@
 # rsync -z of a day-7 copy kept on the server, since --inplace keeps only the latest), then
 # QEMU boots it (kernel and initrd local, as the capsule carries them). Every restored image
 # is compared with day 7's. Last, retention on the servers: `capsule rm` of days 1-7 and
-# `capsule gc` (every remaining day must `capsule verify`), `restic forget --keep-last 7
-# --prune`, `borg prune --keep-last 7` + `borg compact`: bytes freed.
+# `capsule gc` (which alone frees nothing: day 8 reads through them), then `capsule flatten`
+# of day 8 and `capsule gc` (every remaining day must `capsule verify`), `restic forget
+# --keep-last 7 --prune`, `borg prune --keep-last 7` + `borg compact`: bytes freed.
 # Results: results/backup.jsonl (scripts/results-lib.sh), tables by scripts/gen-benchmarks.py,
 # plot by scripts/plot-backup.py (results/backup/stored.png).
 # Environment: DAYS=14, SEED=1, RESTORE_DAY=7, RATE=10mbit, DELAY_MS=20, GUEST_MEM=512,
