@@ -25,7 +25,15 @@ pub fn rm(store: &Store, names: &[String], flatten: bool, json: bool) -> Result<
     // Capsules a remaining ref still names are not removed.
     let named: HashSet<_> = store.list_refs()?.into_iter().map(|(_, id)| id).collect();
     removed.retain(|id| !named.contains(id));
-    let reaching = flatten::refs_reaching(store, &removed)?;
+    let reaching = match flatten::refs_reaching(store, &removed) {
+        Ok(r) => r,
+        Err(e) if flatten => return Err(e).context(format!("removed {}, then could not tell which capsules to flatten", names.join(", "))),
+        // Only for the note: a damaged ref elsewhere must not fail an rm that is done.
+        Err(e) => {
+            tracing::warn!("cannot tell which capsules still read through the removed ones: {e}");
+            Vec::new()
+        }
+    };
     let mut flattened = Vec::new();
     if flatten {
         for name in &reaching {

@@ -159,6 +159,13 @@ fn rm_of_old_days_then_flatten_and_gc_frees_what_only_they_read() {
     assert_eq!(stored_block_names(&store2), kept);
     ok(capsule(&store2).args(["import", "day6", "--block-size", "4K", "--parent", "day5", "--disk"]).arg(format!("root={}", images[6].display())));
     remaining_days_are_intact(&store2, &images, 3..7, &d.join("out2"));
+
+    // A damaged ref elsewhere does not fail a plain rm (only its note); rm --flatten, which
+    // must know the chains, says what it could not read and that the refs are gone.
+    std::fs::write(store2.join("refs/broken"), format!("{}\n", "ab".repeat(32))).unwrap();
+    ok(capsule(&store2).args(["rm", "day3"]));
+    let text = fails(capsule(&store2).args(["rm", "day4", "--flatten"]));
+    assert!(text.contains("removed day4") && text.contains("broken"), "{text}");
 }
 
 #[test]
