@@ -103,8 +103,11 @@ pub struct EngineSnapshot {
     pub misses: u64,
     /// See [`EngineStats`].
     pub timeouts: u64,
-    /// Measured round trip, milliseconds.
+    /// Measured round trip, milliseconds (the smallest recent request to first block).
     pub rtt_ms: Option<f64>,
+    /// The round trip the background window covers, milliseconds: the transport's path
+    /// round trip, or the smallest sample since the start.
+    pub window_rtt_ms: Option<f64>,
     /// Measured bandwidth, bytes per second.
     pub bandwidth: Option<f64>,
     /// Bytes readahead and background may have in flight.
@@ -537,6 +540,9 @@ impl Engine {
 
     fn poll(&self, st: &mut State) -> Vec<BatchRequest> {
         let now = Instant::now();
+        if let Some(rtt) = self.source.as_ref().and_then(|s| s.path_rtt()) {
+            st.sched.on_path_rtt(rtt);
+        }
         let mut out = Vec::new();
         while let Some(b) = st.sched.poll_batch(now) {
             out.push(b);
@@ -684,9 +690,16 @@ impl Engine {
     pub fn snapshot(&self) -> EngineSnapshot {
         let s = &self.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (rtt, bw, window, batches, wanted) = {
+        let (rtt, window_rtt, bw, window, batches, wanted) = {
             let st = self.lock();
-            (st.sched.estimator().rtt(), st.sched.estimator().bandwidth(), st.sched.window(), st.sched.batches_in_flight(), st.sched.wanted())
+            (
+                st.sched.estimator().rtt(),
+                st.sched.estimator().window_rtt(),
+                st.sched.estimator().bandwidth(),
+                st.sched.window(),
+                st.sched.batches_in_flight(),
+                st.sched.wanted(),
+            )
         };
         EngineSnapshot {
             demand_blocks: l(&s.demand_blocks),
@@ -701,6 +714,7 @@ impl Engine {
             misses: l(&s.misses),
             timeouts: l(&s.timeouts),
             rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3),
+            window_rtt_ms: window_rtt.map(|r| r.as_secs_f64() * 1e3),
             bandwidth: bw,
             window_bytes: window,
             batches_in_flight: batches as u64,

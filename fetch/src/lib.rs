@@ -133,6 +133,13 @@ pub trait BlockSource: Send + Sync {
     fn fetch_objects(&self, ids: &[Hash]) -> Result<Vec<Vec<u8>>, FetchError>;
     /// What it moved so far.
     fn counters(&self) -> SourceCounters;
+    /// The network's round trip to the source without queueing, as the transport measured
+    /// it (QUIC's, from the handshake and idle moments), if it can tell. The scheduler
+    /// sizes background windows from it: its own samples hold a block's transfer and
+    /// whatever queue traffic built.
+    fn path_rtt(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The map pages from `root` down to block `index` and, with `with_block`, the block
     /// there, in one request (pages checked against their ids; the caller checks the
     /// chain). Once the leaf names the block, `needed` says whether to take it: a block

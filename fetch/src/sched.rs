@@ -124,6 +124,8 @@ pub struct Estimator {
     /// The smallest round trip ever measured: the link's own, without the queue that
     /// traffic builds in front of it.
     base_rtt: Option<Duration>,
+    /// The network round trip the source's transport measured, if it tells.
+    path_rtt: Option<Duration>,
 }
 
 const RTT_SAMPLES: usize = 32;
@@ -175,6 +177,16 @@ impl Estimator {
     /// the queue in front of it while the link is busy.
     pub fn base_rtt(&self) -> Option<Duration> {
         self.base_rtt
+    }
+
+    /// The round trip the window covers: the transport's path round trip where the source
+    /// tells it, else the smallest request-to-first-block sample (which also holds that
+    /// block's own transfer).
+    pub fn window_rtt(&self) -> Option<Duration> {
+        match (self.path_rtt, self.base_rtt) {
+            (Some(p), Some(b)) => Some(p.min(b)),
+            (p, b) => p.or(b),
+        }
     }
 
     /// The best recent delivery rate, bytes per second.
@@ -230,6 +242,11 @@ impl Scheduler {
         }
     }
 
+    /// The source's transport measured the path's round trip as `rtt`.
+    pub fn on_path_rtt(&mut self, rtt: Duration) {
+        self.est.path_rtt = Some(rtt);
+    }
+
     /// The measurements.
     pub fn estimator(&self) -> &Estimator {
         &self.est
@@ -263,7 +280,7 @@ impl Scheduler {
     /// a window sized from them lets more in, and a demand block waits behind all of it
     /// (a second and more at 10 Mbit/s over the benchmarks' relay).
     pub fn window(&self) -> u64 {
-        let (Some(bw), Some(rtt)) = (self.est.bandwidth(), self.est.base_rtt()) else {
+        let (Some(bw), Some(rtt)) = (self.est.bandwidth(), self.est.window_rtt()) else {
             return self.cfg.initial_window_bytes.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes);
         };
         let bdp = (bw * (rtt.as_secs_f64() * 2.0 + self.cfg.queue_allowance.as_secs_f64())) as u64;

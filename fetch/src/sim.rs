@@ -100,9 +100,12 @@ pub struct Sim {
 impl Sim {
     /// A server holding `blocks` (hash, encoded size) behind `link`.
     pub fn new(link: Link, cfg: SchedConfig, blocks: &[(Hash, u64)], seed: u64) -> Self {
+        // The transport tells the path's round trip, as QUIC does to the real engine.
+        let mut sched = Scheduler::new(cfg);
+        sched.on_path_rtt(link.rtt);
         Self {
             now: Instant::now(),
-            sched: Scheduler::new(cfg),
+            sched,
             link,
             rng: seed | 1,
             sizes: blocks.iter().copied().collect(),

@@ -47,6 +47,9 @@ pub struct SourceStats {
     paths_refused: std::sync::atomic::AtomicBool,
     /// UDP bytes received on connections already closed.
     wire_closed: AtomicU64,
+    /// The current connection's smallest round trip as QUIC measured it, in microseconds
+    /// (0: none yet): the handshake's, then the smoothed one at quiet moments.
+    path_rtt_us: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -126,7 +129,9 @@ impl Shared {
         }
         *slot = Some(c.clone());
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-        tokio::spawn(watch_silence(Arc::downgrade(&c), server.host_port()));
+        // A new path (perhaps another server): its own round trip, from its handshake.
+        self.stats.path_rtt_us.store(micros(c.connection().rtt()), Ordering::Relaxed);
+        tokio::spawn(watch_silence(Arc::downgrade(&c), server.host_port(), self.stats.path_rtt_us.clone()));
         Ok(c)
     }
 
@@ -173,7 +178,7 @@ impl Shared {
 
 /// Closes `conn` once nothing arrived on it for the silence limit, so its batches fail
 /// over (to the next server) now rather than at the idle timeout.
-async fn watch_silence(client: std::sync::Weak<Client>, server: String) {
+async fn watch_silence(client: std::sync::Weak<Client>, server: String, path_rtt_us: Arc<AtomicU64>) {
     let (mut seen, mut since) = (0, Instant::now());
     loop {
         tokio::time::sleep(SILENCE_CHECK).await;
@@ -183,6 +188,9 @@ async fn watch_silence(client: std::sync::Weak<Client>, server: String) {
         if conn.close_reason().is_some() {
             return;
         }
+        // QUIC's smoothed round trip settles on the path's own when nothing queues; the
+        // smallest seen stands for the path (a replaced connection's watcher has ended).
+        path_rtt_us.fetch_min(micros(conn.rtt()).max(1), Ordering::Relaxed);
         let now = conn.stats().udp_rx.datagrams;
         if now != seen {
             (seen, since) = (now, Instant::now());
@@ -195,6 +203,10 @@ async fn watch_silence(client: std::sync::Weak<Client>, server: String) {
             return;
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
 impl RemoteSource {
@@ -340,6 +352,13 @@ impl BlockSource for RemoteSource {
                 }
                 Some(Err(fetch_error(&e)))
             }
+        }
+    }
+
+    fn path_rtt(&self) -> Option<Duration> {
+        match self.shared.stats.path_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
         }
     }
 

@@ -62,7 +62,7 @@ impl CapsuleFs {
                 "corrupt_blocks": snap.corrupt_blocks, "verified_blocks": snap.verified_blocks, "timeouts": snap.timeouts,
                 "requests": snap.source.requests, "object_requests": snap.source.object_requests, "path_requests": snap.source.path_requests, "wire_received_bytes": snap.source.wire_received,
                 "map_pages_fetched": self.pages.fetched.load(Ordering::Relaxed),
-                "rtt_ms": snap.rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
+                "rtt_ms": snap.rtt_ms, "window_rtt_ms": snap.window_rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
                 "batches_in_flight": snap.batches_in_flight, "wanted_blocks": snap.wanted_blocks,
             },
             "cache_bytes": self.cache.used_bytes(),
