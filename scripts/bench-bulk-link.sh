@@ -8,7 +8,9 @@
 # Results: results/bench-bulk-link.jsonl.
 # Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=64
 # (the time includes the command's start: connecting, metadata),
-# VARIANTS="warm offline rsync sparse", CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
+# VARIANTS="warm offline rsync sparse latency" (latency: 4 KiB O_DIRECT demand reads of
+# blocks not yet here while `--prefetch all` fills the link, against the link's round trip
+# plus the block's own transfer), CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
 # controller: bbr, the default, cubic or newreno; recorded in the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,8 @@ EMU=$(dirname "$BIN")/capsule-linkemu
 LINKS=${LINKS:-10mbit:0 50mbit:0 10mbit:0.5}
 DELAY_MS=${DELAY_MS:-20}
 SIZE_MIB=${SIZE_MIB:-64}
-VARIANTS=${VARIANTS:-warm offline rsync sparse}
+VARIANTS=${VARIANTS:-warm offline rsync sparse latency}
+READS=${READS:-12}
 die() { echo "bench-bulk-link: $*" >&2; exit 1; }
 [ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release --features testtools"
 for t in rsync jq nsenter python3; do command -v $t >/dev/null || die "needs $t"; done
@@ -118,6 +121,38 @@ for spec in $LINKS; do
           "$(jq -n --argjson mount "$(python3 -c "print(round($mounted - $t0, 3))")" --argjson read "$read_s" --argjson rtts "$rtts" \
               --argjson obj "$((o1 - o0))" --argjson blk "$((r1 - r0))" --argjson wire "$((w1 - w0))" --argjson path "$((p1 - p0))" \
             '{mount_seconds: $mount, first_read_seconds: $read, first_read_rtts: $rtts, object_requests: $obj, path_requests: $path, block_requests: $blk, wire_bytes: $wire}')"
+        continue ;;
+      latency)
+        if [ "$loss" != 0 ]; then continue; fi
+        mkdir -p "$W/mnt"
+        "${IN_NS[@]}" "$BIN" mount "capsule://$SRV_IP:7071/bulk" "$W/mnt" --cache "$W/cache" --read-only --prefetch all >"$W/out" 2>&1
+        sleep 3  # the prefetch fills the link (and whatever buffer the path has)
+        blocks=$((SIZE_MIB * 16))
+        : >"$W/lat"
+        for i in $(seq 1 "$READS"); do
+          # From the end backwards: blocks the prefetch (in disk order) has not reached.
+          blk=$((blocks - 1 - i * 5))
+          t_a=$(now)
+          dd if="$W/mnt/root.raw" of=/dev/null bs=4096 count=1 skip=$((blk * 16 + 3)) iflag=direct status=none
+          t_b=$(now)
+          python3 -c "print(round($t_b - $t_a, 4))" >>"$W/lat"
+          sleep 0.3
+        done
+        bg=$(jq '.fetch.background_blocks' "$W/mnt/.capsule/stats.json")
+        wrtt=$(jq '.fetch.window_rtt_ms' "$W/mnt/.capsule/stats.json")
+        "$BIN" umount "$W/mnt" >/dev/null
+        # The floor: one round trip plus the 64 KiB block's own transfer.
+        floor=$(python3 -c "print(round($DELAY_MS * 2 / 1000 + 65536 * 8 / $bits, 4))")
+        stats=$(python3 -c "
+import statistics, sys
+v = sorted(float(x) for x in open(sys.argv[1]))
+print(statistics.median(v), v[-1])" "$W/lat")
+        med=${stats% *} worst=${stats#* }
+        printf '| %s | %s | demand 4 KiB reads during --prefetch all: median %s s, worst %s s (floor %s s) |\n' "$rate" "$loss" "$med" "$worst" "$floor"
+        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" --arg cc "${CAPSULE_QUIC_CC:-bbr}" \
+            '{rate: $rate, rate_bits: $bits, loss_pct: 0, delay_ms: $delay, variant: "latency", congestion: $cc}')" \
+          "$(jq -n --slurpfile reads <(jq -s . "$W/lat") --argjson floor "$floor" --argjson bg "$bg" --argjson wrtt "${wrtt:-null}" \
+            '{read_seconds: $reads[0], floor_seconds: $floor, background_blocks_at_end: $bg, window_rtt_ms: $wrtt}')"
         continue ;;
       rsync)
         if [ "$loss" != 0 ]; then continue; fi  # the TCP relay cannot drop packets

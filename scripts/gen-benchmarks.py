@@ -398,6 +398,25 @@ def gen_sparse_link(rows):
                                + reqs(r["measurements"]) + [str(r["measurements"]["wire_bytes"])] for r in rows])
 
 
+def gen_demand_latency(rows):
+    if not rows:
+        return None
+    n = len(rows[0]["measurements"]["read_seconds"])
+    note = (f"A mount of the incompressible capsule with `--prefetch all` over the emulated link "
+            f"({rows[0]['params']['delay_ms'] * 2} ms round trip); once the prefetch has filled the link for 3 s, {n} "
+            "4 KiB O_DIRECT reads of blocks it has not reached yet, 0.3 s apart. Floor: one round trip plus the "
+            "64 KiB block's own transfer. Window round trip: what the background window was sized from.")
+    body = []
+    for r in rows:
+        m = r["measurements"]
+        v = sorted(m["read_seconds"])
+        med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+        body.append([r["params"]["rate"], fx(m["floor_seconds"], 3), fx(med, 3), fx(v[-1], 3), fx(med / m["floor_seconds"], 2),
+                     fx(v[-1] / m["floor_seconds"], 2), fx(m["window_rtt_ms"], 1) if m.get("window_rtt_ms") is not None else "-"])
+    return [note, ""] + table(["link", "floor s", "median s", "worst s", "median / floor", "worst / floor",
+                               "window round trip ms"], body)
+
+
 def gen_load(rows):
     r = rows[-1]
     m, p = r["measurements"], r["params"]
@@ -642,7 +661,9 @@ TABLES = {
     "link": ("link", None, gen_link, "make bench-link"),
     "resume-link": ("resume-link", None, gen_resume_link, "make bench-resume-link"),
     "boot-link": ("bench-boot-link", None, gen_boot_link, "make bench-boot-link"),
-    "bulk-link": ("bench-bulk-link", lambda r: r["params"]["variant"] != "sparse", gen_bulk_link, "make bench-bulk-link"),
+    "bulk-link": ("bench-bulk-link", lambda r: r["params"]["variant"] not in ("sparse", "latency"), gen_bulk_link, "make bench-bulk-link"),
+    "demand-latency": ("bench-bulk-link", lambda r: r["params"]["variant"] == "latency", gen_demand_latency,
+                       "make bench-bulk-link VARIANTS=latency"),
     "sparse-link": ("bench-bulk-link", lambda r: r["params"]["variant"] == "sparse", gen_sparse_link,
                     "make bench-bulk-link VARIANTS=sparse"),
     "load": ("load", None, gen_load, "make bench-load"),
