@@ -156,6 +156,27 @@ impl State {
     }
 }
 
+/// Writes a record's header and the block behind it at `at`, in one system call as a rule
+/// (no copy of the block into a record buffer).
+fn write_record(file: &File, header: &[u8], data: &[u8], at: u64) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let total = header.len() + data.len();
+    let mut done = 0;
+    while done < total {
+        let bufs = if done < header.len() {
+            [IoSlice::new(&header[done..]), IoSlice::new(data)]
+        } else {
+            [IoSlice::new(&[]), IoSlice::new(&data[done - header.len()..])]
+        };
+        let n = rustix::io::pwritev(file, &bufs, at + done as u64)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Bytes of pinned blocks' records that pack `id` holds.
 fn pinned_in(st: &State, id: u32, pack: &Pack) -> u64 {
     pack.blocks.iter().filter(|h| st.pins.contains(h)).filter_map(|h| st.index.get(h).filter(|l| l.pack == id)).map(State::record_bytes).sum()
@@ -392,10 +413,7 @@ impl PackCache {
             let p = &st.packs[&id];
             (p.file.clone(), p.valid)
         };
-        let mut record = Vec::with_capacity(need as usize);
-        record.extend_from_slice(&record_header(h, len));
-        record.extend_from_slice(encoded);
-        if let Err(e) = file.write_all_at(&record, at) {
+        if let Err(e) = write_record(&file, &record_header(h, len), encoded, at) {
             // Whatever part landed is past `valid`: the next record overwrites it.
             return Err(Error::io(self.dir.join(&st.packs[&id].name).display(), e));
         }

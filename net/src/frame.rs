@@ -116,6 +116,27 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A block frame in three parts: header and hash, the block's encoding as given, and the
+/// checksum; the same bytes as [`encode`] of a [`Frame::Block`], without copying the block.
+pub fn block_parts(hash: &Hash, encoded: Vec<u8>) -> Result<[Vec<u8>; 3]> {
+    let len = 32 + encoded.len();
+    if len > MAX_BLOCK_FRAME {
+        return Err(Error::protocol(format!("frame of type 3 with {len} payload bytes exceeds its cap of {MAX_BLOCK_FRAME}")));
+    }
+    let mut head = Vec::with_capacity(HEADER + 32);
+    head.extend_from_slice(MAGIC);
+    head.push(VERSION);
+    head.push(3);
+    head.extend_from_slice(&[0, 0]);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.extend_from_slice(&hash.0);
+    let mut sum = blake3::Hasher::new();
+    sum.update(&head);
+    sum.update(&encoded);
+    let sum = sum.finalize().as_bytes()[..CHECKSUM].to_vec();
+    Ok([head, encoded, sum])
+}
+
 /// Postcard-encodes `value` as a request or response frame.
 pub fn control<T: Serialize>(response: bool, value: &T) -> Result<Vec<u8>> {
     let payload = postcard::to_stdvec(value).map_err(|e| Error::protocol(format!("encode: {e}")))?;
@@ -209,19 +230,22 @@ impl Decoder {
             return Err(Error::protocol("frame checksum mismatch"));
         }
         let t = self.buf[5];
+        if t == 3 {
+            // Blocks are most of the bytes: copied out once, straight from the buffer.
+            if body_end - HEADER < 32 {
+                return Err(Error::protocol("block frame shorter than its hash"));
+            }
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&self.buf[HEADER..HEADER + 32]);
+            let encoded = self.buf[HEADER + 32..body_end].to_vec();
+            self.buf.drain(..total);
+            return Ok(Some(Frame::Block { hash: Hash(h), encoded }));
+        }
         let payload = self.buf[HEADER..body_end].to_vec();
         self.buf.drain(..total);
         let frame = match t {
             1 => Frame::Request(payload),
             2 => Frame::Response(payload),
-            3 => {
-                if payload.len() < 32 {
-                    return Err(Error::protocol("block frame shorter than its hash"));
-                }
-                let mut h = [0u8; 32];
-                h.copy_from_slice(&payload[..32]);
-                Frame::Block { hash: Hash(h), encoded: payload[32..].to_vec() }
-            }
             4 => {
                 if payload.len() < 33 {
                     return Err(Error::protocol("object frame shorter than its header"));
@@ -332,5 +356,17 @@ mod tests {
     #[test]
     fn encoder_refuses_oversized_payloads() {
         assert!(encode(&Frame::Request(vec![0; MAX_CONTROL + 1])).is_err());
+    }
+
+    #[test]
+    fn a_block_in_parts_is_the_same_frame() {
+        let encoded: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        let hash = Hash([3; 32]);
+        let parts = block_parts(&hash, encoded.clone()).unwrap().concat();
+        assert_eq!(parts, encode(&Frame::Block { hash, encoded: encoded.clone() }).unwrap());
+        let mut d = Decoder::new();
+        d.push(&parts).unwrap();
+        assert_eq!(d.next_frame().unwrap(), Some(Frame::Block { hash, encoded }));
+        assert!(block_parts(&hash, vec![0; MAX_BLOCK_FRAME]).is_err());
     }
 }

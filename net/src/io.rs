@@ -8,7 +8,9 @@ use crate::frame::{self, Decoder, Frame};
 pub struct FrameReader {
     recv: quinn::RecvStream,
     dec: Decoder,
-    buf: Vec<u8>,
+    /// Most bytes taken from the stream at once: bounds what a peer makes us buffer
+    /// beyond the current frame.
+    read_cap: usize,
     /// Largest frame payload accepted now (below the codec's caps), if limited.
     limit: Option<usize>,
 }
@@ -28,21 +30,19 @@ pub(crate) fn conn_err(e: impl std::fmt::Display) -> Error {
 impl FrameReader {
     /// Wraps a receive stream.
     pub fn new(recv: quinn::RecvStream) -> Self {
-        Self { recv, dec: Decoder::new(), buf: vec![0; READ_BUF], limit: None }
+        Self { recv, dec: Decoder::new(), read_cap: READ_BUF, limit: None }
     }
 
     /// A reader that accepts frames of at most `limit` payload bytes and reads through a
     /// small buffer: for a server stream before its request is authorized.
     pub fn limited(recv: quinn::RecvStream, limit: usize) -> Self {
-        Self { recv, dec: Decoder::new(), buf: vec![0; LIMITED_READ_BUF], limit: Some(limit) }
+        Self { recv, dec: Decoder::new(), read_cap: LIMITED_READ_BUF, limit: Some(limit) }
     }
 
     /// The stream is authorized: frames up to `limit` bytes, the full read buffer.
     pub fn authorized(&mut self, limit: usize) {
         self.limit = Some(limit);
-        if self.buf.len() < READ_BUF {
-            self.buf.resize(READ_BUF, 0);
-        }
+        self.read_cap = self.read_cap.max(READ_BUF);
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -51,10 +51,11 @@ impl FrameReader {
             if let Some(f) = self.dec.next_frame()? {
                 return Ok(Some(f));
             }
-            let want = self.dec.wanted()?.min(self.buf.len());
-            match self.recv.read(&mut self.buf[..want]).await.map_err(conn_err)? {
-                Some(n) => {
-                    self.dec.push(&self.buf[..n])?;
+            let want = self.dec.wanted()?.min(self.read_cap);
+            // A chunk as quinn holds it: one copy fewer than reading into a buffer.
+            match self.recv.read_chunk(want, true).await.map_err(conn_err)? {
+                Some(chunk) => {
+                    self.dec.push(&chunk.bytes)?;
                     // Once the frame header is in, its declared size is known: refuse it
                     // before buffering a payload beyond the current limit.
                     if let (Some(limit), Some(total)) = (self.limit, self.dec.frame_len()?) {
@@ -84,6 +85,12 @@ impl FrameReader {
 pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<()> {
     let bytes = frame::encode(f)?;
     send.write_all(&bytes).await.map_err(conn_err)
+}
+
+/// Writes a block frame, handing the block's bytes to quinn without copying them.
+pub async fn write_block(send: &mut quinn::SendStream, hash: capsule_images::Hash, encoded: Vec<u8>) -> Result<()> {
+    let mut chunks = frame::block_parts(&hash, encoded)?.map(bytes::Bytes::from);
+    send.write_all_chunks(&mut chunks).await.map_err(conn_err)
 }
 
 /// Writes a postcard control message as a frame.

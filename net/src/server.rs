@@ -31,7 +31,7 @@ use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
 use crate::frame::MAX_BLOCK_FRAME;
 use crate::frame::{decode_control, Frame};
-use crate::io::{write_control, write_frame, FrameReader};
+use crate::io::{write_block, write_control, write_frame, FrameReader};
 use crate::proto::{Request, RequestHeader, Response, MAX_BATCH};
 use crate::tls::{self, Identity};
 
@@ -433,7 +433,7 @@ async fn handle(
             while let Some((hash, encoded)) = reads.next().await {
                 // Sent as stored: no recompression. The client verifies every block.
                 let encoded = encoded.map_err(|e| e.context(format!("block {hash}")))?;
-                write_frame(send, &Frame::Block { hash, encoded }).await?;
+                write_block(send, hash, encoded).await?;
             }
             write_frame(send, &Frame::End).await
         }
@@ -446,7 +446,7 @@ async fn handle(
                 // A block the store cannot read is left out: the client asks for it alone
                 // and gets the error there.
                 if let Ok(encoded) = blocking(backend, move |b| b.read_encoded_block(&hash)).await {
-                    write_frame(send, &Frame::Block { hash, encoded }).await?;
+                    write_block(send, hash, encoded).await?;
                 }
             }
             write_frame(send, &Frame::End).await
