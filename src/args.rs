@@ -200,8 +200,10 @@ pub struct RunArgs {
     /// Print the hypervisor command line and stop
     #[arg(long)]
     pub dry_run: bool,
-    /// With --dry-run: the command line as JSON (binary, arguments, the shell line)
-    #[arg(long, requires = "dry_run")]
+    /// Print a JSON report when the run ends (id, timings, the guest's exit apart from
+    /// Capsule's own failure, bytes fetched, the child committed); the console echo goes
+    /// to stderr. With --dry-run: the command line as JSON (binary, arguments, shell line)
+    #[arg(long, conflicts_with = "console")]
     pub json: bool,
     /// Name of this run [default: the capsule's name and a number]
     #[arg(long, value_name = "ID")]
@@ -237,6 +239,7 @@ pub struct SuspendArgs {
     pub key: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
 }

@@ -3,8 +3,8 @@
 //! Cloud Hypervisor needs KVM. Where it is installed and KVM works, `run` starts it on the
 //! mount's files; elsewhere `--dry-run` prints the command line it would run.
 
-use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 use anyhow::{bail, Context, Result};
 use capsule_images::VmFile;
@@ -12,23 +12,24 @@ use capsule_vmm_glue::cloud_hypervisor as chv;
 
 use crate::args::RunArgs;
 
-pub fn run(args: &RunArgs, mnt: &Path, vm: &VmFile, dir: &Path) -> Result<ExitCode> {
+/// Starts Cloud Hypervisor on the mount's snapshot (or with `--dry-run` prints its
+/// command line); returns its exit status, `None` for a dry run.
+pub fn run(args: &RunArgs, mnt: &Path, vm: &VmFile, dir: &Path) -> Result<Option<ExitStatus>> {
     let binary = std::env::var_os("CAPSULE_CLOUD_HYPERVISOR").unwrap_or_else(|| "cloud-hypervisor".into());
     let argv = chv::command_line(mnt, vm, args.read_only, &dir.join("ch.sock"), args.serial_log.as_deref(), &args.extra)
         .with_context(|| format!("capsule {} ({}): refusing to run it", vm.capsule, args.source))?;
     let line = capsule_vmm_glue::qemu::shell_line(&binary, &argv);
     if args.dry_run {
-        println!("{line}");
-        return Ok(ExitCode::SUCCESS);
+        crate::run::print_dry_run(args.json, PathBuf::from(&binary), argv, line)?;
+        return Ok(None);
     }
-    let status = match Command::new(&binary).args(&argv).status() {
-        Ok(s) => s,
+    match Command::new(&binary).args(&argv).status() {
+        Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("{} is not installed (set CAPSULE_CLOUD_HYPERVISOR to its path); the command line would be:\n{line}", binary.to_string_lossy())
         }
-        Err(e) => return Err(e).with_context(|| format!("starting {}", binary.to_string_lossy())),
-    };
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Err(e) => Err(e).with_context(|| format!("starting {}", binary.to_string_lossy())),
+    }
 }
 
 /// Imports a Cloud Hypervisor snapshot directory as capsule `name`.

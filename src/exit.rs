@@ -9,7 +9,7 @@
 //!  125   a run: the hypervisor was killed by a signal
 //! ```
 
-use std::process::{ExitCode, ExitStatus};
+use std::process::ExitStatus;
 
 /// Capsule failed.
 pub const FAILURE: u8 = 1;
@@ -20,11 +20,11 @@ pub const GUEST_BASE: u8 = 64;
 /// The hypervisor died of a signal.
 pub const GUEST_SIGNALLED: u8 = 125;
 
-/// The exit code of a run whose hypervisor ended with `status`.
-pub fn guest(status: ExitStatus) -> ExitCode {
+/// The exit code of a run whose hypervisor ended with `status` (`run --json` reports it).
+pub fn guest_code(status: ExitStatus) -> u8 {
     match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(n) => ExitCode::from(GUEST_BASE + n.clamp(1, 63) as u8),
-        None => ExitCode::from(GUEST_SIGNALLED),
+        Some(0) => 0,
+        Some(n) => GUEST_BASE + n.clamp(1, 63) as u8,
+        None => GUEST_SIGNALLED,
     }
 }

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use capsule_images::{keys, Hash, Key, Manifest};
 use clap::Subcommand;
-use serde_json::json;
 
 #[derive(Subcommand, Debug)]
 pub enum KeyCommand {
@@ -16,14 +15,37 @@ pub enum KeyCommand {
         /// a block they can guess (confirmation of a file)
         #[arg(long)]
         convergence_secret: bool,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// List the keys: name, id (what an encrypted capsule names), convergence secret
     List {
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A key as `key create --json` and `key list --json` show it (never its bytes).
+#[derive(Debug, serde::Serialize)]
+struct KeyRow<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    convergence_secret: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a std::path::Path>,
+    /// The key file could not be read (why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct KeyList<'a> {
+    dir: &'a std::path::Path,
+    keys: Vec<KeyRow<'a>>,
 }
 
 pub fn run(command: KeyCommand) -> Result<()> {
@@ -32,21 +54,25 @@ pub fn run(command: KeyCommand) -> Result<()> {
         KeyCommand::Create { name, convergence_secret, json } => {
             let key = keys::create(&dir, &name, convergence_secret)?;
             let path = dir.join(&name);
-            crate::print_json_or(json, &json!({"name": name, "id": key.id().to_string(), "convergence_secret": convergence_secret, "path": path}), || {
-                format!("created key {name} (id {}) in {}; keep a copy: capsules encrypted with it cannot be read without it", key.id(), path.display())
-            })?;
+            crate::report::print_json_or(
+                json,
+                &KeyRow { name: &name, id: Some(key.id().to_string()), convergence_secret: Some(convergence_secret), path: Some(&path), error: None },
+                || format!("created key {name} (id {}) in {}; keep a copy: capsules encrypted with it cannot be read without it", key.id(), path.display()),
+            )?;
         }
         KeyCommand::List { json } => {
             let list = keys::list(&dir)?;
             if json {
-                let rows: Vec<_> = list
+                let keys: Vec<KeyRow> = list
                     .iter()
                     .map(|(name, k)| match k {
-                        Ok(k) => json!({"name": name, "id": k.id().to_string(), "convergence_secret": k.convergence_secret().is_some()}),
-                        Err(e) => json!({"name": name, "error": e.to_string()}),
+                        Ok(k) => {
+                            KeyRow { name, id: Some(k.id().to_string()), convergence_secret: Some(k.convergence_secret().is_some()), path: None, error: None }
+                        }
+                        Err(e) => KeyRow { name, id: None, convergence_secret: None, path: None, error: Some(e.to_string()) },
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&json!({"dir": dir, "keys": rows}))?);
+                println!("{}", serde_json::to_string_pretty(&KeyList { dir: &dir, keys })?);
             } else {
                 println!("{:<24} {:<16}  convergence secret", "NAME", "ID");
                 for (name, k) in &list {

@@ -138,6 +138,16 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
     serve_mount(cache, source, id, config, &args, &mountpoint, handoff)
 }
 
+/// What `mount --json` prints once the mount is up.
+#[derive(Debug, serde::Serialize)]
+struct Mounted<'a> {
+    mounted: &'a str,
+    mountpoint: &'a Path,
+    supervisor_pid: u32,
+    /// The daemon's log.
+    log: &'a Path,
+}
+
 /// What the mount of capsule `id` is told, from the command line.
 fn mount_config(args: &MountArgs, cache_dir: &Path, mountpoint: &Path, id: Hash, source_label: String) -> MountConfig {
     MountConfig {
@@ -149,6 +159,7 @@ fn mount_config(args: &MountArgs, cache_dir: &Path, mountpoint: &Path, id: Hash,
         kernel_readahead: args.kernel_readahead.unwrap_or(if args.record_profile.is_some() { 0 } else { capsule_fs::mount::DEFAULT_KERNEL_READAHEAD }),
         memory_cluster: args.memory_cluster,
         mountpoint: mountpoint.to_path_buf(),
+        layout: capsule_vmm_glue::mount_layout,
         stall_timeout: Duration::from_secs(args.stall_timeout),
         key: None,
     }
@@ -357,13 +368,10 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
     let start = Instant::now();
     loop {
         if std::fs::metadata(info_path(&args.mountpoint)).is_ok() {
-            if args.json {
-                let out = serde_json::json!({"mounted": args.source, "mountpoint": args.mountpoint, "supervisor_pid": child.id(), "log": log_path});
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                println!("mounted {} at {} (supervisor pid {}, log {})", args.source, args.mountpoint.display(), child.id(), log_path.display());
-            }
-            return Ok(());
+            let out = Mounted { mounted: &args.source, mountpoint: &args.mountpoint, supervisor_pid: child.id(), log: &log_path };
+            return crate::report::print_json_or(args.json, &out, || {
+                format!("mounted {} at {} (supervisor pid {}, log {})", args.source, args.mountpoint.display(), out.supervisor_pid, log_path.display())
+            });
         }
         if let Some(status) = child.try_wait()? {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -417,7 +425,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     if !is_capsule_mount(&path) {
         bail!("{} is not a capsule mount; nothing unmounted", mountpoint.display());
     }
-    let info: Option<MountInfo> = std::fs::read(info_path(mountpoint)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let info = capsule_fs::mount::read_info(mountpoint).ok();
     let ok = std::process::Command::new("fusermount3").arg("-u").arg(mountpoint).status().is_ok_and(|s| s.success())
         || std::process::Command::new("umount").arg(mountpoint).status().is_ok_and(|s| s.success());
     if !ok {
@@ -445,10 +453,22 @@ pub fn wait_gone(pid: u32, limit: Duration) {
     }
 }
 
+/// `capsule commit MOUNTPOINT NAME`: commits and prints what it made.
+pub fn commit_command(target: &Store, mountpoint: &Path, name: &str, key: Option<&str>, json: bool) -> Result<()> {
+    let report = commit(target, mountpoint, name, key)?;
+    crate::report::print_json_or(json, &report, || {
+        format!(
+            "committed {} as {name} ({}): {} changed blocks, {} stored",
+            mountpoint.display(),
+            report.id,
+            report.changed_blocks,
+            crate::report::human(report.stored_bytes)
+        )
+    })
+}
+
 pub fn commit(target: &Store, mountpoint: &Path, name: &str, key: Option<&str>) -> Result<capsule_fs::commit::CommitReport> {
-    let path = info_path(mountpoint);
-    let bytes = std::fs::read(&path).with_context(|| format!("{} is not a capsule mount (no {})", mountpoint.display(), path.display()))?;
-    let info: MountInfo = serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    let info = capsule_fs::mount::read_info(mountpoint)?;
     capsule_fs::commit::complete_metadata(mountpoint)?;
     let key = mount_key(&info, key)?;
     Ok(capsule_fs::commit::commit(&info, target, name, &capsule_fs::commit::CommitOptions { key, ..Default::default() })?)

@@ -61,11 +61,13 @@ fn remote(source: &str) -> Result<(capsule_net::RemoteUrl, String)> {
 pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) -> Result<()> {
     let (url, name) = remote(&t.source)?;
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
-    let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
     let progress = crate::progress::Bar::new();
-    let (id, blocks, missing) = crate::remote::runtime()?.block_on(async {
+    let (cache, id, blocks, missing) = crate::remote::runtime()?.block_on(async {
         let client = crate::remote::connect(&url, &t.conn).await?;
         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
+        // Only now, with something to put in it: a server that never answers, or a name it
+        // lacks, leaves no empty cache behind.
+        let cache = Arc::new(BlockCache::open(&dir, t.cache_size).with_context(|| format!("opening cache {}", dir.display()))?);
         capsule_net::pull_metadata(&client, &id, cache.store()).await.context("fetching the capsule's metadata")?;
         cache.store().set_ref(&remembered_ref(&url, &name), &id)?;
         capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching profiles")?;
@@ -87,7 +89,7 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         }
         let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
         client.close().await;
-        anyhow::Ok((id, blocks, missing))
+        anyhow::Ok((cache, id, blocks, missing))
     })?;
     // The blocks through the fetch engine, the same path a mount's reads take: batches
     // pipelined to the measured bandwidth-delay product, each block verified once.
@@ -148,6 +150,14 @@ fn resolve_in_cache(source: &str, dir: &std::path::Path) -> Result<(capsule_imag
     Ok((store, id))
 }
 
+/// What `unpin --json` prints.
+#[derive(Debug, serde::Serialize)]
+struct Unpinned<'a> {
+    unpinned: &'a str,
+    id: String,
+    cache: &'a std::path::Path,
+}
+
 pub fn unpin(t: &CacheTarget) -> Result<()> {
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
     let (_, id) = resolve_in_cache(&t.source, &dir)?;
@@ -155,7 +165,7 @@ pub fn unpin(t: &CacheTarget) -> Result<()> {
         bail!("{} ({id}) was not pinned in {}", t.source, dir.display());
     }
     if t.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"unpinned": t.source, "id": id.to_hex(), "cache": dir}))?);
+        println!("{}", serde_json::to_string_pretty(&Unpinned { unpinned: &t.source, id: id.to_hex(), cache: &dir })?);
     } else {
         println!("unpinned {} ({id}); its blocks may now be evicted", t.source);
     }
@@ -176,7 +186,7 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
         let m = store.manifest(&id)?;
         let mut files = serde_json::Map::new();
         // Keyed by file name, as a mount's stats.json is: one schema for both.
-        for (what, _, image) in capsule_fs::layout::image_files(&m, false) {
+        for (what, _, image) in capsule_fs::layout::image_files(&m, false, &capsule_vmm_glue::mount_layout(&m, std::path::Path::new("/"))) {
             let reader = capsule_images::ImageReader::open(&store, image)?;
             let (mut resident, mut pinned) = (0u64, 0u64);
             for i in 0..image.block_count() {

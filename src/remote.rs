@@ -45,3 +45,18 @@ pub async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<ca
     }
     Ok(client)
 }
+
+/// Pulls `remote` (capsule://HOST:PORT/NAME) into `store` as `local` (default: the remote
+/// name); returns the local name, the capsule's id and what travelled.
+pub fn pull(store: &Store, remote: &str, local: Option<String>, conn: &ConnArgs) -> Result<(String, capsule_images::Hash, capsule_net::TransferReport)> {
+    let url = capsule_net::RemoteUrl::parse(remote)?;
+    let remote_name = url.name.clone().with_context(|| format!("{remote}: name the capsule: capsule://HOST:PORT/NAME"))?;
+    let local = local.unwrap_or_else(|| remote_name.clone());
+    let (id, report) = runtime()?.block_on(async {
+        let client = connect(&url, conn).await?;
+        let r = capsule_net::pull(&client, &remote_name, store, &local, &progress::Bar::new()).await;
+        client.close().await;
+        r.with_context(|| format!("pulling {remote}"))
+    })?;
+    Ok((local, id, report))
+}

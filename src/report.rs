@@ -208,28 +208,90 @@ pub fn export(store: &Store, id: &Hash, m: &Manifest, key: Option<&images::Key>,
     Ok(written)
 }
 
-/// "fetched 3.1 MiB of 128 MiB of disk (vmlinuz 7.9 MiB, ...); ..." from the mount's stats;
-/// the disks are the ones `capsule.json` (`vm`) lists.
-pub fn fetch_summary(mnt: &Path, vm: &capsule_images::VmFile) -> Option<String> {
-    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
-    let (mut disk, mut disk_size, mut other) = (0u64, 0u64, Vec::new());
-    for (name, f) in stats["files"].as_object()? {
-        let fetched = f["fetched_bytes"].as_u64().unwrap_or(0);
-        let size = f["blocks"].as_u64().unwrap_or(0) * f["block_size"].as_u64().unwrap_or(0);
-        if vm.disks.iter().any(|d| d.file == *name) {
-            disk += fetched;
-            disk_size += size;
-        } else {
-            other.push(format!("{name} {}", human(fetched)));
+/// What a mount fetched, from its `.capsule/stats.json`: the run's summary line and the
+/// `fetched` part of `run --json`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Fetched {
+    /// Where blocks came from (`local` or a capsule:// URL).
+    pub source: String,
+    /// Block bytes received from the source (encoded: what the link carried).
+    pub wire_bytes: u64,
+    /// Blocks received.
+    pub blocks: u64,
+    /// Bytes of the disks' blocks fetched (decoded), and the disks' size.
+    pub disk_bytes: u64,
+    /// See `disk_bytes`.
+    pub disk_size: u64,
+    /// Decoded bytes fetched per file of the mount.
+    pub files: std::collections::BTreeMap<String, u64>,
+}
+
+/// The part of `stats.json` [`Fetched`] reads.
+#[derive(serde::Deserialize)]
+struct StatsDoc {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    bytes_fetched: u64,
+    #[serde(default)]
+    blocks_fetched: u64,
+    #[serde(default)]
+    files: std::collections::BTreeMap<String, FileDoc>,
+}
+
+#[derive(serde::Deserialize)]
+struct FileDoc {
+    #[serde(default)]
+    fetched_bytes: u64,
+    #[serde(default)]
+    blocks: u64,
+    #[serde(default)]
+    block_size: u64,
+}
+
+impl Fetched {
+    /// Read from the mount at `mnt`; the disks are the ones `capsule.json` (`vm`) lists.
+    pub fn read(mnt: &Path, vm: &capsule_images::VmFile) -> Option<Fetched> {
+        let stats: StatsDoc = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
+        let mut out = Fetched { source: stats.source, wire_bytes: stats.bytes_fetched, blocks: stats.blocks_fetched, ..Default::default() };
+        for (name, f) in stats.files {
+            if vm.disks.iter().any(|d| d.file == name) {
+                out.disk_bytes += f.fetched_bytes;
+                out.disk_size += f.blocks.saturating_mul(f.block_size);
+            }
+            out.files.insert(name, f.fetched_bytes);
         }
+        Some(out)
     }
-    Some(format!(
-        "fetched {} of {} of disk ({}); {} on the wire ({} blocks) from {}",
-        human(disk),
-        human(disk_size),
-        other.join(", "),
-        human(stats["bytes_fetched"].as_u64().unwrap_or(0)),
-        stats["blocks_fetched"].as_u64().unwrap_or(0),
-        stats["source"].as_str().unwrap_or("?")
-    ))
+
+    /// "fetched 3.1 MiB of 128 MiB of disk (vmlinuz 7.9 MiB, ...); 9.0 MiB on the wire (N
+    /// blocks) from SOURCE".
+    pub fn summary(&self, vm: &capsule_images::VmFile) -> String {
+        let other: Vec<String> =
+            self.files.iter().filter(|(name, _)| !vm.disks.iter().any(|d| d.file == **name)).map(|(name, b)| format!("{name} {}", human(*b))).collect();
+        format!(
+            "fetched {} of {} of disk ({}); {} on the wire ({} blocks) from {}",
+            human(self.disk_bytes),
+            human(self.disk_size),
+            other.join(", "),
+            human(self.wire_bytes),
+            self.blocks,
+            self.source
+        )
+    }
+}
+
+/// `value` as pretty JSON, or the line `text` makes.
+pub(crate) fn print_json_or(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> Result<()> {
+    print_json_or_with(json, value, || println!("{}", text()))
+}
+
+/// `value` as pretty JSON, or what `print` prints for people.
+pub(crate) fn print_json_or_with(json: bool, value: &impl serde::Serialize, print: impl FnOnce()) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print();
+    }
+    Ok(())
 }

@@ -14,13 +14,13 @@ use capsule_fs::commit::{CommitOptions, MachineState};
 use capsule_fs::mount::MountInfo;
 use capsule_images::VmFile;
 use capsule_vmm_glue::qemu::{Accel, DiskFile, QemuConfig, QemuHints, Serial};
-use capsule_vmm_glue::session::{self, Balloon, BalloonPatience, Control, Launch, Session};
+use capsule_vmm_glue::session::{self, Launch, Session};
 use capsule_vmm_glue::state::{RunDir, RunRecord, Suspended};
-use serde_json::json;
 
-use crate::args::{AccelArg, HypervisorArg, PrefetchMode, RunArgs, SuspendArgs};
+use crate::args::{AccelArg, HypervisorArg, PrefetchMode, RunArgs};
 use crate::remote::{open_store, push};
-use crate::report::{fetch_summary, human, print_transfer};
+use crate::report::{human, print_transfer, Fetched};
+use serde::Serialize;
 
 /// First argument of the hidden re-exec that starts QEMU under the no-hugepage filter.
 pub const LAUNCH_ARG: &str = "__launch-qemu";
@@ -112,14 +112,87 @@ fn new_run_id(capsule: &str) -> String {
     format!("{base}-{}", std::process::id())
 }
 
+/// What `capsule run --json` prints when the run ends: one document, also when Capsule
+/// itself failed (`error` says why; the exit code is then 1, never a guest's).
+#[derive(Debug, Default, Serialize)]
+pub struct RunReport {
+    /// The run's name (`capsule stop ID`, `capsule suspend ID NAME`).
+    pub id: String,
+    /// The capsule run (its name) and its id, once the mount showed them.
+    pub capsule: Option<String>,
+    /// See `capsule`.
+    pub capsule_id: Option<String>,
+    /// `qemu` or `cloud-hypervisor`.
+    pub hypervisor: Option<&'static str>,
+    /// `kvm` or `tcg` (QEMU).
+    pub accel: Option<&'static str>,
+    /// A suspended capsule was resumed (not booted).
+    pub resumed: bool,
+    /// How the hypervisor ended, if it ran.
+    pub guest: Option<GuestExit>,
+    /// Capsule's own failure, with its causes.
+    pub error: Option<String>,
+    /// What `capsule run` exits with (see `capsule --help`, Exit codes).
+    pub exit_code: u8,
+    /// Where the time went.
+    pub seconds: Timings,
+    /// What the mount fetched.
+    pub fetched: Option<Fetched>,
+    /// The child a `capsule suspend` of this run made.
+    pub suspended_as: Option<Suspended>,
+    /// The child `--commit` made of the run's changes.
+    pub committed: Option<Committed>,
+    /// What `--push` sent.
+    pub pushed: Option<capsule_net::TransferReport>,
+}
+
+/// The hypervisor's end: its exit code, or the signal that killed it.
+#[derive(Debug, Serialize)]
+pub struct GuestExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// Seconds from the start of `capsule run`.
+#[derive(Debug, Default, Serialize)]
+pub struct Timings {
+    /// Until the capsule was mounted (read from a mount given: about 0).
+    pub mounted: Option<f64>,
+    /// Until the guest was running (a resume included).
+    pub running: Option<f64>,
+    /// Until the run ended.
+    pub total: f64,
+}
+
+/// `--commit NAME`'s child.
+#[derive(Debug, Serialize)]
+pub struct Committed {
+    pub name: String,
+    #[serde(flatten)]
+    pub report: capsule_fs::commit::CommitReport,
+}
+
 /// `quiet` (-q): the guest's console is not echoed.
 pub fn run(store: Option<PathBuf>, args: RunArgs, quiet: bool) -> Result<ExitCode> {
+    let started = Instant::now();
     let id = args.id.clone().unwrap_or_else(|| new_run_id(&args.source));
-    let dir = RunDir::named(&id)?;
-    dir.create()?;
-    let result = run_in(store.as_deref(), &args, &id, &dir, quiet);
-    dir.remove();
-    result
+    // Exit 0 unless the guest's end says otherwise (a dry run, a run whose guest powered off).
+    let mut report = RunReport { id: id.clone(), ..Default::default() };
+    let result = RunDir::named(&id).map_err(anyhow::Error::from).and_then(|dir| {
+        dir.create()?;
+        let r = run_in(store.as_deref(), &args, &id, &dir, quiet, &started, &mut report);
+        dir.remove();
+        r
+    });
+    if args.json && !args.dry_run {
+        report.seconds.total = started.elapsed().as_secs_f64();
+        if let Err(e) = &result {
+            report.error = Some(format!("{e:#}"));
+            report.exit_code = crate::exit::FAILURE;
+        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    result.map(|()| ExitCode::from(report.exit_code))
 }
 
 /// What `run` needs of a mount: the VM description and the files it shows (name ->
@@ -152,7 +225,7 @@ struct Mounted {
 fn read_mount(mount: RunMount) -> Result<Mounted> {
     let read = |name: &str| std::fs::read(mount.dir.join(name)).with_context(|| format!("reading the mount's {name}"));
     let vm: VmFile = serde_json::from_slice(&read("capsule.json")?).context("the mount's capsule.json")?;
-    let info: MountInfo = serde_json::from_slice(&read(".capsule/info.json")?).context("the mount's .capsule/info.json")?;
+    let info = capsule_fs::mount::read_info(&mount.dir)?;
     let files = info.files.iter().filter_map(|(name, _)| Some((name.clone(), std::fs::metadata(mount.dir.join(name)).ok()?.len()))).collect();
     let view =
         View { dir: mount.dir.clone(), vm, writable: info.overlay_dir.is_some(), ours: mount.ours, kernel_readahead: info.kernel_readahead, files, dry: false };
@@ -190,8 +263,9 @@ fn planned_view(store: Option<&Path>, args: &RunArgs, dir: &RunDir) -> Result<Vi
         manifest.open(&key)?;
     }
     let writable = !args.read_only;
-    let files = capsule_fs::layout::image_files(&manifest, writable).into_iter().map(|(name, _, image)| (name, image.size)).collect();
-    Ok(View { dir: dir.mountpoint(), vm: capsule_fs::layout::vm_json(&id, &manifest), writable, ours: true, kernel_readahead: None, files, dry: true })
+    let layout = capsule_vmm_glue::mount_layout(&manifest, &dir.mountpoint());
+    let files = capsule_fs::layout::image_files(&manifest, writable, &layout).into_iter().map(|(name, _, image)| (name, image.size)).collect();
+    Ok(View { dir: dir.mountpoint(), vm: capsule_fs::layout::vm_json(&id, &manifest, &layout), writable, ours: true, kernel_readahead: None, files, dry: true })
 }
 
 fn hypervisor_of(args: &RunArgs, vm: &VmFile) -> HypervisorArg {
@@ -291,7 +365,8 @@ fn plan_qemu(args: &RunArgs, m: &View, dir: &RunDir) -> Result<Plan> {
     Ok(Plan { config, suspended, hints })
 }
 
-fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: bool) -> Result<ExitCode> {
+/// Runs the capsule, filling `report` as it goes (its exit code last).
+fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: bool, started: &Instant, report: &mut RunReport) -> Result<()> {
     // From the start: a Ctrl-C while mounting or resuming must still stop QEMU and unmount.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -301,20 +376,28 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         // Hypervisor's restore reads its config through the mount: that one mounts.)
         let view = planned_view(store, args, dir)?;
         if hypervisor_of(args, &view.vm) == HypervisorArg::Qemu {
-            print_dry_run(args, &plan_qemu(args, &view, dir)?.config)?;
-            return Ok(ExitCode::SUCCESS);
+            return print_qemu_dry_run(args.json, &plan_qemu(args, &view, dir)?.config);
         }
     }
     let m = read_mount(mount_for_run(store, args, dir)?)?;
+    report.seconds.mounted = Some(started.elapsed().as_secs_f64());
+    report.capsule = Some(m.view.vm.capsule.clone());
+    report.capsule_id = Some(m.info.capsule_id.to_hex());
     if hypervisor_of(args, &m.view.vm) == HypervisorArg::CloudHypervisor {
-        return crate::chv::run(args, &m.mount.dir, &m.view.vm, dir.path());
+        report.hypervisor = Some("cloud-hypervisor");
+        if let Some(status) = crate::chv::run(args, &m.mount.dir, &m.view.vm, dir.path())? {
+            guest_ended(report, status);
+        }
+        return Ok(());
     }
     let plan = plan_qemu(args, &m.view, dir)?;
     let config = &plan.config;
     if args.dry_run {
-        print_dry_run(args, config)?;
-        return Ok(ExitCode::SUCCESS);
+        return print_qemu_dry_run(args.json, config);
     }
+    report.hypervisor = Some("qemu");
+    report.accel = Some(config.accel.name());
+    report.resumed = plan.suspended;
     if let Serial::File(log) = &config.serial {
         // A fresh log each run, so the echo shows this guest only.
         std::fs::write(log, b"").with_context(|| format!("creating {}", log.display()))?;
@@ -324,26 +407,28 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         wrapper: (!args.no_fault_fix).then(|| std::env::current_exe().map(|exe| (exe, vec![LAUNCH_ARG.into()]))).transpose()?,
         terminal: args.console,
     };
-    let started = Instant::now();
+    let qemu_started = Instant::now();
     let mut vm = Session::start(config, &launch)?;
     let stop_echo = Arc::new(AtomicBool::new(false));
     let echo = match (&config.serial, quiet) {
-        (Serial::File(log), false) => Some(echo_serial(log.clone(), stop_echo.clone())),
+        // With --json stdout is the report: the console goes to stderr.
+        (Serial::File(log), false) => Some(echo_serial(log.clone(), args.json, stop_echo.clone())),
         _ => None,
     };
     if plan.suspended {
         let devstate = m.mount.dir.join(m.view.vm.devstate.as_deref().unwrap_or("devstate.bin"));
         vm.resume(&devstate, &plan.hints.capabilities, config.memory_mib << 20)?;
-        eprintln!("capsule: resumed {} in {:.2} s", m.view.vm.capsule, started.elapsed().as_secs_f64());
+        eprintln!("capsule: resumed {} in {:.2} s", m.view.vm.capsule, qemu_started.elapsed().as_secs_f64());
     }
+    report.seconds.running = Some(started.elapsed().as_secs_f64());
     if let Err(e) = vm.poll_balloon_stats(2) {
         tracing::warn!("no balloon statistics: {e}");
     }
     let record = RunRecord {
         id: id.to_string(),
         capsule: m.view.vm.capsule.clone(),
-        capsule_id: m.info.capsule_id.to_hex(),
         mountpoint: m.mount.dir.clone(),
+        mount: m.info.clone(),
         qemu_pid: vm.pid(),
         run_pid: std::process::id(),
         qmp: config.qmp_socket.clone(),
@@ -374,9 +459,11 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
     if let Some(h) = echo {
         let _ = h.join();
     }
-    let committed = finish(store, args, id, dir, &m)?;
-    if let Some(line) = fetch_summary(&m.mount.dir, &m.view.vm) {
-        eprintln!("capsule: {line}");
+    guest_ended(report, status);
+    let committed = finish(store, args, id, dir, &m, report)?;
+    report.fetched = Fetched::read(&m.mount.dir, &m.view.vm);
+    if let Some(f) = &report.fetched {
+        eprintln!("capsule: {}", f.summary(&m.view.vm));
     }
     let overlay = m.info.overlay_dir.clone();
     let ours = m.mount.ours;
@@ -387,15 +474,22 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
             let _ = std::fs::remove_dir_all(o);
         }
     }
-    eprintln!("capsule: guest stopped ({status}) after {:.1} s", started.elapsed().as_secs_f64());
-    Ok(crate::exit::guest(status))
+    eprintln!("capsule: guest stopped ({status}) after {:.1} s", qemu_started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn guest_ended(report: &mut RunReport, status: std::process::ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
+    report.guest = Some(GuestExit { code: status.code(), signal: status.signal() });
+    report.exit_code = crate::exit::guest_code(status);
 }
 
 /// After the guest stopped: report a suspend's child, or commit (and push) what the run
 /// changed if asked. True if the changes now live in a child capsule.
-fn finish(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, m: &Mounted) -> Result<bool> {
+fn finish(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, m: &Mounted, out: &mut RunReport) -> Result<bool> {
     if let Some(s) = dir.suspended()? {
         eprintln!("capsule: {id} suspended as {}", s.name);
+        out.suspended_as = Some(s);
         return Ok(true);
     }
     let Some(name) = &args.commit else { return Ok(false) };
@@ -404,26 +498,32 @@ fn finish(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, m: &Moun
     let key = crate::mount::mount_key(&m.info, args.key.as_deref())?;
     let report = capsule_fs::commit::commit(&m.info, &target, name, &CommitOptions { state: MachineState::PoweredOff, hints: Default::default(), key })
         .with_context(|| format!("committing the run as {name}"))?;
-    println!("committed {id} as {name} ({}): {} changed blocks, {} stored", report.id, report.changed_blocks, human(report.stored_bytes));
+    if !args.json {
+        println!("committed {id} as {name} ({}): {} changed blocks, {} stored", report.id, report.changed_blocks, human(report.stored_bytes));
+    }
+    out.committed = Some(Committed { name: name.clone(), report });
     if let Some(url) = &args.push {
         let report = push(&target, name, url, &args.conn)?;
-        print_transfer(false, "pushed", name, &report, None)?;
+        if !args.json {
+            print_transfer(false, "pushed", name, &report, None)?;
+        }
+        out.pushed = Some(report);
     }
     Ok(true)
 }
 
-/// Echoes the serial log to stdout as it grows.
-fn echo_serial(path: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+/// Echoes the serial log as it grows, to stdout (to stderr when stdout is a JSON report).
+fn echo_serial(path: PathBuf, to_stderr: bool, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         use std::io::Read;
         let Ok(mut f) = std::fs::File::open(&path) else { return };
-        let mut out = std::io::stdout();
+        let mut out: Box<dyn std::io::Write> = if to_stderr { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = f.read(&mut buf).unwrap_or(0);
             if n > 0 {
-                let _ = std::io::Write::write_all(&mut out, &buf[..n]);
-                let _ = std::io::Write::flush(&mut out);
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
                 continue;
             }
             if stop.load(Ordering::Relaxed) {
@@ -432,131 +532,6 @@ fn echo_serial(path: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             std::thread::sleep(Duration::from_millis(100));
         }
     })
-}
-
-pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
-    let dir = RunDir::find(&args.run)?;
-    let rec = dir.record()?;
-    if !rec.memory_on_mount {
-        bail!("run {}: its RAM is not on the mount (read-only mount or --ram): it cannot be suspended", rec.id);
-    }
-    capsule_images::manifest::check_name(&args.name)?;
-    let target = open_store(store)?;
-    let lock = dir.try_lock_suspend(&rec.id)?;
-    let info: MountInfo = serde_json::from_slice(&std::fs::read(rec.mountpoint.join(".capsule/info.json")).context("reading the run's mount")?)?;
-    // Before the guest stops: an encrypted capsule's child needs its key.
-    let key = crate::mount::mount_key(&info, args.key.as_deref())?;
-    let t0 = Instant::now();
-
-    let mut vm = Control::connect(&rec.qmp).with_context(|| format!("run {}: QMP", rec.id))?;
-    let balloon = if args.no_balloon { Ok(Balloon::Skipped) } else { vm.balloon_to_use(BalloonPatience::default()) }
-        .with_context(|| format!("shrinking run {} before the suspend; the guest was left running", rec.id))?;
-    match balloon {
-        Balloon::NoStatistics => eprintln!("capsule: the guest reports no memory statistics (no virtio_balloon driver?): saving without ballooning"),
-        Balloon::Shrunk { target, reached } if reached > target + (1 << 20) => {
-            eprintln!("capsule: balloon stopped at {} MiB (asked {} MiB)", reached >> 20, target >> 20)
-        }
-        _ => {}
-    }
-    let t_balloon = t0.elapsed();
-    let devstate = dir.devstate();
-    let saved = vm.save(&devstate).with_context(|| format!("suspending run {}; the guest was left running", rec.id))?;
-    if saved.capabilities.is_empty() {
-        eprintln!("capsule: this QEMU lacks x-ignore-shared: the whole RAM went into the device state");
-    }
-    // Guest RAM writes sit in the page cache of the shared mapping: push them to the
-    // mount (the VM is stopped, nothing changes them now).
-    for (file, _) in &info.files {
-        let path = rec.mountpoint.join(file);
-        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
-            f.sync_all().with_context(|| format!("flushing {}", path.display()))?;
-        }
-    }
-    vm.quit();
-    crate::mount::wait_gone(rec.qemu_pid, Duration::from_secs(30));
-    let t_save = t0.elapsed() - t_balloon;
-
-    let hints = QemuHints { capabilities: saved.capabilities.clone(), ..rec.hints.clone() };
-    let mut hints = hints.to_map();
-    hints.insert("suspended_unix".into(), capsule_fs::mount::now_unix().to_string());
-    capsule_fs::commit::complete_metadata(&rec.mountpoint)?;
-    let report = capsule_fs::commit::commit(&info, &target, &args.name, &CommitOptions { state: MachineState::Suspended(devstate.clone()), hints, key })
-        .with_context(|| format!("committing the suspended run as {}", args.name))?;
-    let devstate_bytes = std::fs::metadata(&devstate).map(|m| m.len()).unwrap_or(0);
-    dir.write_suspended(&Suspended { name: args.name.clone(), id: report.id.to_hex() })?;
-    let t_commit = t0.elapsed() - t_balloon - t_save;
-    if let Some(url) = &args.push {
-        let pushed = push(&target, &args.name, url, &args.conn)?;
-        print_transfer(false, "pushed", &args.name, &pushed, None)?;
-    }
-    let t_total = t0.elapsed();
-    drop(lock);
-    let ballooned = match balloon {
-        Balloon::Shrunk { target, reached } => Some((target, reached)),
-        _ => None,
-    };
-    let out = json!({
-        "name": args.name, "id": report.id.to_hex(), "parent": rec.capsule_id,
-        "changed_blocks": report.changed_blocks, "memory_blocks": report.memory_blocks, "stored_bytes": report.stored_bytes,
-        "devstate_bytes": devstate_bytes,
-        "qemu_capabilities": saved.detected,
-        "balloon": ballooned.map(|(t, a)| json!({"target_mib": t >> 20, "reached_mib": a >> 20})),
-        "seconds": {"balloon": t_balloon.as_secs_f64(), "save": t_save.as_secs_f64(), "commit": t_commit.as_secs_f64(), "total": t_total.as_secs_f64()},
-    });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!(
-            "suspended {} as {} ({}): {} memory and {} disk blocks changed, {} stored, device state {}; {:.1} s{}",
-            rec.id,
-            args.name,
-            report.id.short(),
-            report.memory_blocks,
-            report.changed_blocks - report.memory_blocks,
-            human(report.stored_bytes),
-            human(devstate_bytes),
-            t_total.as_secs_f64(),
-            ballooned.map(|(t, a)| format!(" (ballooned to {} MiB, asked {})", a >> 20, t >> 20)).unwrap_or_default()
-        );
-    }
-    Ok(())
-}
-
-/// `capsule ps`: the runs on this machine.
-pub fn ps(json: bool) -> Result<()> {
-    let runs: Vec<(RunRecord, bool)> = RunDir::list()?
-        .into_iter()
-        .map(|(_, r)| {
-            let alive = Path::new(&format!("/proc/{}", r.qemu_pid)).exists();
-            (r, alive)
-        })
-        .collect();
-    if json {
-        let list: Vec<serde_json::Value> = runs.iter().map(|(r, alive)| json!({"run": r, "running": alive})).collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
-    }
-    println!("{:<24} {:<24} {:>8}  {:<8} MOUNT", "RUN", "CAPSULE", "QEMU PID", "STATE");
-    for (r, alive) in runs {
-        let state = if alive { "running" } else { "gone" };
-        let suspendable = if r.memory_on_mount { "" } else { " (not suspendable)" };
-        println!("{:<24} {:<24} {:>8}  {:<8} {}{suspendable}", r.id, r.capsule, r.qemu_pid, state, r.mountpoint.display());
-    }
-    Ok(())
-}
-
-/// `capsule stop RUN`: asks the run to stop its guest in order (as Ctrl-C would: ACPI
-/// power-off, then quit, then kill) and waits until the run has ended.
-pub fn stop(run: &str, wait: Duration) -> Result<String> {
-    let dir = RunDir::find(run)?;
-    let rec = dir.record()?;
-    let pid = rustix::process::Pid::from_raw(rec.run_pid as i32).context("run.json: bad run pid")?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).with_context(|| format!("run {} (pid {}) is not running", rec.id, rec.run_pid))?;
-    crate::mount::wait_gone(rec.run_pid, wait);
-    if Path::new(&format!("/proc/{}", rec.run_pid)).exists() {
-        bail!("run {} still going after {} s", rec.id, wait.as_secs());
-    }
-    Ok(rec.id)
 }
 
 /// `capsule __launch-qemu QEMU ARGS...`: install the no-hugepage seccomp filter, then
@@ -576,7 +551,7 @@ pub fn launch_qemu(argv: &[std::ffi::OsString]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// What `run --dry-run --json` prints: the QEMU command line, as words and as one line.
+/// What `run --dry-run --json` prints: the hypervisor command line, as words and as one line.
 #[derive(Debug, serde::Serialize)]
 struct DryRun {
     binary: PathBuf,
@@ -584,13 +559,15 @@ struct DryRun {
     line: String,
 }
 
-fn print_dry_run(args: &RunArgs, config: &capsule_vmm_glue::qemu::QemuConfig) -> Result<()> {
-    if args.json {
-        let plan =
-            DryRun { binary: config.binary.clone(), args: config.args().iter().map(|a| a.to_string_lossy().into_owned()).collect(), line: config.shell_line() };
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+pub fn print_dry_run(json: bool, binary: PathBuf, args: Vec<String>, line: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&DryRun { binary, args, line })?);
     } else {
-        println!("{}", config.shell_line());
+        println!("{line}");
     }
     Ok(())
+}
+
+fn print_qemu_dry_run(json: bool, config: &QemuConfig) -> Result<()> {
+    print_dry_run(json, config.binary.clone(), config.args().iter().map(|a| a.to_string_lossy().into_owned()).collect(), config.shell_line())
 }

@@ -327,13 +327,7 @@ pub struct Takeover {
 /// `capsule takeover MOUNTPOINT`: the mount's supervisor replaces its daemon with one running
 /// the binary now at the path the mount started from; returns once the new daemon serves.
 pub fn takeover(mountpoint: &Path) -> Result<Takeover> {
-    let info_path = mountpoint.join(".capsule/info.json");
-    let read_pid = || -> Result<u32> {
-        let info: capsule_fs::mount::MountInfo =
-            serde_json::from_slice(&std::fs::read(&info_path).with_context(|| format!("{} is not a capsule mount", mountpoint.display()))?)
-                .with_context(|| format!("reading {}", info_path.display()))?;
-        Ok(info.pid)
-    };
+    let read_pid = || -> Result<u32> { Ok(capsule_fs::mount::read_info(mountpoint)?.pid) };
     let old = read_pid()?;
     let stat = std::fs::read_to_string(format!("/proc/{old}/stat")).with_context(|| format!("daemon {old} of {}", mountpoint.display()))?;
     // Fields after the command name (which may hold spaces): state, ppid, ...

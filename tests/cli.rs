@@ -51,6 +51,13 @@ fn reading_commands_create_nothing_where_a_typo_points() {
     let err = fails(capsule(&typo).args(["status", &id, "--cache"]).arg(&cache));
     assert!(err.contains("no block cache at"), "{err}");
     fails(capsule(&typo).args(["unpin", "capsule://127.0.0.1:1/x", "--cache"]).arg(&cache));
+    // warm fills a cache, but makes none for a server that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let url = format!("capsule://{}/x", silent.local_addr().unwrap());
+    for cmd in [&["warm", "--all"][..], &["prefetch"]] {
+        let err = fails(capsule(&typo).args(cmd).args([&url, "--connect-timeout", "1", "--cache"]).arg(&cache));
+        assert!(err.contains("did not answer"), "{err}");
+    }
     assert!(!typo.exists() && !cache.exists(), "a reading command created a store or cache");
     let err = fails(capsule(&typo).env("CAPSULE_RUN_DIR", dir.path().join("runs")).args(["stop", "no-such-run"]));
     assert!(err.contains("no run \"no-such-run\""), "{err}");
@@ -65,6 +72,36 @@ fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
     std::fs::write(&disk, pseudo_random(4 << 20, 7)).unwrap();
     ok(capsule(&server_store).args(["import", "data", "--block-size", "64K", "--disk"]).arg(format!("root={}", disk.display())));
     ok(capsule(&server_store).args(["import", "spare", "--disk"]).arg(format!("root={}", disk.display())));
+    // ls --json carries what the table shows.
+    let listed: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["ls", "--json"]))).unwrap();
+    let row = listed.as_array().unwrap().iter().find(|r| r["name"] == "data").unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(
+        (row["size"].as_u64(), &row["disks"], row["parent"].is_null(), row["damaged"].is_null()),
+        (Some(4 << 20), &serde_json::json!(["root"]), true, true),
+        "{row}"
+    );
+    let table = ok(capsule(&server_store).arg("ls"));
+    assert!(
+        table.lines().any(|l| l.starts_with("data ") && l.contains(&row["id"].as_str().unwrap()[..12]) && l.contains("4.0 MiB") && l.ends_with("root")),
+        "{table}"
+    );
+    // Tokens: the token once, at creation; listed by id and scope, never the token.
+    let made: serde_json::Value =
+        serde_json::from_str(&ok(capsule(&server_store).args(["token", "create", "--scope", "read", "--prefix", "team", "--json"]))).unwrap();
+    let tokens = ok(capsule(&server_store).args(["token", "list", "--json"]));
+    let tokens: serde_json::Value = serde_json::from_str(&tokens).unwrap();
+    assert_eq!(
+        (&tokens[0]["id"], &tokens[0]["scope"], &tokens[0]["prefix"]),
+        (&made["id"], &serde_json::json!("read"), &serde_json::json!("team")),
+        "{tokens}"
+    );
+    assert!(!tokens.to_string().contains(made["token"].as_str().unwrap()), "token list shows a token: {tokens}");
+    let revoked: serde_json::Value =
+        serde_json::from_str(&ok(capsule(&server_store).args(["token", "revoke", made["id"].as_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(revoked["revoked"], made["id"]);
+    // A commit of something that is not a mount says so.
+    let err = fails(capsule(&server_store).args(["commit", d.to_str().unwrap(), "child"]));
+    assert!(err.contains(&format!("{} is not a capsule mount", d.display())), "{err}");
 
     let exported: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["export", "data", "--json", "--out"]).arg(d.join("out")))).unwrap();
     let files: Vec<&str> = exported["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();

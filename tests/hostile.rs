@@ -337,3 +337,17 @@ fn qcow2_import_needs_its_format_named_and_follows_only_named_backing_files() {
     assert!(stolen(), "a named backing file is imported");
     ok(capsule(&store).args(["verify", "h"]));
 }
+
+#[test]
+fn a_disk_named_like_the_ram_file_is_refused_not_shown_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("disk"), pseudo_random(64 << 10, 5)).unwrap();
+    // Its file would be `memory.raw`, where a writable mount keeps the guest's RAM.
+    ok(capsule(&d.join("store")).args(["import", "vm", "--ram", "64M", "--disk"]).arg(format!("memory={}", d.join("disk").display())));
+    std::fs::create_dir_all(d.join("mnt")).unwrap();
+    let err = fails(capsule(&d.join("store")).args(["mount", "vm"]).arg(d.join("mnt")).arg("--cache").arg(d.join("cache")));
+    assert!(err.contains("two files named \"memory.raw\""), "{err}");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(d.to_str().unwrap()), "{mounts}");
+}

@@ -39,9 +39,31 @@ fn a_remote_capsule_cold_boots_with_capsule_run_from_an_empty_cache() {
         &format!("{}/guest", server.url),
         &cache,
         "cold",
-        &["--append", "gmode=boot", "--token", &token],
+        &["--append", "gmode=boot", "--token", &token, "--json"],
     );
     let output = run.wait_marker(BOOT_OK, 180);
+    // stdout is the report alone: the run, the guest's clean exit, where the time went and
+    // what came over the link, as the summary line says.
+    let report: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap_or_else(|e| panic!("run --json: {e}:\n{}", run.stdout()));
+    assert_eq!(
+        (report["id"].as_str(), report["capsule"].as_str(), report["hypervisor"].as_str(), report["accel"].as_str()),
+        (Some("cold"), Some("guest"), Some("qemu"), Some("tcg")),
+        "{report}"
+    );
+    assert_eq!(
+        (report["exit_code"].as_u64(), report["guest"]["code"].as_i64(), report["error"].is_null(), report["resumed"].as_bool()),
+        (Some(0), Some(0), true, Some(false)),
+        "{report}"
+    );
+    let secs = &report["seconds"];
+    let (mounted, running, total) = (secs["mounted"].as_f64().unwrap(), secs["running"].as_f64().unwrap(), secs["total"].as_f64().unwrap());
+    assert!(0.0 < mounted && mounted <= running && running < total, "{report}");
+    let fetched = &report["fetched"];
+    assert!(fetched["source"].as_str().unwrap().starts_with(&server.url) && fetched["wire_bytes"].as_u64() > Some(0), "{report}");
+    assert!(
+        fetched["files"]["vmlinuz"].as_u64().unwrap() >= std::fs::metadata(guest_dir().join("vmlinuz")).unwrap().len(),
+        "the kernel is read whole: {report}"
+    );
     let console = run.console();
     assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
     // "fetched X of Y of disk (...); W on the wire (N blocks)": of the disk (its size from
@@ -303,13 +325,19 @@ fn bad_runs_fail_cleanly_and_leave_nothing_behind() {
     let runs = dir.path().join("runs");
     let err = fails(capsule(&store).env("CAPSULE_RUN_DIR", &runs).args(["suspend", "no-such-run", "child"]));
     assert!(err.contains("no run \"no-such-run\""), "{err}");
-    let err = fails(
-        capsule(&store)
-            .env("CAPSULE_RUN_DIR", &runs)
-            .args(["run", "no-such-capsule", "--accel", "tcg", "--id", "bad", "--cache"])
-            .arg(dir.path().join("cache")),
-    );
+    let out = capsule(&store)
+        .env("CAPSULE_RUN_DIR", &runs)
+        .args(["run", "no-such-capsule", "--accel", "tcg", "--id", "bad", "--json", "--cache"])
+        .arg(dir.path().join("cache"))
+        .output()
+        .unwrap();
+    // Capsule's own failure: exit 1 (never a guest's 64+N), and with --json a report saying so.
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-capsule"), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["id"].as_str(), report["exit_code"].as_u64()), (Some("bad"), Some(1)), "{report}");
+    assert!(report["error"].as_str().unwrap().contains("no-such-capsule") && report["guest"].is_null(), "{report}");
     assert!(!runs.join("bad").exists(), "run directory left behind");
     // A QEMU that cannot start (a bad extra argument): the error is QEMU's, the mount is gone.
     let err = fails(

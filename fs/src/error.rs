@@ -51,6 +51,11 @@ impl Error {
         Self { kind, message: what.to_string(), source: Some(Box::new(e)) }
     }
 
+    /// A new error caused by `source`.
+    pub fn caused_by(kind: ErrorKind, message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { kind, message: message.into(), source: Some(Box::new(source)) }
+    }
+
     /// The kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind

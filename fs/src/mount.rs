@@ -30,7 +30,7 @@ use capsule_fetch::{BlockSource, Engine, EngineConfig, Urgency};
 use crate::blocks::{CacheBlocks, LazyPages};
 use crate::cache::BlockCache;
 use crate::error::{errno, Error, ErrorKind, Result};
-pub use crate::layout::{image_files, vm_json, MountInfo};
+pub use crate::layout::{image_files, read_info, vm_json, MountInfo};
 use crate::overlay::{Overlay, DATA, ZERO};
 pub use crate::recorder::Recorder;
 pub use ahead::auto_cluster;
@@ -104,9 +104,11 @@ pub struct MountConfig {
     pub kernel_readahead: u32,
     /// Guest RAM faults fetch aligned groups of this many blocks (1: one page).
     pub memory_cluster: u32,
-    /// Where the mount appears (files that name other files, like a Cloud Hypervisor
-    /// `config.json`, point there).
+    /// Where the mount appears (files that name other files point there).
     pub mountpoint: PathBuf,
+    /// How the capsule's files are named and what else the mount shows: the hypervisor
+    /// glue's choice (`capsule_vmm_glue::mount_layout`), or each slot under its own name.
+    pub layout: capsule_images::LayoutFn,
     /// A read waiting on the source fails after this long without any block arriving.
     pub stall_timeout: Duration,
     /// The key that opens an encrypted capsule (checked against the one it names).
@@ -184,9 +186,23 @@ impl CapsuleFs {
                 ))
             }
         };
+        let layout = (config.layout)(&manifest, &config.mountpoint);
+        // Two files of one name (a disk named `memory` beside the RAM's `memory.raw`) would
+        // let one stand for the other: a capsule from elsewhere chooses its names.
+        let names = image_files(&manifest, !config.read_only, &layout)
+            .into_iter()
+            .map(|(n, ..)| n)
+            .chain(["capsule.json".to_string()])
+            .chain(layout.extra.iter().map(|(n, _)| n.clone()));
+        let mut seen = std::collections::HashSet::new();
+        for name in names {
+            if !seen.insert(name.clone()) {
+                return Err(Error::new(ErrorKind::Invalid, format!("capsule {} ({}): two files named {name:?}", manifest.name, id.short())));
+            }
+        }
         let mut nodes = Vec::new();
         let mut files = Vec::new();
-        for (name, slot, image) in image_files(&manifest, !config.read_only) {
+        for (name, slot, image) in image_files(&manifest, !config.read_only, &layout) {
             let reader = capsule_images::ImageReader::open(store, image).map_err(|e| Error::from(e).context(&name))?;
             let chain = reader.chain().to_vec();
             let overlay = if config.read_only {
@@ -227,10 +243,10 @@ impl CapsuleFs {
         };
         let pages = LazyPages::new(cache.clone(), source.clone());
         let engine = Engine::new(local.clone(), source, engine_config);
-        let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest)).unwrap_or_default();
+        let vm = serde_json::to_vec_pretty(&vm_json(&id, &manifest, &layout)).unwrap_or_default();
         nodes.push(Node::bytes("capsule.json", vm));
-        if let Some(template) = manifest.vm.hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
-            nodes.push(Node::bytes("config.json", capsule_images::manifest::config_for_mount(template, &config.mountpoint)));
+        for (name, bytes) in layout.extra {
+            nodes.push(Node::bytes(&name, bytes));
         }
         let info = MountInfo {
             capsule_id: id,

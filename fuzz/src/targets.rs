@@ -174,8 +174,8 @@ pub(crate) fn run_manifest(input: &[u8]) -> bool {
     }
     let _ = m.memory_or_blank();
     let _ = capsule_vmm_glue::qemu::QemuHints::parse(&m.vm.hints);
-    if let Some(t) = m.vm.hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
-        let cfg = capsule_images::manifest::config_for_mount(t, Path::new("/run/capsule/mnt"));
+    if let Some(t) = m.vm.hints.get(capsule_vmm_glue::cloud_hypervisor::CONFIG_HINT) {
+        let cfg = capsule_vmm_glue::cloud_hypervisor::config_for_mount(t, Path::new("/run/capsule/mnt"));
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&cfg) {
             let _ = capsule_vmm_glue::cloud_hypervisor::check_config(&v, Path::new("/run/capsule/mnt"));
         }
@@ -533,9 +533,9 @@ pub(crate) fn run_hints(input: &[u8]) -> bool {
         }
     }
     let mut ok = capsule_vmm_glue::qemu::QemuHints::parse(&hints).is_ok();
-    if let Some(t) = hints.get(capsule_images::manifest::HINT_CHV_CONFIG) {
+    if let Some(t) = hints.get(capsule_vmm_glue::cloud_hypervisor::CONFIG_HINT) {
         let mnt = Path::new("/run/capsule/runs/x/mnt");
-        let cfg = capsule_images::manifest::config_for_mount(t, mnt);
+        let cfg = capsule_vmm_glue::cloud_hypervisor::config_for_mount(t, mnt);
         ok &= serde_json::from_slice::<serde_json::Value>(&cfg).is_ok_and(|v| capsule_vmm_glue::cloud_hypervisor::check_config(&v, mnt).is_ok());
     }
     ok

@@ -35,7 +35,7 @@ pub use import::{import_capsule, CapsuleSpec, DiskFormat, ImportReport, ImportSt
 pub use manifest::{BootFiles, Disk, Image, Layer, Manifest, Profile, VmDescription};
 pub use map::Entry;
 pub use seal::{Key, KeyId, Sealing};
-pub use slot::Slot;
+pub use slot::{LayoutFn, MountLayout, Slot};
 pub use store::Store;
 pub use verify::{verify_capsule, verify_store_files, VerifyReport};
-pub use vm_file::VmFile;
+pub use vm_file::{MountInfo, VmFile};

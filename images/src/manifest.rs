@@ -240,22 +240,6 @@ impl Manifest {
     }
 }
 
-/// VM hint holding a Cloud Hypervisor `config.json` whose paths into the capsule start
-/// with [`MOUNT_PLACEHOLDER`]; a mount presents such a capsule as a snapshot directory.
-pub const HINT_CHV_CONFIG: &str = "chv.config";
-/// Stands for the mount point in a stored file that names the capsule's own files.
-pub const MOUNT_PLACEHOLDER: &str = "@CAPSULE_MOUNT@";
-
-/// A stored config (see [`HINT_CHV_CONFIG`]) with the mount point filled in, pretty-printed.
-pub fn config_for_mount(template: &str, mountpoint: &std::path::Path) -> Vec<u8> {
-    let filled = template.replace(MOUNT_PLACEHOLDER, &mountpoint.display().to_string());
-    match serde_json::from_str::<serde_json::Value>(&filled) {
-        Ok(v) => serde_json::to_vec_pretty(&v).unwrap_or_default(),
-        // Not JSON after all: hand it over as stored rather than hide it.
-        Err(_) => filled.into_bytes(),
-    }
-}
-
 /// Block size of the guest RAM image a running capsule gets when it has none: the page
 /// size, so a resume fetches the pages the guest touches and a suspend stores the pages it
 /// dirtied, not 64 KiB around each.

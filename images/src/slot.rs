@@ -1,6 +1,8 @@
 //! The image slots of a capsule, listed once: each has a key (overlay files, a mount's
-//! `info.json`), a label for people, and a place in the manifest. Mount, commit, export
-//! and status walk [`Manifest::slots`] instead of spelling keys that must agree.
+//! `info.json`), a label for people, a file name, and a place in the manifest. Mount,
+//! commit, export and status walk [`Manifest::slots`] instead of spelling keys that must
+//! agree. A hypervisor that expects other file names gets them through a [`MountLayout`],
+//! which its glue (`capsule-vmm-glue`) makes: this crate knows no hypervisor.
 
 use std::fmt;
 
@@ -48,7 +50,7 @@ impl Slot {
         })
     }
 
-    /// The file QEMU (and `capsule export`) knows it by: `NAME.raw`, `memory.raw`,
+    /// The slot's own file name (a mount's, `capsule export`'s): `NAME.raw`, `memory.raw`,
     /// `devstate.bin`, `vmlinuz`, `initrd.img`.
     pub fn file_name(&self) -> String {
         match self {
@@ -82,6 +84,33 @@ impl TryFrom<String> for Slot {
     fn try_from(key: String) -> Result<Slot, String> {
         Slot::from_key(&key).ok_or_else(|| format!("not an image slot: {key:?}"))
     }
+}
+
+/// How a mount shows a capsule where its hypervisor wants more than each slot under its
+/// own file name: other names for some slots, and small files made for the mount point
+/// (a hypervisor config naming the mount's files). Made by the hypervisor glue from the
+/// capsule's manifest ([`LayoutFn`]); the mount only shows what it says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountLayout {
+    /// Slots shown under another name than [`Slot::file_name`].
+    pub renamed: std::collections::BTreeMap<Slot, String>,
+    /// (file name, bytes) of further files, after the image files.
+    pub extra: Vec<(String, Vec<u8>)>,
+}
+
+impl MountLayout {
+    /// The file name `slot` is shown under.
+    pub fn file_name(&self, slot: &Slot) -> String {
+        self.renamed.get(slot).cloned().unwrap_or_else(|| slot.file_name())
+    }
+}
+
+/// Makes the [`MountLayout`] of a capsule (its manifest, opened if sealed) mounted at a path.
+pub type LayoutFn = fn(&Manifest, &std::path::Path) -> MountLayout;
+
+/// Each slot under its own name, nothing more.
+pub fn plain_layout(_: &Manifest, _: &std::path::Path) -> MountLayout {
+    MountLayout::default()
 }
 
 impl Manifest {

@@ -1,9 +1,36 @@
-//! `capsule.json`: the VM description a mount shows, written by the mount and read by
-//! `capsule run` and the hypervisor glue (one type, so writer and readers agree).
+//! What a mount says about itself: `capsule.json` (the VM description, read by `capsule
+//! run` and the hypervisor glue) and `.capsule/info.json` (the mount's own facts, read by
+//! `commit`, `umount`, `takeover`, and carried from `run` to `suspend` in the run's record).
+//! One type each, so the mount writing them and their readers agree.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::{Hash, Slot};
+
+/// `.capsule/info.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountInfo {
+    /// The mounted capsule.
+    pub capsule_id: Hash,
+    /// Its name.
+    pub name: String,
+    /// Store holding its metadata and cached blocks.
+    pub cache_store: PathBuf,
+    /// Copy-on-write overlays of this capsule (absent for read-only mounts).
+    pub overlay_dir: Option<PathBuf>,
+    /// Where blocks come from (`local` or a capsule:// URL).
+    pub source: String,
+    /// The serving process.
+    pub pid: u32,
+    /// (file name, slot) of each image file.
+    pub files: Vec<(String, Slot)>,
+    /// The kernel readahead the mount asked for (0: a RAM fault reads one page).
+    #[serde(default)]
+    pub kernel_readahead: Option<u32>,
+}
 
 /// A file of the mount and its size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

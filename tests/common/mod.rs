@@ -407,8 +407,10 @@ pub struct Run {
     pub runs: PathBuf,
     /// The guest's serial console.
     pub log: PathBuf,
-    /// stdout + stderr of `capsule run`.
+    /// stderr of `capsule run`.
     pub out: PathBuf,
+    /// Its stdout (with --json, the report alone).
+    pub stdout: PathBuf,
     store: PathBuf,
     qemu_pid: Option<u32>,
     mountpoint: Option<PathBuf>,
@@ -427,6 +429,7 @@ impl Run {
         let log = runs.join(format!("{id}.console"));
         let out = runs.join(format!("{id}.out"));
         let outf = std::fs::File::create(&out).unwrap();
+        let stdout = runs.join(format!("{id}.stdout"));
         let child = client(store, config)
             .envs(env.iter().copied())
             .env("CAPSULE_RUN_DIR", runs)
@@ -436,11 +439,11 @@ impl Run {
             .arg(&log)
             .args(extra)
             .stdin(std::process::Stdio::null())
-            .stdout(outf.try_clone().unwrap())
+            .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(outf)
             .spawn()
             .expect("start capsule run");
-        Self { child, id: id.to_string(), runs: runs.to_path_buf(), log, out, store: store.to_path_buf(), qemu_pid: None, mountpoint: None }
+        Self { child, id: id.to_string(), runs: runs.to_path_buf(), log, out, stdout, store: store.to_path_buf(), qemu_pid: None, mountpoint: None }
     }
 
     /// The console so far.
@@ -448,9 +451,14 @@ impl Run {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `capsule run`'s own output so far.
+    /// `capsule run`'s own output so far: its stderr, then its stdout.
     pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
+        std::fs::read_to_string(&self.out).unwrap_or_default() + &self.stdout()
+    }
+
+    /// `capsule run`'s stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
     /// Waits until the console shows `pattern`; panics with both logs after `timeout_s`

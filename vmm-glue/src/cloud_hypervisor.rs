@@ -18,9 +18,40 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
-use capsule_images::VmFile;
+use capsule_images::{Manifest, MountLayout, Slot, VmFile};
 
-pub use capsule_images::manifest::{HINT_CHV_CONFIG as CONFIG_HINT, MOUNT_PLACEHOLDER};
+/// VM hint holding a snapshot's `config.json` whose paths into the capsule start with
+/// [`MOUNT_PLACEHOLDER`]; a mount presents such a capsule as a snapshot directory.
+pub const CONFIG_HINT: &str = "chv.config";
+/// Stands for the mount point in the stored config.
+pub const MOUNT_PLACEHOLDER: &str = "@CAPSULE_MOUNT@";
+/// Cloud Hypervisor's names in a snapshot directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// See [`CONFIG_FILE`].
+pub const STATE_FILE: &str = "state.json";
+/// See [`CONFIG_FILE`].
+pub const MEMORY_FILE: &str = "memory-ranges";
+
+/// The stored config (see [`CONFIG_HINT`]) with the mount point filled in, pretty-printed.
+pub fn config_for_mount(template: &str, mountpoint: &Path) -> Vec<u8> {
+    let filled = template.replace(MOUNT_PLACEHOLDER, &mountpoint.display().to_string());
+    match serde_json::from_str::<Value>(&filled) {
+        Ok(v) => serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        // Not JSON after all: hand it over as stored rather than hide it.
+        Err(_) => filled.into_bytes(),
+    }
+}
+
+/// How a mount shows a capsule imported from a snapshot directory: RAM and device state
+/// under the snapshot's own names and its `config.json` pointing into the mount, so the
+/// mount is a snapshot directory `--restore` takes. `None` for other capsules.
+pub fn snapshot_layout(m: &Manifest, mountpoint: &Path) -> Option<MountLayout> {
+    let template = m.vm.hints.get(CONFIG_HINT)?;
+    Some(MountLayout {
+        renamed: [(Slot::Memory, MEMORY_FILE.to_string()), (Slot::Devstate, STATE_FILE.to_string())].into_iter().collect(),
+        extra: vec![(CONFIG_FILE.to_string(), config_for_mount(template, mountpoint))],
+    })
+}
 /// Largest `config.json` accepted (real ones are a few KiB).
 const MAX_CONFIG: u64 = 256 << 10;
 
@@ -53,9 +84,9 @@ fn invalid(dir: &Path, what: impl std::fmt::Display) -> Error {
 
 /// Reads a Cloud Hypervisor snapshot directory.
 pub fn read_snapshot(dir: &Path) -> Result<Snapshot> {
-    let config_path = dir.join("config.json");
-    let memory = dir.join("memory-ranges");
-    let state = dir.join("state.json");
+    let config_path = dir.join(CONFIG_FILE);
+    let memory = dir.join(MEMORY_FILE);
+    let state = dir.join(STATE_FILE);
     for p in [&config_path, &memory, &state] {
         if !p.is_file() {
             return Err(invalid(dir, format!("not a Cloud Hypervisor snapshot: {} is missing", p.file_name().and_then(|n| n.to_str()).unwrap_or("?"))));
@@ -141,7 +172,7 @@ pub fn check_config(config: &Value, mnt: &Path) -> Result<()> {
 
 /// Reads and checks the mount's `config.json` (see [`check_config`]).
 fn check_mounted_config(mnt: &Path) -> Result<()> {
-    let path = mnt.join("config.json");
+    let path = mnt.join(CONFIG_FILE);
     let len = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?.len();
     if len > MAX_CONFIG {
         return Err(invalid(&path, format!("{len} bytes, more than the {MAX_CONFIG} accepted")));
@@ -156,7 +187,7 @@ fn check_mounted_config(mnt: &Path) -> Result<()> {
 /// `readonly=on` when `read_only`). `vm` is the mount's `capsule.json`.
 pub fn command_line(mnt: &Path, vm: &VmFile, read_only: bool, api_socket: &Path, serial_log: Option<&Path>, extra: &[String]) -> Result<Vec<String>> {
     let mut a = vec!["--api-socket".to_string(), format!("path={}", api_socket.display())];
-    if vm.suspended && mnt.join("config.json").exists() {
+    if vm.suspended && mnt.join(CONFIG_FILE).exists() {
         check_mounted_config(mnt)?;
         a.push("--restore".into());
         a.push(format!("source_url=file://{}", mnt.display()));
@@ -187,7 +218,6 @@ pub fn command_line(mnt: &Path, vm: &VmFile, read_only: bool, api_socket: &Path,
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use capsule_images::manifest::config_for_mount;
     use serde_json::json;
 
     fn vm(v: serde_json::Value) -> VmFile {
@@ -214,6 +244,31 @@ mod tests {
         let on_mount: Value = serde_json::from_slice(&config_for_mount(&s.config_template, Path::new("/mnt/x"))).unwrap();
         assert_eq!(on_mount["disks"][0]["path"], "/mnt/x/disk0.raw");
         assert_eq!(on_mount["memory"], config["memory"]);
+    }
+
+    #[test]
+    fn only_a_snapshot_capsule_is_shown_under_the_snapshot_names() {
+        let mut m = capsule_images::Manifest {
+            name: "vm".into(),
+            parent: None,
+            created_unix: 0,
+            vm: Default::default(),
+            disks: vec![],
+            memory: None,
+            devstate: None,
+            boot: None,
+            sealing: None,
+        };
+        // Any other capsule: each slot under its own name, no extra file.
+        assert_eq!(crate::mount_layout(&m, Path::new("/mnt/x")), MountLayout::default());
+        m.vm.hints.insert(CONFIG_HINT.into(), format!(r#"{{"disks": [{{"path": "{MOUNT_PLACEHOLDER}/disk0.raw"}}]}}"#));
+        let layout = crate::mount_layout(&m, Path::new("/mnt/x"));
+        assert_eq!((layout.file_name(&Slot::Memory), layout.file_name(&Slot::Devstate)), ("memory-ranges".to_string(), "state.json".to_string()));
+        assert_eq!(layout.file_name(&Slot::Disk("disk0".into())), "disk0.raw");
+        assert_eq!(layout.extra.len(), 1);
+        let (name, bytes) = &layout.extra[0];
+        let config: Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!((name.as_str(), &config["disks"][0]["path"]), ("config.json", &json!("/mnt/x/disk0.raw")));
     }
 
     #[test]

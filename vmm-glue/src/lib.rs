@@ -26,3 +26,15 @@ pub mod session;
 pub mod state;
 
 pub use error::{Error, ErrorKind, Result};
+
+use std::path::Path;
+
+use capsule_images::{Manifest, MountLayout};
+
+/// How a mount shows capsule `m` at `mountpoint`, for the hypervisor that will read it: a
+/// Cloud Hypervisor snapshot's names and config ([`cloud_hypervisor::snapshot_layout`]),
+/// else each image slot under its own file name (what the QEMU command line names). The
+/// mount (`capsule-fs`) takes this as its `MountConfig::layout`.
+pub fn mount_layout(m: &Manifest, mountpoint: &Path) -> MountLayout {
+    cloud_hypervisor::snapshot_layout(m, mountpoint).unwrap_or_default()
+}

@@ -3,7 +3,7 @@
 //! leaves `suspended.json` for the run to report.
 //!
 //! ```text
-//!  RUNS/<id>/run.json        RunRecord: QEMU pid, QMP socket, mount, hints for a resume
+//!  RUNS/<id>/run.json        RunRecord: QEMU pid, QMP socket, the mount's info, hints for a resume
 //!  RUNS/<id>/qmp.sock        QEMU's QMP socket
 //!  RUNS/<id>/mnt/            the mount (when `run` made it)
 //!  RUNS/<id>/devstate.bin    the device state a suspend saves
@@ -16,6 +16,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use capsule_images::MountInfo;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qemu::QemuHints;
@@ -30,10 +32,11 @@ pub struct RunRecord {
     pub id: String,
     /// The capsule it runs (its name).
     pub capsule: String,
-    /// The capsule's id (hex).
-    pub capsule_id: String,
     /// The mount the hypervisor reads.
     pub mountpoint: PathBuf,
+    /// What that mount said about itself when the run started (its `.capsule/info.json`):
+    /// a suspend commits the overlays it names without reading the mount again.
+    pub mount: MountInfo,
     /// QEMU's pid.
     pub qemu_pid: u32,
     /// `capsule run`'s pid.
@@ -264,8 +267,17 @@ mod tests {
         let rec = RunRecord {
             id: "r1".into(),
             capsule: "guest".into(),
-            capsule_id: "ab".into(),
             mountpoint: dir.mountpoint(),
+            mount: MountInfo {
+                capsule_id: capsule_images::Hash::of(b"guest"),
+                name: "guest".into(),
+                cache_store: "/cache".into(),
+                overlay_dir: Some("/cache/cow/ab".into()),
+                source: "local".into(),
+                pid: 3,
+                files: vec![("root.raw".into(), capsule_images::Slot::Disk("root".into())), ("memory.raw".into(), capsule_images::Slot::Memory)],
+                kernel_readahead: Some(0),
+            },
             qemu_pid: 1,
             run_pid: 2,
             qmp: dir.qmp_socket(),
