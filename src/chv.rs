@@ -20,7 +20,7 @@ pub fn run(args: &RunArgs, mnt: &Path, vm: &VmFile, dir: &Path) -> Result<Option
         .with_context(|| format!("capsule {} ({}): refusing to run it", vm.capsule, args.source))?;
     let line = capsule_vmm_glue::qemu::shell_line(&binary, &argv);
     if args.dry_run {
-        crate::run::print_dry_run(args.json, PathBuf::from(&binary), argv, line)?;
+        crate::report::print_dry_run(args.json, PathBuf::from(&binary), argv, line)?;
         return Ok(None);
     }
     match Command::new(&binary).args(&argv).status() {

@@ -295,3 +295,20 @@ pub(crate) fn print_json_or_with(json: bool, value: &impl serde::Serialize, prin
     }
     Ok(())
 }
+
+/// What `run --dry-run --json` prints: the hypervisor command line, as words and as one line.
+#[derive(Debug, serde::Serialize)]
+struct DryRun {
+    binary: PathBuf,
+    args: Vec<String>,
+    line: String,
+}
+
+pub(crate) fn print_dry_run(json: bool, binary: PathBuf, args: Vec<String>, line: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&DryRun { binary, args, line })?);
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -551,23 +551,6 @@ pub fn launch_qemu(argv: &[std::ffi::OsString]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// What `run --dry-run --json` prints: the hypervisor command line, as words and as one line.
-#[derive(Debug, serde::Serialize)]
-struct DryRun {
-    binary: PathBuf,
-    args: Vec<String>,
-    line: String,
-}
-
-pub fn print_dry_run(json: bool, binary: PathBuf, args: Vec<String>, line: String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&DryRun { binary, args, line })?);
-    } else {
-        println!("{line}");
-    }
-    Ok(())
-}
-
 fn print_qemu_dry_run(json: bool, config: &QemuConfig) -> Result<()> {
-    print_dry_run(json, config.binary.clone(), config.args().iter().map(|a| a.to_string_lossy().into_owned()).collect(), config.shell_line())
+    crate::report::print_dry_run(json, config.binary.clone(), config.args().iter().map(|a| a.to_string_lossy().into_owned()).collect(), config.shell_line())
 }
