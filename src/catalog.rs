@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::cli::{DiskFormatArg, ImportArgs};
 use crate::exit;
-use crate::report::{export, human, inspect_json, print_import, print_inspect, print_json_or, print_json_or_with, report_verify};
+use crate::report::{export, human, inspect_view, print_import, print_inspect, print_json_or, print_json_or_with, report_verify};
 
 pub fn import(store: &Store, a: ImportArgs) -> Result<()> {
     let key = a.key.as_deref().map(crate::keys::load).transpose()?;
@@ -128,7 +128,7 @@ pub fn ls(store: Option<Store>, json: bool) -> Result<()> {
 pub fn inspect(store: &Store, name: &str, json: bool) -> Result<()> {
     let id = store.resolve(name)?;
     let m = store.manifest(&id).with_context(|| format!("capsule {name}"))?;
-    let view = inspect_json(store, &id, &m)?;
+    let view = inspect_view(store, &id, &m)?;
     print_json_or_with(json, &view, || print_inspect(&view))
 }
 

@@ -64,7 +64,74 @@ pub(crate) fn print_import(name: &str, r: &images::ImportReport) {
     println!("imported {name} as {} (manifest {} bytes)", r.id, r.manifest_bytes);
 }
 
-pub(crate) fn image_json(store: &Store, image: &Image) -> Result<serde_json::Value> {
+/// An image as `inspect` shows it: its size, blocks and layers, and the metadata it costs.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct ImageView {
+    size: u64,
+    block_size: u64,
+    blocks: u64,
+    top_layer: Option<String>,
+    layers: Vec<LayerView>,
+    /// Bytes of its layers and map pages.
+    metadata_bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LayerView {
+    id: String,
+    mapped_blocks: u64,
+    map_pages: u64,
+    map_bytes: u64,
+}
+
+/// What `inspect` shows of a capsule (`--json`: this document).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct InspectView {
+    name: String,
+    id: String,
+    parent: Option<String>,
+    created_unix: u64,
+    encrypted_with_key: Option<String>,
+    manifest_bytes: u64,
+    vm: VmView,
+    disks: Vec<DiskView>,
+    memory: Option<ImageView>,
+    devstate: Option<ImageView>,
+    boot: Option<BootView>,
+    profiles: Vec<ProfileView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct VmView {
+    cpus: u32,
+    memory_mib: u64,
+    hypervisor: Option<String>,
+    hints: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DiskView {
+    name: String,
+    image: ImageView,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct BootView {
+    kernel: ImageView,
+    initrd: Option<ImageView>,
+    cmdline: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ProfileView {
+    name: String,
+    id: String,
+    blocks: usize,
+    /// Compressed bytes of the blocks this store holds: what warming them moves.
+    stored_bytes: u64,
+}
+
+fn image_view(store: &Store, image: &Image) -> Result<ImageView> {
     let reader = images::ImageReader::open(store, *image)?;
     let mut layers = Vec::new();
     let mut metadata_bytes = 0;
@@ -83,87 +150,81 @@ pub(crate) fn image_json(store: &Store, image: &Image) -> Result<serde_json::Val
             &mut |_, _| Ok(()),
         )?;
         metadata_bytes += page_bytes + store.object_size(id)?;
-        layers.push(json!({"id": id.to_hex(), "mapped_blocks": layer.mapped, "map_pages": pages, "map_bytes": page_bytes}));
+        layers.push(LayerView { id: id.to_hex(), mapped_blocks: layer.mapped, map_pages: pages, map_bytes: page_bytes });
     }
-    Ok(json!({
-        "size": image.size,
-        "block_size": image.block_size(),
-        "blocks": image.block_count(),
-        "top_layer": image.top.map(|h| h.to_hex()),
-        "layers": layers,
-        "metadata_bytes": metadata_bytes,
-    }))
+    Ok(ImageView {
+        size: image.size,
+        block_size: image.block_size(),
+        blocks: image.block_count(),
+        top_layer: image.top.map(|h| h.to_hex()),
+        layers,
+        metadata_bytes,
+    })
 }
 
-pub(crate) fn inspect_json(store: &Store, id: &Hash, m: &Manifest) -> Result<serde_json::Value> {
-    let mut disks = Vec::new();
-    for d in &m.disks {
-        disks.push(json!({"name": d.name, "image": image_json(store, &d.image)?}));
-    }
-    let opt = |i: Option<Image>| -> Result<serde_json::Value> { Ok(i.map(|i| image_json(store, &i)).transpose()?.unwrap_or(serde_json::Value::Null)) };
+pub(crate) fn inspect_view(store: &Store, id: &Hash, m: &Manifest) -> Result<InspectView> {
+    let opt = |i: Option<Image>| i.map(|i| image_view(store, &i)).transpose();
     let boot = match &m.boot {
-        Some(b) => json!({"kernel": image_json(store, &b.kernel)?, "initrd": opt(b.initrd)?, "cmdline": b.cmdline}),
-        None => serde_json::Value::Null,
+        Some(b) => Some(BootView { kernel: image_view(store, &b.kernel)?, initrd: opt(b.initrd)?, cmdline: b.cmdline.clone() }),
+        None => None,
     };
-    Ok(json!({
-        "name": m.name,
-        "id": id.to_hex(),
-        "parent": m.parent.map(|p| p.to_hex()),
-        "created_unix": m.created_unix,
-        "encrypted_with_key": m.sealing.as_ref().map(|s| s.key_id.to_string()),
-        "manifest_bytes": store.object_size(id)?,
-        "vm": {"cpus": m.vm.cpus, "memory_mib": m.vm.memory_mib, "hypervisor": m.vm.hypervisor, "hints": m.vm.hints},
-        "disks": disks,
-        "memory": opt(m.memory)?,
-        "devstate": opt(m.devstate)?,
-        "boot": boot,
-        "profiles": store.list_profiles(id)?.into_iter().map(|(n, p)| {
-            let blocks = store.profile(&p).map(|p| p.blocks).unwrap_or_default();
-            // Compressed bytes of the blocks this store holds: what warming them moves.
-            let stored: u64 = blocks.iter().filter_map(|h| store.block_stored_size(h).ok()).sum();
-            json!({"name": n, "id": p.to_hex(), "blocks": blocks.len(), "stored_bytes": stored})
-        }).collect::<Vec<_>>(),
-    }))
+    let mut profiles = Vec::new();
+    for (name, p) in store.list_profiles(id)? {
+        let blocks = store.profile(&p).map(|p| p.blocks).unwrap_or_default();
+        let stored_bytes = blocks.iter().filter_map(|h| store.block_stored_size(h).ok()).sum();
+        profiles.push(ProfileView { name, id: p.to_hex(), blocks: blocks.len(), stored_bytes });
+    }
+    Ok(InspectView {
+        name: m.name.clone(),
+        id: id.to_hex(),
+        parent: m.parent.map(|p| p.to_hex()),
+        created_unix: m.created_unix,
+        encrypted_with_key: m.sealing.as_ref().map(|s| s.key_id.to_string()),
+        manifest_bytes: store.object_size(id)?,
+        vm: VmView { cpus: m.vm.cpus, memory_mib: m.vm.memory_mib, hypervisor: m.vm.hypervisor.clone(), hints: m.vm.hints.clone() },
+        disks: m.disks.iter().map(|d| Ok(DiskView { name: d.name.clone(), image: image_view(store, &d.image)? })).collect::<Result<_>>()?,
+        memory: opt(m.memory)?,
+        devstate: opt(m.devstate)?,
+        boot,
+        profiles,
+    })
 }
 
-pub(crate) fn print_inspect(v: &serde_json::Value) {
-    println!("capsule  {}", v["name"].as_str().unwrap_or_default());
-    println!("id       {}", v["id"].as_str().unwrap_or_default());
-    println!("parent   {}", v["parent"].as_str().unwrap_or("-"));
-    println!("created  {} (unix)", v["created_unix"]);
-    println!("manifest {} bytes", v["manifest_bytes"]);
-    if let Some(k) = v["encrypted_with_key"].as_str() {
+pub(crate) fn print_inspect(v: &InspectView) {
+    println!("capsule  {}", v.name);
+    println!("id       {}", v.id);
+    println!("parent   {}", v.parent.as_deref().unwrap_or("-"));
+    println!("created  {} (unix)", v.created_unix);
+    println!("manifest {} bytes", v.manifest_bytes);
+    if let Some(k) = &v.encrypted_with_key {
         println!("key      {k} (encrypted)");
     }
-    let vm = &v["vm"];
-    println!("vm       {} cpu(s), {} MiB RAM, hypervisor {}", vm["cpus"], vm["memory_mib"], vm["hypervisor"].as_str().unwrap_or("any"));
-    let show = |label: &str, img: &serde_json::Value| {
-        if img.is_null() {
-            return;
-        }
+    println!("vm       {} cpu(s), {} MiB RAM, hypervisor {}", v.vm.cpus, v.vm.memory_mib, v.vm.hypervisor.as_deref().unwrap_or("any"));
+    let show = |label: &str, img: Option<&ImageView>| {
+        let Some(img) = img else { return };
         println!(
             "{label:<16} {:>10}  block {:>7}  {} layer(s), metadata {} bytes",
-            human(img["size"].as_u64().unwrap_or(0)),
-            human(img["block_size"].as_u64().unwrap_or(0)),
-            img["layers"].as_array().map_or(0, Vec::len),
-            img["metadata_bytes"]
+            human(img.size),
+            human(img.block_size),
+            img.layers.len(),
+            img.metadata_bytes
         );
-        for l in img["layers"].as_array().into_iter().flatten() {
-            println!("    layer {}  maps {} blocks", &l["id"].as_str().unwrap_or_default()[..12], l["mapped_blocks"]);
+        for l in &img.layers {
+            println!("    layer {}  maps {} blocks", &l.id[..12], l.mapped_blocks);
         }
     };
-    for d in v["disks"].as_array().into_iter().flatten() {
-        show(&format!("disk {}", d["name"].as_str().unwrap_or_default()), &d["image"]);
+    for d in &v.disks {
+        show(&format!("disk {}", d.name), Some(&d.image));
     }
-    show("memory", &v["memory"]);
-    show("devstate", &v["devstate"]);
-    if !v["boot"].is_null() {
-        show("kernel", &v["boot"]["kernel"]);
-        show("initrd", &v["boot"]["initrd"]);
-        println!("cmdline  {}", v["boot"]["cmdline"].as_str().unwrap_or_default());
+    show("memory", v.memory.as_ref());
+    show("devstate", v.devstate.as_ref());
+    if let Some(b) = &v.boot {
+        show("kernel", Some(&b.kernel));
+        show("initrd", b.initrd.as_ref());
+        println!("cmdline  {}", b.cmdline);
     }
-    for p in v["profiles"].as_array().into_iter().flatten() {
-        println!("profile  {}: {} blocks", p["name"].as_str().unwrap_or_default(), p["blocks"]);
+    for p in &v.profiles {
+        println!("profile  {}: {} blocks", p.name, p.blocks);
     }
 }
 

@@ -85,6 +85,16 @@ fn json_output_of_store_commands_and_a_watch_of_a_remote_mount() {
         table.lines().any(|l| l.starts_with("data ") && l.contains(&row["id"].as_str().unwrap()[..12]) && l.contains("4.0 MiB") && l.ends_with("root")),
         "{table}"
     );
+    let inspected: serde_json::Value = serde_json::from_str(&ok(capsule(&server_store).args(["inspect", "data", "--json"]))).unwrap();
+    let image = &inspected["disks"][0]["image"];
+    assert_eq!(
+        (inspected["id"].as_str(), &inspected["disks"][0]["name"], image["size"].as_u64(), image["block_size"].as_u64()),
+        (row["id"].as_str(), &serde_json::json!("root"), Some(4 << 20), Some(65536)),
+        "{inspected}"
+    );
+    assert!(image["layers"].as_array().unwrap().len() == 1 && image["metadata_bytes"].as_u64() > Some(0) && inspected["boot"].is_null(), "{inspected}");
+    let shown = ok(capsule(&server_store).args(["inspect", "data"]));
+    assert!(shown.lines().any(|l| l.starts_with("disk root") && l.contains("4.0 MiB") && l.contains("1 layer(s)")), "{shown}");
     // Tokens: the token once, at creation; listed by id and scope, never the token.
     let made: serde_json::Value =
         serde_json::from_str(&ok(capsule(&server_store).args(["token", "create", "--scope", "read", "--prefix", "team", "--json"]))).unwrap();
