@@ -16,6 +16,9 @@ Environment:
   CAPSULE_CACHE             block cache of mounts and runs (--cache)
   CAPSULE_RUN_DIR           where runs keep their state [default: $XDG_RUNTIME_DIR/capsule/runs]
   CAPSULE_TOKEN             bearer token for a server (--token)
+  CAPSULE_CONFIG_DIR        where known_servers (trusted server certificates) is kept
+                            [default: ~/.config/capsule]
+  CAPSULE_KEY_DIR           keys of encrypted capsules [default: ~/.config/capsule/keys]
   CAPSULE_QEMU              QEMU binary for `capsule run` (--qemu)
   CAPSULE_CLOUD_HYPERVISOR  cloud-hypervisor binary
   CAPSULE_LOG               log filter (tracing syntax: warn, info, debug, capsule_fs=trace)
@@ -334,7 +337,7 @@ pub enum DiskFormatArg {
 
 /// Commands that never open a store: `--store` is hidden from their help, completions
 /// and man pages (still accepted, as scripts pass it to every command).
-const STORELESS: &[&str] = &["takeover", "umount", "prefetch", "warm", "unpin", "status", "ps", "stop", "completions", "man"];
+const STORELESS: &[&str] = &["takeover", "umount", "prefetch", "warm", "unpin", "status", "ps", "stop", "completions", "man", "key"];
 
 /// The command line's definition, `--store` hidden where it would do nothing.
 pub fn cli_command() -> clap::Command {

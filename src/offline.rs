@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use capsule_fs::cache::BlockCache;
 use capsule_fs::pins;
 use capsule_images::{Hash, Progress};
-use serde_json::json;
 
 use crate::args::ConnArgs;
 use crate::mount::{default_cache_dir, remembered_ref};
@@ -172,10 +171,42 @@ pub fn unpin(t: &CacheTarget) -> Result<()> {
     Ok(())
 }
 
+/// `status` of a capsule: of a mount, its `stats.json` (printed whole with `--json`); of a
+/// capsule in a cache, this, under the same names for what both have (files by name,
+/// `blocks`, `resident_pct`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StatusView {
+    capsule: String,
+    id: String,
+    /// `cache`, or for a mount where its blocks come from.
+    source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pinned: Option<bool>,
+    files: std::collections::BTreeMap<String, FileStatus>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FileStatus {
+    blocks: u64,
+    resident_pct: f64,
+    /// Of a cache only (a mount's pins are the cache's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pinned_pct: Option<f64>,
+}
+
 pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()> {
     let stats_path = std::path::Path::new(source).join(".capsule/stats.json");
-    let view = if stats_path.exists() {
-        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&stats_path)?).with_context(|| stats_path.display().to_string())?
+    let view: StatusView = if stats_path.exists() {
+        let bytes = std::fs::read(&stats_path).with_context(|| stats_path.display().to_string())?;
+        if as_json {
+            // The mount's counters whole (`capsule status --watch` samples the same file).
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+            println!();
+            return Ok(());
+        }
+        serde_json::from_slice(&bytes).with_context(|| stats_path.display().to_string())?
     } else {
         let dir = cache.unwrap_or_else(default_cache_dir);
         let (store, id) = resolve_in_cache(source, &dir)?;
@@ -184,7 +215,7 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
         let mut pinset = pins::PinSet::new(&dir);
         pinset.refresh();
         let m = store.manifest(&id)?;
-        let mut files = serde_json::Map::new();
+        let mut files = std::collections::BTreeMap::new();
         // Keyed by file name, as a mount's stats.json is: one schema for both.
         for (what, _, image) in capsule_fs::layout::image_files(&m, false, &capsule_vmm_glue::mount_layout(&m, std::path::Path::new("/"))) {
             let reader = capsule_images::ImageReader::open(&store, image)?;
@@ -202,18 +233,21 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
                 pinned += u64::from(p);
             }
             let n = image.block_count().max(1) as f64;
-            files.insert(what, json!({"blocks": image.block_count(), "resident_pct": resident as f64 * 100.0 / n, "pinned_pct": pinned as f64 * 100.0 / n}));
+            files.insert(
+                what,
+                FileStatus { blocks: image.block_count(), resident_pct: resident as f64 * 100.0 / n, pinned_pct: Some(pinned as f64 * 100.0 / n) },
+            );
         }
-        json!({"capsule": m.name, "id": id.to_hex(), "source": "cache", "cache": dir, "pinned": pins::is_pinned(&dir, &id), "files": files})
+        StatusView { capsule: m.name, id: id.to_hex(), source: "cache".into(), pinned: Some(pins::is_pinned(&dir, &id)), cache: Some(dir), files }
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(());
     }
-    println!("capsule {} ({})", view["capsule"].as_str().unwrap_or("?"), view["id"].as_str().unwrap_or("?"));
-    for (file, v) in view["files"].as_object().into_iter().flatten() {
-        let pinned = v["pinned_pct"].as_f64().map(|p| format!(", {p:.1}% pinned")).unwrap_or_default();
-        println!("  {file:<16} {:>6.1}% resident{pinned}", v["resident_pct"].as_f64().unwrap_or(0.0));
+    println!("capsule {} ({})", view.capsule, view.id);
+    for (file, v) in &view.files {
+        let pinned = v.pinned_pct.map(|p| format!(", {p:.1}% pinned")).unwrap_or_default();
+        println!("  {file:<16} {:>6.1}% resident{pinned}", v.resident_pct);
     }
     Ok(())
 }

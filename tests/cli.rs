@@ -22,7 +22,7 @@ fn completions_man_pages_and_help_come_from_the_parser() {
     let err = fails(capsule(&store).args(["man", "no-such-command"]));
     assert!(err.contains("no command \"no-such-command\""), "{err}");
     let help = ok(capsule(&store).arg("--help"));
-    for var in ["CAPSULE_STORE", "CAPSULE_CACHE", "CAPSULE_RUN_DIR", "CAPSULE_TOKEN", "CAPSULE_LOG", "Exit codes"] {
+    for var in ["CAPSULE_STORE", "CAPSULE_CACHE", "CAPSULE_RUN_DIR", "CAPSULE_TOKEN", "CAPSULE_CONFIG_DIR", "CAPSULE_KEY_DIR", "CAPSULE_LOG", "Exit codes"] {
         assert!(help.contains(var), "--help lacks {var}:\n{help}");
     }
     assert!(!store.exists(), "printing help made a store");
@@ -31,9 +31,11 @@ fn completions_man_pages_and_help_come_from_the_parser() {
         let help = ok(capsule(&store).args([cmd, "--help"]));
         assert!(help.contains("--store"), "{cmd} --help lacks --store:\n{help}");
     }
-    for cmd in ["ps", "stop", "status", "umount", "warm", "prefetch", "unpin", "takeover", "man"] {
-        let help = ok(capsule(&store).args([cmd, "--help"]));
-        assert!(!help.contains("--store"), "{cmd} --help lists --store, which it ignores:\n{help}");
+    for cmd in
+        [&["ps"][..], &["stop"], &["status"], &["umount"], &["warm"], &["prefetch"], &["unpin"], &["takeover"], &["man"], &["key", "create"], &["key", "list"]]
+    {
+        let help = ok(capsule(&store).args(cmd).arg("--help"));
+        assert!(!help.contains("--store"), "{cmd:?} --help lists --store, which it ignores:\n{help}");
     }
 }
 
