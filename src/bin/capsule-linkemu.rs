@@ -332,11 +332,14 @@ mod tests {
         let addr = relay(echo_server(), delay, Arc::new(AtomicBool::new(false)));
         let mut conn = TcpStream::connect(addr).unwrap();
         conn.set_nodelay(true).unwrap();
+        let mut best = Duration::MAX;
         for _ in 0..5 {
             let rtt = round_trip(&mut conn);
             assert!(rtt >= 2 * delay, "round trip {rtt:?} < 2 x {delay:?}");
-            assert!(rtt < 2 * delay + Duration::from_millis(500), "round trip {rtt:?} far above 2 x {delay:?}");
+            best = best.min(rtt);
         }
+        // The best of five: a loaded CI machine once held one round trip 640 ms.
+        assert!(best < 2 * delay + Duration::from_millis(200), "round trips all far above 2 x {delay:?}: best {best:?}");
     }
 
     #[test]
