@@ -261,6 +261,14 @@ fn kill_9_of_a_mount_being_written_and_of_its_commit_loses_no_acknowledged_write
             Command::new("kill").args(["-9", &supervisor.to_string()]).output().unwrap();
         }
         Command::new("kill").args(["-9", &pid.to_string()]).output().unwrap();
+        // The next round's mount takes the overlay's lock, which the killed daemon holds
+        // until it has exited (kill returns at once): wait for that, as a user's retry would.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let (acked, failed) = writer.join().unwrap();
         in_flight = failed;
         n += 10_000;
