@@ -38,8 +38,23 @@ pub fn push(store: &Store, name: &str, remote: &str, conn: &ConnArgs) -> Result<
     })
 }
 
+/// A server slower than this to answer gets a note, so a user is not left in silence
+/// until `--connect-timeout`.
+const SLOW_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn connect(url: &capsule_net::RemoteUrl, conn: &ConnArgs) -> Result<capsule_net::Client> {
-    let client = capsule_net::Client::connect(url, &conn.options()).await?;
+    let options = conn.options();
+    let connecting = capsule_net::Client::connect(url, &options);
+    tokio::pin!(connecting);
+    let client = tokio::select! {
+        r = &mut connecting => r?,
+        _ = tokio::time::sleep(SLOW_ANSWER) => {
+            if !progress::is_quiet() {
+                note!("capsule: no answer yet from {}; waiting up to {} s (--connect-timeout)", url.host_port(), conn.connect_timeout);
+            }
+            connecting.await?
+        }
+    };
     if client.newly_trusted {
         eprintln!("capsule: trusting new server {} with certificate SHA-256 {} (recorded in known_servers)", url.host_port(), client.fingerprint);
     }

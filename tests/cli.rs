@@ -169,8 +169,14 @@ fn a_server_that_never_answers_fails_after_the_connect_timeout() {
     let start = std::time::Instant::now();
     let err = fails(client(&dir.path().join("s"), &dir.path().join("cfg")).args(["pull", &url, "--connect-timeout", "1"]));
     let took = start.elapsed();
-    assert!(err.contains("did not answer within 1 s"), "{err}");
+    assert!(err.contains("did not answer within 1 s") && !err.contains("no answer yet"), "{err}");
     assert!(took < std::time::Duration::from_secs(8), "waited {took:?}");
+    // A longer wait is not spent in silence.
+    let err = fails(client(&dir.path().join("s"), &dir.path().join("cfg")).args(["pull", &url, "--connect-timeout", "3"]));
+    assert!(
+        err.contains(&format!("no answer yet from {}; waiting up to 3 s", silent.local_addr().unwrap())) && err.contains("did not answer within 3 s"),
+        "{err}"
+    );
 }
 
 #[test]
