@@ -34,6 +34,7 @@ pub use crate::layout::{image_files, read_info, vm_json, MountInfo};
 use crate::overlay::{Overlay, DATA, ZERO};
 pub use crate::recorder::Recorder;
 pub use ahead::auto_cluster;
+pub use status::{FetchStats, FileStats, MountStats};
 
 mod ahead;
 mod sealed;

@@ -281,7 +281,11 @@ impl Mounted {
 
     /// Parsed `.capsule/stats.json`.
     pub fn stats(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.dir.join(".capsule/stats.json")).unwrap()).unwrap()
+        let bytes = std::fs::read(self.dir.join(".capsule/stats.json")).unwrap();
+        // Every read of it also checks its shape against the type the mount writes.
+        let typed: Result<capsule_fs::mount::MountStats, _> = serde_json::from_slice(&bytes);
+        assert!(typed.is_ok(), "stats.json is not a MountStats: {typed:?}");
+        serde_json::from_slice(&bytes).unwrap()
     }
 
     /// The daemon's log so far.

@@ -1,17 +1,81 @@
 //! What `.capsule/stats.json` and `.capsule/metadata` read: a mount's counters, and the
 //! map completed on demand (before a commit or suspend).
 
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use tracing::error;
 
 use super::*;
 
+/// `.capsule/stats.json`: a mount's counters (what `capsule status --json` prints of a
+/// mount, and what `status --watch` samples).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountStats {
+    pub capsule: String,
+    pub id: String,
+    pub source: String,
+    /// `remote` or `local`.
+    pub link: String,
+    pub blocks_fetched: u64,
+    pub bytes_fetched: u64,
+    pub reconnects: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub reads_in_flight: u64,
+    pub read_errors: u64,
+    pub bytes_written: u64,
+    pub seed_blocks: u64,
+    pub fetch: FetchStats,
+    pub cache_bytes: u64,
+    pub cache_unpinned_bytes: u64,
+    pub files: BTreeMap<String, FileStats>,
+}
+
+/// The fetch engine's part of [`MountStats`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchStats {
+    pub demand_blocks: u64,
+    pub readahead_blocks: u64,
+    pub background_blocks: u64,
+    pub demand_bytes: u64,
+    pub fetched_bytes: u64,
+    pub unwanted_blocks: u64,
+    pub corrupt_blocks: u64,
+    pub verified_blocks: u64,
+    pub timeouts: u64,
+    pub requests: u64,
+    pub object_requests: u64,
+    pub path_requests: u64,
+    pub wire_received_bytes: u64,
+    pub map_pages_fetched: u64,
+    pub rtt_ms: Option<f64>,
+    pub window_rtt_ms: Option<f64>,
+    pub bandwidth_bytes_per_s: Option<f64>,
+    pub window_bytes: u64,
+    pub batches_in_flight: u64,
+    pub wanted_blocks: u64,
+}
+
+/// One image file of [`MountStats`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileStats {
+    pub blocks: u64,
+    pub block_size: u64,
+    pub resident_blocks: u64,
+    pub resident_pct: f64,
+    pub dirty_blocks: u64,
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
+}
+
 impl CapsuleFs {
     /// `.capsule/stats.json`.
-    pub fn stats_json(&self) -> serde_json::Value {
+    pub fn mount_stats(&self) -> MountStats {
         const STATS_SAMPLE: u64 = 1 << 16;
         let s = &self.stats;
         let snap = self.engine.snapshot();
-        let mut files = serde_json::Map::new();
+        let mut files = BTreeMap::new();
         for (tag, node) in self.nodes.iter().enumerate() {
             if let Content::Image { image, chain, overlay, .. } = &node.content {
                 let n = image.block_count();
@@ -37,38 +101,58 @@ impl CapsuleFs {
                 let fetched = self.engine.fetched_by_tag(tag as u32);
                 files.insert(
                     node.name.clone(),
-                    serde_json::json!({"blocks": n, "block_size": image.block_size(), "resident_blocks": resident, "resident_pct": if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 },
-                                       "dirty_blocks": dirty, "fetched_blocks": fetched, "fetched_bytes": fetched * image.block_size()}),
+                    FileStats {
+                        blocks: n,
+                        block_size: image.block_size(),
+                        resident_blocks: resident,
+                        resident_pct: if n == 0 { 100.0 } else { resident as f64 * 100.0 / n as f64 },
+                        dirty_blocks: dirty as u64,
+                        fetched_blocks: fetched,
+                        fetched_bytes: fetched * image.block_size(),
+                    },
                 );
             }
         }
-        serde_json::json!({
-            "capsule": self.info.name,
-            "id": self.info.capsule_id.to_hex(),
-            "source": self.info.source,
-            "link": if self.engine.is_online() { "remote" } else { "local" },
-            "blocks_fetched": snap.source.blocks,
-            "bytes_fetched": snap.source.bytes,
-            "reconnects": snap.source.reconnects,
-            "cache_hits": snap.local_hits,
-            "cache_misses": snap.misses,
-            "reads_in_flight": s.reads_in_flight.load(Ordering::Relaxed),
-            "read_errors": s.read_errors.load(Ordering::Relaxed),
-            "bytes_written": s.bytes_written.load(Ordering::Relaxed),
-            "seed_blocks": self.local.seed_blocks.load(Ordering::Relaxed),
-            "fetch": {
-                "demand_blocks": snap.demand_blocks, "readahead_blocks": snap.readahead_blocks, "background_blocks": snap.background_blocks,
-                "demand_bytes": snap.demand_bytes, "fetched_bytes": snap.fetched_bytes, "unwanted_blocks": snap.unwanted_blocks,
-                "corrupt_blocks": snap.corrupt_blocks, "verified_blocks": snap.verified_blocks, "timeouts": snap.timeouts,
-                "requests": snap.source.requests, "object_requests": snap.source.object_requests, "path_requests": snap.source.path_requests, "wire_received_bytes": snap.source.wire_received,
-                "map_pages_fetched": self.pages.fetched.load(Ordering::Relaxed),
-                "rtt_ms": snap.rtt_ms, "window_rtt_ms": snap.window_rtt_ms, "bandwidth_bytes_per_s": snap.bandwidth, "window_bytes": snap.window_bytes,
-                "batches_in_flight": snap.batches_in_flight, "wanted_blocks": snap.wanted_blocks,
+        MountStats {
+            capsule: self.info.name.clone(),
+            id: self.info.capsule_id.to_hex(),
+            source: self.info.source.clone(),
+            link: if self.engine.is_online() { "remote" } else { "local" }.to_string(),
+            blocks_fetched: snap.source.blocks,
+            bytes_fetched: snap.source.bytes,
+            reconnects: snap.source.reconnects,
+            cache_hits: snap.local_hits,
+            cache_misses: snap.misses,
+            reads_in_flight: s.reads_in_flight.load(Ordering::Relaxed),
+            read_errors: s.read_errors.load(Ordering::Relaxed),
+            bytes_written: s.bytes_written.load(Ordering::Relaxed),
+            seed_blocks: self.local.seed_blocks.load(Ordering::Relaxed),
+            fetch: FetchStats {
+                demand_blocks: snap.demand_blocks,
+                readahead_blocks: snap.readahead_blocks,
+                background_blocks: snap.background_blocks,
+                demand_bytes: snap.demand_bytes,
+                fetched_bytes: snap.fetched_bytes,
+                unwanted_blocks: snap.unwanted_blocks,
+                corrupt_blocks: snap.corrupt_blocks,
+                verified_blocks: snap.verified_blocks,
+                timeouts: snap.timeouts,
+                requests: snap.source.requests,
+                object_requests: snap.source.object_requests,
+                path_requests: snap.source.path_requests,
+                wire_received_bytes: snap.source.wire_received,
+                map_pages_fetched: self.pages.fetched.load(Ordering::Relaxed),
+                rtt_ms: snap.rtt_ms,
+                window_rtt_ms: snap.window_rtt_ms,
+                bandwidth_bytes_per_s: snap.bandwidth,
+                window_bytes: snap.window_bytes,
+                batches_in_flight: snap.batches_in_flight,
+                wanted_blocks: snap.wanted_blocks,
             },
-            "cache_bytes": self.cache.used_bytes(),
-            "cache_unpinned_bytes": self.cache.unpinned_bytes(),
-            "files": files,
-        })
+            cache_bytes: self.cache.used_bytes(),
+            cache_unpinned_bytes: self.cache.unpinned_bytes(),
+            files,
+        }
     }
 
     /// Fetches the map pages of the capsule and its ancestors that the cache lacks.
@@ -99,7 +183,7 @@ impl CapsuleFs {
     /// per handle, however many reads it takes (opening `metadata` completes the map).
     pub(super) fn snapshot_bytes(&self, ino: u64) -> Result<Vec<u8>> {
         if ino == STATS {
-            return Ok(serde_json::to_vec_pretty(&self.stats_json()).unwrap_or_default());
+            return Ok(serde_json::to_vec_pretty(&self.mount_stats()).unwrap_or_default());
         }
         match self.complete_metadata() {
             Ok(pages) => Ok(serde_json::to_vec(&serde_json::json!({"complete": true, "pages_fetched": pages})).unwrap_or_default()),
