@@ -109,7 +109,9 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     let fetched_bytes = fetched.with_context(|| format!("fetching from {}", t.source))?;
     // Offline must survive a power cut: the cache skips per-block fsyncs, so flush once.
     cache.store().sync_filesystem().context("flushing the cache to disk")?;
-    // Every block, read back and hashed.
+    // Every block, read back and hashed, from pack files that still exist (a mount may
+    // have evicted one of ours meanwhile; its pinned blocks then live in the mount's).
+    cache.rescan();
     let mut total = 0u64;
     for h in &blocks {
         let data = cache.get(h).with_context(|| format!("block {h} is not in the cache after the fetch (evicted? raise --cache-size or use --offline)"))?;

@@ -141,6 +141,15 @@ impl BlockCache {
         }
     }
 
+    /// Forgets blocks in packs other processes evicted since the last look, so a read
+    /// that must prove a block is on disk is not served through a descriptor of a pack
+    /// file that is gone.
+    pub fn rescan(&self) {
+        if let Blocks::Packs(p) = &self.blocks {
+            p.rescan_now();
+        }
+    }
+
     /// Evicts least recently used blocks worth at least `bytes` (a full disk needs room
     /// for unsaved writes more than it needs cached blocks). Returns what was freed.
     pub fn free(&self, bytes: u64) -> u64 {

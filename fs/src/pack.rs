@@ -11,8 +11,12 @@
 //! a crash ends its pack's scan, and every block is verified against its hash when read,
 //! so a damaged record is dropped and the block fetched again, never served.
 //!
-//! Eviction is by whole packs, least recently read first; a pinned block in a pack that
-//! goes is copied forward into the pack being written first.
+//! Eviction is by whole packs, least recently read first. A writer holds `flock(LOCK_EX)`
+//! on the pack it appends to; an evictor takes the same lock without waiting on its
+//! victim and leaves a pack it cannot lock, so no process loses records another is still
+//! appending. Locked, the victim is scanned to its end, its pinned blocks are verified,
+//! copied into the evictor's own pack and fdatasynced, and only then is it unlinked; if a
+//! copy fails the pack stays.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,9 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use capsule_images::{Error, Hash, Result};
+use rustix::fs::{flock, FlockOperation};
 use tracing::warn;
 
 use crate::pins::PinSet;
+
+mod evict;
 
 /// A pack file starts with this and [`PACK_VERSION`]; other files are not ours.
 const PACK_MAGIC: &[u8; 8] = b"CAPSPACK";
@@ -42,6 +49,26 @@ const MIN_PACK: u64 = 1 << 20;
 const MAX_PACK: u64 = 64 << 20;
 /// How often a miss looks for packs other processes wrote.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// A pack file shorter than its header this long after its last change was left by a
+/// process that died (or failed) between creating it and writing the header.
+const STALE_SHORT_PACK: Duration = Duration::from_secs(60);
+
+/// Raises the soft limit on open files to the hard one, once: every pack a process knows
+/// holds a descriptor, and at the usual soft limit of 1024 a large cache of small packs
+/// would make blocks invisible and inserts fail.
+fn raise_open_file_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut lim = getrlimit(Resource::Nofile);
+        if lim.current < lim.maximum {
+            lim.current = lim.maximum;
+            if let Err(e) = setrlimit(Resource::Nofile, lim) {
+                warn!("cache: cannot raise the open file limit: {e}");
+            }
+        }
+    });
+}
 
 fn record_header(h: &Hash, len: u32) -> [u8; RECORD_HEADER as usize] {
     let mut b = [0u8; RECORD_HEADER as usize];
@@ -212,11 +239,15 @@ pub struct PackCache {
     writer: String,
     counter: AtomicU64,
     state: Mutex<State>,
+    /// Tests: appends fail as on a full disk.
+    #[cfg(test)]
+    fail_appends: std::sync::atomic::AtomicBool,
 }
 
 impl PackCache {
     /// Opens (creating) `CACHE/packs` and indexes the packs there, oldest first.
     pub fn open(cache_dir: &Path, max_bytes: u64) -> Result<Self> {
+        raise_open_file_limit();
         let dir = cache_dir.join("packs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         let mut pins = PinSet::new(cache_dir);
@@ -228,6 +259,8 @@ impl PackCache {
             pack_bytes: (max_bytes / 8).clamp(MIN_PACK, MAX_PACK),
             writer: format!("{}-{nanos:x}", std::process::id()),
             counter: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_appends: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 index: HashMap::new(),
                 packs: HashMap::new(),
@@ -272,7 +305,7 @@ impl PackCache {
         for id in gone {
             st.drop_pack(id);
         }
-        for (_, name) in seen {
+        for (mtime, name) in seen {
             match st.names.get(&name).copied() {
                 Some(id) if st.active == Some(id) => {}
                 Some(id) => {
@@ -283,18 +316,23 @@ impl PackCache {
                         self.take_found(st, id, found, valid);
                     }
                 }
-                None => self.index_new_pack(st, &name),
+                None => self.index_new_pack(st, &name, mtime),
             }
         }
     }
 
-    fn index_new_pack(&self, st: &mut State, name: &str) {
+    fn index_new_pack(&self, st: &mut State, name: &str, mtime: std::time::SystemTime) {
         let path = self.dir.join(name);
         let Ok(file) = File::open(&path) else { return };
         let len = file.metadata().map_or(0, |m| m.len());
         let mut header = [0u8; FILE_HEADER as usize];
-        // Too short: being created; a later scan looks again.
+        // Too short: being created (a later scan looks again), or left by a writer that
+        // died before its header: gone once no one has it locked a minute on.
         if len < FILE_HEADER || file.read_exact_at(&mut header, 0).is_err() {
+            let stale = mtime.elapsed().is_ok_and(|age| age >= STALE_SHORT_PACK);
+            if stale && len < FILE_HEADER && flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+                let _ = std::fs::remove_file(&path);
+            }
             return;
         }
         if header[..12] != file_header()[..12] {
@@ -396,14 +434,18 @@ impl PackCache {
         Ok(())
     }
 
-    fn append(&self, st: &mut State, h: &Hash, encoded: &[u8]) -> Result<()> {
+    fn append(&self, st: &mut State, h: &Hash, encoded: &[u8]) -> Result<Loc> {
+        #[cfg(test)]
+        if self.fail_appends.load(Ordering::Relaxed) {
+            return Err(Error::io(self.dir.display(), std::io::Error::from_raw_os_error(28)));
+        }
         let len = u32::try_from(encoded.len()).ok().filter(|&n| u64::from(n) <= MAX_RECORD).ok_or_else(|| {
             Error::new(capsule_images::ErrorKind::TooLarge, format!("block {h}: {} bytes exceed a pack record's {MAX_RECORD}", encoded.len()))
         })?;
         let need = RECORD_HEADER + u64::from(len);
         let full = st.active.and_then(|id| st.packs.get(&id)).is_some_and(|p| p.valid > FILE_HEADER && p.valid + need > self.pack_bytes);
         if full {
-            st.active = None;
+            self.retire_active(st);
         }
         let id = match st.active {
             Some(id) => id,
@@ -424,8 +466,16 @@ impl PackCache {
         p.last_use = seq;
         p.blocks.push(*h);
         st.total += need;
-        st.add(*h, Loc { pack: id, offset: at + RECORD_HEADER, len });
-        Ok(())
+        let loc = Loc { pack: id, offset: at + RECORD_HEADER, len };
+        st.add(*h, loc);
+        Ok(loc)
+    }
+
+    /// Stops appending to the active pack and lets other processes evict it.
+    fn retire_active(&self, st: &mut State) {
+        if let Some(p) = st.active.take().and_then(|id| st.packs.get(&id)) {
+            let _ = flock(&*p.file, FlockOperation::Unlock);
+        }
     }
 
     fn new_pack(&self, st: &mut State) -> Result<u32> {
@@ -433,7 +483,12 @@ impl PackCache {
         let name = format!("{}-{n}.pack", self.writer);
         let path = self.dir.join(&name);
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(path.display(), e))?;
-        file.write_all_at(&file_header(), 0).map_err(|e| Error::io(path.display(), e))?;
+        // Locked before it has a header, so no evictor ever holds it unlocked and in use.
+        let ready = flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(std::io::Error::from).and_then(|()| file.write_all_at(&file_header(), 0));
+        if let Err(e) = ready {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::io(path.display(), e));
+        }
         let id = st.next_id;
         st.next_id += 1;
         st.seq += 1;
@@ -461,42 +516,11 @@ impl PackCache {
         self.evict_locked(&mut st, limit);
     }
 
-    fn evict_locked(&self, st: &mut State, limit: u64) {
-        st.refresh_pins();
-        while st.total - st.pinned_total > limit {
-            // The least recently used pack that holds more than pinned blocks: evicting one
-            // that holds only them would free nothing the bound counts.
-            let victim = st.packs.iter().filter(|(&id, p)| p.valid > FILE_HEADER + pinned_in(st, id, p)).min_by_key(|(_, p)| p.last_use).map(|(&id, _)| id);
-            let Some(id) = victim else { return };
-            if st.active == Some(id) {
-                st.active = None;
-            }
-            let keep: Vec<(Hash, Loc)> = st.packs[&id]
-                .blocks
-                .iter()
-                .filter(|h| st.pins.contains(h))
-                .filter_map(|h| st.index.get(h).filter(|l| l.pack == id).map(|l| (*h, *l)))
-                .collect();
-            let file = st.packs[&id].file.clone();
-            let mut moved = Vec::new();
-            for (h, loc) in &keep {
-                let mut buf = vec![0u8; loc.len as usize];
-                if file.read_exact_at(&mut buf, loc.offset).is_ok() {
-                    moved.push((*h, buf));
-                }
-            }
-            let Some(pack) = st.drop_pack(id) else { return };
-            if let Err(e) = std::fs::remove_file(self.dir.join(&pack.name)) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!("cache: cannot evict pack {}: {e}", pack.name);
-                }
-            }
-            for (h, encoded) in moved {
-                if let Err(e) = self.append(st, &h, &encoded) {
-                    warn!("cache: pinned block {h} lost in eviction: {}", e.report());
-                }
-            }
-        }
+    /// Forgets packs other processes evicted and indexes what they added now, so no read
+    /// is served from a pack file that is gone (a reader's descriptor outlives the file).
+    pub fn rescan_now(&self) {
+        let mut st = self.lock();
+        self.rescan(&mut st);
     }
 
     /// Blocks indexed (for tests and status).
@@ -657,6 +681,82 @@ mod tests {
         // Freeing for a full disk frees at least what was asked.
         let before = c.used_bytes();
         assert!(c.free(1 << 20) >= 1 << 20, "freed too little of {before}");
+    }
+
+    #[test]
+    fn an_evictor_leaves_a_pack_another_process_appends_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let pinned: Vec<_> = (10..16).map(|i| block(i, 65536)).collect();
+        crate::pins::pin(dir.path(), &Hash([7; 32]), &pinned.iter().map(|b| b.0).collect::<Vec<_>>()).unwrap();
+        // A prefetch appends an unpinned block and three pinned ones; a mount sees them.
+        let writer = PackCache::open(dir.path(), u64::MAX).unwrap();
+        let (u, _, ue) = block(1, 65536);
+        writer.insert(&u, &ue).unwrap();
+        for (h, _, e) in &pinned[..3] {
+            writer.insert(h, e).unwrap();
+        }
+        let evictor = PackCache::open(dir.path(), u64::MAX).unwrap();
+        assert!(evictor.contains(&pinned[0].0));
+        // The prefetch goes on appending past the mount's last scan; the mount evicts.
+        for (h, _, e) in &pinned[3..] {
+            writer.insert(h, e).unwrap();
+        }
+        evictor.evict_to(0);
+        let fresh = PackCache::open(dir.path(), u64::MAX).unwrap();
+        for (h, _, e) in &pinned {
+            assert_eq!(fresh.get_encoded(h).as_deref(), Some(e.as_slice()), "pinned block {h} lost while its pack was written");
+        }
+        // Once the writer lets go, the pack goes, its pinned blocks (all six) copied out.
+        drop(writer);
+        evictor.evict_to(0);
+        assert!(!evictor.contains(&u), "the unpinned block stayed");
+        let fresh = PackCache::open(dir.path(), u64::MAX).unwrap();
+        assert!(!fresh.contains(&u), "the released pack was not evicted");
+        for (h, _, e) in &pinned {
+            assert_eq!(fresh.get_encoded(h).as_deref(), Some(e.as_slice()), "pinned block {h} lost in eviction");
+        }
+    }
+
+    #[test]
+    fn a_pack_stays_if_its_pinned_blocks_cannot_be_copied_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _, pe) = block(3, 65536);
+        let (u, _, ue) = block(4, 65536);
+        crate::pins::pin(dir.path(), &Hash([7; 32]), &[p]).unwrap();
+        {
+            let writer = PackCache::open(dir.path(), u64::MAX).unwrap();
+            writer.insert(&p, &pe).unwrap();
+            writer.insert(&u, &ue).unwrap();
+        }
+        let before = pack_files(dir.path());
+        let evictor = PackCache::open(dir.path(), u64::MAX).unwrap();
+        // A full disk: the copy fails, so the only copy stays.
+        evictor.fail_appends.store(true, Ordering::Relaxed);
+        evictor.evict_to(0);
+        assert_eq!(pack_files(dir.path()), before, "the pack went though its pinned block was not copied");
+        assert_eq!(PackCache::open(dir.path(), u64::MAX).unwrap().get_encoded(&p).as_deref(), Some(pe.as_slice()));
+        // With room again it goes, the pinned block kept.
+        evictor.fail_appends.store(false, Ordering::Relaxed);
+        evictor.evict_to(0);
+        assert!(!before[0].exists(), "the pack stayed");
+        let fresh = PackCache::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(fresh.get_encoded(&p).as_deref(), Some(pe.as_slice()));
+        assert!(!fresh.contains(&u));
+    }
+
+    #[test]
+    fn a_pack_left_without_a_header_is_deleted_once_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("packs")).unwrap();
+        let fresh = dir.path().join("packs/1-0.pack");
+        let old = dir.path().join("packs/2-0.pack");
+        std::fs::write(&fresh, b"CAPS").unwrap();
+        std::fs::write(&old, b"").unwrap();
+        let two_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(120);
+        File::options().write(true).open(&old).unwrap().set_modified(two_minutes_ago).unwrap();
+        let _c = PackCache::open(dir.path(), u64::MAX).unwrap();
+        assert!(fresh.exists(), "a pack being created was deleted");
+        assert!(!old.exists(), "a stale empty pack stayed");
     }
 
     #[test]
