@@ -745,6 +745,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rescan_stops_serving_blocks_of_a_pack_another_process_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, _, e) = block(5, 65536);
+        {
+            let writer = PackCache::open(dir.path(), u64::MAX).unwrap();
+            writer.insert(&h, &e).unwrap();
+        }
+        let reader = PackCache::open(dir.path(), u64::MAX).unwrap();
+        PackCache::open(dir.path(), u64::MAX).unwrap().evict_to(0);
+        // The reader's descriptor still reads the unlinked file; `prefetch --offline`
+        // must not count that as cached.
+        assert_eq!(reader.get_encoded(&h).as_deref(), Some(e.as_slice()));
+        reader.rescan_now();
+        assert!(reader.get_encoded(&h).is_none(), "a block of an unlinked pack was served after a rescan");
+    }
+
+    #[test]
     fn a_pack_left_without_a_header_is_deleted_once_stale() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("packs")).unwrap();
