@@ -28,6 +28,8 @@ pub struct SchedConfig {
     pub min_window_bytes: u64,
     /// Bytes background and readahead may keep in flight before a bandwidth is measured.
     pub initial_window_bytes: u64,
+    /// Most of the fast-link floor (50 ms of the best rate seen).
+    pub lan_window_bytes: u64,
     /// Most bytes background and readahead may keep in flight.
     pub max_window_bytes: u64,
     /// Link time the window holds beyond two round trips.
@@ -50,6 +52,7 @@ impl Default for SchedConfig {
             max_batch_blocks: 64,
             min_window_bytes: 64 << 10,
             initial_window_bytes: 256 << 10,
+            lan_window_bytes: 1 << 20,
             max_window_bytes: 64 << 20,
             queue_allowance: Duration::from_millis(25),
             block_bytes_guess: 64 << 10,
@@ -284,7 +287,11 @@ impl Scheduler {
             return self.cfg.initial_window_bytes.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes);
         };
         let bdp = (bw * (rtt.as_secs_f64() * 2.0 + self.cfg.queue_allowance.as_secs_f64())) as u64;
-        let floor = self.cfg.min_window_bytes.max(2 * self.block_bytes());
+        // The floor: two blocks, and on a fast link (loopback, a LAN) 50 ms of its best rate
+        // up to `lan_window_bytes`: there the round trip is the receiver's own work, which the
+        // path's round trip leaves out, and a window below it starves the link.
+        let fast = self.est.peak_bandwidth().map_or(0, |p| (p * 0.05) as u64).min(self.cfg.lan_window_bytes);
+        let floor = self.cfg.min_window_bytes.max(2 * self.block_bytes()).max(fast);
         bdp.clamp(floor, self.cfg.max_window_bytes.max(floor))
     }
 
@@ -569,6 +576,34 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fast_link_keeps_a_window_its_receiver_can_fill_and_a_slow_one_stays_short() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Loopback: QUIC's round trip is 0.1 ms, the rate 300 MB/s (64 KiB every 0.2 ms).
+        let mut fast = Scheduler::new(SchedConfig::default());
+        fast.on_path_rtt(Duration::from_micros(100));
+        fast.est.on_rtt(ms(2));
+        for i in 0..5000u32 {
+            fast.est.on_bytes(t0 + Duration::from_micros(200) * i, 65536);
+        }
+        // Then 4 s at 20 MB/s (a window too small for the receiver's own delay would keep
+        // it there: the rate it allows is the rate it measures).
+        for i in 1..=1250u32 {
+            fast.est.on_bytes(t0 + ms(1000) + ms(3) * i + Duration::from_micros(200) * i, 65536);
+        }
+        assert!(fast.est.bandwidth().unwrap() < 30e6, "{:?}", fast.est.bandwidth());
+        assert!(fast.window() >= 1 << 20, "loopback window {}: the path's round trip leaves out the receiver's work", fast.window());
+        // 10 Mbit/s, 40 ms: two blocks or so, so a demand read waits behind little.
+        let mut slow = Scheduler::new(SchedConfig::default());
+        slow.on_path_rtt(ms(40));
+        slow.est.on_rtt(ms(150));
+        for i in 0..200u32 {
+            slow.est.on_bytes(t0 + ms(52) * i, 65536);
+        }
+        assert!(slow.window() <= 3 * 65536, "10 Mbit/s window {}", slow.window());
+    }
 
     #[test]
     fn the_peak_rate_outlives_the_burst_that_showed_it() {
