@@ -39,6 +39,7 @@ pub use status::{FetchStats, FileStats, MountStats};
 mod ahead;
 mod sealed;
 mod status;
+mod write;
 
 const ROOT: u64 = 1;
 const META_DIR: u64 = 2;
@@ -470,66 +471,6 @@ impl CapsuleFs {
                 // A zero block with no overlay data over it: zeros, without a block of them.
                 (None, _) if overlay.is_none_or(|o| o.state(i) == crate::overlay::NONE) => out.resize(out.len() + (to - from), 0),
                 (None, _) => out.extend_from_slice(&self.block_content(image, chain, overlay, i)?[from..to]),
-            }
-        }
-        Ok(())
-    }
-
-    fn write_image(&self, node: &Node, offset: u64, data: &[u8]) -> Result<u32> {
-        let Content::Image { image, chain, overlay, .. } = &node.content else { return Err(Error::new(ErrorKind::ReadOnly, "read-only file")) };
-        let Some(overlay) = overlay.as_ref() else { return Err(Error::new(ErrorKind::ReadOnly, "mounted read-only")) };
-        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= image.size).ok_or_else(|| {
-            Error::new(ErrorKind::TooBig, format!("write at {offset} of {} bytes past the end of {} ({} bytes)", data.len(), node.name, image.size))
-        })?;
-        if data.is_empty() {
-            return Ok(0);
-        }
-        let bs = image.block_size();
-        for i in offset / bs..=(end - 1) / bs {
-            let block_start = i * bs;
-            let from = offset.max(block_start);
-            let to = end.min(block_start + bs);
-            let chunk = &data[(from - offset) as usize..(to - offset) as usize];
-            let _guard = overlay.lock_block(i);
-            let mut block = if to - from == bs { vec![0; bs as usize] } else { self.block_content(image, chain, Some(overlay), i)? };
-            block[(from - block_start) as usize..(to - block_start) as usize].copy_from_slice(chunk);
-            self.write_overlay_block(overlay, &node.name, i, &block)?;
-        }
-        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(data.len() as u32)
-    }
-
-    /// Writes a block to the overlay; on a full disk, evicts cached blocks once and retries,
-    /// then reports ENOSPC to the writer.
-    fn write_overlay_block(&self, overlay: &Overlay, name: &str, i: u64, block: &[u8]) -> Result<()> {
-        match overlay.write_block(i, block) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                let freed = self.cache.free(64 * block.len() as u64);
-                warn!("disk full writing the overlay of {name}: evicted {freed} bytes of cached blocks");
-                overlay.write_block(i, block).map_err(|e| Error::io(format!("overlay of {name}, block {i}"), e))
-            }
-            r => r.map_err(|e| Error::io(format!("overlay of {name}, block {i}"), e)),
-        }
-    }
-
-    fn zero_range(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        let Content::Image { image, chain, overlay, .. } = &node.content else { return Err(Error::new(ErrorKind::ReadOnly, "read-only file")) };
-        let Some(overlay) = overlay.as_ref() else { return Err(Error::new(ErrorKind::ReadOnly, "mounted read-only")) };
-        let end = image.size.min(offset.saturating_add(len));
-        if offset >= end {
-            return Ok(());
-        }
-        let bs = image.block_size();
-        for i in offset / bs..=(end - 1) / bs {
-            let block_start = i * bs;
-            let (from, to) = (offset.max(block_start), end.min(block_start + bs));
-            let _guard = overlay.lock_block(i);
-            if to - from == bs.min(image.size - block_start) {
-                overlay.zero_block(i).map_err(|e| Error::io(format!("overlay of {}", node.name), e))?;
-            } else {
-                let mut block = self.block_content(image, chain, Some(overlay), i)?;
-                block[(from - block_start) as usize..(to - block_start) as usize].fill(0);
-                self.write_overlay_block(overlay, &node.name, i, &block)?;
             }
         }
         Ok(())
