@@ -2,7 +2,6 @@
 //! benchmark script can plot) and the live status line of `capsule run` and `capsule mount
 //! --foreground` on a terminal. Both read the mount's `.capsule/stats.json`.
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,46 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use capsule_fs::mount::MountStats;
+use serde::Serialize;
 
 use crate::report::human;
-
-/// The part of `stats.json` read here (the mount writes more).
-#[derive(Debug, Default, Deserialize)]
-struct Stats {
-    #[serde(default)]
-    capsule: String,
-    #[serde(default)]
-    read_errors: u64,
-    #[serde(default)]
-    fetch: FetchStats,
-    #[serde(default)]
-    files: BTreeMap<String, FileStats>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct FetchStats {
-    #[serde(default)]
-    demand_blocks: u64,
-    #[serde(default)]
-    readahead_blocks: u64,
-    #[serde(default)]
-    background_blocks: u64,
-    #[serde(default)]
-    demand_bytes: u64,
-    #[serde(default)]
-    fetched_bytes: u64,
-    #[serde(default)]
-    timeouts: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct FileStats {
-    #[serde(default)]
-    blocks: u64,
-    #[serde(default)]
-    resident_blocks: u64,
-}
 
 /// One line of `capsule status --watch`.
 #[derive(Debug, Clone, Serialize)]
@@ -99,10 +62,10 @@ impl Sampler {
 
     /// The mount's state now.
     pub fn sample(&mut self) -> Result<Sample> {
-        let stats: Stats = serde_json::from_slice(&std::fs::read(&self.path).with_context(|| self.path.display().to_string())?)
+        let stats: MountStats = serde_json::from_slice(&std::fs::read(&self.path).with_context(|| self.path.display().to_string())?)
             .with_context(|| self.path.display().to_string())?;
         let now = Instant::now();
-        let f = &stats.fetch;
+        let f = &stats.fetch.engine;
         let rate = match self.last {
             Some((t, bytes)) if now > t => f.fetched_bytes.saturating_sub(bytes) as f64 / (now - t).as_secs_f64(),
             _ => 0.0,

@@ -78,8 +78,8 @@ pub struct EngineStats {
     pub timeouts: AtomicU64,
 }
 
-/// A point-in-time view of the engine, for `.capsule/stats.json`.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A point-in-time view of the engine, for `.capsule/stats.json` (its `fetch` object).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EngineSnapshot {
     /// See [`EngineStats`].
     pub demand_blocks: u64,
@@ -109,6 +109,7 @@ pub struct EngineSnapshot {
     /// round trip, or the smallest sample since the start.
     pub window_rtt_ms: Option<f64>,
     /// Measured bandwidth, bytes per second.
+    #[serde(rename = "bandwidth_bytes_per_s")]
     pub bandwidth: Option<f64>,
     /// Bytes readahead and background may have in flight.
     pub window_bytes: u64,
@@ -117,6 +118,7 @@ pub struct EngineSnapshot {
     /// Blocks wanted and not here yet.
     pub wanted_blocks: u64,
     /// The source's own counters.
+    #[serde(flatten)]
     pub source: SourceCounters,
 }
 

@@ -83,7 +83,7 @@ impl FetchError {
 }
 
 /// What a source moved so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceCounters {
     /// Batch requests started.
     pub requests: u64,
@@ -99,6 +99,7 @@ pub struct SourceCounters {
     /// [`BlockSource::fetch_path`] calls (map pages with the block they lead to).
     pub path_requests: u64,
     /// Bytes on the wire, received (0 if the source cannot tell).
+    #[serde(rename = "wire_received_bytes")]
     pub wire_received: u64,
 }
 

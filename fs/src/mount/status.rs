@@ -32,29 +32,13 @@ pub struct MountStats {
     pub files: BTreeMap<String, FileStats>,
 }
 
-/// The fetch engine's part of [`MountStats`].
+/// The fetch engine's part of [`MountStats`]: the engine's own view, and the map pages
+/// the mount fetched.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FetchStats {
-    pub demand_blocks: u64,
-    pub readahead_blocks: u64,
-    pub background_blocks: u64,
-    pub demand_bytes: u64,
-    pub fetched_bytes: u64,
-    pub unwanted_blocks: u64,
-    pub corrupt_blocks: u64,
-    pub verified_blocks: u64,
-    pub timeouts: u64,
-    pub requests: u64,
-    pub object_requests: u64,
-    pub path_requests: u64,
-    pub wire_received_bytes: u64,
+    #[serde(flatten)]
+    pub engine: capsule_fetch::engine::EngineSnapshot,
     pub map_pages_fetched: u64,
-    pub rtt_ms: Option<f64>,
-    pub window_rtt_ms: Option<f64>,
-    pub bandwidth_bytes_per_s: Option<f64>,
-    pub window_bytes: u64,
-    pub batches_in_flight: u64,
-    pub wanted_blocks: u64,
 }
 
 /// One image file of [`MountStats`].
@@ -127,28 +111,7 @@ impl CapsuleFs {
             read_errors: s.read_errors.load(Ordering::Relaxed),
             bytes_written: s.bytes_written.load(Ordering::Relaxed),
             seed_blocks: self.local.seed_blocks.load(Ordering::Relaxed),
-            fetch: FetchStats {
-                demand_blocks: snap.demand_blocks,
-                readahead_blocks: snap.readahead_blocks,
-                background_blocks: snap.background_blocks,
-                demand_bytes: snap.demand_bytes,
-                fetched_bytes: snap.fetched_bytes,
-                unwanted_blocks: snap.unwanted_blocks,
-                corrupt_blocks: snap.corrupt_blocks,
-                verified_blocks: snap.verified_blocks,
-                timeouts: snap.timeouts,
-                requests: snap.source.requests,
-                object_requests: snap.source.object_requests,
-                path_requests: snap.source.path_requests,
-                wire_received_bytes: snap.source.wire_received,
-                map_pages_fetched: self.pages.fetched.load(Ordering::Relaxed),
-                rtt_ms: snap.rtt_ms,
-                window_rtt_ms: snap.window_rtt_ms,
-                bandwidth_bytes_per_s: snap.bandwidth,
-                window_bytes: snap.window_bytes,
-                batches_in_flight: snap.batches_in_flight,
-                wanted_blocks: snap.wanted_blocks,
-            },
+            fetch: FetchStats { engine: snap, map_pages_fetched: self.pages.fetched.load(Ordering::Relaxed) },
             cache_bytes: self.cache.used_bytes(),
             cache_unpinned_bytes: self.cache.unpinned_bytes(),
             files,
