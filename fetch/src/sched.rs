@@ -176,12 +176,6 @@ impl Estimator {
         self.rtt_samples.iter().min().copied()
     }
 
-    /// The smallest round trip since the start: the link's, where [`Self::rtt`] also holds
-    /// the queue in front of it while the link is busy.
-    pub fn base_rtt(&self) -> Option<Duration> {
-        self.base_rtt
-    }
-
     /// The round trip the window covers: the transport's path round trip where the source
     /// tells it, else the smallest request-to-first-block sample (which also holds that
     /// block's own transfer).
@@ -276,12 +270,11 @@ impl Scheduler {
     }
 
     /// Bytes readahead and background may have in flight now: two bandwidth-delay
-    /// products of the measured rate and the link's base round trip, plus `queue_allowance`
-    /// of link time (on a fast LAN the receiver's own processing, not the round trip, is
-    /// the delay to cover), within the configured bounds. The base round trip, not the
-    /// recent one: a sender that fills a deep router buffer inflates every recent sample,
-    /// a window sized from them lets more in, and a demand block waits behind all of it
-    /// (a second and more at 10 Mbit/s over the benchmarks' relay).
+    /// products of the measured rate and [`Estimator::window_rtt`], plus `queue_allowance`
+    /// of link time, within the configured bounds. Not the recent round trip: a sender that
+    /// fills a deep router buffer inflates every recent sample, a window sized from them
+    /// lets more in, and a demand block waits behind all of it (a second and more at 10
+    /// Mbit/s over the benchmarks' relay).
     pub fn window(&self) -> u64 {
         let (Some(bw), Some(rtt)) = (self.est.bandwidth(), self.est.window_rtt()) else {
             return self.cfg.initial_window_bytes.clamp(self.cfg.min_window_bytes, self.cfg.max_window_bytes);

@@ -189,8 +189,9 @@ async fn watch_silence(client: std::sync::Weak<Client>, server: String, path_rtt
             return;
         }
         // QUIC's smoothed round trip settles on the path's own when nothing queues; the
-        // smallest seen stands for the path (a replaced connection's watcher has ended).
-        path_rtt_us.fetch_min(micros(conn.rtt()).max(1), Ordering::Relaxed);
+        // smallest seen stands for the path (a replaced connection's watcher ends once the
+        // connection closes; until then it can only lower the figure).
+        path_rtt_us.fetch_min(micros(conn.rtt()), Ordering::Relaxed);
         let now = conn.stats().udp_rx.datagrams;
         if now != seen {
             (seen, since) = (now, Instant::now());
