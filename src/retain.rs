@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use capsule_images::flatten::{self, FlattenReport};
 use capsule_images::Store;
 use serde_json::json;
@@ -22,9 +22,7 @@ pub fn rm(store: &Store, names: &[String], flatten: bool, json: bool) -> Result<
         // Another remover may have been first: the ref is gone either way.
         store.delete_ref(name)?;
     }
-    // Capsules a remaining ref still names are not removed.
-    let named: HashSet<_> = store.list_refs()?.into_iter().map(|(_, id)| id).collect();
-    removed.retain(|id| !named.contains(id));
+    // Capsules a remaining ref still names are not removed: refs_reaching knows them.
     let reaching = match flatten::refs_reaching(store, &removed) {
         Ok(r) => r,
         Err(e) if flatten => return Err(e).context(format!("removed {}, then could not tell which capsules to flatten", names.join(", "))),
@@ -67,16 +65,8 @@ pub fn rm(store: &Store, names: &[String], flatten: bool, json: bool) -> Result<
 
 /// `capsule flatten NAME`.
 pub fn flatten(store: &Store, name: &str, json: bool) -> Result<()> {
-    if store.read_ref(name)?.is_none() {
-        bail!("no capsule named {name:?} in store {}", store.root().display());
-    }
     let r = flatten::flatten_ref(store, name).with_context(|| format!("flattening {name}"))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print_flatten(&r);
-    }
-    Ok(())
+    crate::report::print_json_or_with(json, &r, || print_flatten(&r))
 }
 
 fn print_flatten(r: &FlattenReport) {

@@ -57,7 +57,7 @@ pub struct MovedRef {
 
 /// Old capsule and layer ids and the ids of their rewritten equivalents (same bytes).
 #[derive(Debug)]
-pub struct Rewriter<'s> {
+struct Rewriter<'s> {
     store: &'s Store,
     capsules: HashMap<Hash, Hash>,
     /// An old layer and what replaces it as the layer below (`None`: an all-zero image).
@@ -67,17 +67,14 @@ pub struct Rewriter<'s> {
 }
 
 impl<'s> Rewriter<'s> {
-    pub fn new(store: &'s Store) -> Self {
+    fn new(store: &'s Store) -> Self {
         Self { store, capsules: HashMap::new(), layers: HashMap::new(), layers_written: 0, pages_written: 0 }
     }
 
     /// The flattened copy of capsule `id` (written, named by no ref): no parent, one layer
-    /// per image, checked to map every block exactly as `id`'s chains do. A capsule that
+    /// per image mapping every block as `id`'s chains do. A capsule that
     /// already stands alone is its own copy.
-    pub fn flatten(&mut self, id: &Hash) -> Result<Hash> {
-        if let Some(done) = self.capsules.get(id).filter(|d| *d != id) {
-            return Ok(*done);
-        }
+    fn flatten(&mut self, id: &Hash) -> Result<Hash> {
         let old = self.store.manifest(id)?;
         let mut m = old.clone();
         m.parent = None;
@@ -113,12 +110,9 @@ impl<'s> Rewriter<'s> {
             })
             .with_context(|| format!("layer {lid}"))?;
         }
+        // Blocks are not rewritten, so none need be here (a commit on a remote mount has
+        // only its metadata): `capsule verify` is what finds a missing one.
         let entries: Vec<(u64, Entry)> = merged.into_iter().filter(|(_, e)| *e != Entry::Zero).collect();
-        for (index, h) in entries.iter().filter_map(|(i, e)| e.block().map(|h| (i, h))) {
-            if !self.store.has_block(&h) {
-                return Err(Error::not_found(format!("block {index} ({h}) is not in the store; nothing was rewritten")));
-            }
-        }
         let mut pages = 0;
         let root = map::build(&entries, nblocks, &mut |page| {
             let (id, new) = self.store.put_object(ObjectKind::MapPage, page)?;
@@ -133,25 +127,13 @@ impl<'s> Rewriter<'s> {
             self.layers_written += 1;
             Some(self.store.put_object(ObjectKind::Layer, &layer)?.0)
         };
-        // Read back what was written: the merged map must say what the chain said.
-        let mut read_back = Vec::with_capacity(entries.len());
-        if let Some(lid) = top_new {
-            let layer = self.store.layer(&lid)?;
-            map::walk(self.store, &layer.map, nblocks, &mut |_| Ok(()), &mut |index, entry| {
-                read_back.push((index, entry));
-                Ok(())
-            })?;
-        }
-        if read_back != entries {
-            return Err(Error::corrupt(format!("the merged map of layer {top} does not read back as written; nothing was rewritten")));
-        }
         self.layers.insert(*top, top_new);
         Ok(Image { top: top_new, ..image })
     }
 
     /// Capsule `id` moved onto the flattened capsules in its ancestry (its ancestors between
     /// rebased too); `id` itself when its ancestry holds none of them.
-    pub fn rebase(&mut self, id: &Hash) -> Result<Hash> {
+    fn rebase(&mut self, id: &Hash) -> Result<Hash> {
         let mut pending = Vec::new();
         let mut next = Some(*id);
         while let Some(c) = next {
@@ -161,18 +143,18 @@ impl<'s> Rewriter<'s> {
             if pending.len() >= MAX_CHAIN {
                 return Err(Error::corrupt(format!("capsule {id}: ancestry longer than {MAX_CHAIN}")));
             }
-            pending.push(c);
-            next = self.store.manifest(&c).with_context(|| format!("ancestor {c} of capsule {id}"))?.parent;
+            let m = self.store.manifest(&c).with_context(|| format!("ancestor {c} of capsule {id}"))?;
+            next = m.parent;
+            pending.push((c, m));
         }
         if next.is_none_or(|c| self.capsules[&c] == c) {
             // No rewritten ancestor: nothing changes (remembered, as siblings share ancestors).
-            for c in pending {
+            for (c, _) in pending {
                 self.capsules.insert(c, c);
             }
             return Ok(*id);
         }
-        for c in pending.into_iter().rev() {
-            let mut m = self.store.manifest(&c)?;
+        for (c, mut m) in pending.into_iter().rev() {
             m.parent = m.parent.map(|p| self.capsules.get(&p).copied().unwrap_or(p));
             for (slot, image) in m.slots() {
                 let top = self.rebase_layers(image.top).with_context(|| format!("capsule {} ({}): {slot}", m.name, c.short()))?;

@@ -160,7 +160,7 @@ pub fn build(entries: &[(u64, Entry)], nblocks: u64, put: &mut dyn FnMut(&MapPag
 }
 
 /// The slot block `index` takes in a page at `level` of the tree (0: a leaf).
-pub fn slot_at(index: u64, level: u32) -> u16 {
+fn slot_at(index: u64, level: u32) -> u16 {
     // Masked to 10 bits, so it always fits.
     if FANOUT_BITS * level >= 64 {
         return 0;
