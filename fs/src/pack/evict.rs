@@ -31,6 +31,11 @@ fn still_named(file: &File, path: &Path) -> bool {
 
 impl PackCache {
     pub(super) fn evict_locked(&self, st: &mut State, limit: u64) {
+        // Under the bound with pins counted in, nothing goes: no look at the pins (a stat
+        // per inserted block otherwise).
+        if st.total <= limit {
+            return;
+        }
         st.refresh_pins();
         // Packs this pass leaves: another process appends to them, or a pinned block in
         // them could not be copied out.
@@ -38,12 +43,11 @@ impl PackCache {
         while st.total - st.pinned_total > limit {
             // The least recently used pack that holds more than pinned blocks: evicting one
             // that holds only them would free nothing the bound counts.
-            let victim = st
-                .packs
-                .iter()
-                .filter(|(id, p)| !spared.contains(*id) && p.valid > FILE_HEADER + pinned_in(st, **id, p))
-                .min_by_key(|(_, p)| p.last_use)
-                .map(|(&id, _)| id);
+            // Oldest first, and the pins of a pack counted only until one qualifies (counting
+            // them walks its blocks).
+            let mut order: Vec<(u64, u32)> = st.packs.iter().filter(|(id, _)| !spared.contains(*id)).map(|(&id, p)| (p.last_use, id)).collect();
+            order.sort_unstable();
+            let victim = order.into_iter().map(|(_, id)| id).find(|id| st.packs[id].valid > FILE_HEADER + pinned_in(st, *id, &st.packs[id]));
             let Some(id) = victim else { return };
             if !self.evict_pack(st, id) {
                 spared.insert(id);
