@@ -176,25 +176,25 @@ pub fn unpin(t: &CacheTarget) -> Result<()> {
 /// `status` of a capsule: of a mount, its `stats.json` (printed whole with `--json`); of a
 /// capsule in a cache, this, under the same names for what both have (files by name,
 /// `blocks`, `resident_pct`).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize)]
 struct StatusView {
     capsule: String,
     id: String,
     /// `cache`, or for a mount where its blocks come from.
     source: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pinned: Option<bool>,
     files: std::collections::BTreeMap<String, FileStatus>,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize)]
 struct FileStatus {
     blocks: u64,
     resident_pct: f64,
     /// Of a cache only (a mount's pins are the cache's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pinned_pct: Option<f64>,
 }
 
@@ -208,7 +208,15 @@ pub fn status(source: &str, cache: Option<PathBuf>, as_json: bool) -> Result<()>
             println!();
             return Ok(());
         }
-        serde_json::from_slice(&bytes).with_context(|| stats_path.display().to_string())?
+        let m: capsule_fs::mount::MountStats = serde_json::from_slice(&bytes).with_context(|| stats_path.display().to_string())?;
+        StatusView {
+            capsule: m.capsule,
+            id: m.id,
+            source: m.source,
+            cache: None,
+            pinned: None,
+            files: m.files.into_iter().map(|(name, f)| (name, FileStatus { blocks: f.blocks, resident_pct: f.resident_pct, pinned_pct: None })).collect(),
+        }
     } else {
         let dir = cache.unwrap_or_else(default_cache_dir);
         let (store, id) = resolve_in_cache(source, &dir)?;

@@ -287,33 +287,10 @@ pub struct Fetched {
     pub files: std::collections::BTreeMap<String, u64>,
 }
 
-/// The part of `stats.json` [`Fetched`] reads.
-#[derive(serde::Deserialize)]
-struct StatsDoc {
-    #[serde(default)]
-    source: String,
-    #[serde(default)]
-    bytes_fetched: u64,
-    #[serde(default)]
-    blocks_fetched: u64,
-    #[serde(default)]
-    files: std::collections::BTreeMap<String, FileDoc>,
-}
-
-#[derive(serde::Deserialize)]
-struct FileDoc {
-    #[serde(default)]
-    fetched_bytes: u64,
-    #[serde(default)]
-    blocks: u64,
-    #[serde(default)]
-    block_size: u64,
-}
-
 impl Fetched {
     /// Read from the mount at `mnt`; the disks are the ones `capsule.json` (`vm`) lists.
     pub fn read(mnt: &Path, vm: &capsule_images::VmFile) -> Option<Fetched> {
-        let stats: StatsDoc = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
+        let stats: capsule_fs::mount::MountStats = serde_json::from_slice(&std::fs::read(mnt.join(".capsule/stats.json")).ok()?).ok()?;
         let mut out = Fetched { source: stats.source, wire_bytes: stats.bytes_fetched, blocks: stats.blocks_fetched, ..Default::default() };
         for (name, f) in stats.files {
             if vm.disks.iter().any(|d| d.file == name) {
