@@ -386,6 +386,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
     if hypervisor_of(args, &m.view.vm) == HypervisorArg::CloudHypervisor {
         report.hypervisor = Some("cloud-hypervisor");
         if let Some(status) = crate::chv::run(args, &m.mount.dir, &m.view.vm, dir.path())? {
+            report.fetched = Fetched::read(&m.mount.dir, &m.view.vm);
             guest_ended(report, status);
         }
         return Ok(());
@@ -428,7 +429,7 @@ fn run_in(store: Option<&Path>, args: &RunArgs, id: &str, dir: &RunDir, quiet: b
         id: id.to_string(),
         capsule: m.view.vm.capsule.clone(),
         mountpoint: m.mount.dir.clone(),
-        mount: m.info.clone(),
+        mount: Some(m.info.clone()),
         qemu_pid: vm.pid(),
         run_pid: std::process::id(),
         qmp: config.qmp_socket.clone(),

@@ -24,8 +24,12 @@ pub fn suspend(store: Option<PathBuf>, args: SuspendArgs) -> Result<()> {
     capsule_images::manifest::check_name(&args.name)?;
     let target = open_store(store)?;
     let lock = dir.try_lock_suspend(&rec.id)?;
-    // The mount as the run met it (run.json): its overlays are what the child commits.
-    let info = &rec.mount;
+    // The mount as the run met it (run.json; an older run's record lacks it, so the mount
+    // says): its overlays are what the child commits.
+    let info = &match &rec.mount {
+        Some(info) => info.clone(),
+        None => capsule_fs::mount::read_info(&rec.mountpoint)?,
+    };
     // Before the guest stops: an encrypted capsule's child needs its key.
     let key = crate::mount::mount_key(info, args.key.as_deref())?;
     let t0 = Instant::now();

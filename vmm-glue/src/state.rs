@@ -35,8 +35,11 @@ pub struct RunRecord {
     /// The mount the hypervisor reads.
     pub mountpoint: PathBuf,
     /// What that mount said about itself when the run started (its `.capsule/info.json`):
-    /// a suspend commits the overlays it names without reading the mount again.
-    pub mount: MountInfo,
+    /// a suspend commits the overlays it names without reading the mount again. `None` in
+    /// a record an older `capsule run` wrote (runs outlive an upgrade through takeover):
+    /// read it from the mount then.
+    #[serde(default)]
+    pub mount: Option<MountInfo>,
     /// QEMU's pid.
     pub qemu_pid: u32,
     /// `capsule run`'s pid.
@@ -268,7 +271,7 @@ mod tests {
             id: "r1".into(),
             capsule: "guest".into(),
             mountpoint: dir.mountpoint(),
-            mount: MountInfo {
+            mount: Some(MountInfo {
                 capsule_id: capsule_images::Hash::of(b"guest"),
                 name: "guest".into(),
                 cache_store: "/cache".into(),
@@ -277,7 +280,7 @@ mod tests {
                 pid: 3,
                 files: vec![("root.raw".into(), capsule_images::Slot::Disk("root".into())), ("memory.raw".into(), capsule_images::Slot::Memory)],
                 kernel_readahead: Some(0),
-            },
+            }),
             qemu_pid: 1,
             run_pid: 2,
             qmp: dir.qmp_socket(),
@@ -285,6 +288,11 @@ mod tests {
             hints: QemuHints { machine: Some("pc-i440fx-7.2".into()), accel: Some(Accel::Tcg), ..Default::default() },
         };
         dir.write_record(&rec).unwrap();
+        // A record an older `capsule run` wrote has no `mount`: it still reads.
+        let mut old: serde_json::Value = serde_json::to_value(&rec).unwrap();
+        old.as_object_mut().unwrap().remove("mount");
+        let back: RunRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(back.mount, None);
         assert_eq!(dir.record().unwrap(), rec);
         let text = std::fs::read_to_string(dir.record_path()).unwrap();
         assert!(text.contains("\"qemu.machine\": \"pc-i440fx-7.2\""), "hints keep their keys on disk: {text}");
