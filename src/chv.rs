@@ -23,7 +23,12 @@ pub fn run(args: &RunArgs, mnt: &Path, vm: &VmFile, dir: &Path) -> Result<Option
         crate::report::print_dry_run(args.json, PathBuf::from(&binary), argv, line)?;
         return Ok(None);
     }
-    match Command::new(&binary).args(&argv).status() {
+    let mut cmd = Command::new(&binary);
+    if args.json {
+        // Its console goes where QEMU's does with --json: stderr, so stdout is the report.
+        cmd.stdout(std::io::stderr());
+    }
+    match cmd.args(&argv).status() {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("{} is not installed (set CAPSULE_CLOUD_HYPERVISOR to its path); the command line would be:\n{line}", binary.to_string_lossy())

@@ -91,11 +91,8 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
             id
         } else {
             crate::remote::runtime()?.block_on(async {
-                match capsule_net::Client::connect(&url, &args.conn.options()).await {
+                match crate::remote::connect(&url, &args.conn).await {
                     Ok(client) => {
-                        if client.newly_trusted {
-                            note!("capsule: trusting new server {} with certificate SHA-256 {}", url.host_port(), client.fingerprint);
-                        }
                         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
                         // Manifests and layers now; map pages when a read needs them, unless
                         // everything will be fetched anyway.
@@ -109,14 +106,16 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                         client.close().await;
                         anyhow::Ok(id)
                     }
-                    Err(e) if e.kind() == capsule_net::ErrorKind::Unavailable => match cache.store().read_ref(&remembered)? {
-                        Some(id) => {
-                            tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
-                            Ok(id)
+                    Err(e) if e.downcast_ref::<capsule_net::Error>().is_some_and(|n| n.kind() == capsule_net::ErrorKind::Unavailable) => {
+                        match cache.store().read_ref(&remembered)? {
+                            Some(id) => {
+                                tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
+                                Ok(id)
+                            }
+                            None => Err(e),
                         }
-                        None => Err(e.into()),
-                    },
-                    Err(e) => Err(e.into()),
+                    }
+                    Err(e) => Err(e),
                 }
             })?
         };

@@ -177,6 +177,17 @@ fn a_server_that_never_answers_fails_after_the_connect_timeout() {
         err.contains(&format!("no answer yet from {}; waiting up to 3 s", silent.local_addr().unwrap())) && err.contains("did not answer within 3 s"),
         "{err}"
     );
+    // So is a mount's (it connects before it mounts anything).
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let err = fails(
+        client(&dir.path().join("s"), &dir.path().join("cfg"))
+            .args(["mount", &url, "--connect-timeout", "3", "--cache"])
+            .arg(dir.path().join("cache"))
+            .arg("--")
+            .arg(&mnt),
+    );
+    assert!(err.contains("no answer yet from") && err.contains("did not answer within 3 s"), "{err}");
 }
 
 #[test]

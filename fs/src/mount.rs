@@ -109,7 +109,7 @@ pub struct MountConfig {
     /// Where the mount appears (files that name other files point there).
     pub mountpoint: PathBuf,
     /// How the capsule's files are named and what else the mount shows: the hypervisor
-    /// glue's choice (`capsule_vmm_glue::mount_layout`), or each slot under its own name.
+    /// glue's choice (`capsule_vmm_glue::mount_layout`).
     pub layout: capsule_images::LayoutFn,
     /// A read waiting on the source fails after this long without any block arriving.
     pub stall_timeout: Duration,

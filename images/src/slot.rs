@@ -108,11 +108,6 @@ impl MountLayout {
 /// Makes the [`MountLayout`] of a capsule (its manifest, opened if sealed) mounted at a path.
 pub type LayoutFn = fn(&Manifest, &std::path::Path) -> MountLayout;
 
-/// Each slot under its own name, nothing more.
-pub fn plain_layout(_: &Manifest, _: &std::path::Path) -> MountLayout {
-    MountLayout::default()
-}
-
 impl Manifest {
     /// Every image the capsule has, by slot, in order: disks, memory, devstate, kernel, initrd.
     pub fn slots(&self) -> Vec<(Slot, Image)> {
