@@ -110,9 +110,12 @@ impl BlockCache {
                     }
                 }
             }
-            Blocks::Store(seen) => match self.store.get_block(h) {
-                Ok(data) => {
-                    let size = self.store.block_stored_size(h).unwrap_or(data.len() as u64);
+            // The encoded length is the stored size: no second stat per read.
+            Blocks::Store(seen) => match self.store.read_encoded_block(h).and_then(|encoded| {
+                let raw = capsule_images::block::decode(h, &encoded).map_err(|e| e.context(format!("block {h} of the store")))?;
+                Ok((raw, encoded.len() as u64))
+            }) {
+                Ok((data, size)) => {
                     if let Ok(mut s) = seen.lock() {
                         s.insert(*h, size);
                     }

@@ -75,14 +75,14 @@ fn record_header(h: &Hash, len: u32) -> [u8; RECORD_HEADER as usize] {
     b[..4].copy_from_slice(RECORD_MAGIC);
     b[4..8].copy_from_slice(&len.to_le_bytes());
     b[8..40].copy_from_slice(&h.0);
-    let check = blake3::hash(&b[..40]);
-    b[40..48].copy_from_slice(&check.as_bytes()[..8]);
+    let check = crate::pins::checksum(&b[..40]);
+    b[40..48].copy_from_slice(&check);
     b
 }
 
 /// A record header's block and length, if it is one (magic, checksum, length cap).
 fn parse_record_header(b: &[u8; RECORD_HEADER as usize]) -> Option<(Hash, u32)> {
-    if &b[..4] != RECORD_MAGIC || blake3::hash(&b[..40]).as_bytes()[..8] != b[40..48] {
+    if &b[..4] != RECORD_MAGIC || crate::pins::checksum(&b[..40]) != b[40..48] {
         return None;
     }
     let len = u32::from_le_bytes(b[4..8].try_into().ok()?);

@@ -33,7 +33,7 @@ fn pin_path(cache: &Path, capsule: &Hash) -> PathBuf {
     pins_dir(cache).join(format!("{}.pins", capsule.to_hex()))
 }
 
-fn checksum(bytes: &[u8]) -> [u8; 8] {
+pub(crate) fn checksum(bytes: &[u8]) -> [u8; 8] {
     let mut out = [0u8; 8];
     out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..8]);
     out
