@@ -89,8 +89,12 @@ pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<()> 
 
 /// Writes a block frame, handing the block's bytes to quinn without copying them.
 pub async fn write_block(send: &mut quinn::SendStream, hash: capsule_images::Hash, encoded: Vec<u8>) -> Result<()> {
-    let mut chunks = frame::block_parts(&hash, encoded)?.map(bytes::Bytes::from);
-    send.write_all_chunks(&mut chunks).await.map_err(conn_err)
+    write_block_parts(send, frame::block_parts(&hash, encoded)?).await
+}
+
+/// Writes a block frame [`frame::block_parts`] built.
+pub async fn write_block_parts(send: &mut quinn::SendStream, parts: [Vec<u8>; 3]) -> Result<()> {
+    send.write_all_chunks(&mut parts.map(bytes::Bytes::from)).await.map_err(conn_err)
 }
 
 /// Writes a postcard control message as a frame.

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod congestion;
 pub mod error;
 pub mod frame;
 pub mod io;
