@@ -11,7 +11,7 @@
 # VARIANTS="warm offline rsync sparse latency" (latency: 4 KiB O_DIRECT demand reads of
 # blocks not yet here while `--prefetch all` fills the link, against the link's round trip
 # plus the block's own transfer), CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
-# controller: bbr, the default, cubic or newreno; recorded in the results).
+# controller: bbr-floor, the default, or bbr, cubic or newreno; recorded in the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/results-lib.sh
@@ -149,7 +149,7 @@ v = sorted(float(x) for x in open(sys.argv[1]))
 print(statistics.median(v), v[-1])" "$W/lat")
         med=${stats% *} worst=${stats#* }
         printf '| %s | %s | demand 4 KiB reads during --prefetch all: median %s s, worst %s s (floor %s s) |\n' "$rate" "$loss" "$med" "$worst" "$floor"
-        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" --arg cc "${CAPSULE_QUIC_CC:-bbr}" \
+        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" --arg cc "${CAPSULE_QUIC_CC:-bbr-floor}" \
             '{rate: $rate, rate_bits: $bits, loss_pct: 0, delay_ms: $delay, variant: "latency", congestion: $cc}')" \
           "$(jq -n --slurpfile reads <(jq -s . "$W/lat") --argjson floor "$floor" --argjson bg "$bg" --argjson wrtt "${wrtt:-null}" \
             '{read_seconds: $reads[0], floor_seconds: $floor, background_blocks_at_end: $bg, window_rtt_ms: $wrtt}')"
@@ -168,7 +168,7 @@ print(statistics.median(v), v[-1])" "$W/lat")
     ratio=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / $bits, 3))")
     printf '| %s | %s | %s | %.1f | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio"
     result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson loss "$loss" --argjson delay "$DELAY_MS" --arg v "$v" \
-        --arg cc "${CAPSULE_QUIC_CC:-bbr}" --argjson size "$SIZE_MIB" '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v, congestion: $cc, size_mib: $size}')" \
+        --arg cc "${CAPSULE_QUIC_CC:-bbr-floor}" --argjson size "$SIZE_MIB" '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v, congestion: $cc, size_mib: $size}')" \
       "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson tx "$link_tx" --argjson ratio "$ratio" \
         '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, link_tx_bytes: $tx, goodput_over_rate: $ratio}')"
   done

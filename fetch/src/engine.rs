@@ -136,6 +136,32 @@ struct Delivered {
 struct Flight {
     result: OnceLock<Result<Delivered, FetchError>>,
     tag: u32,
+    /// Its readers sleep here, so an arrival wakes only those who wait for that block: one
+    /// condition for all flights woke every waiting reader (eight FUSE threads on a
+    /// sequential read) at every arrival, readahead included.
+    bell: (Mutex<()>, Condvar),
+}
+
+impl Flight {
+    fn new(tag: u32) -> Self {
+        Self { result: OnceLock::new(), tag, bell: (Mutex::new(()), Condvar::new()) }
+    }
+
+    fn settle(&self, result: Result<Delivered, FetchError>) {
+        let _ = self.result.set(result);
+        // Taken after the set: a reader checks the result under it, so none misses the ring.
+        let _bell = self.bell.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.bell.1.notify_all();
+    }
+
+    /// Sleeps until the flight is settled or `deadline`.
+    fn wait_until(&self, deadline: Instant) {
+        let bell = self.bell.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if self.result.get().is_none() && deadline > now {
+            let _ = self.bell.1.wait_timeout(bell, deadline - now);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -203,8 +229,6 @@ pub struct Engine {
     /// reader who comes between (after `decoded` dropped them) does not fetch them again.
     unwritten: Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
     state: Mutex<State>,
-    /// Flights completing.
-    done: Condvar,
     /// Wakes the timer thread early.
     timer: Condvar,
     stats: EngineStats,
@@ -235,7 +259,6 @@ impl Engine {
             decoded: quick_cache::sync::Cache::with_weighter(1024, cfg.memory_bytes.max(1 << 20), ByteWeight),
             unwritten: Mutex::new(HashMap::new()),
             state: Mutex::new(State { sched: Scheduler::new(cfg.sched.clone()), flights: HashMap::new(), last_progress: Instant::now() }),
-            done: Condvar::new(),
             timer: Condvar::new(),
             stats: EngineStats::default(),
             tags: Mutex::new(HashMap::new()),
@@ -501,7 +524,7 @@ impl Engine {
         if self.decoded.get(&h).is_some() || self.unwritten_get(&h).is_some() {
             return None;
         }
-        let f = Arc::new(Flight { result: OnceLock::new(), tag });
+        let f = Arc::new(Flight::new(tag));
         st.flights.insert(h, f.clone());
         st.sched.want(h, urgency);
         Some(f)
@@ -509,14 +532,19 @@ impl Engine {
 
     fn wait_all(&self, flights: &[Arc<Flight>], hashes: Vec<Hash>) -> Result<(), FetchError> {
         let started = Instant::now();
-        let mut st = self.lock();
-        loop {
-            if flights.iter().all(|f| f.result.get().is_some()) {
-                return Ok(());
-            }
-            let deadline = started.max(st.last_progress) + self.cfg.stall_timeout;
-            let now = Instant::now();
-            if now >= deadline {
+        for f in flights {
+            while f.result.get().is_none() {
+                // The stall timeout runs from the last progress of any fetch: a reader waits
+                // as long as blocks keep arriving.
+                let deadline = started.max(self.lock().last_progress) + self.cfg.stall_timeout;
+                if Instant::now() < deadline {
+                    f.wait_until(deadline);
+                    continue;
+                }
+                let mut st = self.lock();
+                if f.result.get().is_some() {
+                    break;
+                }
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 let pending: Vec<&Hash> = hashes.iter().zip(flights).filter(|(_, f)| f.result.get().is_none()).map(|(h, _)| h).collect();
                 for h in &pending {
@@ -536,8 +564,8 @@ impl Engine {
                     ),
                 ));
             }
-            st = self.done.wait_timeout(st, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
+        Ok(())
     }
 
     fn poll(&self, st: &mut State) -> Vec<BatchRequest> {
@@ -569,7 +597,7 @@ impl Engine {
             if result.is_ok() && f.tag != u32::MAX {
                 *self.tags.lock().unwrap_or_else(|p| p.into_inner()).entry(f.tag).or_default() += 1;
             }
-            let _ = f.result.set(result);
+            f.settle(result);
         }
     }
 
@@ -627,7 +655,6 @@ impl Engine {
                 self.poll(&mut st)
             }
         };
-        self.done.notify_all();
         self.start(batches);
         if write_after {
             self.write_local(&hash, &encoded);
@@ -653,7 +680,6 @@ impl Engine {
             }
             self.poll(&mut st)
         };
-        self.done.notify_all();
         self.timer.notify_one();
         self.start(batches);
     }
@@ -678,7 +704,6 @@ impl Engine {
                 }
             }
         }
-        self.done.notify_all();
         self.start(batches);
         next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now())).clamp(Duration::from_millis(1), Duration::from_secs(1))
     }
