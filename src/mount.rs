@@ -214,6 +214,12 @@ fn serve_mount(
         None => (fuser::Session::new(fs, mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?, false),
     };
     let mut session = session;
+    if !took_over && config.kernel_readahead > 128 << 10 {
+        // Before the session answers the kernel's first request (see `set_kernel_readahead`).
+        if let Err(e) = capsule_fs::mountinfo::set_kernel_readahead(mountpoint, config.kernel_readahead) {
+            tracing::debug!("kernel readahead of {} left at the default: {e}", mountpoint.display());
+        }
+    }
     let mut unmounter = (!took_over).then(|| session.unmount_callable());
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let at = mountpoint.to_path_buf();
@@ -388,33 +394,9 @@ fn spawn_daemon(cache_dir: &Path, args: &MountArgs) -> Result<()> {
 /// Whether `path` is where a capsule FUSE mount sits (from /proc/self/mountinfo: a FUSE
 /// file system named `capsule:NAME` by the daemon, type `fuse` or `fuse.capsule`).
 pub(crate) fn is_capsule_mount(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    // Mount points there escape space, tab, newline and backslash as octal.
-    let unescape = |s: &str| -> String {
-        let mut out = Vec::new();
-        let b = s.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            match (b[i], b.get(i + 1..i + 4).and_then(|o| std::str::from_utf8(o).ok()).and_then(|o| u8::from_str_radix(o, 8).ok())) {
-                (b'\\', Some(c)) => {
-                    out.push(c);
-                    i += 4;
-                }
-                (c, _) => {
-                    out.push(c);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    table.lines().any(|line| {
-        let Some((left, right)) = line.split_once(" - ") else { return false };
-        let mut right = right.split(' ');
-        let (fstype, source) = (right.next().unwrap_or(""), right.next().unwrap_or(""));
-        left.split(' ').nth(4).is_some_and(|m| Path::new(&unescape(m)) == path)
-            && (fstype == "fuse.capsule" || (fstype.starts_with("fuse") && source.starts_with("capsule:")))
-    })
+    capsule_fs::mountinfo::mounts()
+        .iter()
+        .any(|m| m.mountpoint == path && (m.fstype == "fuse.capsule" || (m.fstype.starts_with("fuse") && m.source.starts_with("capsule:"))))
 }
 
 pub fn umount(mountpoint: &Path) -> Result<()> {

@@ -16,6 +16,7 @@ pub mod commit;
 pub mod error;
 pub mod layout;
 pub mod mount;
+pub mod mountinfo;
 pub mod overlay;
 pub mod pack;
 pub mod pins;
