@@ -267,3 +267,32 @@ fn prefetch_auto_fetches_the_capsules_own_profile_and_nothing_without_one() {
     let s = m.stats();
     assert_eq!(fetch_stat(&s, "background_blocks"), 0, "no profile, nothing fetched ahead: {s}");
 }
+
+/// The kernel's readahead of a mount's device: what `--kernel-readahead` asks for (1 MiB
+/// by default, so a sequential reader's requests come 1 MiB at a time, not the device's
+/// default 128 KiB), and none with `--kernel-readahead 0` (what `capsule run` gives guest RAM).
+#[test]
+fn a_mount_gets_the_kernel_readahead_it_asks_for() {
+    let e = Env::new();
+    import_guest(&e.p("server"), false);
+    let device_readahead_kib = |dir: &Path| -> u64 {
+        let dir = dir.canonicalize().unwrap();
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let device = table
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
+            .last()
+            .and_then(|l| l.split(' ').nth(2))
+            .expect("the mount in mountinfo")
+            .to_string();
+        std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap().trim().parse().unwrap()
+    };
+    {
+        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m1"), &e.p("cache1"), &["--read-only"]);
+        assert_eq!(device_readahead_kib(&m.dir), 1024, "the default, 1 MiB");
+    }
+    {
+        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m2"), &e.p("cache2"), &["--read-only", "--kernel-readahead", "0"]);
+        assert_eq!(device_readahead_kib(&m.dir), 0, "none");
+    }
+}
