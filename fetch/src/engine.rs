@@ -316,6 +316,11 @@ impl Engine {
         self.lock().sched.estimator().peak_bandwidth()
     }
 
+    /// The link's capacity (bytes/s): the best rate measured over a second or more.
+    pub fn capacity(&self) -> Option<f64> {
+        self.lock().sched.estimator().capacity()
+    }
+
     /// Mean encoded size of the blocks fetched so far, if any were.
     pub fn block_bytes(&self) -> Option<f64> {
         self.lock().sched.estimator().block_bytes()

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsule_fetch::readahead::{Budget, Readahead};
+use capsule_fetch::readahead::{blocks_ahead, horizon, Budget, Readahead};
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::sim::{hashes, Link, Sim};
 use capsule_fetch::{FetchErrorKind, Urgency};
@@ -138,15 +138,15 @@ fn read_in_order(s: &mut Sim, blocks: &[capsule_fetch::Hash], order: &[usize], t
     let mut ra = Readahead::default();
     for &i in order {
         if readahead {
-            let horizon = s.sched.estimator().rtt().unwrap_or(Duration::from_millis(1)) * 2 + Duration::from_millis(20);
             if let Some((from, to)) = ra.on_read(
                 s.now,
                 i as u64 * BLOCK,
                 BLOCK,
                 !s.delivered.contains_key(&blocks[i]),
-                Budget { horizon, link_rate: s.sched.estimator().bandwidth(), max_window: 8 << 20 },
+                Budget { horizon: horizon(s.sched.estimator().rtt()), link_rate: s.sched.estimator().bandwidth(), max_window: 8 << 20, block_size: BLOCK },
             ) {
-                let ahead: Vec<_> = ((from / BLOCK) as usize..(to.div_ceil(BLOCK) as usize).min(blocks.len())).map(|j| blocks[j]).collect();
+                let range = blocks_ahead(from, to, BLOCK);
+                let ahead: Vec<_> = (range.start as usize..(range.end as usize).min(blocks.len())).map(|j| blocks[j]).collect();
                 s.want(&ahead, Urgency::Readahead);
             }
         }

@@ -416,7 +416,7 @@ impl CapsuleFs {
                     let mut near = neighbours.lock().unwrap_or_else(|p| p.into_inner());
                     near.on_read(first, last);
                     if plan.is_empty() && missed && near.on_miss(first, last) {
-                        let n = capsule_fetch::readahead::neighbours_on_miss(self.engine.rtt(), self.engine.peak_bandwidth(), self.engine.block_bytes(), bs);
+                        let n = capsule_fetch::readahead::neighbours_on_miss(self.engine.rtt(), self.engine.capacity(), self.engine.block_bytes(), bs);
                         for j in last + 1..=last + n {
                             near.sent(j);
                         }

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capsule_fetch::readahead::{Budget, Readahead};
+use capsule_fetch::readahead::{blocks_ahead, horizon, Budget, Readahead};
 use capsule_images::{Hash, Image, Layer};
 
 use super::{CapsuleFs, MAX_READAHEAD_BYTES};
@@ -77,21 +77,18 @@ impl CapsuleFs {
         end: u64,
         missed: bool,
     ) -> Result<Vec<Hash>> {
-        // A fetch's round trip and then some: a guest's reads come in bursts, and readahead
-        // that arrives a little early costs nothing, while one that arrives late costs a
-        // round trip.
-        let horizon = self.engine.rtt().unwrap_or(Duration::from_millis(5)) * 3 + Duration::from_millis(50);
         let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(
             std::time::Instant::now(),
             offset,
             end - offset,
             missed,
-            Budget { horizon, link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES },
+            Budget { horizon: horizon(self.engine.rtt()), link_rate: self.engine.bandwidth(), max_window: MAX_READAHEAD_BYTES, block_size: image.block_size() },
         );
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
         let mut ahead = Vec::new();
-        for i in from.div_ceil(bs).max(from / bs)..to.div_ceil(bs).min(image.block_count()) {
+        let blocks = blocks_ahead(from, to, bs);
+        for i in blocks.start..blocks.end.min(image.block_count()) {
             if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
                 continue;
             }
