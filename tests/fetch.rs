@@ -280,8 +280,7 @@ fn a_mount_gets_the_kernel_readahead_it_asks_for() {
         let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let device = table
             .lines()
-            .filter(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
-            .last()
+            .rfind(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
             .and_then(|l| l.split(' ').nth(2))
             .expect("the mount in mountinfo")
             .to_string();
