@@ -151,7 +151,8 @@ pub fn transport() -> quinn::TransportConfig {
 }
 
 /// Socket buffer asked for: a burst of a few MiB must not overflow the kernel's default
-/// 208 KiB (it showed as ~6% packet loss on loopback). The kernel caps it at rmem_max.
+/// 208 KiB (it showed as ~6% packet loss on loopback). The kernel caps it at rmem_max
+/// (wmem_max), which a stock kernel sets to that same 208 KiB; root goes past the cap.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// A UDP socket with large buffers, for either end.
@@ -161,6 +162,14 @@ pub fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(io)?;
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // The kernel reports twice what it granted (its bookkeeping); less than asked means
+    // the cap applied. Forcing needs CAP_NET_ADMIN: others keep what they got.
+    if socket.recv_buffer_size().is_ok_and(|n| n < SOCKET_BUFFER) {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER);
+    }
+    if socket.send_buffer_size().is_ok_and(|n| n < SOCKET_BUFFER) {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER);
+    }
     socket.bind(&addr.into()).map_err(io)?;
     Ok(socket.into())
 }
@@ -527,5 +536,22 @@ async fn handle(
             info!(%name, id = %new, "ref updated");
             write_control(send, true, &Response::Stored { new: 0 }).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root gets its socket buffers whatever rmem_max says (a stock kernel's 208 KiB
+    /// overflowed under a loopback burst).
+    #[test]
+    fn root_gets_the_socket_buffers_it_asks_for() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let socket = socket2::Socket::from(udp_socket("127.0.0.1:0".parse().unwrap()).unwrap());
+        assert!(socket.recv_buffer_size().unwrap() >= SOCKET_BUFFER);
+        assert!(socket.send_buffer_size().unwrap() >= SOCKET_BUFFER);
     }
 }
