@@ -43,9 +43,10 @@ pub struct MountArgs {
     /// capsule, else `boot`]
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
-    /// Kernel readahead in bytes [default: 1 MiB; 0 with --record-profile, so that a
-    /// profile lists what readers read, not what the kernel read ahead for them]; `capsule
-    /// run` sets 0 so guest-RAM faults read one page
+    /// Kernel readahead in bytes [default: 128 KiB, the kernel's own; 0 with
+    /// --record-profile, so that a profile lists what readers read, not what the kernel read
+    /// ahead for them]; more (1048576) speeds up sequential copies; `capsule run` sets 0 so
+    /// guest-RAM faults read one page
     #[arg(long, value_name = "BYTES")]
     pub kernel_readahead: Option<u32>,
     /// A guest-RAM fault also fetches the rest of its aligned group of N pages (fewer round

@@ -269,8 +269,9 @@ fn prefetch_auto_fetches_the_capsules_own_profile_and_nothing_without_one() {
 }
 
 /// The kernel's readahead of a mount's device: what `--kernel-readahead` asks for (1 MiB
-/// by default, so a sequential reader's requests come 1 MiB at a time, not the device's
-/// default 128 KiB), and none with `--kernel-readahead 0` (what `capsule run` gives guest RAM).
+/// here, so a sequential reader's requests come 1 MiB at a time, not capped at the
+/// device's default 128 KiB, which is also the mount's default), and none with
+/// `--kernel-readahead 0` (what `capsule run` gives guest RAM).
 #[test]
 fn a_mount_gets_the_kernel_readahead_it_asks_for() {
     let e = Env::new();
@@ -287,8 +288,12 @@ fn a_mount_gets_the_kernel_readahead_it_asks_for() {
         std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap().trim().parse().unwrap()
     };
     {
-        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m1"), &e.p("cache1"), &["--read-only"]);
-        assert_eq!(device_readahead_kib(&m.dir), 1024, "the default, 1 MiB");
+        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m1"), &e.p("cache1"), &["--read-only", "--kernel-readahead", "1048576"]);
+        assert_eq!(device_readahead_kib(&m.dir), 1024, "1 MiB, as asked");
+    }
+    {
+        let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m0"), &e.p("cache0"), &["--read-only"]);
+        assert_eq!(device_readahead_kib(&m.dir), 128, "the default");
     }
     {
         let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m2"), &e.p("cache2"), &["--read-only", "--kernel-readahead", "0"]);

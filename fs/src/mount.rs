@@ -117,8 +117,11 @@ pub struct MountConfig {
     pub key: Option<capsule_images::Key>,
 }
 
-/// The kernel readahead a mount gets unless told otherwise.
-pub const DEFAULT_KERNEL_READAHEAD: u32 = 1 << 20;
+/// The kernel readahead a mount gets unless told otherwise: the kernel's own default for
+/// the device. More (1 MiB: a cold sequential read on loopback 405-461 -> 479-554 MB/s)
+/// also reads ahead for a hypervisor's page-cache reads, and a profile-warmed boot then
+/// fetched 32 blocks outside its profile.
+pub const DEFAULT_KERNEL_READAHEAD: u32 = 128 << 10;
 
 /// The filesystem.
 pub struct CapsuleFs {
