@@ -136,10 +136,10 @@ pub struct Estimator {
 
 const RTT_SAMPLES: usize = 32;
 const RATE_SPAN: Duration = Duration::from_secs(3);
-/// The shortest span a capacity sample covers. A TCG guest that holds both cores for half
-/// a second leaves blocks queued, then verified at once: over 250 ms the receiver saw
-/// 2.6 times a 2 Mbit/s link's rate, and judged a neighbour worth fetching on every miss
-/// (a cold boot fetched 56 blocks, 1.5 MB, 6 s of that link, that it did not read).
+/// The shortest span a capacity sample covers. During a cold boot at 2 Mbit/s the rate
+/// over 250 ms reached 2.6 times the link's (bursts: blocks verified in clumps while the
+/// TCG guest held the CPUs, and tbf's bucket), and neighbours judged by it cost the boot
+/// 56 blocks it did not read against a run without neighbours (1.5 MB, 6 s of that link).
 const CAPACITY_SPAN: Duration = Duration::from_secs(1);
 const RATE_MIN_SPAN: Duration = Duration::from_millis(250);
 
@@ -164,24 +164,27 @@ impl Estimator {
         self.deliveries.push_back((now, self.delivered));
         // A rate over at least four round trips and 250 ms: shorter spans measure bursts
         // (a receiver starved of CPU reads a socket buffer's worth at once).
-        let span = self.rtt().map_or(RATE_MIN_SPAN, |r| (r * 4).max(RATE_MIN_SPAN));
-        let base = self.deliveries.iter().rev().find(|(t, _)| now.saturating_duration_since(*t) >= span).copied();
-        if let Some((t, cumulative)) = base {
-            let secs = now.saturating_duration_since(t).as_secs_f64();
-            if secs > 0.0 {
-                while self.rates.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_SPAN) {
-                    self.rates.pop_front();
-                }
-                let rate = (self.delivered - cumulative) as f64 / secs;
-                self.rates.push_back((now, rate));
-                self.peak_rate = Some(self.peak_rate.map_or(rate, |p| p.max(rate)));
+        let rtt = self.rtt();
+        if let Some(rate) = self.rate_over(now, rtt.map_or(RATE_MIN_SPAN, |r| (r * 4).max(RATE_MIN_SPAN))) {
+            while self.rates.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_SPAN) {
+                self.rates.pop_front();
             }
+            self.rates.push_back((now, rate));
+            self.peak_rate = Some(self.peak_rate.map_or(rate, |p| p.max(rate)));
         }
-        let long = self.rtt().map_or(CAPACITY_SPAN, |r| (r * 8).max(CAPACITY_SPAN));
-        if let Some((t, cumulative)) = self.deliveries.iter().rev().find(|(t, _)| now.saturating_duration_since(*t) >= long).copied() {
-            let rate = (self.delivered - cumulative) as f64 / now.saturating_duration_since(t).as_secs_f64();
+        if let Some(rate) = self.rate_over(now, rtt.map_or(CAPACITY_SPAN, |r| (r * 8).max(CAPACITY_SPAN))) {
             self.capacity = Some(self.capacity.map_or(rate, |c| c.max(rate)));
         }
+    }
+
+    /// Bytes per second delivered since the latest delivery at least `span` before `now`.
+    /// A binary search: this runs per block under the engine's lock, and on loopback
+    /// three seconds of deliveries are thousands of entries.
+    fn rate_over(&self, now: Instant, span: Duration) -> Option<f64> {
+        let older = self.deliveries.partition_point(|(t, _)| now.saturating_duration_since(*t) >= span);
+        let (t, cumulative) = *self.deliveries.get(older.checked_sub(1)?)?;
+        let secs = now.saturating_duration_since(t).as_secs_f64();
+        (secs > 0.0).then(|| (self.delivered - cumulative) as f64 / secs)
     }
 
     /// The smallest recent round trip (request sent to first block back).
