@@ -32,7 +32,7 @@ pub struct FloorBbrConfig {
 
 impl ControllerFactory for FloorBbrConfig {
     fn build(self: Arc<Self>, now: std::time::Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(FloorBbr { inner: Box::new(Bbr::new(self.bbr.clone(), current_mtu)), meter: RateMeter::new(now), floor: 0 })
+        Box::new(FloorBbr { inner: Box::new(Bbr::new(self.bbr.clone(), current_mtu)), meter: RateMeter::new(now) })
     }
 }
 
@@ -74,18 +74,11 @@ impl RateMeter {
 pub struct FloorBbr {
     inner: Box<dyn Controller>,
     meter: RateMeter,
-    floor: u64,
-}
-
-impl FloorBbr {
-    fn update_floor(&mut self) {
-        self.floor = self.meter.floor();
-    }
 }
 
 impl std::fmt::Debug for FloorBbr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FloorBbr").field("window", &self.inner.window()).field("floor", &self.floor).finish()
+        f.debug_struct("FloorBbr").field("window", &self.inner.window()).field("floor", &self.meter.floor()).finish()
     }
 }
 
@@ -96,7 +89,6 @@ impl Controller for FloorBbr {
 
     fn on_ack(&mut self, now: std::time::Instant, sent: std::time::Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
         self.meter.on_ack(now, bytes);
-        self.update_floor();
         self.inner.on_ack(now, sent, bytes, app_limited, rtt)
     }
 
@@ -106,7 +98,6 @@ impl Controller for FloorBbr {
 
     fn on_congestion_event(&mut self, now: std::time::Instant, sent: std::time::Instant, is_persistent_congestion: bool, lost_bytes: u64) {
         self.meter.on_congestion();
-        self.update_floor();
         self.inner.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
     }
 
@@ -115,7 +106,7 @@ impl Controller for FloorBbr {
     }
 
     fn window(&self) -> u64 {
-        self.inner.window().max(self.floor)
+        self.inner.window().max(self.meter.floor())
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -125,7 +116,7 @@ impl Controller for FloorBbr {
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(FloorBbr { inner: self.inner.clone_box(), meter: self.meter.clone(), floor: self.floor })
+        Box::new(FloorBbr { inner: self.inner.clone_box(), meter: self.meter.clone() })
     }
 
     fn initial_window(&self) -> u64 {
