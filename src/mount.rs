@@ -214,8 +214,9 @@ fn serve_mount(
         None => (fuser::Session::new(fs, mountpoint, &fuse_config).with_context(|| format!("mounting at {}", mountpoint.display()))?, false),
     };
     let mut session = session;
-    if !took_over && config.kernel_readahead > 128 << 10 {
-        // Before the session answers the kernel's first request (see `set_kernel_readahead`).
+    if !took_over && config.kernel_readahead > capsule_fs::mount::DEFAULT_KERNEL_READAHEAD {
+        // The kernel's device default covers what is less. Set before the session answers
+        // the kernel's first request (see `set_kernel_readahead`).
         if let Err(e) = capsule_fs::mountinfo::set_kernel_readahead(mountpoint, config.kernel_readahead) {
             tracing::debug!("kernel readahead of {} left at the default: {e}", mountpoint.display());
         }

@@ -277,15 +277,8 @@ fn a_mount_gets_the_kernel_readahead_it_asks_for() {
     let e = Env::new();
     import_guest(&e.p("server"), false);
     let device_readahead_kib = |dir: &Path| -> u64 {
-        let dir = dir.canonicalize().unwrap();
-        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let device = table
-            .lines()
-            .rfind(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
-            .and_then(|l| l.split(' ').nth(2))
-            .expect("the mount in mountinfo")
-            .to_string();
-        std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap().trim().parse().unwrap()
+        let (major, minor) = capsule_fs::mountinfo::mount_at(&dir.canonicalize().unwrap()).expect("the mount in mountinfo").device;
+        std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap().trim().parse().unwrap()
     };
     {
         let m = Mounted::new(&e.p("server"), &e.p("cfg"), "guest", &e.p("m1"), &e.p("cache1"), &["--read-only", "--kernel-readahead", "1048576"]);
