@@ -35,8 +35,19 @@ pub struct Cluster {
     dir: PathBuf,
 }
 
+/// A port no other cluster of this process was given, below the kernel's ephemeral range.
+/// Asking the kernel for port 0 and releasing it raced: two clusters started by parallel
+/// tests once got the same port, and one's S3 client reached the other's K2V API. Ports
+/// below 32768 are never handed out for port 0, and the counter is shared by the process.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let offset = (std::process::id() % 600) * 20;
+    loop {
+        let port = (20_000 + (offset + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn admin(config: &Path, args: &[&str]) -> String {
