@@ -101,6 +101,9 @@ pub struct SourceCounters {
     /// Bytes on the wire, received (0 if the source cannot tell).
     #[serde(rename = "wire_received_bytes")]
     pub wire_received: u64,
+    /// UDP datagrams received (0 if the source cannot tell).
+    #[serde(default)]
+    pub wire_received_datagrams: u64,
 }
 
 /// One request for blocks, as the engine hands it to a source.

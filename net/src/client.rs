@@ -229,6 +229,12 @@ impl Client {
         (s.udp_tx.bytes, s.udp_rx.bytes)
     }
 
+    /// UDP datagrams received so far (with [`Client::wire_bytes`], the mean datagram size:
+    /// how much of a slow link goes to headers).
+    pub fn wire_datagrams_received(&self) -> u64 {
+        self.conn.stats().udp_rx.datagrams
+    }
+
     async fn open(&self, request: Request, priority: u8) -> Result<(quinn::SendStream, FrameReader)> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(conn_err)?;
         if priority > 0 {

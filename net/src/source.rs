@@ -47,6 +47,8 @@ pub struct SourceStats {
     paths_refused: std::sync::atomic::AtomicBool,
     /// UDP bytes received on connections already closed.
     wire_closed: AtomicU64,
+    /// UDP datagrams received on connections already closed.
+    datagrams_closed: AtomicU64,
     /// The current connection's smallest round trip as QUIC measured it, in microseconds
     /// (0: none yet): the handshake's, then the smoothed one at quiet moments.
     path_rtt_us: Arc<AtomicU64>,
@@ -137,6 +139,7 @@ impl Shared {
 
     fn retire(&self, c: &Arc<Client>) {
         self.stats.wire_closed.fetch_add(c.wire_bytes().1, Ordering::Relaxed);
+        self.stats.datagrams_closed.fetch_add(c.wire_datagrams_received(), Ordering::Relaxed);
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
             *current = None;
@@ -365,7 +368,8 @@ impl BlockSource for RemoteSource {
 
     fn counters(&self) -> SourceCounters {
         let s = &self.shared.stats;
-        let live = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |c| c.wire_bytes().1);
+        let (live, live_datagrams) =
+            self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or((0, 0), |c| (c.wire_bytes().1, c.wire_datagrams_received()));
         SourceCounters {
             requests: s.requests.load(Ordering::Relaxed),
             blocks: s.blocks.load(Ordering::Relaxed),
@@ -374,6 +378,7 @@ impl BlockSource for RemoteSource {
             object_requests: s.object_requests.load(Ordering::Relaxed),
             path_requests: s.path_requests.load(Ordering::Relaxed),
             wire_received: s.wire_closed.load(Ordering::Relaxed) + live,
+            wire_received_datagrams: s.datagrams_closed.load(Ordering::Relaxed) + live_datagrams,
         }
     }
 }
