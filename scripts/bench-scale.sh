@@ -31,7 +31,15 @@ cleanup() {
 trap cleanup EXIT
 [ -x "$GARAGE" ] || die "no garage binary at $GARAGE (make setup installs it)"
 export CAPSULE_CONFIG_DIR=$W/config
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Ports below the kernel's ephemeral range, each handed out once (asking the kernel for
+# port 0 and letting it go can hand the same port out twice; see tests/common/garage.rs).
+NEXT_PORT=$((20000 + $$ % 600 * 20))
+# Sets PORT (not a $(...) call: the counter must move in this shell).
+free_port() {
+  while ! python3 -c 'import socket,sys; socket.socket().bind(("127.0.0.1",int(sys.argv[1])))' "$NEXT_PORT" 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
+  PORT=$NEXT_PORT
+  NEXT_PORT=$((NEXT_PORT + 1))
+}
 retry() { local i; for i in $(seq 100); do "$@" >"$W/retry.out" 2>&1 && { cat "$W/retry.out"; return 0; }; sleep 0.3; done; cat "$W/retry.out" >&2; return 1; }
 
 # --- a 3-node Garage cluster, as tests/common/garage.rs starts it ---
@@ -40,7 +48,9 @@ endpoints=()
 for i in 0 1 2; do
   home=$W/garage$i
   mkdir -p "$home"
-  rpc=$(free_port) s3=$(free_port) adm=$(free_port)
+  free_port; rpc=$PORT
+  free_port; s3=$PORT
+  free_port; adm=$PORT
   cat >"$home/garage.toml" <<EOF
 metadata_dir = "$home/meta"
 data_dir = "$home/data"
@@ -87,7 +97,7 @@ token=$("$BIN" --store "$LOCAL" token create --scope write | tail -1)
 start_server() {
   local name=$1 store=$2 port
   shift 2
-  port=$(free_port)
+  free_port; port=$PORT
   "$BIN" --store "$store" serve --listen "127.0.0.1:$port" --public-read "$@" >"$W/serve-$name.log" 2>&1 &
   PIDS+=($!)
   printf -v "PID_$name" %s $!
