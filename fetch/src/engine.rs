@@ -305,6 +305,12 @@ impl Engine {
         self.lock().sched.estimator().rtt()
     }
 
+    /// The path's own round trip (QUIC's, else the smallest ever request-to-first-block),
+    /// without the queue the link's own traffic builds.
+    pub fn window_rtt(&self) -> Option<Duration> {
+        self.lock().sched.estimator().window_rtt()
+    }
+
     /// The measured bandwidth in bytes per second, if any.
     pub fn bandwidth(&self) -> Option<f64> {
         self.lock().sched.estimator().bandwidth()

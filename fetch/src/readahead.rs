@@ -47,7 +47,8 @@ pub struct Budget {
     pub block_size: u64,
 }
 
-/// What a fetch takes to come back, for a readahead window: its round trip and then some.
+/// What a fetch takes to come back, for a readahead window: the path's round trip (not a
+/// recent request's, which holds the queue the link's own traffic built) and then some.
 /// A guest's reads come in bursts, and readahead that arrives a little early costs
 /// nothing, while one that arrives late costs a round trip.
 pub fn horizon(rtt: Option<Duration>) -> Duration {

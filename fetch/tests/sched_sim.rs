@@ -143,7 +143,12 @@ fn read_in_order(s: &mut Sim, blocks: &[capsule_fetch::Hash], order: &[usize], t
                 i as u64 * BLOCK,
                 BLOCK,
                 !s.delivered.contains_key(&blocks[i]),
-                Budget { horizon: horizon(s.sched.estimator().rtt()), link_rate: s.sched.estimator().capacity().or_else(|| s.sched.estimator().bandwidth()), max_window: 8 << 20, block_size: BLOCK },
+                Budget {
+                    horizon: horizon(s.sched.estimator().window_rtt()),
+                    link_rate: s.sched.estimator().capacity().or_else(|| s.sched.estimator().bandwidth()),
+                    max_window: 8 << 20,
+                    block_size: BLOCK,
+                },
             ) {
                 let range = blocks_ahead(from, to, BLOCK);
                 let ahead: Vec<_> = (range.start as usize..(range.end as usize).min(blocks.len())).map(|j| blocks[j]).collect();

@@ -83,7 +83,10 @@ impl CapsuleFs {
             end - offset,
             missed,
             Budget {
-                horizon: horizon(self.engine.rtt()),
+                // The path's round trip, not a recent request's: during a cold boot at 2
+                // Mbit/s those held 150-600 ms of the link's own queue, the windows they
+                // allowed fetched 134 blocks in 40 s, and the queue grew with them.
+                horizon: horizon(self.engine.window_rtt()),
                 // The link's capacity once a second of traffic showed it: the best 250 ms
                 // overstated a 2 Mbit/s link 2.6 times, and the window it allowed fetched
                 // blocks a cold boot never read.
