@@ -36,7 +36,7 @@ export CAPSULE_CONFIG_DIR=$W/config
 NEXT_PORT=$((20000 + $$ % 600 * 20))
 # Sets PORT (not a $(...) call: the counter must move in this shell).
 free_port() {
-  while ! python3 -c 'import socket,sys; socket.socket().bind(("127.0.0.1",int(sys.argv[1])))' "$NEXT_PORT" 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
+  while ! python3 -c 'import socket,sys; p=("127.0.0.1",int(sys.argv[1])); socket.socket().bind(p); socket.socket(type=socket.SOCK_DGRAM).bind(p)' "$NEXT_PORT" 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
   PORT=$NEXT_PORT
   NEXT_PORT=$((NEXT_PORT + 1))
 }

@@ -305,21 +305,15 @@ impl Engine {
         self.lock().sched.estimator().rtt()
     }
 
-    /// The path's own round trip (QUIC's, else the smallest ever request-to-first-block),
-    /// without the queue the link's own traffic builds.
-    pub fn window_rtt(&self) -> Option<Duration> {
-        self.lock().sched.estimator().window_rtt()
+    /// What the link allows a readahead window ([`crate::readahead::Budget::for_link`]),
+    /// under one lock: this runs on every read a stream continues.
+    pub fn readahead_budget(&self, max_window: u64, block_size: u64) -> crate::readahead::Budget {
+        crate::readahead::Budget::for_link(self.lock().sched.estimator(), max_window, block_size)
     }
 
     /// The measured bandwidth in bytes per second, if any.
     pub fn bandwidth(&self) -> Option<f64> {
         self.lock().sched.estimator().bandwidth()
-    }
-
-    /// The best delivery rate measured since the start (bytes/s): the link's capacity as
-    /// far as a burst showed it.
-    pub fn peak_bandwidth(&self) -> Option<f64> {
-        self.lock().sched.estimator().peak_bandwidth()
     }
 
     /// The link's capacity (bytes/s): the best rate measured over a second or more.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsule_fetch::readahead::{blocks_ahead, horizon, Budget, Readahead};
+use capsule_fetch::readahead::{blocks_ahead, Budget, Readahead};
 use capsule_fetch::sched::SchedConfig;
 use capsule_fetch::sim::{hashes, Link, Sim};
 use capsule_fetch::{FetchErrorKind, Urgency};
@@ -138,18 +138,9 @@ fn read_in_order(s: &mut Sim, blocks: &[capsule_fetch::Hash], order: &[usize], t
     let mut ra = Readahead::default();
     for &i in order {
         if readahead {
-            if let Some((from, to)) = ra.on_read(
-                s.now,
-                i as u64 * BLOCK,
-                BLOCK,
-                !s.delivered.contains_key(&blocks[i]),
-                Budget {
-                    horizon: horizon(s.sched.estimator().window_rtt()),
-                    link_rate: s.sched.estimator().capacity().or_else(|| s.sched.estimator().bandwidth()),
-                    max_window: 8 << 20,
-                    block_size: BLOCK,
-                },
-            ) {
+            if let Some((from, to)) =
+                ra.on_read(s.now, i as u64 * BLOCK, BLOCK, !s.delivered.contains_key(&blocks[i]), Budget::for_link(s.sched.estimator(), 8 << 20, BLOCK))
+            {
                 let range = blocks_ahead(from, to, BLOCK);
                 let ahead: Vec<_> = (range.start as usize..(range.end as usize).min(blocks.len())).map(|j| blocks[j]).collect();
                 s.want(&ahead, Urgency::Readahead);

@@ -122,8 +122,9 @@ pub fn transport() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     // Headers are what a slow link carries besides blocks. quinn searches payloads up to
     // 1452 bytes (IPv6 inside Ethernet) in steps of 20; an IPv4 path over Ethernet takes
-    // 1472. A probe the path drops costs only the probe. Measured: a 10 Mbit/s cold boot's
-    // datagrams averaged 1356 bytes, and IP, UDP and QUIC took 6% of the link.
+    // 1472. A probe the path drops costs only the probe. Measured on a 10 Mbit/s cold boot:
+    // datagrams of 1356 bytes on average and QUIC bytes 1.039 times the blocks' before, 1369
+    // and 1.033 with this and the client's empty connection ID (see `endpoint`).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_ETHERNET_UDP_PAYLOAD).minimum_change(4);
     t.mtu_discovery_config(Some(mtu));

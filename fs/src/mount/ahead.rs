@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capsule_fetch::readahead::{blocks_ahead, horizon, Budget, Readahead};
+use capsule_fetch::readahead::{blocks_ahead, Readahead};
 use capsule_images::{Hash, Image, Layer};
 
 use super::{CapsuleFs, MAX_READAHEAD_BYTES};
@@ -82,18 +82,7 @@ impl CapsuleFs {
             offset,
             end - offset,
             missed,
-            Budget {
-                // The path's round trip, not a recent request's: during a cold boot at 2
-                // Mbit/s those held 150-600 ms of the link's own queue, the windows they
-                // allowed fetched 134 blocks in 40 s, and the queue grew with them.
-                horizon: horizon(self.engine.window_rtt()),
-                // The link's capacity once a second of traffic showed it: the best 250 ms
-                // overstated a 2 Mbit/s link 2.6 times, and the window it allowed fetched
-                // blocks a cold boot never read.
-                link_rate: self.engine.capacity().or_else(|| self.engine.bandwidth()),
-                max_window: MAX_READAHEAD_BYTES,
-                block_size: image.block_size(),
-            },
+            self.engine.readahead_budget(MAX_READAHEAD_BYTES, image.block_size()),
         );
         let Some((from, to)) = range else { return Ok(Vec::new()) };
         let bs = image.block_size();
