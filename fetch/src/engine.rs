@@ -182,6 +182,22 @@ impl quick_cache::Weighter<Hash, Arc<Vec<u8>>> for ByteWeight {
     }
 }
 
+/// The memory cache of decoded blocks. A block readahead brings waits in it for its first
+/// read, but quick_cache's default keeps 97% for blocks read before and lets a new one go
+/// once 3% of newer ones arrive (in its shard: 4 blocks of 64 KiB): a sequential read past
+/// the cache's size found half its readahead evicted and decoded it again from the disk.
+/// Half for blocks not yet read holds any readahead window.
+fn decoded_cache(bytes: u64) -> quick_cache::sync::Cache<Hash, Arc<Vec<u8>>, ByteWeight> {
+    let bytes = bytes.max(1 << 20);
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity((bytes / (64 << 10)).max(64) as usize)
+        .weight_capacity(bytes)
+        .hot_allocation(0.5)
+        .build()
+        .expect("estimated items and weight are set");
+    quick_cache::sync::Cache::with_options(options, ByteWeight, Default::default(), Default::default())
+}
+
 /// Hands a source's deliveries to the engine without keeping it alive: at once, or
 /// through the verify queue when the engine has verify threads.
 struct Sink {
@@ -256,7 +272,7 @@ impl Engine {
     pub fn new(local: Arc<dyn LocalBlocks>, source: Option<Arc<dyn BlockSource>>, cfg: EngineConfig) -> Arc<Self> {
         let verify = (source.is_some() && cfg.verify_threads > 0).then(|| Arc::new(VerifyQueue::default()));
         let engine = Arc::new_cyclic(|me: &Weak<Engine>| Self {
-            decoded: quick_cache::sync::Cache::with_weighter(1024, cfg.memory_bytes.max(1 << 20), ByteWeight),
+            decoded: decoded_cache(cfg.memory_bytes),
             unwritten: Mutex::new(HashMap::new()),
             state: Mutex::new(State { sched: Scheduler::new(cfg.sched.clone()), flights: HashMap::new(), last_progress: Instant::now() }),
             timer: Condvar::new(),

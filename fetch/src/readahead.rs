@@ -107,6 +107,12 @@ impl Readahead {
         let secs = now.saturating_duration_since(s.started).as_secs_f64().max(1e-3);
         let rate = (s.bytes as f64 / secs).min(link_rate.unwrap_or(f64::INFINITY));
         let window = ((rate * horizon.as_secs_f64()) as u64).min(max_window);
+        // Topped up once half the window is consumed, not on every read: a window moved a
+        // read at a time asked for a block or two per request, and on a fast path the
+        // requests' own cost held a cold sequential read back.
+        if s.ahead_to.saturating_sub(s.next) > window / 2 {
+            return None;
+        }
         let from = s.ahead_to.max(s.next);
         let to = s.next.saturating_add(window) / block_size.max(1) * block_size.max(1);
         if to <= from {
@@ -314,7 +320,11 @@ mod tests {
             assert_eq!(ra.on_read(t0 + MS * i as u32, i * len, len, false, b(50 * MS, None, 1 << 20)), None, "read {i} hit the cache");
         }
         assert!(ra.on_read(t0 + MS * 10, 10 * len, len, true, b(50 * MS, None, 1 << 20)).is_some(), "a miss in a sequential stream earns a window");
-        assert!(ra.on_read(t0 + MS * 11, 11 * len, len, false, b(50 * MS, None, 1 << 20)).is_some(), "reading through its window extends it");
+        // The window (1 MiB, 16 blocks) is topped up once half of it is read, in one range.
+        let topped = (11..40u64).find_map(|i| ra.on_read(t0 + MS * i as u32, i * len, len, false, b(50 * MS, None, 1 << 20)).map(|r| (i, r)));
+        let (at, (from, to)) = topped.expect("reading through its window extends it");
+        assert!((18..=20).contains(&at), "topped up at read {at}, not on every read");
+        assert!(to - from >= 8 * len, "a top-up asks for half a window at once: {} bytes", to - from);
     }
 
     #[test]

@@ -13,11 +13,14 @@ use capsule_images::block;
 struct MemCache {
     blocks: Mutex<HashMap<Hash, Vec<u8>>>,
     inserts: AtomicU64,
+    /// Blocks read back (and decoded) from here.
+    gets: AtomicU64,
 }
 
 impl LocalBlocks for MemCache {
     fn get(&self, hash: &Hash) -> Option<Vec<u8>> {
         let encoded = self.blocks.lock().unwrap().get(hash).cloned()?;
+        self.gets.fetch_add(1, Ordering::SeqCst);
         block::decode(hash, &encoded).ok()
     }
     fn contains(&self, hash: &Hash) -> bool {
@@ -168,6 +171,33 @@ fn without_a_source_a_missing_block_fails_at_once() {
     let t = Instant::now();
     assert_eq!(e.get(&hs, &[], Urgency::Demand, 0).unwrap_err().kind, FetchErrorKind::Offline);
     assert!(t.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn a_sequential_read_past_the_memory_cache_finds_its_readahead_in_memory() {
+    // 4 MiB of memory (64 blocks), a window of 16 blocks, 400 blocks read once each: every
+    // block the window brought must still be in memory when its read comes, not decoded
+    // again from the cache (quick_cache's default kept 3% for blocks not yet read).
+    let (hs, raw, enc) = blocks(400);
+    let source = Arc::new(ThreadSource { blocks: enc, ..Default::default() });
+    let cache = Arc::new(MemCache::default());
+    let cfg = EngineConfig { memory_bytes: 4 << 20, source_label: "test source".into(), verify_threads: 0, ..EngineConfig::default() };
+    let e = Engine::new(cache.clone(), Some(source.clone() as Arc<dyn BlockSource>), cfg);
+    const WINDOW: usize = 16;
+    e.want(&hs[..WINDOW], Urgency::Readahead, 0);
+    for (i, h) in hs.iter().enumerate() {
+        if i % (WINDOW / 2) == 0 && i + WINDOW < hs.len() {
+            // Wait for the window to land, then top it up as the mount does.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !hs[i..i + WINDOW].iter().all(|h| e.is_local(h)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            e.want(&hs[i + WINDOW..(i + WINDOW * 3 / 2).min(hs.len())], Urgency::Readahead, 0);
+        }
+        let got = e.get(std::slice::from_ref(h), &[], Urgency::Demand, 0).unwrap();
+        assert_eq!(*got[0], raw[h]);
+    }
+    assert_eq!(cache.gets.load(Ordering::SeqCst), 0, "blocks read back from the cache (decoded twice)");
 }
 
 #[test]

@@ -208,7 +208,7 @@ impl Key {
         if raw.len() > MAX_BLOCK_SIZE {
             return Err(Error::new(ErrorKind::TooLarge, format!("block of {} bytes exceeds {MAX_BLOCK_SIZE}", raw.len())));
         }
-        let compressed = zstd::bulk::compress(raw, level.clamp(1, block::MAX_LEVEL)).ok().filter(|c| c.len() + 16 < raw.len());
+        let compressed = block::zstd_compress(raw, level.clamp(1, block::MAX_LEVEL)).filter(|c| c.len() + 16 < raw.len());
         let (encoding, payload) = match &compressed {
             Some(c) => (1u8, c.as_slice()),
             None => (0u8, raw),
@@ -257,7 +257,7 @@ impl Key {
             .map_err(|_| bad("authentication failed (tampered, or not sealed for this map entry)".into()))?;
         let raw = match header[5] {
             0 => payload,
-            1 => zstd::bulk::decompress(&payload, plain_len).map_err(|e| bad(format!("zstd: {e}")))?,
+            1 => block::zstd_decompress(&payload, plain_len).map_err(|e| bad(format!("zstd: {e}")))?,
             other => return Err(bad(format!("unknown encoding {other}"))),
         };
         if raw.len() != plain_len {
