@@ -42,7 +42,7 @@ demo: setup guest
 
 # The short benchmarks: each appends its raw results to results/*.jsonl; then the tables
 # of BENCHMARKS.md are regenerated from them.
-bench: setup guest
+bench: setup guest guest-debian
 	$(CARGO) build --release --features testtools
 	bash -o pipefail -c 'bash scripts/bench-format.sh | tee target/bench-format.md'
 	bash -o pipefail -c 'bash scripts/bench-net.sh | tee target/bench-net.md'

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Read benchmark through the mount (make bench): cold and warm sequential MB/s and random
-# 4 KiB reads/s of the test guest disk, side by side in one run: the raw file read locally,
+# 4 KiB reads/s of the test guest's disk, then the Debian guest's (CAPSULE_GUEST_DIR,
+# CAPSULE_DEBIAN_GUEST_DIR), each side by side in one run: the raw file read locally,
 # `capsule mount` of the capsule served on loopback, and qemu-nbd serving the raw file
 # over TCP (sequential: QEMU's own NBD client, `qemu-img bench`; random: fio's nbd engine).
 # Cold: the page cache dropped and (capsule) an empty capsule cache; warm: a second pass,
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/results-lib.sh
 . scripts/results-lib.sh
 G=${CAPSULE_GUEST_DIR:-target/guest}
+GD=${CAPSULE_DEBIAN_GUEST_DIR:-target/guest-debian}
 BIN=$(readlink -f "${CAPSULE_BIN:-target/release/capsule}")
 W=$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-mount.XXXXXX")
 PIDS=()
@@ -25,7 +27,6 @@ cleanup() {
 trap cleanup EXIT
 command -v fio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fio >/dev/null
 export CAPSULE_CONFIG_DIR=$W/config
-SIZE=$(stat -c %s "$G/disk.raw")
 RAND_SECS=${RAND_SECS:-5}
 
 drop_caches() {
@@ -38,50 +39,66 @@ fio_seq() { fio --name=seq --filename="$1" --rw=read --bs=1M --size="$SIZE" --io
 # fio_rand ARGS... -> random 4 KiB reads per second (O_DIRECT: the storage path, not the page cache)
 fio_rand() { fio --name=rand --rw=randread --bs=4k --size="$SIZE" --runtime="$RAND_SECS" --time_based --output-format=json --output="$W/fio.json" "$@" >/dev/null 2>&1; jq '.jobs[0].read.iops | floor' "$W/fio.json"; }
 
-cp "$G/disk.raw" "$W/local.raw"
-drop_caches; l_cold=$(fio_seq "$W/local.raw")
-drop_caches; l_warm=$(fio_seq "$W/local.raw")
-l_rand=$(fio_rand --filename="$W/local.raw" --direct=1 --ioengine=psync)
+# bench_guest NAME DIR: every path, side by side, on DIR/disk.raw.
+bench_guest() {
+  GUEST=$1 G=$2
+  SIZE=$(stat -c %s "$G/disk.raw")
+  rm -rf "$W/server" "$W/cache" "$W/cache-cold" "$W/local.raw"
+  cp "$G/disk.raw" "$W/local.raw"
+  drop_caches; l_cold=$(fio_seq "$W/local.raw")
+  drop_caches; l_warm=$(fio_seq "$W/local.raw")
+  l_rand=$(fio_rand --filename="$W/local.raw" --direct=1 --ioengine=psync)
 
-"$BIN" --store "$W/server" import guest --disk "root=$G/disk.raw" >/dev/null
-P=$(port)
-"$BIN" --store "$W/server" serve --listen "127.0.0.1:$P" --public-read >/dev/null 2>&1 &
-PIDS+=($!)
-sleep 1
-mkdir -p "$MNT"
-"$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache" --read-only >/dev/null
-drop_caches; c_cold=$(fio_seq "$MNT/root.raw")
-drop_caches; c_warm=$(fio_seq "$MNT/root.raw")
-c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
-"$BIN" umount "$MNT" >/dev/null
-"$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
-c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
-"$BIN" umount "$MNT" >/dev/null
+  "$BIN" --store "$W/server" import guest --disk "root=$G/disk.raw" >/dev/null
+  P=$(port)
+  "$BIN" --store "$W/server" serve --listen "127.0.0.1:$P" --public-read >/dev/null 2>&1 &
+  SERVER=$!
+  PIDS+=($!)
+  sleep 1
+  mkdir -p "$MNT"
+  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache" --read-only >/dev/null
+  drop_caches; c_cold=$(fio_seq "$MNT/root.raw")
+  drop_caches; c_warm=$(fio_seq "$MNT/root.raw")
+  c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
+  "$BIN" umount "$MNT" >/dev/null
+  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
+  c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
+  "$BIN" umount "$MNT" >/dev/null
 
-N=$(port)
-qemu-nbd -r -f raw -x disk -b 127.0.0.1 -p "$N" --persistent --shared=8 "$W/local.raw" &
-PIDS+=($!)
-sleep 1
-nbd_seq() {
-  local t0 t1
-  t0=$(date +%s.%N)
-  qemu-img bench -f raw -s 1M -c $((SIZE >> 20)) "nbd://127.0.0.1:$N/disk" >/dev/null
-  t1=$(date +%s.%N)
-  awk -v s="$SIZE" -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", s / (b - a) / 1e6 }'
+  N=$(port)
+  qemu-nbd -r -f raw -x disk -b 127.0.0.1 -p "$N" --persistent --shared=8 "$W/local.raw" &
+  NBD=$!
+  PIDS+=($!)
+  sleep 1
+  nbd_seq() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    qemu-img bench -f raw -s 1M -c $((SIZE >> 20)) "nbd://127.0.0.1:$N/disk" >/dev/null
+    t1=$(date +%s.%N)
+    awk -v s="$SIZE" -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", s / (b - a) / 1e6 }'
+  }
+  drop_caches; n_cold=$(nbd_seq)
+  drop_caches; n_warm=$(nbd_seq)
+  n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
+
+  row() { # row PATH COLD WARM RAND
+    result_line mount "$(jq -n --arg path "$1" --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: $path, guest: $guest, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
+      "$(jq -n --argjson size "$SIZE" --argjson cold "$2" --argjson warm "$3" --argjson rand "$4" \
+            '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
+  }
+  row local "$l_cold" "$l_warm" "$l_rand"
+  row capsule "$c_cold" "$c_warm" "$c_rand"
+  row qemu-nbd "$n_cold" "$n_warm" "$n_rand"
+  result_line mount "$(jq -n --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: "capsule-empty-cache", guest: $guest, rand_read_bytes: 4096, rand_seconds: $secs}')" \
+    "$(jq -n --argjson size "$SIZE" --argjson rand "$c_rand_cold" '{disk_bytes: $size, rand_reads_per_s: $rand}')"
+  kill "$SERVER" "$NBD" 2>/dev/null || true
+  wait "$SERVER" "$NBD" 2>/dev/null || true
 }
-drop_caches; n_cold=$(nbd_seq)
-drop_caches; n_warm=$(nbd_seq)
-n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
 
-row() { # row PATH COLD WARM RAND [PEER]
-  result_line mount "$(jq -n --arg path "$1" --argjson secs "$RAND_SECS" '{path: $path, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
-    "$(jq -n --argjson size "$SIZE" --argjson cold "$2" --argjson warm "$3" --argjson rand "$4" \
-          '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
-}
-row local "$l_cold" "$l_warm" "$l_rand"
-row capsule "$c_cold" "$c_warm" "$c_rand"
-row qemu-nbd "$n_cold" "$n_warm" "$n_rand"
-result_line mount "$(jq -n --argjson secs "$RAND_SECS" '{path: "capsule-empty-cache", rand_read_bytes: 4096, rand_seconds: $secs}')" \
-  "$(jq -n --argjson size "$SIZE" --argjson rand "$c_rand_cold" '{disk_bytes: $size, rand_reads_per_s: $rand}')"
+bench_guest busybox "$G"
+# A real distribution (systemd, many small files; compressible, unlike the test guest's
+# 48 MiB pseudo-random payload): `make guest-debian`.
+[ -f "$GD/disk.raw" ] || { echo "bench-mount: no $GD/disk.raw (make guest-debian)" >&2; exit 1; }
+bench_guest debian "$GD"
 result_flush
 python3 scripts/gen-benchmarks.py --show mount
