@@ -4,7 +4,8 @@
 # CAPSULE_DEBIAN_GUEST_DIR), each side by side in one run: the raw file read locally,
 # `capsule mount` of the capsule served on loopback, and qemu-nbd serving the raw file
 # over TCP (sequential: QEMU's own NBD client, `qemu-img bench`; random: fio's nbd engine).
-# Cold: the page cache dropped and (capsule) an empty capsule cache; warm: a second pass,
+# Cold: the page cache dropped and (capsule) an empty capsule cache, SEQ_PASSES (3) passes
+# each with Capsule's and qemu-nbd's taking turns, the median kept; warm: a further pass,
 # the page cache dropped again before it for every path, so only the capsule cache is warm.
 # A failed drop of the page cache aborts the benchmark. Writes one JSON line per path to
 # results/mount.jsonl (scripts/results-lib.sh); BENCHMARKS.md's table, with the ratios
@@ -28,11 +29,13 @@ trap cleanup EXIT
 command -v fio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fio >/dev/null
 export CAPSULE_CONFIG_DIR=$W/config
 RAND_SECS=${RAND_SECS:-5}
+SEQ_PASSES=${SEQ_PASSES:-3}
 
 drop_caches() {
   sync
   echo 3 >/proc/sys/vm/drop_caches || { echo "bench-mount: cannot drop the page cache (needs root): cold and warm would mean nothing" >&2; exit 1; }
 }
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # fio_seq FILE -> MB/s of one sequential pass (1 MiB reads through the page cache)
 fio_seq() { fio --name=seq --filename="$1" --rw=read --bs=1M --size="$SIZE" --ioengine=psync --output-format=json --output="$W/fio.json" >/dev/null 2>&1; jq '.jobs[0].read.bw_bytes / 1e6 | floor' "$W/fio.json"; }
@@ -43,7 +46,7 @@ fio_rand() { fio --name=rand --rw=randread --bs=4k --size="$SIZE" --runtime="$RA
 bench_guest() {
   GUEST=$1 G=$2
   SIZE=$(stat -c %s "$G/disk.raw")
-  rm -rf "$W/server" "$W/cache" "$W/cache-cold" "$W/local.raw"
+  rm -rf "$W/server" "$W"/cache* "$W/local.raw"
   cp "$G/disk.raw" "$W/local.raw"
   drop_caches; l_cold=$(fio_seq "$W/local.raw")
   drop_caches; l_warm=$(fio_seq "$W/local.raw")
@@ -54,22 +57,12 @@ bench_guest() {
   "$BIN" --store "$W/server" serve --listen "127.0.0.1:$P" --public-read >/dev/null 2>&1 &
   SERVER=$!
   PIDS+=($!)
-  sleep 1
-  mkdir -p "$MNT"
-  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache" --read-only >/dev/null
-  drop_caches; c_cold=$(fio_seq "$MNT/root.raw")
-  drop_caches; c_warm=$(fio_seq "$MNT/root.raw")
-  c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
-  "$BIN" umount "$MNT" >/dev/null
-  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
-  c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
-  "$BIN" umount "$MNT" >/dev/null
-
   N=$(port)
   qemu-nbd -r -f raw -x disk -b 127.0.0.1 -p "$N" --persistent --shared=8 "$W/local.raw" &
   NBD=$!
   PIDS+=($!)
   sleep 1
+  mkdir -p "$MNT"
   nbd_seq() {
     local t0 t1
     t0=$(date +%s.%N)
@@ -77,18 +70,38 @@ bench_guest() {
     t1=$(date +%s.%N)
     awk -v s="$SIZE" -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", s / (b - a) / 1e6 }'
   }
-  drop_caches; n_cold=$(nbd_seq)
+  # Cold sequential passes, Capsule's (each on an empty cache) and qemu-nbd's taking turns:
+  # the disk under this VM answers "cold" reads at very different speeds from one minute
+  # to the next (qemu-nbd's cold pass of the Debian disk: 667 MB/s in one run, 1555 in the
+  # next), so one pass each says little. The median of each is kept, with every pass.
+  c_colds=() n_colds=()
+  for i in $(seq "$SEQ_PASSES"); do
+    "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache$i" --read-only >/dev/null
+    drop_caches; c_colds+=("$(fio_seq "$MNT/root.raw")")
+    "$BIN" umount "$MNT" >/dev/null
+    drop_caches; n_colds+=("$(nbd_seq)")
+  done
+  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache$SEQ_PASSES" --read-only >/dev/null
+  drop_caches; c_warm=$(fio_seq "$MNT/root.raw")
+  c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
+  "$BIN" umount "$MNT" >/dev/null
+  "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
+  c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
+  "$BIN" umount "$MNT" >/dev/null
   drop_caches; n_warm=$(nbd_seq)
   n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
+  c_cold=$(median "${c_colds[@]}") n_cold=$(median "${n_colds[@]}")
 
-  row() { # row PATH COLD WARM RAND
-    result_line mount "$(jq -n --arg path "$1" --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: $path, guest: $guest, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
-      "$(jq -n --argjson size "$SIZE" --argjson cold "$2" --argjson warm "$3" --argjson rand "$4" \
-            '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
+  row() { # row PATH COLD WARM RAND [COLD_PASSES...]
+    local path=$1 cold=$2 warm=$3 rand=$4
+    shift 4
+    result_line mount "$(jq -n --arg path "$path" --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: $path, guest: $guest, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
+      "$(jq -n --argjson size "$SIZE" --argjson cold "$cold" --argjson warm "$warm" --argjson rand "$rand" --argjson passes "$(printf '%s\n' "$@" | jq -s .)" \
+            '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_cold_passes_mb_per_s: $passes, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
   }
-  row local "$l_cold" "$l_warm" "$l_rand"
-  row capsule "$c_cold" "$c_warm" "$c_rand"
-  row qemu-nbd "$n_cold" "$n_warm" "$n_rand"
+  row local "$l_cold" "$l_warm" "$l_rand" "$l_cold"
+  row capsule "$c_cold" "$c_warm" "$c_rand" "${c_colds[@]}"
+  row qemu-nbd "$n_cold" "$n_warm" "$n_rand" "${n_colds[@]}"
   result_line mount "$(jq -n --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: "capsule-empty-cache", guest: $guest, rand_read_bytes: 4096, rand_seconds: $secs}')" \
     "$(jq -n --argjson size "$SIZE" --argjson rand "$c_rand_cold" '{disk_bytes: $size, rand_reads_per_s: $rand}')"
   kill "$SERVER" "$NBD" 2>/dev/null || true

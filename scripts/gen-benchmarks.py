@@ -199,7 +199,11 @@ def gen_mount(rows):
                          ratio(cold, loc["seq_cold_mb_per_s"]), ratio(warm, loc["seq_warm_mb_per_s"]),
                          ratio(m["rand_reads_per_s"], loc["rand_reads_per_s"]), ratio(cold, nbd["seq_cold_mb_per_s"])])
         p = t["local"]["params"]
-        out += [f"**{label_g}**: disk {mib(loc['disk_bytes'])} MiB. Sequential: one pass of {p['seq_read_bytes'] // MIB} MiB reads; "
+        passes = len(t["capsule"]["measurements"].get("seq_cold_passes_mb_per_s") or [1])
+        cold = (f"cold: the median of {passes} passes each, Capsule's and qemu-nbd's taking turns "
+                f"(Capsule's: {', '.join(str(x) for x in t['capsule']['measurements']['seq_cold_passes_mb_per_s'])}; "
+                f"qemu-nbd's: {', '.join(str(x) for x in t['qemu-nbd']['measurements']['seq_cold_passes_mb_per_s'])} MB/s); ") if passes > 1 else ""
+        out += [f"**{label_g}**: disk {mib(loc['disk_bytes'])} MiB. Sequential: passes of {p['seq_read_bytes'] // MIB} MiB reads; {cold}"
                 f"random: {p['rand_read_bytes'] // 1024} KiB O_DIRECT reads for {p['rand_seconds']} s. Ratios are to the local file, "
                 "and in the last column to qemu-nbd's.", ""]
         out += table(["path", "seq cold MB/s", "seq warm MB/s", "rand 4K reads/s", "seq cold / local",
