@@ -5,7 +5,7 @@
 # `capsule mount` of the capsule served on loopback, and qemu-nbd serving the raw file
 # over TCP (sequential: QEMU's own NBD client, `qemu-img bench`; random: fio's nbd engine).
 # Cold: the page cache dropped and (capsule) an empty capsule cache, SEQ_PASSES (3) passes
-# each with Capsule's and qemu-nbd's taking turns, the median kept; warm: a further pass,
+# each with Capsule's and qemu-nbd's taking turns, the median kept; warm: as many passes,
 # the page cache dropped again before it for every path, so only the capsule cache is warm.
 # A failed drop of the page cache aborts the benchmark. Writes one JSON line per path to
 # results/mount.jsonl (scripts/results-lib.sh); BENCHMARKS.md's table, with the ratios
@@ -49,7 +49,9 @@ bench_guest() {
   rm -rf "$W/server" "$W"/cache* "$W/local.raw"
   cp "$G/disk.raw" "$W/local.raw"
   drop_caches; l_cold=$(fio_seq "$W/local.raw")
-  drop_caches; l_warm=$(fio_seq "$W/local.raw")
+  l_warms=()
+  for _ in $(seq "$SEQ_PASSES"); do drop_caches; l_warms+=("$(fio_seq "$W/local.raw")"); done
+  l_warm=$(median "${l_warms[@]}")
   l_rand=$(fio_rand --filename="$W/local.raw" --direct=1 --ioengine=psync)
 
   "$BIN" --store "$W/server" import guest --disk "root=$G/disk.raw" >/dev/null
@@ -82,26 +84,34 @@ bench_guest() {
     drop_caches; n_colds+=("$(nbd_seq)")
   done
   "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache$SEQ_PASSES" --read-only >/dev/null
-  drop_caches; c_warm=$(fio_seq "$MNT/root.raw")
+  c_warms=()
+  for _ in $(seq "$SEQ_PASSES"); do drop_caches; c_warms+=("$(fio_seq "$MNT/root.raw")"); done
+  c_warm=$(median "${c_warms[@]}")
   c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
   "$BIN" umount "$MNT" >/dev/null
   "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
   c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
   "$BIN" umount "$MNT" >/dev/null
-  drop_caches; n_warm=$(nbd_seq)
+  n_warms=()
+  for _ in $(seq "$SEQ_PASSES"); do drop_caches; n_warms+=("$(nbd_seq)"); done
+  n_warm=$(median "${n_warms[@]}")
   n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
   c_cold=$(median "${c_colds[@]}") n_cold=$(median "${n_colds[@]}")
 
-  row() { # row PATH COLD WARM RAND [COLD_PASSES...]
-    local path=$1 cold=$2 warm=$3 rand=$4
+  row() { # row PATH COLD WARM RAND COLD_PASSES... -- WARM_PASSES...
+    local path=$1 cold=$2 warm=$3 rand=$4 colds=() warms=()
     shift 4
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do colds+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    warms=("$@")
     result_line mount "$(jq -n --arg path "$path" --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: $path, guest: $guest, seq_read_bytes: 1048576, rand_read_bytes: 4096, rand_seconds: $secs}')" \
-      "$(jq -n --argjson size "$SIZE" --argjson cold "$cold" --argjson warm "$warm" --argjson rand "$rand" --argjson passes "$(printf '%s\n' "$@" | jq -s .)" \
-            '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_cold_passes_mb_per_s: $passes, seq_warm_mb_per_s: $warm, rand_reads_per_s: $rand}')"
+      "$(jq -n --argjson size "$SIZE" --argjson cold "$cold" --argjson warm "$warm" --argjson rand "$rand" --argjson passes "$(printf '%s\n' "${colds[@]}" | jq -s .)" \
+            --argjson warm_passes "$(printf '%s\n' "${warms[@]}" | jq -s .)" \
+            '{disk_bytes: $size, seq_cold_mb_per_s: $cold, seq_cold_passes_mb_per_s: $passes, seq_warm_mb_per_s: $warm, seq_warm_passes_mb_per_s: $warm_passes, rand_reads_per_s: $rand}')"
   }
-  row local "$l_cold" "$l_warm" "$l_rand" "$l_cold"
-  row capsule "$c_cold" "$c_warm" "$c_rand" "${c_colds[@]}"
-  row qemu-nbd "$n_cold" "$n_warm" "$n_rand" "${n_colds[@]}"
+  row local "$l_cold" "$l_warm" "$l_rand" "$l_cold" -- "${l_warms[@]}"
+  row capsule "$c_cold" "$c_warm" "$c_rand" "${c_colds[@]}" -- "${c_warms[@]}"
+  row qemu-nbd "$n_cold" "$n_warm" "$n_rand" "${n_colds[@]}" -- "${n_warms[@]}"
   result_line mount "$(jq -n --arg guest "$GUEST" --argjson secs "$RAND_SECS" '{path: "capsule-empty-cache", guest: $guest, rand_read_bytes: 4096, rand_seconds: $secs}')" \
     "$(jq -n --argjson size "$SIZE" --argjson rand "$c_rand_cold" '{disk_bytes: $size, rand_reads_per_s: $rand}')"
   kill "$SERVER" "$NBD" 2>/dev/null || true

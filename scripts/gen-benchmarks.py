@@ -200,7 +200,7 @@ def gen_mount(rows):
                          ratio(m["rand_reads_per_s"], loc["rand_reads_per_s"]), ratio(cold, nbd["seq_cold_mb_per_s"])])
         p = t["local"]["params"]
         passes = len(t["capsule"]["measurements"].get("seq_cold_passes_mb_per_s") or [1])
-        cold = (f"cold: the median of {passes} passes each, Capsule's and qemu-nbd's taking turns "
+        cold = (f"cold and warm: the median of {passes} passes each, the cold ones Capsule's and qemu-nbd's taking turns "
                 f"(Capsule's: {', '.join(str(x) for x in t['capsule']['measurements']['seq_cold_passes_mb_per_s'])}; "
                 f"qemu-nbd's: {', '.join(str(x) for x in t['qemu-nbd']['measurements']['seq_cold_passes_mb_per_s'])} MB/s); ") if passes > 1 else ""
         out += [f"**{label_g}**: disk {mib(loc['disk_bytes'])} MiB. Sequential: passes of {p['seq_read_bytes'] // MIB} MiB reads; {cold}"
