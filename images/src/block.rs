@@ -63,13 +63,11 @@ pub(crate) fn zstd_compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
 pub(crate) fn zstd_decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|slot| {
         let mut slot = slot.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match slot.as_mut() {
-            Some(d) => d.decompress(payload, capacity),
-            None => zstd::bulk::decompress(payload, capacity),
-        }
+        let context = match slot.as_mut() {
+            Some(context) => context,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        context.decompress(payload, capacity)
     })
 }
 
