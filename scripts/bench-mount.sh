@@ -35,6 +35,14 @@ drop_caches() {
   sync
   echo 3 >/proc/sys/vm/drop_caches || { echo "bench-mount: cannot drop the page cache (needs root): cold and warm would mean nothing" >&2; exit 1; }
 }
+# warm_passes ARRAY CMD...: SEQ_PASSES runs of CMD (MB/s), each after a page-cache drop.
+warm_passes() {
+  local -n passes_out=$1
+  shift
+  passes_out=()
+  for _ in $(seq "$SEQ_PASSES"); do drop_caches; passes_out+=("$("$@")"); done
+}
+# median N...: the middle value (the lower middle one of an even count).
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # fio_seq FILE -> MB/s of one sequential pass (1 MiB reads through the page cache)
@@ -49,8 +57,7 @@ bench_guest() {
   rm -rf "$W/server" "$W"/cache* "$W/local.raw"
   cp "$G/disk.raw" "$W/local.raw"
   drop_caches; l_cold=$(fio_seq "$W/local.raw")
-  l_warms=()
-  for _ in $(seq "$SEQ_PASSES"); do drop_caches; l_warms+=("$(fio_seq "$W/local.raw")"); done
+  warm_passes l_warms fio_seq "$W/local.raw"
   l_warm=$(median "${l_warms[@]}")
   l_rand=$(fio_rand --filename="$W/local.raw" --direct=1 --ioengine=psync)
 
@@ -84,16 +91,14 @@ bench_guest() {
     drop_caches; n_colds+=("$(nbd_seq)")
   done
   "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache$SEQ_PASSES" --read-only >/dev/null
-  c_warms=()
-  for _ in $(seq "$SEQ_PASSES"); do drop_caches; c_warms+=("$(fio_seq "$MNT/root.raw")"); done
+  warm_passes c_warms fio_seq "$MNT/root.raw"
   c_warm=$(median "${c_warms[@]}")
   c_rand=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
   "$BIN" umount "$MNT" >/dev/null
   "$BIN" mount "capsule://127.0.0.1:$P/guest" "$MNT" --cache "$W/cache-cold" --read-only >/dev/null
   c_rand_cold=$(fio_rand --filename="$MNT/root.raw" --direct=1 --ioengine=psync)
   "$BIN" umount "$MNT" >/dev/null
-  n_warms=()
-  for _ in $(seq "$SEQ_PASSES"); do drop_caches; n_warms+=("$(nbd_seq)"); done
+  warm_passes n_warms nbd_seq
   n_warm=$(median "${n_warms[@]}")
   n_rand=$(fio_rand --ioengine=nbd --uri="nbd://127.0.0.1:$N/disk")
   c_cold=$(median "${c_colds[@]}") n_cold=$(median "${n_colds[@]}")

@@ -184,9 +184,10 @@ impl quick_cache::Weighter<Hash, Arc<Vec<u8>>> for ByteWeight {
 
 /// The memory cache of decoded blocks. A block readahead brings waits in it for its first
 /// read, but quick_cache's default keeps 97% for blocks read before and lets a new one go
-/// once 3% of newer ones arrive (in its shard: 4 blocks of 64 KiB): a sequential read past
-/// the cache's size found half its readahead evicted and decoded it again from the disk.
-/// Half for blocks not yet read holds any readahead window.
+/// once 3% of newer ones arrive (in one of its 8 shards of the default 64 MiB: 4 blocks of
+/// 64 KiB): a sequential read past the cache's size found half its readahead evicted and
+/// decoded it again from the disk. Half of 64 MiB for blocks not yet read holds four of
+/// the mount's largest windows (8 MiB).
 fn decoded_cache(bytes: u64) -> quick_cache::sync::Cache<Hash, Arc<Vec<u8>>, ByteWeight> {
     let bytes = bytes.max(1 << 20);
     let options = quick_cache::OptionsBuilder::new()
