@@ -3,6 +3,7 @@
 //! local cache (its stored encoding) and to its readers (its raw bytes, kept in memory
 //! while they are likely to be read again).
 
+use crate::decode_ahead::{decode_ahead_loop, DecodeAheadQueue};
 use crate::verify::{verify_loop, VerifyQueue};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,8 @@ use capsule_images::Hash;
 use tracing::{debug, warn};
 
 use crate::sched::{Arrival, Rejection, SchedConfig, Scheduler};
-use crate::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, LocalBlocks, SourceCounters, Urgency};
+pub use crate::stats::{EngineSnapshot, EngineStats};
+use crate::{BatchRequest, BatchSink, BlockSource, FetchError, FetchErrorKind, LocalBlocks, Urgency};
 
 /// How the engine behaves.
 #[derive(Debug, Clone)]
@@ -49,77 +51,6 @@ impl Default for EngineConfig {
             verify_threads: 0,
         }
     }
-}
-
-/// Live counters.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Blocks fetched because a reader waited for them.
-    pub demand_blocks: AtomicU64,
-    /// Blocks fetched ahead of sequential readers.
-    pub readahead_blocks: AtomicU64,
-    /// Blocks fetched by prefetch and warming.
-    pub background_blocks: AtomicU64,
-    /// Encoded bytes of the blocks above.
-    pub fetched_bytes: AtomicU64,
-    /// Encoded bytes fetched at demand urgency.
-    pub demand_bytes: AtomicU64,
-    /// Blocks that arrived when nobody wanted them any more (wasted transfers).
-    pub unwanted_blocks: AtomicU64,
-    /// Blocks that failed verification.
-    pub corrupt_blocks: AtomicU64,
-    /// Blocks decoded and hashed on arrival (one per arrival: never twice).
-    pub verified_blocks: AtomicU64,
-    /// Reads served from memory or the local cache.
-    pub local_hits: AtomicU64,
-    /// Reads that had to wait for the source.
-    pub misses: AtomicU64,
-    /// Waits that ran out of time.
-    pub timeouts: AtomicU64,
-}
-
-/// A point-in-time view of the engine, for `.capsule/stats.json` (its `fetch` object).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EngineSnapshot {
-    /// See [`EngineStats`].
-    pub demand_blocks: u64,
-    /// See [`EngineStats`].
-    pub readahead_blocks: u64,
-    /// See [`EngineStats`].
-    pub background_blocks: u64,
-    /// See [`EngineStats`].
-    pub fetched_bytes: u64,
-    /// See [`EngineStats`].
-    pub demand_bytes: u64,
-    /// See [`EngineStats`].
-    pub unwanted_blocks: u64,
-    /// See [`EngineStats`].
-    pub corrupt_blocks: u64,
-    /// See [`EngineStats`].
-    pub verified_blocks: u64,
-    /// See [`EngineStats`].
-    pub local_hits: u64,
-    /// See [`EngineStats`].
-    pub misses: u64,
-    /// See [`EngineStats`].
-    pub timeouts: u64,
-    /// Measured round trip, milliseconds (the smallest recent request to first block).
-    pub rtt_ms: Option<f64>,
-    /// The round trip the background window covers, milliseconds: the transport's path
-    /// round trip, or the smallest sample since the start.
-    pub window_rtt_ms: Option<f64>,
-    /// Measured bandwidth, bytes per second.
-    #[serde(rename = "bandwidth_bytes_per_s")]
-    pub bandwidth: Option<f64>,
-    /// Bytes readahead and background may have in flight.
-    pub window_bytes: u64,
-    /// Batches in flight.
-    pub batches_in_flight: u64,
-    /// Blocks wanted and not here yet.
-    pub wanted_blocks: u64,
-    /// The source's own counters.
-    #[serde(flatten)]
-    pub source: SourceCounters,
 }
 
 /// A block that arrived.
@@ -252,11 +183,16 @@ pub struct Engine {
     tags: Mutex<HashMap<u32, u64>>,
     sink: Arc<dyn BatchSink>,
     verify: Option<Arc<VerifyQueue>>,
+    /// `None` without verify threads (the deterministic tests): readers decode their own.
+    decode_ahead: Option<Arc<DecodeAheadQueue>>,
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
         if let Some(q) = &self.verify {
+            q.close();
+        }
+        if let Some(q) = &self.decode_ahead {
             q.close();
         }
     }
@@ -281,6 +217,7 @@ impl Engine {
             tags: Mutex::new(HashMap::new()),
             sink: Arc::new(Sink { engine: me.clone(), queue: verify.clone() }),
             verify: verify.clone(),
+            decode_ahead: (cfg.verify_threads > 0).then(|| Arc::new(DecodeAheadQueue::default())),
             cfg,
             source,
             local,
@@ -290,6 +227,15 @@ impl Engine {
             let spawned = std::thread::Builder::new().name("capsule-fetch-timer".into()).spawn(move || timer_loop(&weak));
             if let Err(e) = spawned {
                 warn!("fetch engine: no timer thread ({e}): stalled batches are not abandoned");
+            }
+        }
+        if let Some(queue) = &engine.decode_ahead {
+            // As many as verify threads: a warm reader has no arrivals to verify.
+            for i in 0..engine.cfg.verify_threads {
+                let (weak, worker_queue) = (Arc::downgrade(&engine), queue.clone());
+                if let Err(e) = std::thread::Builder::new().name(format!("capsule-decode-{i}")).spawn(move || decode_ahead_loop(&worker_queue, &weak)) {
+                    warn!("fetch engine: cannot start a decode-ahead thread: {e}");
+                }
             }
         }
         if let Some(queue) = verify {
@@ -354,6 +300,31 @@ impl Engine {
         let raw = Arc::new(self.local.get(hash)?);
         self.decoded.insert(*hash, raw.clone());
         Some(raw)
+    }
+
+    /// Names blocks a sequential reader will read next: those the local cache holds are
+    /// decoded and verified on other threads into memory before the reader asks (see
+    /// [`crate::decode_ahead`]). Blocks not held locally are left alone: fetching is
+    /// readahead's call.
+    pub fn decode_ahead(&self, hashes: &[Hash]) {
+        if let Some(q) = &self.decode_ahead {
+            q.push(hashes.iter().filter(|h| !self.decoded.contains_key(*h)).copied());
+        }
+    }
+
+    /// Decodes a block of the local cache into memory; false if it was there already or
+    /// the cache lacks it (or holds it damaged: its reader fetches it).
+    pub(crate) fn decode_into_memory(&self, hash: &Hash) -> bool {
+        if self.decoded.contains_key(hash) || self.unwritten_get(hash).is_some() {
+            return false;
+        }
+        let Some(raw) = self.local.get(hash) else { return false };
+        self.decoded.insert(*hash, Arc::new(raw));
+        true
+    }
+
+    pub(crate) fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// Takes a block that came outside a batch (with the map pages that lead to it, for a
@@ -762,6 +733,7 @@ impl Engine {
             local_hits: l(&s.local_hits),
             misses: l(&s.misses),
             timeouts: l(&s.timeouts),
+            decoded_ahead: l(&s.decoded_ahead),
             rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3),
             window_rtt_ms: window_rtt.map(|r| r.as_secs_f64() * 1e3),
             bandwidth: bw,

@@ -14,10 +14,12 @@
 //! readahead decisions in [`readahead`]; both are tested against a deterministic simulated
 //! link in [`sim`].
 
+mod decode_ahead;
 pub mod engine;
 pub mod readahead;
 pub mod sched;
 pub mod sim;
+mod stats;
 mod verify;
 
 use std::sync::Arc;

@@ -265,3 +265,36 @@ fn fetch_all_fetches_what_the_cache_lacks_with(verify_threads: usize) {
     assert!(hs.iter().all(|h| cache.contains(h)));
     assert_eq!(e.snapshot().background_blocks, 39);
 }
+
+#[test]
+fn blocks_named_ahead_are_decoded_into_memory_and_a_damaged_one_is_never_served() {
+    // Offline, as a warm mount's reader may be: only the local cache has blocks.
+    let (hs, raw, enc) = blocks(32);
+    let cache = Arc::new(MemCache::default());
+    for h in &hs {
+        cache.blocks.lock().unwrap().insert(*h, enc[h].clone());
+    }
+    let damaged = Hash::of(b"a block whose stored bytes were altered");
+    cache.blocks.lock().unwrap().insert(damaged, enc[&hs[0]].clone());
+    let cfg = EngineConfig { source_label: "test source".into(), verify_threads: 2, ..EngineConfig::default() };
+    let e = Engine::new(cache.clone(), None, cfg);
+    let mut named = hs.clone();
+    named.push(damaged);
+    e.decode_ahead(&named);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.gets.load(Ordering::SeqCst) < named.len() as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(e.snapshot().decoded_ahead, hs.len() as u64, "every sound block decoded ahead, the damaged one not");
+    let read_back = cache.gets.load(Ordering::SeqCst);
+    for h in &hs {
+        let got = e.get(std::slice::from_ref(h), &[], Urgency::Demand, 0).unwrap();
+        assert_eq!(*got[0], raw[h]);
+    }
+    assert_eq!(cache.gets.load(Ordering::SeqCst), read_back, "the reader decoded blocks again instead of finding them in memory");
+    assert!(e.get(&[damaged], &[], Urgency::Demand, 0).is_err(), "a damaged block must fail its read, never serve other bytes");
+    // Named again, blocks in memory are not decoded again.
+    e.decode_ahead(&hs);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(e.snapshot().decoded_ahead, hs.len() as u64);
+}

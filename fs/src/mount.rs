@@ -51,10 +51,23 @@ const FIRST_FILE: u64 = 6;
 const TTL: Duration = Duration::from_secs(3600);
 /// Most bytes read ahead of one sequential stream.
 const MAX_READAHEAD_BYTES: u64 = 8 << 20;
+/// Most bytes decoded ahead of one sequential stream from the local cache (a sixteenth of
+/// the memory cache's default).
+const DECODE_AHEAD_BYTES: u64 = 4 << 20;
+/// How far ahead, in the stream's time, blocks are decoded: several blocks' decoding.
+const DECODE_AHEAD_HORIZON: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[allow(clippy::large_enum_variant)] // one per file of a mount
 enum Content {
-    Image { image: Image, chain: Vec<(Hash, Layer)>, overlay: Option<Overlay>, readahead: Mutex<Readahead>, neighbours: Mutex<Neighbours> },
+    Image {
+        image: Image,
+        chain: Vec<(Hash, Layer)>,
+        overlay: Option<Overlay>,
+        readahead: Mutex<Readahead>,
+        neighbours: Mutex<Neighbours>,
+        /// Streams decoded ahead from the local cache (see `decode_ahead`).
+        decode_ahead: Mutex<Readahead>,
+    },
     Bytes(Vec<u8>),
 }
 
@@ -223,7 +236,14 @@ impl CapsuleFs {
             files.push((name.clone(), slot));
             nodes.push(Node {
                 name,
-                content: Content::Image { image, chain, overlay, readahead: Mutex::new(Readahead::default()), neighbours: Mutex::new(Neighbours::default()) },
+                content: Content::Image {
+                    image,
+                    chain,
+                    overlay,
+                    readahead: Mutex::new(Readahead::default()),
+                    neighbours: Mutex::new(Neighbours::default()),
+                    decode_ahead: Mutex::new(Readahead::default()),
+                },
                 ahead,
                 asked_whole: Default::default(),
             });
@@ -388,7 +408,9 @@ impl CapsuleFs {
     /// Appends the bytes of `[offset, offset+size)` of an image file to `out` (a buffer
     /// the caller reuses: a fresh megabyte per read cost more in page faults than the copy).
     fn read_image(&self, tag: u32, node: &Node, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<()> {
-        let Content::Image { image, chain, overlay, readahead, neighbours } = &node.content else { return Err(Error::new(ErrorKind::Invalid, "not an image")) };
+        let Content::Image { image, chain, overlay, readahead, neighbours, decode_ahead } = &node.content else {
+            return Err(Error::new(ErrorKind::Invalid, "not an image"));
+        };
         let end = image.size.min(offset.saturating_add(u64::from(size)));
         if offset >= end {
             return Ok(());
@@ -411,6 +433,9 @@ impl CapsuleFs {
             r.touch(&plan.iter().filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect::<Vec<_>>());
         }
         let demand: Vec<Hash> = plan.iter().filter(|(_, _, s)| s.is_none()).filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect();
+        if matches!(node.ahead, Ahead::Sequential) {
+            self.decode_ahead(image, chain, overlay, decode_ahead, offset, end)?;
+        }
         let (extra, extra_urgency) = if self.engine.is_online() {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use capsule_fetch::readahead::{blocks_ahead, Readahead};
 use capsule_images::{Hash, Image, Layer};
 
-use super::{CapsuleFs, MAX_READAHEAD_BYTES};
+use super::{CapsuleFs, DECODE_AHEAD_BYTES, DECODE_AHEAD_HORIZON, MAX_READAHEAD_BYTES};
 use crate::error::Result;
 use crate::overlay::Overlay;
 
@@ -99,6 +99,44 @@ impl CapsuleFs {
             }
         }
         Ok(ahead)
+    }
+}
+
+impl CapsuleFs {
+    /// Names the blocks after this read that the local cache holds to the engine, to be
+    /// decoded on other threads before the reader gets there, once its stream reads
+    /// sequentially ([`capsule_fetch::Engine::decode_ahead`]). The window is what the
+    /// stream reads in [`DECODE_AHEAD_HORIZON`], so a slow reader holds little memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn decode_ahead(
+        &self,
+        image: &Image,
+        chain: &[(Hash, Layer)],
+        overlay: Option<&Overlay>,
+        state: &Mutex<Readahead>,
+        offset: u64,
+        end: u64,
+    ) -> Result<()> {
+        let bs = image.block_size();
+        let budget = capsule_fetch::readahead::Budget { horizon: DECODE_AHEAD_HORIZON, link_rate: None, max_window: DECODE_AHEAD_BYTES, block_size: bs };
+        // Always "missed": decoding what is here costs no link bytes, so any sequential
+        // stream earns it.
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, true, budget);
+        let Some((from, to)) = range else { return Ok(()) };
+        let mut ahead = Vec::new();
+        let blocks = blocks_ahead(from, to, bs);
+        for i in blocks.start..blocks.end.min(image.block_count()) {
+            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
+                continue;
+            }
+            if let Some(h) = self.resolve_entry(chain, i)?.and_then(|e| e.block()) {
+                if self.engine.is_local(&h) {
+                    ahead.push(h);
+                }
+            }
+        }
+        self.engine.decode_ahead(&ahead);
+        Ok(())
     }
 }
 
