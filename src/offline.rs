@@ -61,8 +61,13 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     let (url, name) = remote(&t.source)?;
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
     let progress = crate::progress::Bar::new();
-    let (cache, id, blocks, missing) = crate::remote::runtime()?.block_on(async {
+    let source = capsule_net::RemoteSource::new(url.clone(), t.conn.options(), std::time::Duration::from_secs(t.stall_timeout))?;
+    let metadata_runtime = crate::remote::runtime()?;
+    let (client, cache, id, blocks, missing) = metadata_runtime.block_on(async {
         let client = crate::remote::connect(&url, &t.conn).await?;
+        // The blocks' connection shakes hands while the metadata travels (after this
+        // one, which records a new server's certificate first).
+        source.connect_ahead();
         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
         // Only now, with something to put in it: a server that never answers, or a name it
         // lacks, leaves no empty cache behind.
@@ -87,14 +92,14 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
             pins::pin(&dir, &id, &blocks).context("writing the pin")?;
         }
         let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
-        client.close().await;
-        anyhow::Ok((cache, id, blocks, missing))
+        anyhow::Ok((client, cache, id, blocks, missing))
     })?;
+    // Closed while the blocks flow, not before.
+    metadata_runtime.spawn(client.close());
     // The blocks through the fetch engine, the same path a mount's reads take: batches
     // pipelined to the measured bandwidth-delay product, each block verified once.
     let block_size = cache.store().manifest(&id)?.disks.first().map_or(65536, |d| d.image.block_size());
     progress.begin(if pin { "prefetch" } else { "warm" }, missing.len() as u64 * block_size);
-    let source = capsule_net::RemoteSource::new(url.clone(), t.conn.options(), std::time::Duration::from_secs(t.stall_timeout))?;
     let config = capsule_fetch::EngineConfig {
         stall_timeout: std::time::Duration::from_secs(t.stall_timeout),
         source_label: source.label(),
