@@ -86,13 +86,18 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
             let config = mount_config(&args, &cache_dir, &mountpoint, id, format!("{} (offline)", args.source));
             return serve_mount(cache, None, id, config, &args, &mountpoint, handoff);
         }
+        let source = capsule_net::RemoteSource::new(url.clone(), args.conn.options(), Duration::from_secs(args.stall_timeout))?;
         // A successor serves the capsule its mount shows, from what the cache holds.
         let id = if let Some(id) = pinned {
             id
         } else {
-            crate::remote::runtime()?.block_on(async {
+            let metadata_runtime = crate::remote::runtime()?;
+            let (id, client) = metadata_runtime.block_on(async {
                 match crate::remote::connect(&url, &args.conn).await {
                     Ok(client) => {
+                        // The blocks' connection shakes hands while the metadata travels
+                        // (after this one, which records a new server's certificate).
+                        source.connect_ahead();
                         let id = client.get_ref(&name).await?.with_context(|| format!("the server has no capsule named {name:?}"))?;
                         // Manifests and layers now; map pages when a read needs them, unless
                         // everything will be fetched anyway.
@@ -103,23 +108,26 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                         }
                         capsule_net::pull_profiles(&client, &id, cache.store()).await.context("fetching the capsule's profiles")?;
                         cache.store().set_ref(&remembered, &id)?;
-                        client.close().await;
-                        anyhow::Ok(id)
+                        anyhow::Ok((id, Some(client)))
                     }
                     Err(e) if e.downcast_ref::<capsule_net::Error>().is_some_and(|n| n.kind() == capsule_net::ErrorKind::Unavailable) => {
                         match cache.store().read_ref(&remembered)? {
                             Some(id) => {
                                 tracing::warn!("server unreachable ({e}); mounting the version of {name} last seen ({id})");
-                                Ok(id)
+                                Ok((id, None))
                             }
                             None => Err(e),
                         }
                     }
                     Err(e) => Err(e),
                 }
-            })?
+            })?;
+            if let Some(client) = client {
+                // Closed beside the mount's setup, not before it.
+                std::thread::spawn(move || metadata_runtime.block_on(client.close()));
+            }
+            id
         };
-        let source = capsule_net::RemoteSource::new(url, args.conn.options(), Duration::from_secs(args.stall_timeout))?;
         // Ready when the first read comes: the mount still has the FUSE session to set up.
         source.connect_ahead();
         (cache, Some(Arc::new(source)), id, args.source.clone())
