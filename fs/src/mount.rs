@@ -434,7 +434,7 @@ impl CapsuleFs {
         }
         let demand: Vec<Hash> = plan.iter().filter(|(_, _, s)| s.is_none()).filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect();
         if matches!(node.ahead, Ahead::Sequential) {
-            self.decode_ahead(image, chain, overlay, decode_ahead, offset, end)?;
+            self.decode_ahead(image, chain, overlay, decode_ahead, offset, end);
         }
         let (extra, extra_urgency) = if self.engine.is_online() {
             let missed = demand.iter().any(|h| !self.engine.is_local(h));

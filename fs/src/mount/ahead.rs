@@ -108,35 +108,30 @@ impl CapsuleFs {
     /// sequentially ([`capsule_fetch::Engine::decode_ahead`]). The window is what the
     /// stream reads in [`DECODE_AHEAD_HORIZON`], so a slow reader holds little memory.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn decode_ahead(
-        &self,
-        image: &Image,
-        chain: &[(Hash, Layer)],
-        overlay: Option<&Overlay>,
-        state: &Mutex<Readahead>,
-        offset: u64,
-        end: u64,
-    ) -> Result<()> {
+    pub(super) fn decode_ahead(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64) {
         let bs = image.block_size();
         let budget = capsule_fetch::readahead::Budget { horizon: DECODE_AHEAD_HORIZON, link_rate: None, max_window: DECODE_AHEAD_BYTES, block_size: bs };
         // Always "missed": decoding what is here costs no link bytes, so any sequential
         // stream earns it.
         let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, true, budget);
-        let Some((from, to)) = range else { return Ok(()) };
+        let Some((from, to)) = range else { return };
         let mut ahead = Vec::new();
         let blocks = blocks_ahead(from, to, bs);
         for i in blocks.start..blocks.end.min(image.block_count()) {
             if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(h) = self.resolve_entry(chain, i)?.and_then(|e| e.block()) {
-                if self.engine.is_local(&h) {
-                    ahead.push(h);
+            match self.resolve_entry(chain, i) {
+                Ok(entry) => ahead.extend(entry.and_then(|e| e.block()).filter(|h| self.engine.is_local(h))),
+                // A map page not here (offline, or the server gone): what comes before it
+                // is still worth decoding, and the read itself must not fail for it.
+                Err(e) => {
+                    tracing::debug!("decoding ahead stops at block {i}: {e}");
+                    break;
                 }
             }
         }
         self.engine.decode_ahead(&ahead);
-        Ok(())
     }
 }
 
