@@ -123,8 +123,7 @@ pub fn mount(store_dir: Option<PathBuf>, args: MountArgs) -> Result<()> {
                 }
             })?;
             if let Some(client) = client {
-                // Closed beside the mount's setup, not before it.
-                std::thread::spawn(move || metadata_runtime.block_on(client.close()));
+                crate::remote::close_in_background(metadata_runtime, client);
             }
             id
         };

@@ -94,8 +94,7 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
         let missing: Vec<Hash> = blocks.iter().filter(|h| !cache.contains(h)).copied().collect();
         anyhow::Ok((client, cache, id, blocks, missing))
     })?;
-    // Closed while the blocks flow, not before.
-    metadata_runtime.spawn(client.close());
+    crate::remote::close_in_background(metadata_runtime, client);
     // The blocks through the fetch engine, the same path a mount's reads take: batches
     // pipelined to the measured bandwidth-delay product, each block verified once.
     let block_size = cache.store().manifest(&id)?.disks.first().map_or(65536, |d| d.image.block_size());

@@ -26,6 +26,12 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// Closes a metadata connection on its own thread, beside the caller's work, which should
+/// not wait for the close; the thread takes the runtime the connection runs on.
+pub fn close_in_background(runtime: tokio::runtime::Runtime, client: capsule_net::Client) {
+    std::thread::spawn(move || runtime.block_on(client.close()));
+}
+
 /// Pushes local capsule `name` to `remote` (capsule://HOST:PORT[/REMOTENAME]).
 pub fn push(store: &Store, name: &str, remote: &str, conn: &ConnArgs) -> Result<capsule_net::TransferReport> {
     let url = capsule_net::RemoteUrl::parse(remote)?;

@@ -5,7 +5,6 @@
 //! reader then finds them.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -79,9 +78,7 @@ impl DecodeAheadQueue {
 pub(crate) fn decode_ahead_loop(queue: &DecodeAheadQueue, engine: &Weak<Engine>) {
     while let Some(hash) = queue.pop() {
         let Some(engine) = engine.upgrade() else { return };
-        if engine.decode_into_memory(&hash) {
-            engine.stats().decoded_ahead.fetch_add(1, Ordering::Relaxed);
-        }
+        engine.decode_into_memory(&hash);
     }
 }
 

@@ -297,6 +297,11 @@ impl Engine {
         if let Some(b) = self.unwritten_get(hash) {
             return Some(b);
         }
+        self.load_local(hash)
+    }
+
+    /// A block read from the local cache (decoded and verified there), kept in memory.
+    fn load_local(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
         let raw = Arc::new(self.local.get(hash)?);
         self.decoded.insert(*hash, raw.clone());
         Some(raw)
@@ -312,19 +317,15 @@ impl Engine {
         }
     }
 
-    /// Decodes a block of the local cache into memory; false if it was there already or
+    /// Decodes a block of the local cache into memory, unless it is in memory already or
     /// the cache lacks it (or holds it damaged: its reader fetches it).
-    pub(crate) fn decode_into_memory(&self, hash: &Hash) -> bool {
+    pub(crate) fn decode_into_memory(&self, hash: &Hash) {
         if self.decoded.contains_key(hash) || self.unwritten_get(hash).is_some() {
-            return false;
+            return;
         }
-        let Some(raw) = self.local.get(hash) else { return false };
-        self.decoded.insert(*hash, Arc::new(raw));
-        true
-    }
-
-    pub(crate) fn stats(&self) -> &EngineStats {
-        &self.stats
+        if self.load_local(hash).is_some() {
+            self.stats.decoded_ahead.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes a block that came outside a batch (with the map pages that lead to it, for a

@@ -433,14 +433,16 @@ impl CapsuleFs {
             r.touch(&plan.iter().filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect::<Vec<_>>());
         }
         let demand: Vec<Hash> = plan.iter().filter(|(_, _, s)| s.is_none()).filter_map(|(_, e, _)| e.and_then(|e| e.block())).collect();
-        if matches!(node.ahead, Ahead::Sequential) {
+        let missed = demand.iter().any(|h| !self.engine.is_local(h));
+        // A read that waits for the link has nothing decoded ahead: its next blocks are
+        // not here either.
+        if matches!(node.ahead, Ahead::Sequential) && !missed {
             self.decode_ahead(image, chain, overlay, decode_ahead, offset, end);
         }
         let (extra, extra_urgency) = if self.engine.is_online() {
-            let missed = demand.iter().any(|h| !self.engine.is_local(h));
             match node.ahead {
                 Ahead::Sequential => {
-                    let mut plan = self.readahead_plan(image, chain, overlay, readahead, offset, end, missed)?;
+                    let mut plan = self.readahead_plan(image, chain, overlay, readahead, offset, end, missed);
                     let mut near = neighbours.lock().unwrap_or_else(|p| p.into_inner());
                     near.on_read(first, last);
                     if plan.is_empty() && missed && near.on_miss(first, last) {
@@ -449,7 +451,7 @@ impl CapsuleFs {
                             near.sent(j);
                         }
                         if n > 0 {
-                            plan = self.neighbour_plan(image, chain, overlay, last, n)?;
+                            plan = self.neighbour_plan(image, chain, overlay, last, n);
                         }
                     }
                     (plan, Urgency::Readahead)
@@ -457,13 +459,13 @@ impl CapsuleFs {
                 // Past the first block: a resume reads only the kernel's header (for its
                 // stand-in), and must not bring the rest.
                 Ahead::Whole if missed && last > 0 && !node.asked_whole.swap(true, Ordering::Relaxed) => {
-                    (self.whole_plan(image, chain, overlay)?, Urgency::Readahead)
+                    (self.whole_plan(image, chain, overlay), Urgency::Readahead)
                 }
                 Ahead::Whole => (Vec::new(), Urgency::Readahead),
                 // A RAM fault brings its group along, in the same request, if it fetches at all.
                 Ahead::Aligned(n) if missed && (n > 1 || n == 0) => {
                     let n = if n == 0 { auto_cluster(self.engine.rtt(), self.engine.bandwidth(), image.block_size()) } else { n };
-                    (if n > 1 { self.cluster_plan(image, chain, overlay, first, n)? } else { Vec::new() }, Urgency::Demand)
+                    (if n > 1 { self.cluster_plan(image, chain, overlay, first, n) } else { Vec::new() }, Urgency::Demand)
                 }
                 Ahead::Aligned(_) => (Vec::new(), Urgency::Demand),
             }

@@ -429,9 +429,9 @@ impl Client {
     /// Closes the connection: the close frame leaves at once, and the endpoint stays to
     /// answer what the peer had in flight for a round trip (and [`CLOSE_GRACE`]), not for
     /// QUIC's whole closing period of three probe timeouts, which `Endpoint::wait_idle`
-    /// waits out: at a 40 ms round trip it held every command 0.25 s or more between its
-    /// metadata and its work, and at the end. A peer whose close frame was lost times out
-    /// on its own.
+    /// waits out: over a 40 ms round trip a sparse mount, which closes its metadata
+    /// connection before it serves, took 0.51 s with it and 0.36 s without. A peer whose
+    /// close frame was lost times out on its own.
     pub async fn close(self) {
         tracing::debug!(stats = ?self.conn.stats(), "closing connection");
         let grace = self.conn.rtt() + CLOSE_GRACE;

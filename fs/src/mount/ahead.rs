@@ -1,67 +1,55 @@
 //! What a read brings along besides its own blocks: earned readahead for disks, the
 //! whole file for the kernel and initrd, the aligned group of a RAM fault.
 
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use capsule_fetch::readahead::{blocks_ahead, Readahead};
+use capsule_images::map::Entry;
 use capsule_images::{Hash, Image, Layer};
 
 use super::{CapsuleFs, DECODE_AHEAD_BYTES, DECODE_AHEAD_HORIZON, MAX_READAHEAD_BYTES};
-use crate::error::Result;
 use crate::overlay::Overlay;
 
 impl CapsuleFs {
-    /// Every block of the file that is mapped, not overlaid and not here.
-    pub(super) fn whole_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>) -> Result<Vec<Hash>> {
+    /// The blocks of `range` (block indexes, clipped to the image) that are mapped, not
+    /// overlaid, and that `keep` wants. What a read brings along is only a help, so a block
+    /// whose map cannot be resolved (a page neither cached nor fetchable: offline, or the
+    /// server gone) ends the list there rather than failing the read that asked.
+    fn blocks_in(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, range: Range<u64>, keep: impl Fn(u64, &Entry) -> bool) -> Vec<Hash> {
         let mut out = Vec::new();
-        for j in 0..image.block_count() {
+        for j in range.start..range.end.min(image.block_count()) {
             if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
                 continue;
             }
-            if let Some(e) = self.resolve_entry(chain, j)? {
-                if !self.is_here(&e) {
-                    out.extend(e.block());
+            match self.resolve_entry(chain, j) {
+                Ok(Some(e)) if keep(j, &e) => out.extend(e.block()),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("blocks brought along stop at block {j}: {e}");
+                    break;
                 }
             }
         }
-        Ok(out)
+        out
+    }
+
+    /// Every block of the file that is mapped, not overlaid and not here.
+    pub(super) fn whole_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>) -> Vec<Hash> {
+        self.blocks_in(image, chain, overlay, 0..image.block_count(), |_, e| !self.is_here(e))
     }
 
     /// The other blocks of block `i`'s aligned group of `n` that a fetch could bring along:
     /// mapped, not overlaid, not here.
-    pub(super) fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Result<Vec<Hash>> {
+    pub(super) fn cluster_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, i: u64, n: u64) -> Vec<Hash> {
         let start = i - i % n;
-        let mut out = Vec::new();
-        for j in start..(start + n).min(image.block_count()) {
-            if j == i || overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(e) = self.resolve_entry(chain, j)? {
-                let h = e.block().unwrap_or(Hash([0; 32]));
-                if !self.is_here(&e) && !out.contains(&h) {
-                    out.push(h);
-                }
-            }
-        }
-        Ok(out)
+        self.blocks_in(image, chain, overlay, start..start + n, |j, e| j != i && !self.is_here(e))
     }
 
     /// Up to `n` blocks after block `last`: mapped, not overlaid, not here.
-    pub(super) fn neighbour_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, last: u64, n: u64) -> Result<Vec<Hash>> {
-        let mut out = Vec::new();
-        for j in last + 1..(last + 1 + n).min(image.block_count()) {
-            if overlay.is_some_and(|o| o.state(j) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(e) = self.resolve_entry(chain, j)? {
-                let h = e.block().unwrap_or(Hash([0; 32]));
-                if !self.is_here(&e) && !out.contains(&h) {
-                    out.push(h);
-                }
-            }
-        }
-        Ok(out)
+    pub(super) fn neighbour_plan(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, last: u64, n: u64) -> Vec<Hash> {
+        self.blocks_in(image, chain, overlay, last + 1..last + 1 + n, |_, e| !self.is_here(e))
     }
 
     /// Blocks to fetch ahead of this read, if its stream earned readahead
@@ -76,38 +64,18 @@ impl CapsuleFs {
         offset: u64,
         end: u64,
         missed: bool,
-    ) -> Result<Vec<Hash>> {
-        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(
-            std::time::Instant::now(),
-            offset,
-            end - offset,
-            missed,
-            self.engine.readahead_budget(MAX_READAHEAD_BYTES, image.block_size()),
-        );
-        let Some((from, to)) = range else { return Ok(Vec::new()) };
-        let bs = image.block_size();
-        let mut ahead = Vec::new();
-        let blocks = blocks_ahead(from, to, bs);
-        for i in blocks.start..blocks.end.min(image.block_count()) {
-            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
-                continue;
-            }
-            if let Some(e) = self.resolve_entry(chain, i)? {
-                if !self.is_here(&e) {
-                    ahead.extend(e.block());
-                }
-            }
-        }
-        Ok(ahead)
+    ) -> Vec<Hash> {
+        let budget = self.engine.readahead_budget(MAX_READAHEAD_BYTES, image.block_size());
+        let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, missed, budget);
+        let Some((from, to)) = range else { return Vec::new() };
+        self.blocks_in(image, chain, overlay, blocks_ahead(from, to, image.block_size()), |_, e| !self.is_here(e))
     }
-}
 
-impl CapsuleFs {
-    /// Names the blocks after this read that the local cache holds to the engine, to be
-    /// decoded on other threads before the reader gets there, once its stream reads
-    /// sequentially ([`capsule_fetch::Engine::decode_ahead`]). The window is what the
-    /// stream reads in [`DECODE_AHEAD_HORIZON`], so a slow reader holds little memory.
-    #[allow(clippy::too_many_arguments)]
+    /// Names the blocks after a read that found all its own blocks here to the engine, to
+    /// be decoded on other threads before the reader gets there, once its stream reads
+    /// sequentially ([`capsule_fetch::Engine::decode_ahead`]; blocks not in the cache are
+    /// skipped there, off the reader's thread). The window is what the stream reads in
+    /// [`DECODE_AHEAD_HORIZON`], so a slow reader holds little memory.
     pub(super) fn decode_ahead(&self, image: &Image, chain: &[(Hash, Layer)], overlay: Option<&Overlay>, state: &Mutex<Readahead>, offset: u64, end: u64) {
         let bs = image.block_size();
         let budget = capsule_fetch::readahead::Budget { horizon: DECODE_AHEAD_HORIZON, link_rate: None, max_window: DECODE_AHEAD_BYTES, block_size: bs };
@@ -115,23 +83,7 @@ impl CapsuleFs {
         // stream earns it.
         let range = state.lock().unwrap_or_else(|p| p.into_inner()).on_read(std::time::Instant::now(), offset, end - offset, true, budget);
         let Some((from, to)) = range else { return };
-        let mut ahead = Vec::new();
-        let blocks = blocks_ahead(from, to, bs);
-        for i in blocks.start..blocks.end.min(image.block_count()) {
-            if overlay.is_some_and(|o| o.state(i) != crate::overlay::NONE) {
-                continue;
-            }
-            match self.resolve_entry(chain, i) {
-                Ok(entry) => ahead.extend(entry.and_then(|e| e.block()).filter(|h| self.engine.is_local(h))),
-                // A map page not here (offline, or the server gone): what comes before it
-                // is still worth decoding, and the read itself must not fail for it.
-                Err(e) => {
-                    tracing::debug!("decoding ahead stops at block {i}: {e}");
-                    break;
-                }
-            }
-        }
-        self.engine.decode_ahead(&ahead);
+        self.engine.decode_ahead(&self.blocks_in(image, chain, overlay, blocks_ahead(from, to, bs), |_, _| true));
     }
 }
 
