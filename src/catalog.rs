@@ -201,6 +201,13 @@ pub fn gc(open: impl FnOnce() -> Result<Store>, backend: &crate::backend::Backen
         None => open()?.gc()?,
     };
     print_json_or(json, &s, || {
-        format!("gc: kept {} blocks, removed {} blocks and {} objects, freed {}", s.blocks_kept, s.blocks_removed, s.objects_removed, human(s.bytes_freed))
+        let packed = if s.blocks_packed > 0 { format!(", packed {} block files", s.blocks_packed) } else { String::new() };
+        format!(
+            "gc: kept {} blocks, removed {} blocks and {} objects, freed {}{packed}",
+            s.blocks_kept,
+            s.blocks_removed,
+            s.objects_removed,
+            human(s.bytes_freed)
+        )
     })
 }

@@ -122,12 +122,9 @@ fn a_corrupt_block_from_the_server_is_eio_never_wrong_bytes_and_recovers_when_fi
     let disk = std::fs::read(guest_dir().join("disk.raw")).unwrap();
     let chunk = disk.chunks(65536).skip(disk.len() / 65536 / 2).find(|c| c.iter().any(|&b| b != 0)).unwrap();
     let hash = blake3::hash(chunk).to_hex().to_string();
-    let victim = e.p("server").join("blocks").join(&hash[..2]).join(&hash);
-    let good = std::fs::read(&victim).unwrap();
-    let mut bad = good.clone();
-    let last = bad.len() - 1;
-    bad[last] ^= 0xff;
-    std::fs::write(&victim, &bad).unwrap();
+    let victim = stored_block(&e.p("server"), &hash);
+    let good = victim.read();
+    victim.flip(good.len() - 1, 0xff);
 
     let m = Mounted::new(&e.p("client"), &e.p("cfg"), &format!("{}/guest", server.url), &e.p("mnt"), &e.p("cache"), &["--read-only"]);
     let err = std::fs::read(m.dir.join("root.raw")).unwrap_err();
@@ -135,7 +132,7 @@ fn a_corrupt_block_from_the_server_is_eio_never_wrong_bytes_and_recovers_when_fi
     assert!(m.log().contains(&hash), "the log names the corrupt block {hash}:\n{}", m.log());
     assert!(!stored_block_names(&e.p("cache")).contains(&hash), "a corrupt block was cached");
 
-    std::fs::write(&victim, &good).unwrap();
+    victim.write(&good);
     same_file(&m.dir.join("root.raw"), &guest_dir().join("disk.raw"));
 }
 

@@ -282,9 +282,12 @@ fn blocks_named_ahead_are_decoded_into_memory_and_a_damaged_one_is_never_served(
     named.push(damaged);
     e.decode_ahead(&named);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cache.gets.load(Ordering::SeqCst) < named.len() as u64 && Instant::now() < deadline {
+    // A block is counted after its cache read: wait for both (a damaged block counted by
+    // mistake would show as one more).
+    while (cache.gets.load(Ordering::SeqCst) < named.len() as u64 || e.snapshot().decoded_ahead < hs.len() as u64) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+    std::thread::sleep(Duration::from_millis(20));
     assert_eq!(e.snapshot().decoded_ahead, hs.len() as u64, "every sound block decoded ahead, the damaged one not");
     let read_back = cache.gets.load(Ordering::SeqCst);
     for h in &hs {

@@ -50,6 +50,7 @@ pub fn targets() -> Vec<Target> {
         Target { name: "block", seeds: seeds_block, run: run_block },
         Target { name: "sealed-block", seeds: seeds_sealed_block, run: run_sealed_block },
         Target { name: "pins", seeds: seeds_pins, run: run_pins },
+        Target { name: "store-pack", seeds: seeds_store_pack, run: run_store_pack },
         Target { name: "overlay-state", seeds: seeds_overlay_state, run: run_overlay_state },
         Target { name: "token-file", seeds: seeds_token_file, run: run_token_file },
         Target { name: "qmp", seeds: seeds_qmp, run: run_qmp },

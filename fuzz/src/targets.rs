@@ -318,6 +318,25 @@ pub(crate) fn run_sealed_block(input: &[u8]) -> bool {
     }
 }
 
+pub(crate) fn seeds_store_pack() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for n in [0u8, 1, 5] {
+        let blocks: Vec<(Hash, Vec<u8>)> = (0..n).map(|i| (h(i), vec![i; 10 + usize::from(i)])).collect();
+        let p = capsule_images::packed::pack_bytes(&blocks);
+        out.extend(seed_pair(p.clone(), p));
+    }
+    out
+}
+
+pub(crate) fn run_store_pack(input: &[u8]) -> bool {
+    let (wrapped, body) = mode(input);
+    let mut bytes = body.to_vec();
+    if wrapped {
+        capsule_images::packed::seal_pack_footer(&mut bytes);
+    }
+    capsule_images::packed::check_pack(&bytes).is_ok()
+}
+
 pub(crate) fn pins_checksum_fixed(mut bytes: Vec<u8>) -> Vec<u8> {
     if bytes.len() >= 8 {
         let body = bytes.len() - 8;

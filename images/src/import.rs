@@ -240,5 +240,6 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
     report.manifest_bytes = store.object_size(&id)?;
     report.id = id;
     store.set_ref(&spec.name, &id)?;
+    store.pack_named_capsule(&id);
     Ok(report)
 }

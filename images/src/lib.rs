@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod keys;
 pub mod manifest;
 pub mod map;
+pub mod packed;
 mod parallel;
 pub mod qcow2;
 pub mod seal;

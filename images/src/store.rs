@@ -5,6 +5,7 @@
 //!    format               "capsule-store 1"
 //!    lock                 flock: shared while a process uses the store, exclusive for gc
 //!    blocks/ab/<hash>     one encoded block (see `block`), named by BLAKE3 of its raw bytes
+//!    packed/<name>.pack   blocks a capsule names, packed in its walk order (see `packed`)
 //!    objects/ab/<hash>    one envelope (manifest, layer, map page), named by BLAKE3 of itself
 //!    refs/<name>          "<capsule id hex>\n"; names may contain '/' (nested directories)
 //!    tmp/                 files being written; emptied when no other process holds the lock
@@ -31,7 +32,12 @@ use crate::hash::Hash;
 use crate::manifest::{check_name, Layer, Manifest};
 use crate::map::{Entry, MapPage, PageSource};
 
-const FORMAT_LINE: &str = "capsule-store 1\n";
+mod gc;
+
+/// Version 2 may hold packed blocks, which version 1 never looks for; a version 1 store
+/// is opened as it is and becomes version 2 with its first pack.
+const FORMAT_LINE: &str = "capsule-store 2\n";
+const FORMAT_LINE_V1: &str = "capsule-store 1\n";
 const PAGE_CACHE_ENTRIES: usize = 4096;
 
 /// A local capsule store. Cheap to share between threads.
@@ -47,6 +53,7 @@ pub struct Store {
     /// zstd level of blocks this handle writes (see `set_compression_level`).
     level: std::sync::atomic::AtomicI32,
     lock: File,
+    pub(crate) packs: crate::packed::Packs,
 }
 
 /// What [`Store::put_block`] did.
@@ -71,6 +78,8 @@ pub struct GcStats {
     pub objects_removed: u64,
     /// Bytes freed.
     pub bytes_freed: u64,
+    /// Live block files moved into packs.
+    pub blocks_packed: u64,
 }
 
 impl Store {
@@ -91,7 +100,7 @@ impl Store {
         let root = root.as_ref().to_path_buf();
         let format_path = root.join("format");
         match fs::read_to_string(&format_path) {
-            Ok(s) if s == FORMAT_LINE => {}
+            Ok(s) if s == FORMAT_LINE || s == FORMAT_LINE_V1 => {}
             Ok(s) => return Err(Error::corrupt(format!("{}: not a capsule store of this version (format file says {:?})", root.display(), s.trim()))),
             Err(e) if e.kind() == IoKind::NotFound => Self::create_layout(&root)?,
             Err(e) => return Err(Error::io(format_path.display(), e)),
@@ -104,6 +113,7 @@ impl Store {
         }
         flock(&lock, FlockOperation::LockShared).map_err(|e| Error::io(lock_path.display(), e.into()))?;
         Ok(Self {
+            packs: crate::packed::Packs::new(&root),
             root,
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             tmp_counter: AtomicU64::new(0),
@@ -192,6 +202,9 @@ impl Store {
     /// A block: fsynced only while the store is durable. A block file already there counts
     /// only if it verifies (unless the store trusts existing files).
     fn write_block_file(&self, h: &Hash, dest: &Path, bytes: &[u8]) -> Result<bool> {
+        if self.packs.contains(h) {
+            return Ok(false);
+        }
         let sync = self.durable.load(Ordering::Relaxed);
         if !dest.exists() {
             return self.write_atomic_with(dest, bytes, sync);
@@ -216,10 +229,25 @@ impl Store {
         Ok(true)
     }
 
+    /// A new file name under `tmp/`, unique across processes.
+    pub(crate) fn tmp_path(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// Marks the store as one that may hold packs (see [`FORMAT_LINE`]).
+    pub(crate) fn mark_packed_format(&self) -> Result<()> {
+        let p = self.root.join("format");
+        if fs::read_to_string(&p).is_ok_and(|s| s == FORMAT_LINE) {
+            return Ok(());
+        }
+        self.replace_with(&p, FORMAT_LINE.as_bytes(), true)?;
+        sync_dir(&self.root)
+    }
+
     /// Writes `bytes` to a temporary file and renames it to `dest`, over whatever is there.
     fn replace_with(&self, dest: &Path, bytes: &[u8], sync: bool) -> Result<()> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
+        let tmp = self.tmp_path();
         if sync {
             write_file_synced(&tmp, bytes)?;
         } else {
@@ -240,7 +268,13 @@ impl Store {
 
     /// True if the block is present (not verified).
     pub fn has_block(&self, h: &Hash) -> bool {
-        self.block_path(h).exists()
+        self.packs.contains(h) || self.block_path(h).exists()
+    }
+
+    /// A dedup hit: the block is packed (packs are fsynced whole), or its file is there
+    /// and sound (or trusted).
+    fn already_stored(&self, h: &Hash, path: &Path) -> bool {
+        self.packs.contains(h) || (path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(h, path)))
     }
 
     /// Stores one block of raw bytes unless it is zero or already present.
@@ -254,7 +288,7 @@ impl Store {
     /// Stores a non-zero block whose hash the caller computed already.
     pub fn put_hashed_block(&self, h: &Hash, raw: &[u8]) -> Result<PutBlock> {
         let path = self.block_path(h);
-        if path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(h, &path)) {
+        if self.already_stored(h, &path) {
             return Ok(PutBlock { entry: Entry::Data(*h), stored_bytes: 0, new: false });
         }
         let encoded = block::encode_with_level(raw, self.level.load(Ordering::Relaxed))?;
@@ -273,7 +307,7 @@ impl Store {
         let sealed = key.seal(plain, raw, self.level.load(Ordering::Relaxed))?;
         let h = sealed.name;
         let path = self.block_path(&h);
-        if path.exists() && (self.trust_existing.load(Ordering::Relaxed) || self.existing_block_sound(&h, &path)) {
+        if self.already_stored(&h, &path) {
             return Ok(PutBlock { entry: sealed.entry, stored_bytes: 0, new: false });
         }
         let encoded = block::encode_with_level(&sealed.ciphertext, 0)?;
@@ -304,21 +338,35 @@ impl Store {
 
     /// The block's stored encoding (compressed or raw), not decoded.
     pub fn read_encoded_block(&self, h: &Hash) -> Result<Vec<u8>> {
+        if let Some(found) = self.packs.read(h) {
+            return found;
+        }
         let path = self.block_path(h);
-        fs::read(&path).map_err(|e| match e.kind() {
-            IoKind::NotFound => Error::not_found(format!("block {h} is not in store {}", self.root.display())),
-            _ => Error::io(path.display(), e),
-        })
+        match fs::read(&path) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == IoKind::NotFound => {
+                // Packed by another process since this one last looked.
+                self.packs.reload();
+                self.packs.read(h).unwrap_or_else(|| Err(Error::not_found(format!("block {h} is not in store {}", self.root.display()))))
+            }
+            Err(e) => Err(Error::io(path.display(), e)),
+        }
     }
 
     /// The block's raw bytes, verified against `h`.
     pub fn get_block(&self, h: &Hash) -> Result<Vec<u8>> {
         let encoded = self.read_encoded_block(h)?;
-        block::decode(h, &encoded).map_err(|e| e.context(self.block_path(h).display()))
+        block::decode(h, &encoded).map_err(|e| match self.packs.locate(h) {
+            Some((pack, _)) => e.context(pack.display()),
+            None => e.context(self.block_path(h).display()),
+        })
     }
 
-    /// Size of the block's file on disk.
+    /// Bytes the block takes on disk (its stored encoding).
     pub fn block_stored_size(&self, h: &Hash) -> Result<u64> {
+        if let Some((_, len)) = self.packs.locate(h) {
+            return Ok(u64::from(len));
+        }
         let path = self.block_path(h);
         fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display(), e))
     }
@@ -595,58 +643,6 @@ impl Store {
             },
         )?;
         Ok((objects, blocks))
-    }
-
-    /// Removes every block and object no ref reaches. Waits for other users of the store.
-    pub fn gc(&self) -> Result<GcStats> {
-        flock(&self.lock, FlockOperation::LockExclusive).map_err(|e| Error::io("store lock", e.into()))?;
-        let result = self.gc_locked();
-        let _ = flock(&self.lock, FlockOperation::LockShared);
-        result
-    }
-
-    fn gc_locked(&self) -> Result<GcStats> {
-        let mut live_objects = HashSet::new();
-        let mut live_blocks = HashSet::new();
-        for (name, id) in self.list_refs()? {
-            self.walk_capsule(
-                &id,
-                &mut |h| {
-                    live_objects.insert(*h);
-                    Ok(())
-                },
-                &mut |_, _, h| {
-                    live_blocks.insert(*h);
-                    Ok(())
-                },
-            )
-            .with_context(|| format!("gc: ref {name} is damaged; nothing was removed"))?;
-        }
-        // Profiles of live capsules stay; their blocks are the capsules' own.
-        let live_capsules: Vec<Hash> = live_objects.iter().copied().collect();
-        for capsule in live_capsules {
-            for (_, pid) in self.list_profiles(&capsule).unwrap_or_default() {
-                live_objects.insert(pid);
-            }
-        }
-        let mut stats = GcStats::default();
-        for (dir, live, removed) in [("blocks", &live_blocks, &mut stats.blocks_removed), ("objects", &live_objects, &mut stats.objects_removed)] {
-            for (path, h) in self.list_dir_hashes(dir)? {
-                if live.contains(&h) {
-                    if dir == "blocks" {
-                        stats.blocks_kept += 1;
-                    }
-                    continue;
-                }
-                let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(&path).map_err(|e| Error::io(path.display(), e))?;
-                *removed += 1;
-                stats.bytes_freed += len;
-            }
-        }
-        Self::clear_tmp(&self.root)?;
-        self.sync()?;
-        Ok(stats)
     }
 
     /// Every file under `blocks/` or `objects/` with the hash its name claims.

@@ -78,7 +78,7 @@ pub fn verify_capsule(store: &Store, name: &str, id: &Hash) -> VerifyReport {
     report
 }
 
-/// Checks every block and object file in the store against the hash in its name.
+/// Checks every block (in its file or a pack) and object file in the store against its hash.
 pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     for (path, h) in store.list_dir_hashes("blocks")? {
@@ -88,6 +88,22 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
                 report.bytes_checked += data.len() as u64;
             }
             Err(e) => report.problem(format!("{}: {e}", path.display())),
+        }
+    }
+    let (packs, broken) = store.packs.all();
+    for (path, why) in broken {
+        report.problem(format!("{}: {why}", path.display()));
+    }
+    for pack in packs {
+        for h in pack.hashes() {
+            let decoded = pack.read_block(&h).expect("listed by its index").and_then(|encoded| crate::block::decode(&h, &encoded));
+            match decoded {
+                Ok(data) => {
+                    report.blocks_checked += 1;
+                    report.bytes_checked += data.len() as u64;
+                }
+                Err(e) => report.problem(format!("{}: block {h}: {e}", pack.path().display())),
+            }
         }
     }
     for (path, h) in store.list_dir_hashes("objects")? {

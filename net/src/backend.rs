@@ -84,7 +84,10 @@ impl Backend for Store {
         if let Some(m) = missing {
             return Err(Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {m} missing")));
         }
-        Ok(self.cas_ref(name, old, new)?)
+        self.cas_ref(name, old, new)?;
+        // Pushed blocks arrive as files; packed, a cold read of the capsule is sequential.
+        self.pack_named_capsule(new);
+        Ok(())
     }
 
     fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {

@@ -75,16 +75,71 @@ pub fn tool(cmd: &mut Command) -> String {
     text
 }
 
-/// Files in the store's blocks/ directory.
-pub fn stored_blocks(store: &Path) -> Vec<PathBuf> {
+/// A block where a store keeps it: a file of its own (`blocks/ab/<hash>`) or a span of a
+/// pack (`packed/*.pack`, found by a reader of the test's own: the index's entries of hash,
+/// offset and length (u64, u32 LE), 44 bytes each, end 56 bytes before the file's end,
+/// where the footer begins with the index's offset and count).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoredBlock {
+    pub hash: String,
+    pub file: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl StoredBlock {
+    /// The block's stored encoding.
+    pub fn read(&self) -> Vec<u8> {
+        let bytes = std::fs::read(&self.file).unwrap();
+        bytes[self.offset as usize..(self.offset + self.len) as usize].to_vec()
+    }
+
+    /// Puts `encoding` (of the same length) where the block is.
+    pub fn write(&self, encoding: &[u8]) {
+        assert_eq!(encoding.len() as u64, self.len, "a block is rewritten in place");
+        let mut bytes = std::fs::read(&self.file).unwrap();
+        bytes[self.offset as usize..(self.offset + self.len) as usize].copy_from_slice(encoding);
+        std::fs::write(&self.file, bytes).unwrap();
+    }
+
+    /// Flips the bits of `mask` in byte `at` of the block's encoding.
+    pub fn flip(&self, at: usize, mask: u8) {
+        let mut enc = self.read();
+        enc[at] ^= mask;
+        self.write(&enc);
+    }
+}
+
+/// Every block a store holds, in files and packs, sorted by hash.
+pub fn stored_blocks(store: &Path) -> Vec<StoredBlock> {
     let mut out = Vec::new();
     for sub in std::fs::read_dir(store.join("blocks")).unwrap().flatten() {
         for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-            out.push(f.path());
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push(StoredBlock { hash: f.file_name().to_string_lossy().into_owned(), file: f.path(), offset: 0, len });
+        }
+    }
+    for f in std::fs::read_dir(store.join("packed")).into_iter().flatten().flatten() {
+        if f.path().extension().is_none_or(|x| x != "pack") {
+            continue;
+        }
+        let bytes = std::fs::read(f.path()).unwrap();
+        let footer = bytes.len() - 56;
+        let le = |at: usize, n: usize| bytes[at..at + n].iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
+        let (index, count) = (le(footer, 8) as usize, le(footer + 8, 8) as usize);
+        for e in bytes[index..index + 44 * count].chunks(44) {
+            let hash = e[..32].iter().map(|b| format!("{b:02x}")).collect();
+            let at = index + (e.as_ptr() as usize - bytes[index..].as_ptr() as usize);
+            out.push(StoredBlock { hash, file: f.path(), offset: le(at + 32, 8), len: le(at + 40, 4) });
         }
     }
     out.sort();
     out
+}
+
+/// Where `store` keeps the block named `hash` (panics if it holds none).
+pub fn stored_block(store: &Path, hash: &str) -> StoredBlock {
+    stored_blocks(store).into_iter().find(|b| b.hash == hash).unwrap_or_else(|| panic!("store {} holds no block {hash}", store.display()))
 }
 
 /// A QEMU process killed when dropped, so a failing test leaves none behind.
@@ -604,9 +659,9 @@ pub fn new_contents(base: &Path, update: &Path, bs: usize) -> std::collections::
     distinct_blocks(&[update], bs).into_iter().filter(|h| !old.contains(h)).collect()
 }
 
-/// Names (hashes) of the block files in a store or cache.
+/// Names (hashes) of the blocks in a store or cache.
 pub fn stored_block_names(store: &Path) -> std::collections::HashSet<String> {
-    let mut names: std::collections::HashSet<String> = stored_blocks(store).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let mut names: std::collections::HashSet<String> = stored_blocks(store).into_iter().map(|b| b.hash).collect();
     names.extend(packed_block_names(store));
     names
 }
@@ -634,7 +689,7 @@ pub fn packed_block_names(cache: &Path) -> std::collections::HashSet<String> {
 
 /// Bytes a cache's blocks take on disk: block files and pack files.
 pub fn cache_block_bytes(cache: &Path) -> u64 {
-    let files: u64 = stored_blocks(cache).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let files: u64 = stored_blocks(cache).iter().map(|b| b.len).sum();
     let packs: u64 = std::fs::read_dir(cache.join("packs")).map(|d| d.flatten().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum()).unwrap_or(0);
     files + packs
 }
