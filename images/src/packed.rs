@@ -277,15 +277,15 @@ impl Packs {
     }
 
     /// Loads the packs on first use, and again when the directory changed (looked at
-    /// most once a second, or now with `now`).
-    fn refresh(&self, now: bool) {
+    /// most once a second, or now with `look_now`).
+    fn refresh(&self, look_now: bool) {
         {
             let st = self.state.read().expect("packs lock");
             let due = st.checked.is_none_or(|t| t.elapsed() >= RECHECK_EVERY);
-            if st.loaded && !now && !due {
+            if st.loaded && !look_now && !due {
                 return;
             }
-            if st.loaded && st.dir_mtime == self.dir_mtime() && !now {
+            if st.loaded && st.dir_mtime == self.dir_mtime() {
                 drop(st);
                 self.state.write().expect("packs lock").checked = Some(Instant::now());
                 return;
@@ -303,6 +303,13 @@ impl Packs {
     /// True if a pack holds the block.
     pub(crate) fn contains(&self, h: &Hash) -> bool {
         self.lookup(h).is_some()
+    }
+
+    /// [`Self::contains`], after looking whether the directory changed: for an answer
+    /// another process may act on (a server telling a client what it lacks).
+    pub(crate) fn contains_now(&self, h: &Hash) -> bool {
+        self.refresh(true);
+        self.contains(h)
     }
 
     /// The block as stored, if a pack holds it.

@@ -268,7 +268,7 @@ impl Store {
 
     /// True if the block is present (not verified).
     pub fn has_block(&self, h: &Hash) -> bool {
-        self.packs.contains(h) || self.block_path(h).exists()
+        self.packs.contains(h) || self.block_path(h).exists() || self.packs.contains_now(h)
     }
 
     /// A dedup hit: the block is packed (packs are fsynced whole), or its file is there

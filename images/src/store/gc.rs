@@ -3,13 +3,17 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::path::PathBuf;
 
 use rustix::fs::{flock, FlockOperation};
 
 use super::{GcStats, Store};
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::Hash;
-use crate::packed::{IndexEntry, PackWriter, DIR};
+use crate::packed::{IndexEntry, Pack, PackWriter, DIR, MAX_PACK_BYTES};
+
+/// Packs smaller than this are merged by gc.
+const SMALL_PACK: u64 = 64 << 20;
 
 impl Store {
     /// Removes every block and object no ref reaches. Waits for other users of the store.
@@ -69,33 +73,133 @@ impl Store {
     }
 
     /// gc's part in the packs: a pack holding a block no ref reaches (or a second copy of
-    /// one) is written again without it, in its own order, and the old pack removed.
-    pub(crate) fn gc_packs(&self, live: &HashSet<Hash>, stats: &mut crate::store::GcStats) -> Result<()> {
+    /// one) is written again without it, in its own order; packs under [`SMALL_PACK`]
+    /// (one per import or pull) are merged, so lookups and open files stay few. Old packs
+    /// go only once what replaces them is in place.
+    pub(crate) fn gc_packs(&self, live: &HashSet<Hash>, stats: &mut GcStats) -> Result<()> {
         let (packs, _) = self.packs.all();
         let dir = self.root().join(DIR);
+        let merge_small = packs.iter().filter(|p| p.bytes() < SMALL_PACK).count() > 1;
         let mut seen = HashSet::new();
+        let (mut before, mut after) = (0u64, 0u64);
+        let mut merged: Option<PackWriter> = None;
+        // Small packs whose blocks the merged pack takes: removed once it is in place.
+        let mut merged_away = Vec::new();
+        // A pack is named by its index: a rewrite can land on the name of the pack it
+        // replaces (the same blocks at the same offsets), which must then stay.
+        let mut written = HashSet::new();
         for pack in packs {
             let mut keep: Vec<IndexEntry> = pack.entries.iter().filter(|e| live.contains(&e.hash) && seen.insert(e.hash)).copied().collect();
             let dead = pack.entries.len() - keep.len();
-            if dead == 0 {
+            let into_merged = merge_small && pack.bytes() < SMALL_PACK;
+            if dead == 0 && !into_merged {
                 continue;
             }
-            let before = pack.bytes();
-            let mut after = 0;
-            if !keep.is_empty() {
-                keep.sort_by_key(|e| e.offset);
-                let mut w = PackWriter::create(&self.tmp_path())?;
-                for e in &keep {
-                    w.add(&e.hash, &pack.read(e)?)?;
-                }
-                after = w.len();
-                w.finish(&dir)?;
-            }
-            fs::remove_file(pack.path()).map_err(|e| Error::io(pack.path().display(), e))?;
+            keep.sort_by_key(|e| e.offset);
+            before += pack.bytes();
             stats.blocks_removed += dead as u64;
-            stats.bytes_freed += before.saturating_sub(after);
+            let mut own = None;
+            let w = if into_merged { &mut merged } else { &mut own };
+            for e in &keep {
+                if w.is_none() {
+                    *w = Some(PackWriter::create(&self.tmp_path())?);
+                }
+                let out = w.as_mut().expect("just created");
+                out.add(&e.hash, &pack.read(e)?)?;
+                if out.len() >= MAX_PACK_BYTES {
+                    let full = w.take().expect("present");
+                    after += full.len();
+                    written.insert(full.finish(&dir)?);
+                }
+            }
+            if into_merged {
+                merged_away.push(pack);
+                continue;
+            }
+            if let Some(out) = own {
+                after += out.len();
+                written.insert(out.finish(&dir)?);
+            }
+            remove_unless_written(&pack, &written)?;
         }
+        if let Some(out) = merged {
+            after += out.len();
+            written.insert(out.finish(&dir)?);
+        }
+        for pack in merged_away {
+            remove_unless_written(&pack, &written)?;
+        }
+        stats.bytes_freed += before.saturating_sub(after);
         self.packs.reload();
         Ok(())
+    }
+}
+
+fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
+    if written.contains(pack.path()) {
+        return Ok(());
+    }
+    fs::remove_file(pack.path()).map_err(|e| Error::io(pack.path().display(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::PackWriter;
+
+    fn block(b: u8) -> (Hash, Vec<u8>) {
+        let raw = vec![b; 4096];
+        (Hash::of(&raw), crate::block::encode_with_level(&raw, 1).unwrap())
+    }
+
+    fn pack(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> PathBuf {
+        let mut w = PackWriter::create(&store.tmp_path()).unwrap();
+        for (h, b) in blocks {
+            w.add(h, b).unwrap();
+        }
+        w.finish(&store.root().join(DIR)).unwrap()
+    }
+
+    fn import(store: &Store, dir: &std::path::Path, name: &str, seeds: &[u8]) {
+        let disk = dir.join(format!("{name}.raw"));
+        fs::write(&disk, seeds.iter().map(|&b| vec![b; 4096]).collect::<Vec<_>>().concat()).unwrap();
+        let spec = crate::CapsuleSpec { name: name.into(), disks: vec![("root".into(), disk)], block_size_log2: Some(12), ..Default::default() };
+        crate::import_capsule(store, &spec, &crate::NoProgress).unwrap();
+    }
+
+    #[test]
+    fn small_packs_are_merged_and_a_rewrite_landing_on_its_own_name_keeps_it() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        import(&store, d.path(), "a", &[1, 2, 3]);
+        import(&store, d.path(), "b", &[4, 5]);
+        // A third pack with a copy of a's blocks and one block nothing names: merged, its
+        // copies dropped; a's pack rewritten alone would be named as before.
+        let a_pack = store.packs.all().0.iter().find(|p| p.entries.len() == 3).unwrap().path().to_path_buf();
+        pack(&store, &[block(1), block(2), block(3), block(9)]);
+        assert_eq!(store.packs.all().0.len(), 3);
+        let stats = store.gc().unwrap();
+        assert_eq!((stats.blocks_kept, stats.blocks_removed), (5, 4), "{stats:?}");
+        let (packs, broken) = store.packs.all();
+        assert!(broken.is_empty() && packs.len() == 1, "merged into one: {packs:?}");
+        assert_ne!(packs[0].path(), a_pack);
+        for b in 1..=5u8 {
+            assert_eq!(store.get_block(&block(b).0).unwrap(), vec![b; 4096], "block {b}");
+        }
+        assert!(!store.has_block(&block(9).0));
+
+        // Two small packs: merging leaves the first's blocks where they were, so the merged
+        // pack takes the first's name; the first must stay, the second (dead) go.
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        let kept = pack(&store, &[block(1), block(2)]);
+        pack(&store, &[block(9)]);
+        let live: HashSet<Hash> = [block(1).0, block(2).0].into();
+        let mut stats = GcStats::default();
+        store.gc_packs(&live, &mut stats).unwrap();
+        let (packs, _) = store.packs.all();
+        assert_eq!(packs.len(), 1);
+        assert_eq!(packs[0].path(), kept, "the merged pack is the first, byte for byte");
+        assert_eq!(store.get_block(&block(2).0).unwrap(), vec![2u8; 4096]);
     }
 }
