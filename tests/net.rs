@@ -47,6 +47,11 @@ fn child_push_costs_about_its_changed_blocks_and_pull_verifies() {
     let pulled = ok(client(&fresh, &cfg).args(["pull", &format!("{}/guest-update", server.url), "--token", &token]));
     assert!(pulled.contains("pulled guest-update"), "{pulled}");
     ok(capsule(&fresh).args(["verify", "guest-update"]));
+    // Pulled and pushed blocks end in packs, on both sides.
+    for store in [&fresh, &remote] {
+        let loose: Vec<_> = stored_blocks(store).into_iter().filter(|b| !b.file.starts_with(store.join("packed"))).collect();
+        assert!(loose.is_empty(), "block files left in {}: {loose:?}", store.display());
+    }
     let out = dir.path().join("out");
     ok(capsule(&fresh).args(["export", "guest-update", "--out"]).arg(&out));
     assert!(std::fs::read(out.join("root.raw")).unwrap() == std::fs::read(guest_dir().join("disk-update.raw")).unwrap());

@@ -398,7 +398,63 @@ pub struct PackStats {
     pub packs: u64,
 }
 
+/// Blocks written straight into new packs, for a batch that stores many blocks before a
+/// ref names them (a pull): one fsync for the batch instead of a file and an fsync per
+/// block. Nothing is visible until [`PackBatch::finish`]; dropped unfinished, the batch
+/// leaves only a file in `tmp/`, cleared later.
+#[derive(Debug)]
+pub struct PackBatch<'a> {
+    store: &'a Store,
+    writer: Option<PackWriter>,
+    stats: PackStats,
+}
+
+impl PackBatch<'_> {
+    /// Appends a block's encoding, checked against its hash by the caller; blocks the
+    /// store holds already should not be given (they would be stored twice until gc).
+    pub fn add(&mut self, h: &Hash, encoded: &[u8]) -> Result<()> {
+        if self.writer.is_none() {
+            self.writer = Some(PackWriter::create(&self.store.tmp_path())?);
+        }
+        let w = self.writer.as_mut().expect("just created");
+        w.add(h, encoded)?;
+        self.stats.blocks += 1;
+        self.stats.bytes += encoded.len() as u64;
+        if w.len() >= MAX_PACK_BYTES {
+            self.close_pack()?;
+        }
+        Ok(())
+    }
+
+    fn close_pack(&mut self) -> Result<()> {
+        if let Some(w) = self.writer.take() {
+            self.store.mark_packed_format()?;
+            w.finish(&self.store.root().join(DIR))?;
+            self.stats.packs += 1;
+        }
+        Ok(())
+    }
+
+    /// Puts the batch's last pack in place (fsynced) and makes its blocks visible.
+    pub fn finish(mut self) -> Result<PackStats> {
+        self.close_pack()?;
+        self.store.packs.reload();
+        Ok(self.stats)
+    }
+}
+
+impl std::fmt::Debug for PackWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackWriter").field("tmp", &self.tmp).field("blocks", &self.entries.len()).field("bytes", &self.offset).finish()
+    }
+}
+
 impl Store {
+    /// A batch of blocks written straight into packs (see [`PackBatch`]).
+    pub fn pack_batch(&self) -> PackBatch<'_> {
+        PackBatch { store: self, writer: None, stats: PackStats::default() }
+    }
+
     /// Moves the block files capsule `id` reaches into packs, in its walk order (files in
     /// order, blocks by offset), so a sequential read of one of its disks reads its pack
     /// sequentially. Blocks already packed stay where they are.
@@ -606,5 +662,23 @@ mod tests {
         let stats = writer.pack_loose([h], false).unwrap();
         assert_eq!((stats.blocks, loose_files(&writer)), (1, 0));
         assert_eq!(reader.get_block(&h).unwrap(), vec![4u8; 4096], "found in the new pack on a miss");
+    }
+
+    #[test]
+    fn a_batch_is_invisible_until_it_finishes_and_nothing_if_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        let (h, bytes) = (Hash::of(&[5u8; 4096]), crate::block::encode_with_level(&[5u8; 4096], 1).unwrap());
+        let mut dropped = store.pack_batch();
+        dropped.add(&h, &bytes).unwrap();
+        drop(dropped);
+        let mut batch = store.pack_batch();
+        batch.add(&h, &bytes).unwrap();
+        assert!(!store.has_block(&h), "visible before the batch finished");
+        let stats = batch.finish().unwrap();
+        assert_eq!((stats.blocks, stats.packs), (1, 1));
+        assert_eq!(store.get_block(&h).unwrap(), vec![5u8; 4096]);
+        assert_eq!(store.packs.all().0.len(), 1, "the dropped batch left no pack");
+        assert_eq!(loose_files(&store), 0);
     }
 }

@@ -43,25 +43,6 @@ fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
     Ok(store.manifest(id)?.images().iter().map(|(_, i)| i.size).sum())
 }
 
-fn store_parallel(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> Result<()> {
-    const WRITERS: usize = 4;
-    let per = blocks.len().div_ceil(WRITERS).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = blocks
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || -> Result<()> {
-                    for (h, encoded) in part {
-                        store.put_verified_block(h, encoded).map_err(|e| Error::from(e).context(format!("block {h} from the server")))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked"))))
-    })
-}
-
 /// Sends local capsule `local` to the server as `remote_name`; only what the server
 /// lacks travels. The remote ref moves last, by compare-and-swap.
 pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str, progress: &dyn Progress) -> Result<TransferReport> {
@@ -268,16 +249,18 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     // Several batches in flight keep the link busy across request round trips.
     let mut batches =
         futures_util::stream::iter(missing.chunks(BLOCK_BATCH).map(|chunk| client.get_blocks(chunk.to_vec(), 0))).buffer_unordered(PARALLEL_BATCHES);
+    // get_blocks verified each block against its hash already. They go straight into a
+    // pack, fsynced once before the ref names them.
+    let mut pack = store.pack_batch();
     while let Some(batch) = batches.next().await {
         let batch = batch?;
-        // get_blocks verified each block against its hash already. Writes (each fsynced)
-        // run on a few threads so their latencies overlap.
-        tokio::task::block_in_place(|| store_parallel(store, &batch))?;
+        tokio::task::block_in_place(|| batch.iter().try_for_each(|(h, encoded)| pack.add(h, encoded)))?;
         report.block_bytes += batch.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
         report.blocks_transferred += batch.len() as u64;
         progress.advance(batch.len() as u64);
     }
     drop(batches);
+    tokio::task::block_in_place(|| pack.finish())?;
     progress.end();
     pull_profiles(client, &id, store).await?;
     store.set_ref(local_name, &id)?;
