@@ -18,7 +18,7 @@
 //! lies inside the blocks' span; the blocks themselves are verified against their hashes
 //! by whoever decodes them, as a block file's are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -399,22 +399,32 @@ pub struct PackStats {
 }
 
 /// Blocks written straight into new packs, for a batch that stores many blocks before a
-/// ref names them (a pull): one fsync for the batch instead of a file and an fsync per
-/// block. Nothing is visible until [`PackBatch::finish`]; dropped unfinished, the batch
-/// leaves only a file in `tmp/`, cleared later.
+/// ref names them (a pull, a push's request on a server): one fsync for the batch instead
+/// of a file and an fsync per block. Nothing is visible until [`PackBatch::finish`];
+/// dropped unfinished, the batch leaves only a file in `tmp/`, cleared later. Owns what
+/// it needs, so it can outlive a borrow of its store (a server's request).
 #[derive(Debug)]
-pub struct PackBatch<'a> {
-    store: &'a Store,
+pub struct PackBatch {
+    root: PathBuf,
+    packs: Arc<Packs>,
     writer: Option<PackWriter>,
+    /// Blocks added, so one given twice is stored once.
+    added: HashSet<Hash>,
     stats: PackStats,
 }
 
-impl PackBatch<'_> {
-    /// Appends a block's encoding, checked against its hash by the caller; blocks the
-    /// store holds already should not be given (they would be stored twice until gc).
-    pub fn add(&mut self, h: &Hash, encoded: &[u8]) -> Result<()> {
+impl PackBatch {
+    /// Appends a block's encoding, checked against its hash by the caller; false if this
+    /// batch has it already. Blocks the store holds already should not be given (they
+    /// would be stored twice until gc).
+    pub fn add(&mut self, h: &Hash, encoded: &[u8]) -> Result<bool> {
+        if !self.added.insert(*h) {
+            return Ok(false);
+        }
         if self.writer.is_none() {
-            self.writer = Some(PackWriter::create(&self.store.tmp_path())?);
+            static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.writer = Some(PackWriter::create(&self.root.join("tmp").join(format!("{}-batch-{n}", std::process::id())))?);
         }
         let w = self.writer.as_mut().expect("just created");
         w.add(h, encoded)?;
@@ -423,13 +433,13 @@ impl PackBatch<'_> {
         if w.len() >= MAX_PACK_BYTES {
             self.close_pack()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn close_pack(&mut self) -> Result<()> {
         if let Some(w) = self.writer.take() {
-            self.store.mark_packed_format()?;
-            w.finish(&self.store.root().join(DIR))?;
+            crate::store::mark_packed_format(&self.root)?;
+            w.finish(&self.root.join(DIR))?;
             self.stats.packs += 1;
         }
         Ok(())
@@ -438,7 +448,7 @@ impl PackBatch<'_> {
     /// Puts the batch's last pack in place (fsynced) and makes its blocks visible.
     pub fn finish(mut self) -> Result<PackStats> {
         self.close_pack()?;
-        self.store.packs.reload();
+        self.packs.reload();
         Ok(self.stats)
     }
 }
@@ -451,8 +461,8 @@ impl std::fmt::Debug for PackWriter {
 
 impl Store {
     /// A batch of blocks written straight into packs (see [`PackBatch`]).
-    pub fn pack_batch(&self) -> PackBatch<'_> {
-        PackBatch { store: self, writer: None, stats: PackStats::default() }
+    pub fn pack_batch(&self) -> PackBatch {
+        PackBatch { root: self.root().to_path_buf(), packs: self.packs.clone(), writer: None, added: HashSet::new(), stats: PackStats::default() }
     }
 
     /// Moves the block files capsule `id` reaches into packs, in its walk order (files in
@@ -501,7 +511,7 @@ impl Store {
                 Err(e) => return Err(Error::io(path.display(), e)),
             };
             if writer.is_none() {
-                self.mark_packed_format()?;
+                crate::store::mark_packed_format(self.root())?;
                 writer = Some(PackWriter::create(&self.tmp_path())?);
             }
             let w = writer.as_mut().expect("just created");

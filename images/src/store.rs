@@ -53,7 +53,7 @@ pub struct Store {
     /// zstd level of blocks this handle writes (see `set_compression_level`).
     level: std::sync::atomic::AtomicI32,
     lock: File,
-    pub(crate) packs: crate::packed::Packs,
+    pub(crate) packs: Arc<crate::packed::Packs>,
 }
 
 /// What [`Store::put_block`] did.
@@ -113,7 +113,7 @@ impl Store {
         }
         flock(&lock, FlockOperation::LockShared).map_err(|e| Error::io(lock_path.display(), e.into()))?;
         Ok(Self {
-            packs: crate::packed::Packs::new(&root),
+            packs: Arc::new(crate::packed::Packs::new(&root)),
             root,
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
             tmp_counter: AtomicU64::new(0),
@@ -233,16 +233,6 @@ impl Store {
     pub(crate) fn tmp_path(&self) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
-    }
-
-    /// Marks the store as one that may hold packs (see [`FORMAT_LINE`]).
-    pub(crate) fn mark_packed_format(&self) -> Result<()> {
-        let p = self.root.join("format");
-        if fs::read_to_string(&p).is_ok_and(|s| s == FORMAT_LINE) {
-            return Ok(());
-        }
-        self.replace_with(&p, FORMAT_LINE.as_bytes(), true)?;
-        sync_dir(&self.root)
     }
 
     /// Writes `bytes` to a temporary file and renames it to `dest`, over whatever is there.
@@ -682,6 +672,19 @@ impl Store {
         self.pages.insert(*id, page.clone());
         Ok(page)
     }
+}
+
+/// Marks the store at `root` as one that may hold packs (see [`FORMAT_LINE`]).
+pub(crate) fn mark_packed_format(root: &Path) -> Result<()> {
+    let p = root.join("format");
+    if fs::read_to_string(&p).is_ok_and(|s| s == FORMAT_LINE) {
+        return Ok(());
+    }
+    static MARKS: AtomicU64 = AtomicU64::new(0);
+    let tmp = root.join("tmp").join(format!("{}-format-{}", std::process::id(), MARKS.fetch_add(1, Ordering::Relaxed)));
+    write_file_synced(&tmp, FORMAT_LINE.as_bytes())?;
+    fs::rename(&tmp, &p).map_err(|e| Error::io(format!("rename {} -> {}", tmp.display(), p.display()), e))?;
+    sync_dir(root)
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {

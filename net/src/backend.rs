@@ -14,6 +14,11 @@ pub trait Backend: Send + Sync + 'static {
     fn has_block(&self, hash: &Hash) -> bool;
     /// Stores a block after verifying it; true if it was new.
     fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool>;
+    /// A batch for the blocks of one upload, stored together when it finishes, where
+    /// the backend does better so than block by block; `None` stores each on its own.
+    fn block_batch(&self) -> Option<Box<dyn BlockBatch>> {
+        None
+    }
     /// An object's envelope.
     fn read_object(&self, id: &Hash) -> Result<Vec<u8>>;
     /// True if the object is present.
@@ -38,6 +43,26 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Blocks stored together: durable and readable once [`BlockBatch::finish`] returns,
+/// nothing if it is dropped before.
+pub trait BlockBatch: Send {
+    /// Adds a block already verified against its hash; false if the batch had it.
+    fn put(&mut self, hash: &Hash, encoded: &[u8]) -> Result<bool>;
+    /// Makes the batch's blocks durable and readable.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+impl BlockBatch for capsule_images::packed::PackBatch {
+    fn put(&mut self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
+        Ok(self.add(hash, encoded)?)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        capsule_images::packed::PackBatch::finish(*self)?;
+        Ok(())
+    }
+}
+
 impl Backend for Store {
     fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>> {
         Ok(Store::read_encoded_block(self, hash)?)
@@ -49,6 +74,11 @@ impl Backend for Store {
 
     fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
         Ok(Store::put_encoded_block(self, hash, encoded)?)
+    }
+
+    /// A pushed request's blocks go into one pack: one fsync instead of one per block file.
+    fn block_batch(&self) -> Option<Box<dyn BlockBatch>> {
+        Some(Box::new(self.pack_batch()))
     }
 
     fn read_object(&self, id: &Hash) -> Result<Vec<u8>> {

@@ -27,7 +27,7 @@ use capsule_images::map::{MapPage, MapRoot, PageSource};
 use capsule_images::Hash;
 
 use crate::auth::Policy;
-use crate::backend::Backend;
+use crate::backend::{Backend, BlockBatch};
 use crate::error::{Error, ErrorKind, Result};
 use crate::frame::{block_parts, MAX_BLOCK_FRAME};
 use crate::frame::{decode_control, Frame};
@@ -333,6 +333,17 @@ fn walk_path(backend: &dyn Backend, root: &MapRoot, index: u64) -> Result<(Pages
 
 /// Runs a store operation off the async workers, so file I/O and fsyncs never keep the
 /// endpoint from draining its socket (on loopback that showed as packet loss).
+/// One uploaded block: verified and added to `batch`, or stored on its own; false if the
+/// backend (or the batch) had it.
+fn put_block(backend: &dyn Backend, batch: Option<&mut (dyn BlockBatch + 'static)>, hash: &Hash, encoded: &[u8]) -> Result<bool> {
+    let Some(batch) = batch else { return backend.put_encoded_block(hash, encoded) };
+    if backend.has_block(hash) {
+        return Ok(false);
+    }
+    capsule_images::block::decode(hash, encoded)?;
+    batch.put(hash, encoded)
+}
+
 async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static) -> Result<T> {
     let backend = backend.clone();
     tokio::task::spawn_blocking(move || f(backend.as_ref())).await.map_err(|e| Error::new(ErrorKind::Io, format!("store task failed: {e}")))?
@@ -514,12 +525,26 @@ async fn handle(
         }
         Request::PutBlocks => {
             let mut new = 0;
+            // The request's blocks stored together where the backend can (a pack: one fsync).
+            let mut batch = backend.block_batch();
             loop {
                 match reader.expect().await? {
-                    Frame::Block { hash, encoded } => new += u64::from(blocking(backend, move |b| b.put_encoded_block(&hash, &encoded)).await?),
+                    Frame::Block { hash, encoded } => {
+                        let mut held = batch.take();
+                        let (held, added) = blocking(backend, move |b| {
+                            let added = put_block(b, held.as_deref_mut(), &hash, &encoded);
+                            Ok((held, added))
+                        })
+                        .await?;
+                        batch = held;
+                        new += u64::from(added?);
+                    }
                     Frame::End => break,
                     other => return Err(Error::protocol(format!("expected blocks, got {}", frame_name(&other)))),
                 }
+            }
+            if let Some(batch) = batch {
+                blocking(backend, move |_| batch.finish()).await?;
             }
             write_control(send, true, &Response::Stored { new }).await
         }

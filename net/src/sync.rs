@@ -17,6 +17,9 @@ use crate::proto::MAX_BATCH;
 const BLOCK_BATCH: usize = 64;
 /// Batches in flight at once.
 const PARALLEL_BATCHES: usize = 4;
+/// Bounds on one push request: the blocks of 4 requests are in memory at once.
+const PUSH_REQUEST_BYTES: u64 = 8 << 20;
+const PUSH_REQUEST_BLOCKS: usize = 1024;
 
 /// What a push or pull moved.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -37,6 +40,25 @@ pub struct TransferReport {
     pub block_bytes: u64,
     /// Metadata objects that travelled.
     pub objects_transferred: u64,
+}
+
+/// `blocks` cut into a push's requests: consecutive runs of at most PUSH_REQUEST_BYTES (by
+/// `sizes`, their stored sizes) and PUSH_REQUEST_BLOCKS, each at least one block.
+fn push_requests<'a>(blocks: &'a [Hash], sizes: &'a [u64]) -> impl Iterator<Item = &'a [Hash]> + 'a {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= blocks.len() {
+            return None;
+        }
+        let (mut end, mut bytes) = (start, 0);
+        while end < blocks.len() && end - start < PUSH_REQUEST_BLOCKS && (end == start || bytes + sizes[end] <= PUSH_REQUEST_BYTES) {
+            bytes += sizes[end];
+            end += 1;
+        }
+        let run = &blocks[start..end];
+        start = end;
+        Some(run)
+    })
 }
 
 fn logical_bytes(store: &Store, id: &Hash) -> Result<u64> {
@@ -61,20 +83,24 @@ pub async fn push(store: &Store, local: &str, client: &Client, remote_name: &str
     }
     report.blocks_skipped = report.blocks_total - missing_blocks.len() as u64;
 
-    let total: u64 = missing_blocks.iter().map(|h| store.block_stored_size(h).unwrap_or(0)).sum();
-    progress.begin("push", total);
-    for chunk in missing_blocks.chunks(BLOCK_BATCH) {
-        let mut batch = Vec::with_capacity(chunk.len());
-        for h in chunk {
-            let encoded = store.read_encoded_block(h)?;
-            report.block_bytes += encoded.len() as u64;
-            batch.push((*h, encoded));
-        }
-        let n: u64 = batch.iter().map(|(_, e)| e.len() as u64).sum();
+    let sizes: Vec<u64> = missing_blocks.iter().map(|h| store.block_stored_size(h).unwrap_or(0)).collect();
+    progress.begin("push", sizes.iter().sum());
+    // Requests of up to PUSH_REQUEST_BYTES, several in flight: one at a time left the link
+    // idle a round trip per request, and a server stores each request's blocks in one pack.
+    let mut requests = futures_util::stream::iter(push_requests(&missing_blocks, &sizes).map(|chunk| async move {
+        let batch = tokio::task::block_in_place(|| chunk.iter().map(|h| Ok((*h, store.read_encoded_block(h)?))).collect::<Result<Vec<_>>>())?;
+        let bytes: u64 = batch.iter().map(|(_, e)| e.len() as u64).sum();
         client.put_blocks(batch).await?;
-        report.blocks_transferred += chunk.len() as u64;
-        progress.advance(n);
+        Ok::<_, Error>((chunk.len() as u64, bytes))
+    }))
+    .buffered(PARALLEL_BATCHES);
+    while let Some(sent) = requests.next().await {
+        let (blocks, bytes) = sent?;
+        report.blocks_transferred += blocks;
+        report.block_bytes += bytes;
+        progress.advance(bytes);
     }
+    drop(requests);
     progress.end();
     // Pages before layers before manifests, for readability of the server's log only:
     // the server checks completeness when the ref moves.
@@ -254,7 +280,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     let mut pack = store.pack_batch();
     while let Some(batch) = batches.next().await {
         let batch = batch?;
-        tokio::task::block_in_place(|| batch.iter().try_for_each(|(h, encoded)| pack.add(h, encoded)))?;
+        tokio::task::block_in_place(|| batch.iter().try_for_each(|(h, encoded)| pack.add(h, encoded).map(drop)))?;
         report.block_bytes += batch.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
         report.blocks_transferred += batch.len() as u64;
         progress.advance(batch.len() as u64);
@@ -267,4 +293,20 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     tokio::task::block_in_place(|| store.pack_named_capsule(&id));
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok((id, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_requests_are_cut_by_bytes_and_blocks_and_never_empty() {
+        let lens = |blocks: &[Hash], sizes: &[u64]| push_requests(blocks, sizes).map(<[Hash]>::len).collect::<Vec<_>>();
+        let hashes: Vec<Hash> = (0..2000u32).map(|i| Hash::of(&i.to_le_bytes())).collect();
+        let mib = 1 << 20;
+        assert_eq!(lens(&hashes[..10], &[3 * mib; 10]), [2, 2, 2, 2, 2]);
+        assert_eq!(lens(&hashes[..3], &[20 * mib, mib, mib]), [1, 2], "a block over the budget goes alone");
+        assert_eq!(lens(&hashes, &[100; 2000]), [PUSH_REQUEST_BLOCKS, 2000 - PUSH_REQUEST_BLOCKS]);
+        assert!(lens(&[], &[]).is_empty());
+    }
 }
