@@ -192,7 +192,7 @@ for day in $(seq 1 "$DAYS"); do
   timed capsule "$BIN" --store "$CLI_STORE" push "$d" "capsule://$SRV_IP:7070/$d" --json
   push=$(cat "$W/capsule.out")
   TIME[capsule]=$(awk -v a="${TIME[capsule]}" -v b="$commit_s" 'BEGIN { printf "%.2f", a + b }')
-  STORED[capsule]=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
+  STORED[capsule]=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/packed" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
   timed restic restic "${RESTIC_R[@]}" backup --tag "$d" --json "$IMG"
   STORED[restic]=$(size_of "$RESTIC_REPO")
   timed borg borg create --compression lz4 --json "$BORG_URL::$d" "$IMG"
@@ -316,7 +316,7 @@ retained() {
 }
 # Capsule: on the server's store (its server stopped: gc takes the store's lock).
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
-before=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
+before=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/packed" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
 t0=$(now)
 # rm alone first (day 8 still reads through days 1-7: it says so, and gc frees next to
 # nothing), then `capsule flatten` of the oldest kept day, as `rm --flatten` would do at once.
@@ -329,7 +329,7 @@ for name in $(jq -r '.still_reaching_removed[]' <<<"$rm_out"); do
 done
 gc=$("$BIN" --store "$SRV_STORE" gc --json)
 s=$(secs "$t0" "$(now)")
-after=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
+after=$(size_of "$SRV_STORE/blocks" "$SRV_STORE/packed" "$SRV_STORE/objects" "$SRV_STORE/refs" "$SRV_STORE/profiles")
 CAPSULE_RETENTION=$(jq -n --argjson rm "$rm_out" --argjson g1 "$gc_rm" --argjson g2 "$gc" '{rm: $rm, gc_after_rm: $g1, gc_after_flatten: $g2, flattened: $ARGS.positional}' \
   --jsonargs "${flattened[@]}")
 log "capsule rm: $(jq -c . <<<"$rm_out"); gc after rm alone: $(jq -c . <<<"$gc_rm")"

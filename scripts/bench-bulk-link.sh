@@ -1,14 +1,15 @@
 #!/bin/bash
 # Bulk transfers over an emulated link (make bench-bulk-link): `capsule warm --all` and
-# `capsule prefetch --offline` of an incompressible capsule into an empty cache, side by
-# side in one run with rsync of the same bytes (an rsync daemon behind capsule-linkemu
+# `capsule prefetch --offline` of an incompressible capsule into an empty cache, `capsule
+# pull` of it into an empty store, `capsule push` of another such capsule the server
+# lacks, side by side in one run with rsync of the same bytes (an rsync daemon behind capsule-linkemu
 # --tcp), per link: rate and loss. Goodput = bytes of blocks fetched / seconds, against
 # the link rate. The link: namespaces, veth and tbf (scripts/link-lib.sh) with
 # capsule-linkemu beside the server adding DELAY_MS each way (and LOSS percent, UDP only).
 # Results: results/bench-bulk-link.jsonl.
 # Environment: LINKS="10mbit:0 50mbit:0 10mbit:0.5" (rate:loss%), DELAY_MS=20, SIZE_MIB=64
 # (the time includes the command's start: connecting, metadata),
-# VARIANTS="warm offline rsync sparse latency" (latency: 4 KiB O_DIRECT demand reads of
+# VARIANTS="warm offline pull push rsync sparse latency" (latency: 4 KiB O_DIRECT demand reads of
 # blocks not yet here while `--prefetch all` fills the link, against the link's round trip
 # plus the block's own transfer), CAPSULE_BIN, CAPSULE_QUIC_CC (the server's congestion
 # controller: bbr-floor, the default, or bbr, cubic or newreno; recorded in the results).
@@ -21,7 +22,7 @@ EMU=$(dirname "$BIN")/capsule-linkemu
 LINKS=${LINKS:-10mbit:0 50mbit:0 10mbit:0.5}
 DELAY_MS=${DELAY_MS:-20}
 SIZE_MIB=${SIZE_MIB:-64}
-VARIANTS=${VARIANTS:-warm offline rsync sparse latency}
+VARIANTS=${VARIANTS:-warm offline pull push rsync sparse latency}
 READS=${READS:-12}
 die() { echo "bench-bulk-link: $*" >&2; exit 1; }
 [ -x "$BIN" ] && [ -x "$EMU" ] || die "no release build ($BIN, $EMU): cargo build --release --features testtools"
@@ -67,7 +68,8 @@ rm -f "$W/big.raw"
 mkdir -p "$W/data"
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$W/data/disk.raw"
 "$BIN" --store "$W/server" import bulk --disk "root=$W/data/disk.raw" >/dev/null
-STORED=$(du -sb "$W/server/blocks" | cut -f1)
+STORED=$(store_block_bytes "$W/server")
+TOKEN=$("$BIN" --store "$W/server" token create --scope write)
 cat > "$W/rsyncd.conf" <<EOF
 use chroot = no
 [data]
@@ -94,12 +96,23 @@ for spec in $LINKS; do
   PIDS+=($emu)
   sleep 0.5
   for v in $VARIANTS; do
-    rm -rf "$W/cache" "$W/copy"
+    rm -rf "$W/cache" "$W/copy" "$W/pulled"
+    if [ "$v" = push ]; then
+      # A capsule of new random bytes, so that every block travels.
+      rm -rf "$W/local"
+      head -c $((SIZE_MIB << 20)) /dev/urandom > "$W/push.raw"
+      "$BIN" --store "$W/local" import fresh --disk "root=$W/push.raw" >/dev/null
+      rm -f "$W/push.raw"
+      pushed=$(store_block_bytes "$W/local")
+      npush=$((${npush:-0} + 1))
+    fi
     b0=$(rx_bytes) x0=$(tx_bytes)
     t0=$(now)
     case $v in
       warm) "${IN_NS[@]}" "$BIN" warm --all "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
       offline) "${IN_NS[@]}" "$BIN" prefetch --offline "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
+      pull) "${IN_NS[@]}" "$BIN" --store "$W/pulled" pull "capsule://$SRV_IP:7071/bulk" >"$W/out" 2>&1; bytes=$STORED ;;
+      push) "${IN_NS[@]}" "$BIN" --store "$W/local" push fresh "capsule://$SRV_IP:7071/pushed-$npush" --token "$TOKEN" >"$W/out" 2>&1; bytes=$pushed ;;
       sparse)
         if [ "$loss" != 0 ]; then continue; fi
         mkdir -p "$W/mnt"

@@ -60,7 +60,7 @@ for rep in $(seq "$REPS"); do
     "$BIN" --store "$store" import guest --disk "root=$DISK" "${key[@]}" >/dev/null
     t1=$(now)
     IMPORT[$variant]+=" $(mbps "$t0" "$t1")"
-    STORED[$variant]=$(du -sb "$store/blocks" | cut -f1)
+    STORED[$variant]=$(store_block_bytes "$store")
     P=$(port)
     "$BIN" --store "$store" serve --listen "127.0.0.1:$P" --public-read >/dev/null 2>&1 &
     server=$!

@@ -52,8 +52,8 @@ export CAPSULE_CONFIG_DIR=$W/config
 SRV=$W/server-store
 "$BIN" --store "$SRV" import guest --disk "root=$G/disk.raw" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" \
   --cmdline "console=ttyS0" >/dev/null
-stored=$(find "$SRV/blocks" "$SRV/objects" -type f -printf '%s\n' | awk '{ s += $1 } END { print s }')
-files=$(find "$SRV/blocks" "$SRV/objects" -type f | wc -l)
+stored=$(find "$SRV/blocks" "$SRV/packed" "$SRV/objects" -type f -printf '%s\n' | awk '{ s += $1 } END { print s }')
+files=$(find "$SRV/blocks" "$SRV/packed" "$SRV/objects" -type f | wc -l)
 
 port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # quiet_server CGROUP: until nothing in CGROUP but its first process runs (an rsync daemon's

@@ -397,7 +397,8 @@ def gen_bulk_link(rows):
                      fx(m["seconds"], 1), fx(m["payload_bytes"] * 8 / m["seconds"] / 1e6, 1),
                      fx(m["payload_bytes"] * 8 / m["seconds"] / p["rate_bits"], 2)])
     note = ("An incompressible capsule (random bytes) fetched into an empty cache by `capsule warm --all` and "
-            "`capsule prefetch --offline` (whole commands: connecting and metadata included), and the same bytes by "
+            "`capsule prefetch --offline`, into an empty store by `capsule pull`, one of new random bytes sent "
+            "by `capsule push` (whole commands: connecting and metadata included), and the same bytes by "
             f"rsync from a daemon behind the TCP relay; {rows[0]['params']['delay_ms'] * 2} ms round trip. "
             "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss).")
     return [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",

@@ -48,3 +48,23 @@ result_flush() {
   done
   rm -f "$RESULT_PENDING"
 }
+
+# store_block_bytes STORE: bytes of the blocks a store holds, exactly: its block files, and
+# each pack's span of blocks (the footer's index offset less the 16-byte header; see
+# docs/format.md), without the packs' indexes.
+store_block_bytes() {
+  python3 - "$1" <<'PY'
+import os, struct, sys
+root = sys.argv[1]
+total = 0
+for d, _, files in os.walk(os.path.join(root, "blocks")):
+    total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
+packed = os.path.join(root, "packed")
+for f in sorted(os.listdir(packed)) if os.path.isdir(packed) else []:
+    if f.endswith(".pack"):
+        with open(os.path.join(packed, f), "rb") as fh:
+            fh.seek(-56, 2)
+            total += struct.unpack("<Q", fh.read(8))[0] - 16
+print(total)
+PY
+}

@@ -2,7 +2,7 @@
 """The soak's hands (scripts/soak.sh): the random reader, and the driver's probes that make
 a fault meet reads which must fetch (blocks the mount's cache does not hold).
 
-  index SOURCE SERVER_STORE BLOCK_SIZE OUT   blocks of SOURCE whose file the server holds
+  index SOURCE SERVER_STORE BLOCK_SIZE OUT   blocks of SOURCE the server's store holds
   corrupt SERVER_STORE INDEX CACHE N SAVE    damage N blocks the cache lacks; prints them
   restore SERVER_STORE SAVE                  put the damaged blocks back
   read FILE SOURCE INDEX CACHE N [HASH...]   N O_DIRECT reads in parallel of blocks the cache
@@ -10,11 +10,32 @@ a fault meet reads which must fetch (blocks the mount's cache does not hold).
   reader FILE SOURCE STOP                    random O_DIRECT reads until STOP exists, all
                                              compared
 """
-import errno, json, mmap, os, random, shutil, sys, threading, time
+import errno, json, mmap, os, random, struct, sys, threading, time
 
 
 def block_file(store, h):
     return os.path.join(store, "blocks", h[:2], h)
+
+
+def stored_blocks(store):
+    """hash -> (file, offset, length) of each block a store holds: its block files, and the
+    entries of each pack's index (44 bytes: hash, offset u64, length u32; it ends where the
+    56-byte footer begins, which starts with its offset and count; docs/format.md)."""
+    out = {}
+    for d, _, files in os.walk(os.path.join(store, "blocks")):
+        for f in files:
+            out[f] = (os.path.join(d, f), 0, os.path.getsize(os.path.join(d, f)))
+    packed = os.path.join(store, "packed")
+    for f in sorted(os.listdir(packed)) if os.path.isdir(packed) else []:
+        if not f.endswith(".pack"):
+            continue
+        path = os.path.join(packed, f)
+        data = open(path, "rb").read()
+        index, count = struct.unpack_from("<QQ", data, len(data) - 56)
+        for e in range(index, index + 44 * count, 44):
+            off, length = struct.unpack_from("<QI", data, e + 32)
+            out[data[e:e + 32].hex()] = (path, off, length)
+    return out
 
 
 def load_index(path):
@@ -39,12 +60,13 @@ def index(source, store, block_size, out):
     block_size = int(block_size)
     zero = bytes(block_size)
     lines = []
+    held = stored_blocks(store)
     with open(source, "rb") as f:
         off = 0
         while chunk := f.read(block_size):
             if chunk != zero[:len(chunk)]:
                 h = blake3.blake3(chunk).hexdigest()
-                if os.path.exists(block_file(store, h)):
+                if h in held:
                     lines.append(f"{off} {h}\n")
             off += len(chunk)
     open(out, "w").writelines(lines)
@@ -53,18 +75,25 @@ def index(source, store, block_size, out):
 
 def corrupt(store, index_path, cache, n, save):
     os.makedirs(save, exist_ok=True)
+    held = stored_blocks(store)
     for _, h in uncached(load_index(index_path), cache, int(n), random.Random()):
-        path = block_file(store, h)
-        shutil.copyfile(path, os.path.join(save, h))
-        b = bytearray(open(path, "rb").read())
-        b[-1] ^= 0xFF
-        open(path, "wb").write(b)
+        path, off, length = held[h]
+        with open(path, "r+b") as f:
+            f.seek(off)
+            good = f.read(length)
+            open(os.path.join(save, h), "wb").write(good)
+            f.seek(off + length - 1)
+            f.write(bytes([good[-1] ^ 0xFF]))
         print(h)
 
 
 def restore(store, save):
+    held = stored_blocks(store)
     for h in os.listdir(save):
-        shutil.copyfile(os.path.join(save, h), block_file(store, h))
+        path, off, _ = held[h]
+        with open(path, "r+b") as f:
+            f.seek(off)
+            f.write(open(os.path.join(save, h), "rb").read())
         os.unlink(os.path.join(save, h))
 
 

@@ -524,12 +524,17 @@ async fn handle(
             write_frame(send, &Frame::End).await
         }
         Request::PutBlocks => {
-            let mut new = 0;
+            let (mut new, mut received) = (0, 0);
             // The request's blocks stored together where the backend can (a pack: one fsync).
             let mut batch = backend.block_batch();
             loop {
                 match reader.expect().await? {
                     Frame::Block { hash, encoded } => {
+                        // A batch keeps an index entry per block in memory until it ends.
+                        received += 1;
+                        if received > MAX_BATCH {
+                            return Err(Error::protocol(format!("more than {MAX_BATCH} blocks in one upload")));
+                        }
                         let mut held = batch.take();
                         let (held, added) = blocking(backend, move |b| {
                             let added = put_block(b, held.as_deref_mut(), &hash, &encoded);

@@ -13,7 +13,7 @@ use capsule_net::proto::Response;
 use capsule_net::{Client, ConnectOptions, ErrorKind, RemoteUrl, ServeOptions, Server};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     url: RemoteUrl,
     opts: ConnectOptions,
 }
@@ -36,7 +36,7 @@ async fn serve_with(max_connections: usize, max_per_ip: usize, header_timeout: D
     tokio::spawn(server.run(Arc::new(store), opts));
     let url = RemoteUrl::parse(&format!("capsule://{addr}")).unwrap();
     let known = dir.path().join("known_servers");
-    Fixture { _dir: dir, url, opts: ConnectOptions { token: None, fingerprint: None, known_servers: Some(known), connect_timeout: None } }
+    Fixture { dir, url, opts: ConnectOptions { token: None, fingerprint: None, known_servers: Some(known), connect_timeout: None } }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,4 +165,24 @@ async fn an_idle_connection_is_closed_at_the_deadline_and_an_unauthorized_one_ge
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(busy.list_refs("").await.unwrap().len(), 1, "the busy one stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_of_more_blocks_than_a_batch_allows_is_refused_and_stores_nothing() {
+    let f = serve(16, Duration::from_secs(20)).await;
+    let root = f.dir.path().join("server");
+    let (token, _) = capsule_net::auth::create_token(&root, capsule_net::auth::Scope::Write, "").unwrap();
+    let c = Client::connect(&f.url, &ConnectOptions { token: Some(token), ..f.opts.clone() }).await.unwrap();
+    let blocks: Vec<_> = (0..=capsule_net::proto::MAX_BATCH as u32)
+        .map(|i| {
+            let raw = i.to_le_bytes().repeat(16);
+            (capsule_images::Hash::of(&raw), capsule_images::block::encode_with_level(&raw, 1).unwrap())
+        })
+        .collect();
+    let err = c.put_blocks(blocks.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("blocks in one upload"), "{err}");
+    let store = Store::open(&root).unwrap();
+    assert!(blocks.iter().all(|(h, _)| !store.has_block(h)), "the refused upload's blocks were stored");
+    assert_eq!(c.put_blocks(blocks[..100].to_vec()).await.unwrap(), 100, "a batch under the cap is stored");
+    assert!(blocks[..100].iter().all(|(h, _)| store.has_block(h)));
 }
