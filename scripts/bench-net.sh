@@ -1,7 +1,8 @@
 #!/bin/bash
 # Loopback pull benchmark (make bench): `capsule pull` of the test guest capsule into an
 # empty store, side by side in the same run with rsync pulling the same store directory
-# from a local rsync daemon (plain, and with --fsync: capsule fsyncs every block).
+# from a local rsync daemon (plain, and with --fsync: capsule's blocks are durable before
+# a ref names them).
 # Measures wall seconds (best of RUNS) and CPU seconds (mean of RUNS) of the client and of
 # the whole server: the server and each client run in a cgroup of their own (cpuacct),
 # so the rsync daemon's per-connection children count too. Writes one JSON line per tool
@@ -110,7 +111,8 @@ CONF
 PIDS+=($!)
 sleep 1
 measure rsync "$RCG" rsync -a "rsync://127.0.0.1:$R/store/" "$W/dest/"
-# Capsule fsyncs every block before naming it; rsync --fsync is the like-for-like peer.
+# Capsule's blocks are durable (one pack, fsynced) before a ref names them; rsync --fsync is
+# the like-for-like peer.
 measure rsync-fsync "$RCG" rsync -a --fsync "rsync://127.0.0.1:$R/store/" "$W/dest/"
 
 result_flush
