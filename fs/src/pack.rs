@@ -53,23 +53,6 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// process that died (or failed) between creating it and writing the header.
 const STALE_SHORT_PACK: Duration = Duration::from_secs(60);
 
-/// Raises the soft limit on open files to the hard one, once: every pack a process knows
-/// holds a descriptor, and at the usual soft limit of 1024 a large cache of small packs
-/// would make blocks invisible and inserts fail.
-fn raise_open_file_limit() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        use rustix::process::{getrlimit, setrlimit, Resource};
-        let mut lim = getrlimit(Resource::Nofile);
-        if lim.current < lim.maximum {
-            lim.current = lim.maximum;
-            if let Err(e) = setrlimit(Resource::Nofile, lim) {
-                warn!("cache: cannot raise the open file limit: {e}");
-            }
-        }
-    });
-}
-
 fn record_header(h: &Hash, len: u32) -> [u8; RECORD_HEADER as usize] {
     let mut b = [0u8; RECORD_HEADER as usize];
     b[..4].copy_from_slice(RECORD_MAGIC);
@@ -247,7 +230,7 @@ pub struct PackCache {
 impl PackCache {
     /// Opens (creating) `CACHE/packs` and indexes the packs there, oldest first.
     pub fn open(cache_dir: &Path, max_bytes: u64) -> Result<Self> {
-        raise_open_file_limit();
+        capsule_images::packed::raise_open_file_limit();
         let dir = cache_dir.join("packs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         let mut pins = PinSet::new(cache_dir);

@@ -42,8 +42,9 @@ const FOOTER: u64 = 56;
 const MAX_BLOCK: u64 = MAX_STORED_SIZE as u64 + 64;
 /// Packs close at this size, so gc rewrites at most this much to drop one dead block.
 pub(crate) const MAX_PACK_BYTES: u64 = 1 << 30;
-/// A pack's index holds at most this many entries (MAX_PACK_BYTES of the smallest blocks).
-const MAX_ENTRIES: u64 = 1 << 24;
+/// A pack's index holds at most this many entries; a writer closes its pack there (a
+/// nearly empty 4 KiB block encodes to a few dozen bytes, so bytes alone would not).
+pub(crate) const MAX_ENTRIES: u64 = 1 << 24;
 /// How often a lookup looks whether another process added or removed packs.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -211,6 +212,23 @@ fn tail(entries: &mut Vec<IndexEntry>, blocks_end: u64) -> (Vec<u8>, Vec<u8>) {
     (out, index)
 }
 
+/// Raises the soft limit on open files to the hard one, once: every pack a store or a
+/// cache knows holds a descriptor, and at the usual soft limit of 1024 a server with many
+/// uploads' packs, or a large cache of small packs, would run out.
+pub fn raise_open_file_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut lim = getrlimit(Resource::Nofile);
+        if lim.current < lim.maximum {
+            lim.current = lim.maximum;
+            if let Err(e) = setrlimit(Resource::Nofile, lim) {
+                tracing::warn!("cannot raise the open file limit: {e}");
+            }
+        }
+    });
+}
+
 fn index_checksum(index: &[u8], footer_fields: &[u8]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(index);
@@ -225,6 +243,9 @@ struct State {
     /// Packs that failed to open: path and why (`verify` reports them).
     broken: Vec<(PathBuf, String)>,
     dir_mtime: Option<SystemTime>,
+    /// The directory changed within a second of the load: its time can hide a later
+    /// change in the same tick (ext4 stamps with a coarse clock), so a look reloads.
+    racy: bool,
     checked: Option<Instant>,
 }
 
@@ -246,7 +267,9 @@ impl Packs {
 
     /// Reads the directory again: opens packs new to it, drops those gone.
     pub(crate) fn reload(&self) {
+        raise_open_file_limit();
         let mtime = self.dir_mtime();
+        let loaded_at = SystemTime::now();
         let mut names = Vec::new();
         if let Ok(entries) = fs::read_dir(&self.dir) {
             names = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "pack")).collect();
@@ -264,6 +287,10 @@ impl Packs {
                 Ok(p) => st.packs.push(Arc::new(p)),
                 // Renamed away by a gc between the listing and the open.
                 Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+                // Out of descriptors: not the pack's fault; the next reload tries again.
+                Err(e) if e.io_error().and_then(std::io::Error::raw_os_error) == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
+                    tracing::warn!("{e}");
+                }
                 Err(e) => {
                     tracing::warn!("{e}");
                     broken.push((path, e.to_string()));
@@ -272,6 +299,7 @@ impl Packs {
         }
         st.broken = broken;
         st.loaded = true;
+        st.racy = mtime.is_some_and(|m| loaded_at.duration_since(m).unwrap_or_default() < Duration::from_secs(1));
         st.dir_mtime = mtime;
         st.checked = Some(Instant::now());
     }
@@ -285,7 +313,7 @@ impl Packs {
             if st.loaded && !look_now && !due {
                 return;
             }
-            if st.loaded && st.dir_mtime == self.dir_mtime() {
+            if st.loaded && !st.racy && st.dir_mtime == self.dir_mtime() {
                 drop(st);
                 self.state.write().expect("packs lock").checked = Some(Instant::now());
                 return;
@@ -332,7 +360,7 @@ impl Packs {
 
 /// A pack being written to `tmp/`: blocks streamed out, the index kept in memory.
 pub(crate) struct PackWriter {
-    tmp: PathBuf,
+    tmp: TmpFile,
     out: std::io::BufWriter<File>,
     entries: Vec<IndexEntry>,
     offset: u64,
@@ -341,13 +369,13 @@ pub(crate) struct PackWriter {
 impl PackWriter {
     pub(crate) fn create(tmp: &Path) -> Result<Self> {
         let file = File::create(tmp).map_err(|e| Error::io(tmp.display(), e))?;
-        let mut w = Self { tmp: tmp.to_path_buf(), out: std::io::BufWriter::with_capacity(1 << 20, file), entries: Vec::new(), offset: 0 };
+        let mut w = Self { tmp: TmpFile(tmp.to_path_buf()), out: std::io::BufWriter::with_capacity(1 << 20, file), entries: Vec::new(), offset: 0 };
         w.write(&header())?;
         Ok(w)
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).map_err(|e| Error::io(self.tmp.display(), e))?;
+        self.out.write_all(bytes).map_err(|e| Error::io(self.tmp.0.display(), e))?;
         self.offset += bytes.len() as u64;
         Ok(())
     }
@@ -366,16 +394,12 @@ impl PackWriter {
         self.offset
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Writes the index and footer, fsyncs the pack and renames it into `dir` (fsynced
     /// too): a pack is in place whole or not at all. Returns its path.
     pub(crate) fn finish(mut self, dir: &Path) -> Result<PathBuf> {
         let (tail, index) = tail(&mut self.entries, self.offset);
         self.write(&tail)?;
-        let tmp = self.tmp.clone();
+        let tmp = self.tmp.0.clone();
         let io = |e| Error::io(tmp.display(), e);
         let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
@@ -384,6 +408,19 @@ impl PackWriter {
         fs::rename(&tmp, &dest).map_err(|e| Error::io(format!("rename {} -> {}", tmp.display(), dest.display()), e))?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir.display(), e))?;
         Ok(dest)
+    }
+}
+
+/// A pack being written, removed if its writer is dropped unfinished (after `finish`
+/// renamed it, nothing is left to remove): an upload cut off mid-request leaves nothing in
+/// the `tmp/` of a server that may run for months (it is cleared only when a process opens
+/// the store alone).
+#[derive(Debug)]
+struct TmpFile(PathBuf);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -398,11 +435,12 @@ pub struct PackStats {
     pub packs: u64,
 }
 
-/// Blocks written straight into new packs, for a batch that stores many blocks before a
-/// ref names them (a pull, a push's request on a server): one fsync for the batch instead
-/// of a file and an fsync per block. Nothing is visible until [`PackBatch::finish`];
-/// dropped unfinished, the batch leaves only a file in `tmp/`, cleared later. Owns what
-/// it needs, so it can outlive a borrow of its store (a server's request).
+/// Blocks written into new packs, one closing at [`MAX_PACK_BYTES`] or [`MAX_ENTRIES`]
+/// and the next begun: the one writer behind a pull's and an upload's batch, packing block
+/// files, and gc's rewrites. For a batch that stores many blocks before a ref names them,
+/// one fsync per pack instead of a file and an fsync per block. A pack is visible once it
+/// is closed (all by [`PackBatch::finish`]); an unfinished pack is removed with its batch.
+/// Owns what it needs, so it can outlive a borrow of its store (a server's request).
 #[derive(Debug)]
 pub struct PackBatch {
     root: PathBuf,
@@ -410,6 +448,8 @@ pub struct PackBatch {
     writer: Option<PackWriter>,
     /// Blocks added, so one given twice is stored once.
     added: HashSet<Hash>,
+    /// Packs this batch put in place.
+    written: Vec<PathBuf>,
     stats: PackStats,
 }
 
@@ -422,15 +462,13 @@ impl PackBatch {
             return Ok(false);
         }
         if self.writer.is_none() {
-            static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.writer = Some(PackWriter::create(&self.root.join("tmp").join(format!("{}-batch-{n}", std::process::id())))?);
+            self.writer = Some(PackWriter::create(&crate::store::unique_tmp(&self.root))?);
         }
         let w = self.writer.as_mut().expect("just created");
         w.add(h, encoded)?;
         self.stats.blocks += 1;
         self.stats.bytes += encoded.len() as u64;
-        if w.len() >= MAX_PACK_BYTES {
+        if w.len() >= MAX_PACK_BYTES || w.entries.len() as u64 >= MAX_ENTRIES {
             self.close_pack()?;
         }
         Ok(true)
@@ -439,30 +477,42 @@ impl PackBatch {
     fn close_pack(&mut self) -> Result<()> {
         if let Some(w) = self.writer.take() {
             crate::store::mark_packed_format(&self.root)?;
-            w.finish(&self.root.join(DIR))?;
+            self.written.push(w.finish(&self.root.join(DIR))?);
             self.stats.packs += 1;
         }
         Ok(())
     }
 
     /// Puts the batch's last pack in place (fsynced) and makes its blocks visible.
-    pub fn finish(mut self) -> Result<PackStats> {
+    pub fn finish(self) -> Result<PackStats> {
+        self.finish_packs().map(|(stats, _)| stats)
+    }
+
+    /// [`Self::finish`], also naming the packs put in place.
+    pub(crate) fn finish_packs(mut self) -> Result<(PackStats, Vec<PathBuf>)> {
         self.close_pack()?;
         self.packs.reload();
-        Ok(self.stats)
+        Ok((self.stats, std::mem::take(&mut self.written)))
     }
 }
 
 impl std::fmt::Debug for PackWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackWriter").field("tmp", &self.tmp).field("blocks", &self.entries.len()).field("bytes", &self.offset).finish()
+        f.debug_struct("PackWriter").field("tmp", &self.tmp.0).field("blocks", &self.entries.len()).field("bytes", &self.offset).finish()
     }
 }
 
 impl Store {
     /// A batch of blocks written straight into packs (see [`PackBatch`]).
     pub fn pack_batch(&self) -> PackBatch {
-        PackBatch { root: self.root().to_path_buf(), packs: self.packs.clone(), writer: None, added: HashSet::new(), stats: PackStats::default() }
+        PackBatch {
+            root: self.root().to_path_buf(),
+            packs: self.packs.clone(),
+            writer: None,
+            added: HashSet::new(),
+            written: Vec::new(),
+            stats: PackStats::default(),
+        }
     }
 
     /// Moves the block files capsule `id` reaches into packs, in its walk order (files in
@@ -484,8 +534,10 @@ impl Store {
     }
 
     /// Packs the block files among `order`, in that order; with `drop_duplicates`, also
-    /// removes the files of blocks a pack already holds. Files go only after their pack is
-    /// in place and fsynced; one packer at a time per store.
+    /// removes the files of blocks a pack holds a sound copy of. A file is packed only if
+    /// it decodes to its name (a damaged one stays, for a later store of the block to
+    /// replace and `verify` to name), and removed only once a pack in place answers for
+    /// it; one packer of files at a time per store.
     pub(crate) fn pack_loose(&self, order: impl IntoIterator<Item = Hash>, drop_duplicates: bool) -> Result<PackStats> {
         let dir = self.root().join(DIR);
         fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
@@ -493,15 +545,14 @@ impl Store {
         let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(lock_path.display(), e))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| Error::io(lock_path.display(), e.into()))?;
         self.packs.reload();
-        let mut stats = PackStats::default();
-        let mut writer: Option<PackWriter> = None;
-        let mut packed_files = Vec::new();
-        let mut done = Vec::new();
+        let mut batch = self.pack_batch();
+        // Blocks whose files go once their packs are in place.
+        let mut moved = Vec::new();
         for h in order {
             let path = self.block_path(&h);
             if self.packs.contains(&h) {
-                if drop_duplicates {
-                    done.push(path);
+                if drop_duplicates && path.exists() && self.packed_copy_sound(&h) {
+                    moved.push(h);
                 }
                 continue;
             }
@@ -510,34 +561,32 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io(path.display(), e)),
             };
-            if writer.is_none() {
-                crate::store::mark_packed_format(self.root())?;
-                writer = Some(PackWriter::create(&self.tmp_path())?);
+            if let Err(e) = crate::block::decode(&h, &encoded) {
+                tracing::warn!("store {}: block file {} is damaged, not packed: {e}", self.root().display(), path.display());
+                continue;
             }
-            let w = writer.as_mut().expect("just created");
-            w.add(&h, &encoded)?;
-            stats.blocks += 1;
-            stats.bytes += encoded.len() as u64;
-            packed_files.push(path);
-            if w.len() >= MAX_PACK_BYTES {
-                writer.take().expect("present").finish(&dir)?;
-                stats.packs += 1;
-                done.append(&mut packed_files);
+            if batch.add(&h, &encoded)? {
+                moved.push(h);
             }
         }
-        if let Some(w) = writer.filter(|w| !w.is_empty()) {
-            w.finish(&dir)?;
-            stats.packs += 1;
-            done.append(&mut packed_files);
-        }
-        self.packs.reload();
-        for path in done {
+        let stats = batch.finish()?;
+        for h in moved {
+            if !self.packs.contains(&h) {
+                tracing::warn!("store {}: block {h} is in no pack after packing; its file stays", self.root().display());
+                continue;
+            }
+            let path = self.block_path(&h);
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path.display(), e)),
                 _ => {}
             }
         }
         Ok(stats)
+    }
+
+    /// Whether the first pack holding `h` holds it sound (read and decoded).
+    pub(crate) fn packed_copy_sound(&self, h: &Hash) -> bool {
+        self.packs.read(h).is_some_and(|r| r.and_then(|encoded| crate::block::decode(h, &encoded)).is_ok())
     }
 }
 
@@ -672,6 +721,27 @@ mod tests {
         let stats = writer.pack_loose([h], false).unwrap();
         assert_eq!((stats.blocks, loose_files(&writer)), (1, 0));
         assert_eq!(reader.get_block(&h).unwrap(), vec![4u8; 4096], "found in the new pack on a miss");
+
+        // Another pack within the same second: `has_block` must not trust the directory's
+        // time, which a coarse clock may not have moved.
+        let crate::map::Entry::Data(h2) = writer.put_block(&[6u8; 4096]).unwrap().entry else { panic!("a data block") };
+        writer.pack_loose([h2], false).unwrap();
+        assert!(reader.has_block(&h2), "a block packed since the last listing is reported missing");
+    }
+
+    #[test]
+    fn a_damaged_block_file_is_not_packed_and_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        let crate::map::Entry::Data(good) = store.put_block(&[1u8; 4096]).unwrap().entry else { panic!("a data block") };
+        let crate::map::Entry::Data(bad) = store.put_block(&[2u8; 4096]).unwrap().entry else { panic!("a data block") };
+        fs::write(store.block_path(&bad), b"torn").unwrap();
+        let stats = store.pack_loose([good, bad], false).unwrap();
+        assert_eq!(stats.blocks, 1, "only the sound block is packed");
+        assert!(store.block_path(&bad).exists(), "the damaged file was removed");
+        assert!(!store.block_path(&good).exists());
+        let report = crate::verify_store_files(&store).unwrap();
+        assert!(report.problems.len() == 1 && report.problems[0].contains(&bad.to_hex()), "{report:?}");
     }
 
     #[test]
@@ -682,6 +752,7 @@ mod tests {
         let mut dropped = store.pack_batch();
         dropped.add(&h, &bytes).unwrap();
         drop(dropped);
+        assert_eq!(fs::read_dir(d.path().join("s/tmp")).unwrap().count(), 0, "the dropped batch's file stayed in tmp/");
         let mut batch = store.pack_batch();
         batch.add(&h, &bytes).unwrap();
         assert!(!store.has_block(&h), "visible before the batch finished");

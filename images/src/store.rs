@@ -45,7 +45,6 @@ const PAGE_CACHE_ENTRIES: usize = 4096;
 pub struct Store {
     root: PathBuf,
     pages: quick_cache::sync::Cache<Hash, Arc<MapPage>>,
-    tmp_counter: AtomicU64,
     /// fsync every block and object before it is renamed into place (see `set_durable`).
     durable: std::sync::atomic::AtomicBool,
     /// Whether a block file already present counts without a look (see `set_trust_existing`).
@@ -116,7 +115,6 @@ impl Store {
             packs: Arc::new(crate::packed::Packs::new(&root)),
             root,
             pages: quick_cache::sync::Cache::new(PAGE_CACHE_ENTRIES),
-            tmp_counter: AtomicU64::new(0),
             durable: std::sync::atomic::AtomicBool::new(true),
             trust_existing: std::sync::atomic::AtomicBool::new(false),
             level: std::sync::atomic::AtomicI32::new(block::DEFAULT_LEVEL),
@@ -229,15 +227,9 @@ impl Store {
         Ok(true)
     }
 
-    /// A new file name under `tmp/`, unique across processes.
-    pub(crate) fn tmp_path(&self) -> PathBuf {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
-    }
-
     /// Writes `bytes` to a temporary file and renames it to `dest`, over whatever is there.
     fn replace_with(&self, dest: &Path, bytes: &[u8], sync: bool) -> Result<()> {
-        let tmp = self.tmp_path();
+        let tmp = unique_tmp(&self.root);
         if sync {
             write_file_synced(&tmp, bytes)?;
         } else {
@@ -474,8 +466,7 @@ impl Store {
         }
         // Everything the ref reaches must be durable before the ref is.
         self.sync()?;
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("ref-{}-{n}", std::process::id()));
+        let tmp = unique_tmp(&self.root);
         write_file_synced(&tmp, format!("{id}\n").as_bytes())?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(format!("ref {name}"), e))?;
         sync_dir(path.parent().unwrap_or(&self.root))
@@ -569,8 +560,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
         }
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("profile-{}-{n}", std::process::id()));
+        let tmp = unique_tmp(&self.root);
         write_file_synced(&tmp, format!("{id}\n").as_bytes())?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(path.display(), e))
     }
@@ -674,14 +664,19 @@ impl Store {
     }
 }
 
+/// A new file name under the store's `tmp/`, unique across processes and handles.
+pub(crate) fn unique_tmp(root: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    root.join("tmp").join(format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
 /// Marks the store at `root` as one that may hold packs (see [`FORMAT_LINE`]).
 pub(crate) fn mark_packed_format(root: &Path) -> Result<()> {
     let p = root.join("format");
     if fs::read_to_string(&p).is_ok_and(|s| s == FORMAT_LINE) {
         return Ok(());
     }
-    static MARKS: AtomicU64 = AtomicU64::new(0);
-    let tmp = root.join("tmp").join(format!("{}-format-{}", std::process::id(), MARKS.fetch_add(1, Ordering::Relaxed)));
+    let tmp = unique_tmp(root);
     write_file_synced(&tmp, FORMAT_LINE.as_bytes())?;
     fs::rename(&tmp, &p).map_err(|e| Error::io(format!("rename {} -> {}", tmp.display(), p.display()), e))?;
     sync_dir(root)

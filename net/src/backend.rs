@@ -115,7 +115,8 @@ impl Backend for Store {
             return Err(Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {m} missing")));
         }
         self.cas_ref(name, old, new)?;
-        // Pushed blocks arrive as files; packed, a cold read of the capsule is sequential.
+        // Blocks that arrived as files (from a client without batches, or copied into the
+        // store by hand) are packed: a cold read of the capsule is then sequential.
         self.pack_named_capsule(new);
         Ok(())
     }

@@ -331,8 +331,6 @@ fn walk_path(backend: &dyn Backend, root: &MapRoot, index: u64) -> Result<(Pages
     Ok((pages.visited.into_inner().unwrap_or_else(|p| p.into_inner()), block))
 }
 
-/// Runs a store operation off the async workers, so file I/O and fsyncs never keep the
-/// endpoint from draining its socket (on loopback that showed as packet loss).
 /// One uploaded block: verified and added to `batch`, or stored on its own; false if the
 /// backend (or the batch) had it.
 fn put_block(backend: &dyn Backend, batch: Option<&mut (dyn BlockBatch + 'static)>, hash: &Hash, encoded: &[u8]) -> Result<bool> {
@@ -344,6 +342,8 @@ fn put_block(backend: &dyn Backend, batch: Option<&mut (dyn BlockBatch + 'static
     batch.put(hash, encoded)
 }
 
+/// Runs a store operation off the async workers, so file I/O and fsyncs never keep the
+/// endpoint from draining its socket (on loopback that showed as packet loss).
 async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static) -> Result<T> {
     let backend = backend.clone();
     tokio::task::spawn_blocking(move || f(backend.as_ref())).await.map_err(|e| Error::new(ErrorKind::Io, format!("store task failed: {e}")))?

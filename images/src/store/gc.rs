@@ -1,16 +1,17 @@
 //! gc: removes what no ref reaches, from block files and packs alike, and packs the
 //! live block files.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rustix::fs::{flock, FlockOperation};
 
 use super::{GcStats, Store};
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::Hash;
-use crate::packed::{IndexEntry, Pack, PackWriter, DIR, MAX_PACK_BYTES};
+use crate::packed::{IndexEntry, Pack};
 
 /// Packs smaller than this are merged by gc.
 const SMALL_PACK: u64 = 64 << 20;
@@ -74,65 +75,76 @@ impl Store {
 
     /// gc's part in the packs: a pack holding a block no ref reaches (or a second copy of
     /// one) is written again without it, in its own order; packs under [`SMALL_PACK`]
-    /// (one per import or pull) are merged, so lookups and open files stay few. Old packs
-    /// go only once what replaces them is in place.
+    /// (one per import, pull or upload) are merged, so lookups and open files stay few.
+    /// Each block copied is checked: a second copy goes only if a sound one stays, and a
+    /// block with no sound copy keeps its damaged one as it is. The old packs go only once
+    /// everything that replaces them is in place.
     pub(crate) fn gc_packs(&self, live: &HashSet<Hash>, stats: &mut GcStats) -> Result<()> {
         let (packs, _) = self.packs.all();
-        let dir = self.root().join(DIR);
         let merge_small = packs.iter().filter(|p| p.bytes() < SMALL_PACK).count() > 1;
-        let mut seen = HashSet::new();
-        let (mut before, mut after) = (0u64, 0u64);
-        let mut merged: Option<PackWriter> = None;
-        // Small packs whose blocks the merged pack takes: removed once it is in place.
-        let mut merged_away = Vec::new();
+        // Where each block's kept copy is, and whether it was checked sound.
+        let mut kept: HashMap<Hash, (Arc<Pack>, bool)> = HashMap::new();
+        // Damaged copies of blocks that may have no sound one: written last if so.
+        let mut damaged: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut before = 0u64;
+        let mut merged = self.pack_batch();
+        let mut replaced = Vec::new();
         // A pack is named by its index: a rewrite can land on the name of the pack it
         // replaces (the same blocks at the same offsets), which must then stay.
         let mut written = HashSet::new();
         for pack in packs {
-            let mut keep: Vec<IndexEntry> = pack.entries.iter().filter(|e| live.contains(&e.hash) && seen.insert(e.hash)).copied().collect();
-            let dead = pack.entries.len() - keep.len();
+            let dead = pack.entries.iter().filter(|e| !live.contains(&e.hash)).count();
+            let copies = pack.entries.iter().filter(|e| kept.contains_key(&e.hash)).count();
             let into_merged = merge_small && pack.bytes() < SMALL_PACK;
-            if dead == 0 && !into_merged {
+            if dead == 0 && copies == 0 && !into_merged {
+                for e in &pack.entries {
+                    kept.insert(e.hash, (pack.clone(), false));
+                }
                 continue;
             }
-            keep.sort_by_key(|e| e.offset);
+            let mut entries: Vec<IndexEntry> = pack.entries.iter().filter(|e| live.contains(&e.hash)).copied().collect();
+            entries.sort_by_key(|e| e.offset);
             before += pack.bytes();
             stats.blocks_removed += dead as u64;
-            let mut own = None;
-            let w = if into_merged { &mut merged } else { &mut own };
-            for e in &keep {
-                if w.is_none() {
-                    *w = Some(PackWriter::create(&self.tmp_path())?);
+            let mut own = self.pack_batch();
+            for e in &entries {
+                if let Some((other, checked)) = kept.get_mut(&e.hash) {
+                    if *checked || block_sound(other, &e.hash) {
+                        *checked = true;
+                        continue;
+                    }
                 }
-                let out = w.as_mut().expect("just created");
-                out.add(&e.hash, &pack.read(e)?)?;
-                if out.len() >= MAX_PACK_BYTES {
-                    let full = w.take().expect("present");
-                    after += full.len();
-                    written.insert(full.finish(&dir)?);
+                let encoded = pack.read(e)?;
+                if crate::block::decode(&e.hash, &encoded).is_err() {
+                    tracing::warn!("gc: block {} in {} is damaged", e.hash, pack.path().display());
+                    damaged.push((e.hash, encoded));
+                    continue;
                 }
+                (if into_merged { &mut merged } else { &mut own }).add(&e.hash, &encoded)?;
+                kept.insert(e.hash, (pack.clone(), true));
             }
-            if into_merged {
-                merged_away.push(pack);
-                continue;
+            written.extend(own.finish_packs()?.1);
+            replaced.push(pack);
+        }
+        for (h, encoded) in damaged {
+            if !kept.contains_key(&h) {
+                merged.add(&h, &encoded)?;
             }
-            if let Some(out) = own {
-                after += out.len();
-                written.insert(out.finish(&dir)?);
-            }
+        }
+        written.extend(merged.finish_packs()?.1);
+        for pack in replaced {
             remove_unless_written(&pack, &written)?;
         }
-        if let Some(out) = merged {
-            after += out.len();
-            written.insert(out.finish(&dir)?);
-        }
-        for pack in merged_away {
-            remove_unless_written(&pack, &written)?;
-        }
+        let after: u64 = written.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
         stats.bytes_freed += before.saturating_sub(after);
         self.packs.reload();
         Ok(())
     }
+}
+
+/// Whether `pack`'s copy of `h` reads and decodes to `h`.
+fn block_sound(pack: &Pack, h: &Hash) -> bool {
+    pack.read_block(h).is_some_and(|r| r.and_then(|encoded| crate::block::decode(h, &encoded)).is_ok())
 }
 
 fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
@@ -145,7 +157,7 @@ fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::PackWriter;
+    use crate::packed::{PackWriter, DIR};
 
     fn block(b: u8) -> (Hash, Vec<u8>) {
         let raw = vec![b; 4096];
@@ -153,7 +165,7 @@ mod tests {
     }
 
     fn pack(store: &Store, blocks: &[(Hash, Vec<u8>)]) -> PathBuf {
-        let mut w = PackWriter::create(&store.tmp_path()).unwrap();
+        let mut w = PackWriter::create(&crate::store::unique_tmp(store.root())).unwrap();
         for (h, b) in blocks {
             w.add(h, b).unwrap();
         }
@@ -179,7 +191,8 @@ mod tests {
         pack(&store, &[block(1), block(2), block(3), block(9)]);
         assert_eq!(store.packs.all().0.len(), 3);
         let stats = store.gc().unwrap();
-        assert_eq!((stats.blocks_kept, stats.blocks_removed), (5, 4), "{stats:?}");
+        // One block no ref reaches; the copies of a's blocks are not blocks removed.
+        assert_eq!((stats.blocks_kept, stats.blocks_removed), (5, 1), "{stats:?}");
         let (packs, broken) = store.packs.all();
         assert!(broken.is_empty() && packs.len() == 1, "merged into one: {packs:?}");
         assert_ne!(packs[0].path(), a_pack);
@@ -200,6 +213,31 @@ mod tests {
         let (packs, _) = store.packs.all();
         assert_eq!(packs.len(), 1);
         assert_eq!(packs[0].path(), kept, "the merged pack is the first, byte for byte");
+        assert_eq!(store.get_block(&block(2).0).unwrap(), vec![2u8; 4096]);
+    }
+
+    #[test]
+    fn gc_keeps_a_second_copy_when_the_first_is_damaged() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        import(&store, d.path(), "a", &[1, 2]);
+        // A second pack holding another copy of block 1 and a block no ref reaches.
+        pack(&store, &[block(1), block(9)]);
+        // Damage block 1 in whichever pack gc meets first (packs are listed by name).
+        let (packs, _) = store.packs.all();
+        let first = &packs[0];
+        let e = first.entries.iter().find(|e| e.hash == block(1).0).unwrap();
+        let mut bytes = fs::read(first.path()).unwrap();
+        bytes[e.offset as usize + 10] ^= 0x55;
+        fs::write(first.path(), &bytes).unwrap();
+        // gc waits for every other handle on the store: none may stay open.
+        drop((packs, store));
+        let store = Store::open(d.path().join("s")).unwrap();
+        store.gc().unwrap();
+        let (packs, _) = store.packs.all();
+        let sound_copies = packs.iter().filter(|p| block_sound(p, &block(1).0)).count();
+        assert_eq!(sound_copies, 1, "the sound copy of block 1 must survive gc");
+        assert!(!store.has_block(&block(9).0));
         assert_eq!(store.get_block(&block(2).0).unwrap(), vec![2u8; 4096]);
     }
 }
