@@ -45,6 +45,8 @@ pub(crate) const MAX_PACK_BYTES: u64 = 1 << 30;
 /// A pack's index holds at most this many entries; a writer closes its pack there (a
 /// nearly empty 4 KiB block encodes to a few dozen bytes, so bytes alone would not).
 pub(crate) const MAX_ENTRIES: u64 = 1 << 24;
+/// Small packs a store gathers before [`Store::merge_small_packs`] merges them.
+pub const MERGE_SMALL_AT: usize = 16;
 /// How often a lookup looks whether another process added or removed packs.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -531,6 +533,33 @@ impl Store {
             Ok(_) => {}
             Err(e) => tracing::warn!("store {}: cannot pack capsule {id}'s blocks (they stay in their files): {}", self.root().display(), e.report()),
         }
+        if let Err(e) = self.merge_small_packs() {
+            tracing::warn!("store {}: cannot merge small packs (they stay as they are): {}", self.root().display(), e.report());
+        }
+    }
+
+    /// Merges the packs under gc's small-pack size once there are more than
+    /// [`MERGE_SMALL_AT`] of them (uploads make one per request), so a server that never
+    /// stops for a gc keeps its lookups and open files few. Safe beside readers: a
+    /// process reading an old pack holds it open, and one that lists `packed/` afresh finds
+    /// the merged pack before the old ones go.
+    pub fn merge_small_packs(&self) -> Result<()> {
+        let _lock = self.pack_lock()?;
+        let (packs, _) = self.packs.all();
+        if packs.iter().filter(|p| p.bytes() < crate::store::SMALL_PACK).count() > MERGE_SMALL_AT {
+            self.gc_packs(None, &mut crate::store::GcStats::default())?;
+        }
+        Ok(())
+    }
+
+    /// The store's packer lock (`packed/lock`): one packer of files or merger at a time.
+    fn pack_lock(&self) -> Result<File> {
+        let dir = self.root().join(DIR);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+        let lock_path = dir.join("lock");
+        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(lock_path.display(), e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| Error::io(lock_path.display(), e.into()))?;
+        Ok(lock)
     }
 
     /// Packs the block files among `order`, in that order; with `drop_duplicates`, also
@@ -539,11 +568,7 @@ impl Store {
     /// replace and `verify` to name), and removed only once a pack in place answers for
     /// it; one packer of files at a time per store.
     pub(crate) fn pack_loose(&self, order: impl IntoIterator<Item = Hash>, drop_duplicates: bool) -> Result<PackStats> {
-        let dir = self.root().join(DIR);
-        fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
-        let lock_path = dir.join("lock");
-        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(lock_path.display(), e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| Error::io(lock_path.display(), e.into()))?;
+        let _lock = self.pack_lock()?;
         self.packs.reload();
         let mut batch = self.pack_batch();
         // Blocks whose files go once their packs are in place.
@@ -761,5 +786,30 @@ mod tests {
         assert_eq!(store.get_block(&h).unwrap(), vec![5u8; 4096]);
         assert_eq!(store.packs.all().0.len(), 1, "the dropped batch left no pack");
         assert_eq!(loose_files(&store), 0);
+    }
+
+    #[test]
+    fn small_packs_are_merged_while_another_handle_reads_on() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("s")).unwrap();
+        let raws: Vec<Vec<u8>> = (0..MERGE_SMALL_AT as u8 + 2).map(|i| vec![i + 1; 4096]).collect();
+        for raw in &raws {
+            let mut batch = store.pack_batch();
+            batch.add(&Hash::of(raw), &crate::block::encode_with_level(raw, 1).unwrap()).unwrap();
+            batch.finish().unwrap();
+        }
+        // Another handle (another process's, say) that listed the packs before the merge.
+        let reader = Store::open(d.path().join("s")).unwrap();
+        assert!(raws.iter().all(|r| reader.get_block(&Hash::of(r)).is_ok()));
+        assert_eq!(store.packs.all().0.len(), raws.len());
+        store.merge_small_packs().unwrap();
+        assert_eq!(store.packs.all().0.len(), 1, "merged into one");
+        for raw in &raws {
+            assert_eq!(&reader.get_block(&Hash::of(raw)).unwrap(), raw, "the older handle lost a block");
+            assert!(reader.has_block(&Hash::of(raw)));
+        }
+        let fresh = Store::open(d.path().join("s")).unwrap();
+        assert!(raws.iter().all(|r| fresh.get_block(&Hash::of(r)).is_ok()));
+        assert_eq!(fs::read_dir(d.path().join("s/tmp")).unwrap().count(), 0);
     }
 }

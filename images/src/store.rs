@@ -34,6 +34,8 @@ use crate::map::{Entry, MapPage, PageSource};
 
 mod gc;
 
+pub(crate) use gc::SMALL_PACK;
+
 /// Version 2 may hold packed blocks, which version 1 never looks for; a version 1 store
 /// is opened as it is and becomes version 2 with its first pack.
 const FORMAT_LINE: &str = "capsule-store 2\n";

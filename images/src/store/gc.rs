@@ -13,8 +13,8 @@ use crate::error::{Error, Result, ResultExt};
 use crate::hash::Hash;
 use crate::packed::{IndexEntry, Pack};
 
-/// Packs smaller than this are merged by gc.
-const SMALL_PACK: u64 = 64 << 20;
+/// Packs smaller than this are merged by gc (and by `merge_small_packs`).
+pub(crate) const SMALL_PACK: u64 = 64 << 20;
 
 impl Store {
     /// Removes every block and object no ref reaches. Waits for other users of the store.
@@ -65,7 +65,7 @@ impl Store {
                 stats.bytes_freed += len;
             }
         }
-        self.gc_packs(&live_blocks, &mut stats)?;
+        self.gc_packs(Some(&live_blocks), &mut stats)?;
         stats.blocks_packed = self.pack_loose(live_order, true)?.blocks;
         stats.blocks_kept = live_blocks.iter().filter(|h| self.has_block(h)).count() as u64;
         Self::clear_tmp(&self.root)?;
@@ -79,7 +79,8 @@ impl Store {
     /// Each block copied is checked: a second copy goes only if a sound one stays, and a
     /// block with no sound copy keeps its damaged one as it is. The old packs go only once
     /// everything that replaces them is in place.
-    pub(crate) fn gc_packs(&self, live: &HashSet<Hash>, stats: &mut GcStats) -> Result<()> {
+    pub(crate) fn gc_packs(&self, live: Option<&HashSet<Hash>>, stats: &mut GcStats) -> Result<()> {
+        let is_live = |h: &Hash| live.is_none_or(|l| l.contains(h));
         let (packs, _) = self.packs.all();
         let merge_small = packs.iter().filter(|p| p.bytes() < SMALL_PACK).count() > 1;
         // Where each block's kept copy is, and whether it was checked sound.
@@ -93,7 +94,7 @@ impl Store {
         // replaces (the same blocks at the same offsets), which must then stay.
         let mut written = HashSet::new();
         for pack in packs {
-            let dead = pack.entries.iter().filter(|e| !live.contains(&e.hash)).count();
+            let dead = pack.entries.iter().filter(|e| !is_live(&e.hash)).count();
             let copies = pack.entries.iter().filter(|e| kept.contains_key(&e.hash)).count();
             let into_merged = merge_small && pack.bytes() < SMALL_PACK;
             if dead == 0 && copies == 0 && !into_merged {
@@ -102,7 +103,7 @@ impl Store {
                 }
                 continue;
             }
-            let mut entries: Vec<IndexEntry> = pack.entries.iter().filter(|e| live.contains(&e.hash)).copied().collect();
+            let mut entries: Vec<IndexEntry> = pack.entries.iter().filter(|e| is_live(&e.hash)).copied().collect();
             entries.sort_by_key(|e| e.offset);
             before += pack.bytes();
             stats.blocks_removed += dead as u64;
@@ -209,7 +210,7 @@ mod tests {
         pack(&store, &[block(9)]);
         let live: HashSet<Hash> = [block(1).0, block(2).0].into();
         let mut stats = GcStats::default();
-        store.gc_packs(&live, &mut stats).unwrap();
+        store.gc_packs(Some(&live), &mut stats).unwrap();
         let (packs, _) = store.packs.all();
         assert_eq!(packs.len(), 1);
         assert_eq!(packs[0].path(), kept, "the merged pack is the first, byte for byte");
