@@ -241,5 +241,6 @@ pub fn import_capsule(store: &Store, spec: &CapsuleSpec, progress: &dyn Progress
     report.id = id;
     store.set_ref(&spec.name, &id)?;
     store.pack_named_capsule(&id);
+    store.tidy_packs();
     Ok(report)
 }

@@ -533,6 +533,10 @@ impl Store {
             Ok(_) => {}
             Err(e) => tracing::warn!("store {}: cannot pack capsule {id}'s blocks (they stay in their files): {}", self.root().display(), e.report()),
         }
+    }
+
+    /// [`Self::merge_small_packs`], a failure logged (the packs stay as they are).
+    pub fn tidy_packs(&self) {
         if let Err(e) = self.merge_small_packs() {
             tracing::warn!("store {}: cannot merge small packs (they stay as they are): {}", self.root().display(), e.report());
         }

@@ -31,6 +31,9 @@ pub trait Backend: Send + Sync + 'static {
     fn read_ref(&self, name: &str) -> Result<Option<Hash>>;
     /// Moves a ref from `old` to `new`, refusing if the capsule is incomplete here.
     fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> Result<()>;
+    /// Housekeeping after a ref update was answered (a store merges small packs); its
+    /// cost is not the client's wait.
+    fn tidy(&self) {}
     /// Profiles of a capsule: (name, object id).
     fn list_profiles(&self, capsule: &Hash) -> Result<Vec<(String, Hash)>> {
         let _ = capsule;
@@ -74,6 +77,10 @@ impl Backend for Store {
 
     fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
         Ok(Store::put_encoded_block(self, hash, encoded)?)
+    }
+
+    fn tidy(&self) {
+        self.tidy_packs();
     }
 
     /// A pushed request's blocks go into one pack: one fsync instead of one per block file.

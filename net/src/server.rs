@@ -582,7 +582,13 @@ async fn handle(
             let n = name.clone();
             blocking(backend, move |b| b.update_ref(&n, old.as_ref(), &new)).await?;
             info!(%name, id = %new, "ref updated");
-            write_control(send, true, &Response::Stored { new: 0 }).await
+            write_control(send, true, &Response::Stored { new: 0 }).await?;
+            // After the answer: merging packs is not the pushing client's wait.
+            blocking(backend, |b| {
+                b.tidy();
+                Ok(())
+            })
+            .await
         }
     }
 }

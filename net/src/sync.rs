@@ -290,7 +290,10 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     progress.end();
     pull_profiles(client, &id, store).await?;
     store.set_ref(local_name, &id)?;
-    tokio::task::block_in_place(|| store.pack_named_capsule(&id));
+    tokio::task::block_in_place(|| {
+        store.pack_named_capsule(&id);
+        store.tidy_packs();
+    });
     (report.wire_sent, report.wire_received) = client.wire_bytes();
     Ok((id, report))
 }
