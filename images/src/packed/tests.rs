@@ -1,0 +1,197 @@
+//! Packs: the format, the store around them, their writer.
+
+use super::*;
+
+fn blocks(n: u8) -> Vec<(Hash, Vec<u8>)> {
+    (0..n).map(|i| (Hash::of(&[i]), vec![i; 100 + usize::from(i)])).collect()
+}
+
+fn write_pack(dir: &Path, tmp: &Path, blocks: &[(Hash, Vec<u8>)]) -> Result<PathBuf> {
+    let mut w = PackWriter::create(tmp)?;
+    for (h, b) in blocks {
+        w.add(h, b)?;
+    }
+    w.finish(dir)
+}
+
+#[test]
+fn a_written_pack_reads_back_and_its_damage_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let path = write_pack(&d.path().join(DIR), &d.path().join("t"), &blocks(20)).unwrap();
+    let packs = Packs::new(d.path());
+    for (h, bytes) in blocks(20) {
+        assert_eq!(packs.read(&h).unwrap().unwrap(), bytes);
+    }
+    assert!(packs.read(&Hash::of(b"absent")).is_none());
+
+    // A flipped index byte fails the checksum; a truncated pack has no footer.
+    let mut bytes = fs::read(&path).unwrap();
+    let len = bytes.len();
+    bytes[len - FOOTER as usize - 3] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let err = Pack::open(&path).unwrap_err().to_string();
+    assert!(err.contains("checksum") && err.contains(&path.display().to_string()), "{err}");
+    fs::write(&path, &bytes[..len - 1]).unwrap();
+    assert!(Pack::open(&path).unwrap_err().to_string().contains("footer"));
+    let (ok, broken) = Packs::new(d.path()).all();
+    assert!(ok.is_empty() && broken.len() == 1, "{broken:?}");
+}
+
+#[test]
+fn a_footer_that_lies_about_its_index_is_refused_before_allocating() {
+    let d = tempfile::tempdir().unwrap();
+    let path = write_pack(&d.path().join(DIR), &d.path().join("t"), &blocks(3)).unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let f = bytes.len() - FOOTER as usize;
+    bytes[f + 8..f + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    fs::write(&path, &bytes).unwrap();
+    assert!(Pack::open(&path).unwrap_err().to_string().contains("entries"));
+}
+
+#[test]
+fn a_pack_renamed_in_by_another_process_is_found_on_reload() {
+    let d = tempfile::tempdir().unwrap();
+    let packs = Packs::new(d.path());
+    let (h, bytes) = blocks(1).remove(0);
+    assert!(!packs.contains(&h));
+    write_pack(&d.path().join(DIR), &d.path().join("t"), &blocks(1)).unwrap();
+    packs.reload();
+    assert_eq!(packs.read(&h).unwrap().unwrap(), bytes);
+}
+
+fn import(store: &Store, dir: &Path, name: &str, seeds: &[u8]) -> Hash {
+    let disk = dir.join(format!("{name}.raw"));
+    fs::write(&disk, seeds.iter().map(|&b| vec![b; 4096]).collect::<Vec<_>>().concat()).unwrap();
+    let spec = crate::CapsuleSpec { name: name.into(), disks: vec![("root".into(), disk)], block_size_log2: Some(12), ..Default::default() };
+    crate::import_capsule(store, &spec, &crate::NoProgress).unwrap().id
+}
+
+fn loose_files(store: &Store) -> usize {
+    store.list_dir_hashes("blocks").unwrap().len()
+}
+
+#[test]
+fn an_imported_capsule_is_packed_in_walk_order_and_gc_keeps_only_what_refs_reach() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let a = import(&store, d.path(), "a", &[9, 3, 7, 1, 5]);
+    assert_eq!(loose_files(&store), 0, "the capsule's block files were packed");
+    assert_eq!(fs::read_to_string(d.path().join("s/format")).unwrap(), "capsule-store 2\n");
+    let (_, order) = store.closure(&a).unwrap();
+    let (packs, _) = store.packs.all();
+    assert_eq!(packs.len(), 1);
+    let mut by_offset = packs[0].entries.clone();
+    by_offset.sort_by_key(|e| e.offset);
+    assert_eq!(by_offset.iter().map(|e| e.hash).collect::<Vec<_>>(), order, "packed in the disk's order");
+    for b in [9u8, 3, 7, 1, 5] {
+        assert_eq!(store.get_block(&Hash::of(&[b; 4096])).unwrap(), vec![b; 4096]);
+    }
+
+    // A second capsule shares two blocks; once its ref is gone, gc drops its own three
+    // from their pack and keeps the shared ones.
+    import(&store, d.path(), "b", &[9, 3, 11, 12, 13]);
+    assert_eq!(store.packs.all().0.len(), 2);
+    store.delete_ref("b").unwrap();
+    let stats = store.gc().unwrap();
+    assert_eq!((stats.blocks_removed, stats.blocks_kept), (3, 5), "{stats:?}");
+    for b in [11u8, 12, 13] {
+        assert!(!store.has_block(&Hash::of(&[b; 4096])), "block {b} survived gc");
+    }
+    let report = crate::verify_store_files(&store).unwrap();
+    assert!(report.problems.is_empty() && report.blocks_checked == 5, "{report:?}");
+}
+
+#[test]
+fn a_damaged_packed_block_is_named_by_its_pack_and_never_returned() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    import(&store, d.path(), "a", &[1, 2, 3]);
+    let (packs, _) = store.packs.all();
+    let victim = packs[0].entries[1];
+    let mut bytes = fs::read(packs[0].path()).unwrap();
+    bytes[victim.offset as usize + 8] ^= 0x40;
+    fs::write(packs[0].path(), &bytes).unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let err = store.get_block(&victim.hash).unwrap_err().to_string();
+    assert!(err.contains(&packs[0].path().display().to_string()), "{err}");
+    let report = crate::verify_store_files(&store).unwrap();
+    assert_eq!((report.problems.len(), report.blocks_checked), (1, 2), "{report:?}");
+}
+
+#[test]
+fn a_handle_that_looked_before_another_packed_still_reads_the_block() {
+    let d = tempfile::tempdir().unwrap();
+    let writer = Store::open(d.path().join("s")).unwrap();
+    let h = writer.put_block(&[4u8; 4096]).unwrap().entry;
+    let crate::map::Entry::Data(h) = h else { panic!("a data block") };
+    let reader = Store::open(d.path().join("s")).unwrap();
+    assert!(reader.has_block(&h), "its file");
+    let stats = writer.pack_loose([h], false).unwrap();
+    assert_eq!((stats.blocks, loose_files(&writer)), (1, 0));
+    assert_eq!(reader.get_block(&h).unwrap(), vec![4u8; 4096], "found in the new pack on a miss");
+
+    // Another pack within the same second: `has_block` must not trust the directory's
+    // time, which a coarse clock may not have moved.
+    let crate::map::Entry::Data(h2) = writer.put_block(&[6u8; 4096]).unwrap().entry else { panic!("a data block") };
+    writer.pack_loose([h2], false).unwrap();
+    assert!(reader.has_block(&h2), "a block packed since the last listing is reported missing");
+}
+
+#[test]
+fn a_damaged_block_file_is_not_packed_and_stays() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let crate::map::Entry::Data(good) = store.put_block(&[1u8; 4096]).unwrap().entry else { panic!("a data block") };
+    let crate::map::Entry::Data(bad) = store.put_block(&[2u8; 4096]).unwrap().entry else { panic!("a data block") };
+    fs::write(store.block_path(&bad), b"torn").unwrap();
+    let stats = store.pack_loose([good, bad], false).unwrap();
+    assert_eq!(stats.blocks, 1, "only the sound block is packed");
+    assert!(store.block_path(&bad).exists(), "the damaged file was removed");
+    assert!(!store.block_path(&good).exists());
+    let report = crate::verify_store_files(&store).unwrap();
+    assert!(report.problems.len() == 1 && report.problems[0].contains(&bad.to_hex()), "{report:?}");
+}
+
+#[test]
+fn a_batch_is_invisible_until_it_finishes_and_nothing_if_dropped() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let (h, bytes) = (Hash::of(&[5u8; 4096]), crate::block::encode_with_level(&[5u8; 4096], 1).unwrap());
+    let mut dropped = store.pack_batch();
+    dropped.add(&h, &bytes).unwrap();
+    drop(dropped);
+    assert_eq!(fs::read_dir(d.path().join("s/tmp")).unwrap().count(), 0, "the dropped batch's file stayed in tmp/");
+    let mut batch = store.pack_batch();
+    batch.add(&h, &bytes).unwrap();
+    assert!(!store.has_block(&h), "visible before the batch finished");
+    let stats = batch.finish().unwrap();
+    assert_eq!((stats.blocks, stats.packs), (1, 1));
+    assert_eq!(store.get_block(&h).unwrap(), vec![5u8; 4096]);
+    assert_eq!(store.packs.all().0.len(), 1, "the dropped batch left no pack");
+    assert_eq!(loose_files(&store), 0);
+}
+
+#[test]
+fn small_packs_are_merged_while_another_handle_reads_on() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let raws: Vec<Vec<u8>> = (0..MERGE_SMALL_AT as u8 + 2).map(|i| vec![i + 1; 4096]).collect();
+    for raw in &raws {
+        let mut batch = store.pack_batch();
+        batch.add(&Hash::of(raw), &crate::block::encode_with_level(raw, 1).unwrap()).unwrap();
+        batch.finish().unwrap();
+    }
+    // Another handle (another process's, say) that listed the packs before the merge.
+    let reader = Store::open(d.path().join("s")).unwrap();
+    assert!(raws.iter().all(|r| reader.get_block(&Hash::of(r)).is_ok()));
+    assert_eq!(store.packs.all().0.len(), raws.len());
+    store.merge_small_packs().unwrap();
+    assert_eq!(store.packs.all().0.len(), 1, "merged into one");
+    for raw in &raws {
+        assert_eq!(&reader.get_block(&Hash::of(raw)).unwrap(), raw, "the older handle lost a block");
+        assert!(reader.has_block(&Hash::of(raw)));
+    }
+    let fresh = Store::open(d.path().join("s")).unwrap();
+    assert!(raws.iter().all(|r| fresh.get_block(&Hash::of(r)).is_ok()));
+    assert_eq!(fs::read_dir(d.path().join("s/tmp")).unwrap().count(), 0);
+}
