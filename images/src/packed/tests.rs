@@ -131,9 +131,13 @@ fn a_handle_that_looked_before_another_packed_still_reads_the_block() {
     assert_eq!(reader.get_block(&h).unwrap(), vec![4u8; 4096], "found in the new pack on a miss");
 
     // Another pack within the same second: `has_block` must not trust the directory's
-    // time, which a coarse clock may not have moved.
+    // time, which a coarse clock may not have moved (set back here, as such a clock would).
+    let dir = d.path().join("s").join(DIR);
+    let stamp = fs::metadata(&dir).unwrap().modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap();
     let crate::map::Entry::Data(h2) = writer.put_block(&[6u8; 4096]).unwrap().entry else { panic!("a data block") };
     writer.pack_loose([h2], false).unwrap();
+    let t = rustix::fs::Timespec { tv_sec: stamp.as_secs() as i64, tv_nsec: i64::from(stamp.subsec_nanos()) };
+    rustix::fs::utimensat(rustix::fs::CWD, &dir, &rustix::fs::Timestamps { last_access: t, last_modification: t }, rustix::fs::AtFlags::empty()).unwrap();
     assert!(reader.has_block(&h2), "a block packed since the last listing is reported missing");
 }
 
