@@ -338,8 +338,13 @@ impl Packs {
     /// [`Self::contains`], after looking whether the directory changed: for an answer
     /// another process may act on (a server telling a client what it lacks).
     pub(crate) fn contains_now(&self, h: &Hash) -> bool {
-        self.refresh(true);
+        self.refresh_now();
         self.contains(h)
+    }
+
+    /// Looks now whether `packed/` changed, and reloads if so.
+    pub(crate) fn refresh_now(&self) {
+        self.refresh(true);
     }
 
     /// The block as stored, if a pack holds it.
@@ -457,8 +462,7 @@ pub struct PackBatch {
 
 impl PackBatch {
     /// Appends a block's encoding, checked against its hash by the caller; false if this
-    /// batch has it already. Blocks the store holds already should not be given (they
-    /// would be stored twice until gc).
+    /// batch has it already. (gc and packing copy blocks packs hold: see [`Self::add_new`].)
     pub fn add(&mut self, h: &Hash, encoded: &[u8]) -> Result<bool> {
         if !self.added.insert(*h) {
             return Ok(false);
@@ -474,6 +478,16 @@ impl PackBatch {
             self.close_pack()?;
         }
         Ok(true)
+    }
+
+    /// [`Self::add`] for a block arriving from elsewhere (a pull, an upload): false also if
+    /// a pack the store knows holds it (an in-memory look, no listing: a block packed
+    /// elsewhere a moment ago, or held as a file, is stored twice until gc).
+    pub fn add_new(&mut self, h: &Hash, encoded: &[u8]) -> Result<bool> {
+        if self.packs.contains(h) {
+            return Ok(false);
+        }
+        self.add(h, encoded)
     }
 
     fn close_pack(&mut self) -> Result<()> {

@@ -329,8 +329,10 @@ impl Store {
         match fs::read(&path) {
             Ok(bytes) => Ok(bytes),
             Err(e) if e.kind() == IoKind::NotFound => {
-                // Packed by another process since this one last looked.
-                self.packs.reload();
+                // Packed by another process since this one last looked (the look costs a
+                // stat unless packed/ changed: a client asking for absent blocks makes
+                // no listing each).
+                self.packs.refresh_now();
                 self.packs.read(h).unwrap_or_else(|| Err(Error::not_found(format!("block {h} is not in store {}", self.root.display()))))
             }
             Err(e) => Err(Error::io(path.display(), e)),

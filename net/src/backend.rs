@@ -57,7 +57,7 @@ pub trait BlockBatch: Send {
 
 impl BlockBatch for capsule_images::packed::PackBatch {
     fn put(&mut self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
-        Ok(self.add(hash, encoded)?)
+        Ok(self.add_new(hash, encoded)?)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

@@ -335,9 +335,6 @@ fn walk_path(backend: &dyn Backend, root: &MapRoot, index: u64) -> Result<(Pages
 /// backend (or the batch) had it.
 fn put_block(backend: &dyn Backend, batch: Option<&mut (dyn BlockBatch + 'static)>, hash: &Hash, encoded: &[u8]) -> Result<bool> {
     let Some(batch) = batch else { return backend.put_encoded_block(hash, encoded) };
-    if backend.has_block(hash) {
-        return Ok(false);
-    }
     capsule_images::block::decode(hash, encoded)?;
     batch.put(hash, encoded)
 }

@@ -31,20 +31,9 @@ impl Store {
         // Live blocks in walk order, for packing the loose ones.
         let mut live_order = Vec::new();
         for (name, id) in self.list_refs()? {
-            self.walk_capsule(
-                &id,
-                &mut |h| {
-                    live_objects.insert(*h);
-                    Ok(())
-                },
-                &mut |_, _, h| {
-                    if live_blocks.insert(*h) {
-                        live_order.push(*h);
-                    }
-                    Ok(())
-                },
-            )
-            .with_context(|| format!("gc: ref {name} is damaged; nothing was removed"))?;
+            let (objects, blocks) = self.closure(&id).with_context(|| format!("gc: ref {name} is damaged; nothing was removed"))?;
+            live_objects.extend(objects);
+            live_order.extend(blocks.into_iter().filter(|h| live_blocks.insert(*h)));
         }
         // Profiles of live capsules stay; their blocks are the capsules' own.
         let live_capsules: Vec<Hash> = live_objects.iter().copied().collect();
