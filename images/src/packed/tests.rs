@@ -199,3 +199,17 @@ fn small_packs_are_merged_while_another_handle_reads_on() {
     assert!(raws.iter().all(|r| fresh.get_block(&Hash::of(r)).is_ok()));
     assert_eq!(fs::read_dir(d.path().join("s/tmp")).unwrap().count(), 0);
 }
+
+#[test]
+fn verify_names_a_damaged_block_file_beside_a_sound_packed_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let crate::map::Entry::Data(h) = store.put_block(&[3u8; 4096]).unwrap().entry else { panic!("a data block") };
+    let sound = fs::read(store.block_path(&h)).unwrap();
+    store.pack_loose([h], false).unwrap();
+    // A copy of the block as a file again, damaged: the pack's copy must not stand in for it.
+    fs::create_dir_all(store.block_path(&h).parent().unwrap()).unwrap();
+    fs::write(store.block_path(&h), &sound[..sound.len() / 2]).unwrap();
+    let report = crate::verify_store_files(&store).unwrap();
+    assert!(report.problems.len() == 1 && report.problems[0].contains(&store.block_path(&h).display().to_string()), "{report:?}");
+}
