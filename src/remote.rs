@@ -22,6 +22,16 @@ pub fn open_existing_store(dir: Option<PathBuf>) -> Result<Store> {
     open_store(Some(dir))
 }
 
+/// The store at `dir` if one is there, `None` if none is; a store that is there but will
+/// not open (another format version, say) is an error, not an empty listing.
+pub fn open_store_if_any(dir: Option<PathBuf>) -> Result<Option<Store>> {
+    let dir = dir.unwrap_or_else(Store::default_dir);
+    if !dir.join("format").is_file() {
+        return Ok(None);
+    }
+    open_store(Some(dir)).map(Some)
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }

@@ -48,6 +48,12 @@ fn reading_commands_create_nothing_where_a_typo_points() {
     fails(capsule(&typo).args(["verify"]));
     fails(capsule(&typo).args(["export", "x", "--out"]).arg(dir.path().join("out")));
     assert_eq!(ok(capsule(&typo).args(["ls", "--json"])).trim(), "[]");
+    // A store of another format version is named as such, not listed as empty.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("format"), "capsule-store 9\n").unwrap();
+    let err = fails(capsule(&other).arg("ls"));
+    assert!(err.contains("not a capsule store of this version"), "{err}");
     let cache = dir.path().join("cache-typo");
     let id = "0".repeat(64);
     let err = fails(capsule(&typo).args(["status", &id, "--cache"]).arg(&cache));
