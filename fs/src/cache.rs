@@ -111,10 +111,7 @@ impl BlockCache {
                 }
             }
             // The encoded length is the stored size: no second stat per read.
-            Blocks::Store(seen) => match self.store.read_encoded_block(h).and_then(|encoded| {
-                let raw = capsule_images::block::decode(h, &encoded).map_err(|e| e.context(format!("block {h} of the store")))?;
-                Ok((raw, encoded.len() as u64))
-            }) {
+            Blocks::Store(seen) => match self.store.read_verified_block(h) {
                 Ok((data, size)) => {
                     if let Ok(mut s) = seen.lock() {
                         s.insert(*h, size);
@@ -123,7 +120,7 @@ impl BlockCache {
                 }
                 Err(e) if e.kind() == capsule_images::ErrorKind::NotFound => None,
                 Err(e) => {
-                    warn!("store: damaged block {h} (kept for inspection; `capsule verify` names its capsules): {e}");
+                    warn!("store: block {h} does not verify; fetching it again: {e}");
                     None
                 }
             },

@@ -23,7 +23,8 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::block::MAX_STORED_SIZE;
@@ -54,7 +55,7 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct IndexEntry {
     pub(crate) hash: Hash,
     pub(crate) offset: u64,
-    len: u32,
+    pub(crate) len: u32,
 }
 
 /// One pack file, its index in memory (sorted by hash).
@@ -62,7 +63,14 @@ pub(crate) struct IndexEntry {
 pub(crate) struct Pack {
     path: PathBuf,
     file: File,
+    /// The file's length when opened: a pack is never written after its rename.
+    len: u64,
     pub(crate) entries: Vec<IndexEntry>,
+    /// Blocks found damaged here by a read: lookups pass over them, so the block reads
+    /// from another copy, and a later store of it writes a sound one (gc drops this copy
+    /// once a sound one exists).
+    damaged: Mutex<HashSet<Hash>>,
+    any_damaged: AtomicBool,
 }
 
 impl Pack {
@@ -72,11 +80,22 @@ impl Pack {
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let entries = parse_index(&path.display().to_string(), len, &|buf, at| file.read_exact_at(buf, at))?;
-        Ok(Self { path: path.to_path_buf(), file, entries })
+        Ok(Self { path: path.to_path_buf(), file, len, entries, damaged: Mutex::default(), any_damaged: AtomicBool::new(false) })
     }
 
     fn find(&self, h: &Hash) -> Option<IndexEntry> {
         self.entries.binary_search_by(|e| e.hash.0.cmp(&h.0)).ok().map(|i| self.entries[i])
+    }
+
+    /// [`Self::find`], passing over a copy found damaged.
+    fn find_usable(&self, h: &Hash) -> Option<IndexEntry> {
+        self.find(h).filter(|_| !self.any_damaged.load(Ordering::Relaxed) || !self.damaged.lock().expect("damaged lock").contains(h))
+    }
+
+    /// Notes that this pack's copy of `h` does not decode to `h`.
+    pub(crate) fn mark_damaged(&self, h: &Hash) {
+        self.damaged.lock().expect("damaged lock").insert(*h);
+        self.any_damaged.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
@@ -90,17 +109,17 @@ impl Pack {
     }
 
     pub(crate) fn bytes(&self) -> u64 {
-        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+        self.len
     }
 
-    /// The pack's blocks, in index order.
-    pub(crate) fn hashes(&self) -> impl Iterator<Item = Hash> + '_ {
-        self.entries.iter().map(|e| e.hash)
+    /// The block at `e`, read and checked against its hash.
+    pub(crate) fn read_decoded(&self, e: &IndexEntry) -> Result<Vec<u8>> {
+        self.read(e).and_then(|encoded| crate::block::decode(&e.hash, &encoded))
     }
 
-    /// A block of this pack, as stored (not decoded).
-    pub(crate) fn read_block(&self, h: &Hash) -> Option<Result<Vec<u8>>> {
-        self.find(h).map(|e| self.read(&e))
+    /// Whether this pack holds `h` and its copy reads and decodes to `h`.
+    pub(crate) fn holds_sound(&self, h: &Hash) -> bool {
+        self.find(h).is_some_and(|e| self.read_decoded(&e).is_ok())
     }
 }
 
@@ -324,10 +343,11 @@ impl Packs {
         self.reload();
     }
 
-    fn lookup(&self, h: &Hash) -> Option<(Arc<Pack>, IndexEntry)> {
+    /// The first pack holding a copy of `h` not found damaged, and its entry.
+    pub(crate) fn lookup(&self, h: &Hash) -> Option<(Arc<Pack>, IndexEntry)> {
         self.refresh(false);
         let st = self.state.read().expect("packs lock");
-        st.packs.iter().find_map(|p| p.find(h).map(|e| (p.clone(), e)))
+        st.packs.iter().find_map(|p| p.find_usable(h).map(|e| (p.clone(), e)))
     }
 
     /// True if a pack holds the block.
@@ -494,7 +514,6 @@ impl PackBatch {
         if let Some(w) = self.writer.take() {
             crate::store::mark_packed_format(&self.root)?;
             self.written.push(w.finish(&self.root.join(DIR))?);
-            self.stats.packs += 1;
         }
         Ok(())
     }
@@ -508,7 +527,8 @@ impl PackBatch {
     pub(crate) fn finish_packs(mut self) -> Result<(PackStats, Vec<PathBuf>)> {
         self.close_pack()?;
         self.packs.reload();
-        Ok((self.stats, std::mem::take(&mut self.written)))
+        let stats = PackStats { packs: self.written.len() as u64, ..self.stats };
+        Ok((stats, std::mem::take(&mut self.written)))
     }
 }
 
@@ -542,7 +562,18 @@ impl Store {
     /// [`Self::pack_capsule`] after a ref names `id`; a failure leaves its blocks in
     /// their files, where they are served as before, and is logged.
     pub fn pack_named_capsule(&self, id: &Hash) {
-        match self.pack_capsule(id) {
+        let packed = self.closure(id).and_then(|(_, blocks)| self.pack_loose(blocks, false));
+        self.log_packing(id, packed);
+    }
+
+    /// [`Self::pack_named_capsule`] given the capsule's blocks in walk order (its
+    /// [`Store::closure`]), for a caller that has walked it already.
+    pub fn pack_walked_capsule(&self, id: &Hash, blocks: &[Hash]) {
+        self.log_packing(id, self.pack_loose(blocks.iter().copied(), false));
+    }
+
+    fn log_packing(&self, id: &Hash, packed: Result<PackStats>) {
+        match packed {
             Ok(s) if s.blocks > 0 => tracing::debug!("store {}: packed {} blocks of {id} ({} bytes)", self.root().display(), s.blocks, s.bytes),
             Ok(_) => {}
             Err(e) => tracing::warn!("store {}: cannot pack capsule {id}'s blocks (they stay in their files): {}", self.root().display(), e.report()),
@@ -629,7 +660,7 @@ impl Store {
 
     /// Whether the first pack holding `h` holds it sound (read and decoded).
     pub(crate) fn packed_copy_sound(&self, h: &Hash) -> bool {
-        self.packs.read(h).is_some_and(|r| r.and_then(|encoded| crate::block::decode(h, &encoded)).is_ok())
+        self.packs.lookup(h).is_some_and(|(p, e)| p.read_decoded(&e).is_ok())
     }
 }
 

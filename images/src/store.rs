@@ -255,6 +255,13 @@ impl Store {
         self.packs.contains(h) || self.block_path(h).exists() || self.packs.contains_now(h)
     }
 
+    /// The blocks among `hashes` the store lacks, in their order: [`Self::has_block`] for
+    /// many, with one look at `packed/` for all of them instead of one per missing block.
+    pub fn missing_blocks(&self, hashes: impl IntoIterator<Item = Hash>) -> Vec<Hash> {
+        self.packs.refresh_now();
+        hashes.into_iter().filter(|h| !self.packs.contains(h) && !self.block_path(h).exists()).collect()
+    }
+
     /// A dedup hit: the block is packed (packs are fsynced whole), or its file is there
     /// and sound (or trusted).
     fn already_stored(&self, h: &Hash, path: &Path) -> bool {
@@ -341,11 +348,40 @@ impl Store {
 
     /// The block's raw bytes, verified against `h`.
     pub fn get_block(&self, h: &Hash) -> Result<Vec<u8>> {
-        let encoded = self.read_encoded_block(h)?;
-        block::decode(h, &encoded).map_err(|e| match self.packs.locate(h) {
-            Some((pack, _)) => e.context(pack.display()),
-            None => e.context(self.block_path(h).display()),
-        })
+        self.read_verified_block(h).map(|(raw, _)| raw)
+    }
+
+    /// The block's raw bytes, verified against `h`, and its stored length. A packed copy
+    /// that does not verify is noted and passed over for the next copy (another pack, its
+    /// file); with none sound, the first copy's error, naming where it is.
+    pub fn read_verified_block(&self, h: &Hash) -> Result<(Vec<u8>, u64)> {
+        let mut first_damage: Option<Error> = None;
+        // A second round only if another process packed the block meanwhile.
+        for round in 0..2 {
+            while let Some((pack, e)) = self.packs.lookup(h) {
+                match pack.read_decoded(&e) {
+                    Ok(raw) => return Ok((raw, u64::from(e.len))),
+                    Err(err) => {
+                        tracing::warn!("store {}: block {h} in {} is damaged; reading another copy: {err}", self.root.display(), pack.path().display());
+                        pack.mark_damaged(h);
+                        first_damage.get_or_insert(err.context(pack.path().display()));
+                    }
+                }
+            }
+            let path = self.block_path(h);
+            match fs::read(&path) {
+                Ok(encoded) => {
+                    return match block::decode(h, &encoded) {
+                        Ok(raw) => Ok((raw, encoded.len() as u64)),
+                        Err(err) => Err(first_damage.unwrap_or_else(|| err.context(path.display()))),
+                    };
+                }
+                Err(err) if err.kind() != IoKind::NotFound => return Err(first_damage.unwrap_or_else(|| Error::io(path.display(), err))),
+                Err(_) if round == 0 && first_damage.is_none() => self.packs.refresh_now(),
+                Err(_) => break,
+            }
+        }
+        Err(first_damage.unwrap_or_else(|| Error::not_found(format!("block {h} is not in store {}", self.root.display()))))
     }
 
     /// Bytes the block takes on disk (its stored encoding).
@@ -627,6 +663,19 @@ impl Store {
             },
         )?;
         Ok((objects, blocks))
+    }
+
+    /// Where capsule `id` first uses block `h`, for an error naming it: "LABEL: block
+    /// INDEX (HASH)", or the hash alone if the walk does not reach it.
+    pub fn block_place(&self, id: &Hash, h: &Hash) -> String {
+        let mut place = None;
+        let _ = self.walk_capsule(id, &mut |_| Ok(()), &mut |label, index, b| {
+            if place.is_none() && b == h {
+                place = Some(format!("{label}: block {index} ({h})"));
+            }
+            Ok(())
+        });
+        place.unwrap_or_else(|| format!("block {h}"))
     }
 
     /// Every file under `blocks/` or `objects/` with the hash its name claims.

@@ -97,14 +97,13 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
         report.problem(format!("{}: {why}", path.display()));
     }
     for pack in packs {
-        for h in pack.hashes() {
-            let decoded = pack.read_block(&h).expect("listed by its index").and_then(|encoded| crate::block::decode(&h, &encoded));
-            match decoded {
+        for e in &pack.entries {
+            match pack.read_decoded(e) {
                 Ok(data) => {
                     report.blocks_checked += 1;
                     report.bytes_checked += data.len() as u64;
                 }
-                Err(e) => report.problem(format!("{}: block {h}: {e}", pack.path().display())),
+                Err(err) => report.problem(format!("{}: block {}: {err}", pack.path().display(), e.hash)),
             }
         }
     }

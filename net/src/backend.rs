@@ -12,6 +12,10 @@ pub trait Backend: Send + Sync + 'static {
     fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>>;
     /// True if the block is present.
     fn has_block(&self, hash: &Hash) -> bool;
+    /// The blocks among `hashes` that are absent, in their order.
+    fn missing_blocks(&self, hashes: Vec<Hash>) -> Vec<Hash> {
+        hashes.into_iter().filter(|h| !self.has_block(h)).collect()
+    }
     /// Stores a block after verifying it; true if it was new.
     fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool>;
     /// A batch for the blocks of one upload, stored together when it finishes, where
@@ -75,6 +79,10 @@ impl Backend for Store {
         Store::has_block(self, hash)
     }
 
+    fn missing_blocks(&self, hashes: Vec<Hash>) -> Vec<Hash> {
+        Store::missing_blocks(self, hashes)
+    }
+
     fn put_encoded_block(&self, hash: &Hash, encoded: &[u8]) -> Result<bool> {
         Ok(Store::put_encoded_block(self, hash, encoded)?)
     }
@@ -110,21 +118,15 @@ impl Backend for Store {
 
     fn update_ref(&self, name: &str, old: Option<&Hash>, new: &Hash) -> Result<()> {
         // A ref must never name a capsule this server cannot serve whole.
-        let mut missing = None;
-        self.walk_capsule(new, &mut |_| Ok(()), &mut |label, index, h| {
-            if missing.is_none() && !Store::has_block(self, h) {
-                missing = Some(format!("{label}: block {index} ({h})"));
-            }
-            Ok(())
-        })
-        .map_err(|e| Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {e}")))?;
-        if let Some(m) = missing {
-            return Err(Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {m} missing")));
+        let incomplete = |e: &dyn std::fmt::Display| Error::new(ErrorKind::NotFound, format!("capsule {new} is incomplete on the server: {e}"));
+        let (_, blocks) = self.closure(new).map_err(|e| incomplete(&e))?;
+        if let Some(first) = Store::missing_blocks(self, blocks.iter().copied()).first() {
+            return Err(incomplete(&format_args!("{} missing", self.block_place(new, first))));
         }
         self.cas_ref(name, old, new)?;
         // Blocks that arrived as files (from a client without batches, or copied into the
         // store by hand) are packed: a cold read of the capsule is then sequential.
-        self.pack_named_capsule(new);
+        self.pack_walked_capsule(new, &blocks);
         Ok(())
     }
 

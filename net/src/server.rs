@@ -469,7 +469,7 @@ async fn handle(
         }
         Request::GetRef { name } => write_control(send, true, &Response::Ref(blocking(backend, move |b| b.read_ref(&name)).await?)).await,
         Request::MissingBlocks { hashes } => {
-            let missing = blocking(backend, move |b| Ok(hashes.into_iter().filter(|h| !b.has_block(h)).collect())).await?;
+            let missing = blocking(backend, move |b| Ok(b.missing_blocks(hashes))).await?;
             write_control(send, true, &Response::Missing(missing)).await
         }
         Request::MissingObjects { ids } => {

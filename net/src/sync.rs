@@ -269,7 +269,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     let (_, blocks) = store.closure(&id)?;
     report.logical_bytes = logical_bytes(store, &id)?;
     report.blocks_total = blocks.len() as u64;
-    let missing: Vec<Hash> = blocks.into_iter().filter(|h| !store.has_block(h)).collect();
+    let missing = store.missing_blocks(blocks.iter().copied());
     report.blocks_skipped = report.blocks_total - missing.len() as u64;
     progress.begin("pull", missing.len() as u64);
     // Several batches in flight keep the link busy across request round trips.
@@ -291,7 +291,7 @@ pub async fn pull(client: &Client, remote_name: &str, store: &Store, local_name:
     pull_profiles(client, &id, store).await?;
     store.set_ref(local_name, &id)?;
     tokio::task::block_in_place(|| {
-        store.pack_named_capsule(&id);
+        store.pack_walked_capsule(&id, &blocks);
         store.tidy_packs();
     });
     (report.wire_sent, report.wire_received) = client.wire_bytes();

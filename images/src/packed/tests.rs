@@ -213,3 +213,35 @@ fn verify_names_a_damaged_block_file_beside_a_sound_packed_copy() {
     let report = crate::verify_store_files(&store).unwrap();
     assert!(report.problems.len() == 1 && report.problems[0].contains(&store.block_path(&h).display().to_string()), "{report:?}");
 }
+
+#[test]
+fn a_damaged_packed_block_is_stored_again_by_the_next_put_and_gc_drops_the_damaged_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    import(&store, d.path(), "a", &[1, 2, 3]);
+    let (packs, _) = store.packs.all();
+    let victim = packs[0].entries[1];
+    let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
+    let mut bytes = fs::read(packs[0].path()).unwrap();
+    bytes[victim.offset as usize + 8] ^= 0x40;
+    fs::write(packs[0].path(), &bytes).unwrap();
+    // gc, below, waits for every other handle on the store.
+    drop((packs, store));
+
+    let store = Store::open(d.path().join("s")).unwrap();
+    assert!(store.has_block(&victim.hash), "not known damaged before a read");
+    assert!(store.get_block(&victim.hash).is_err());
+    // Once read damaged, the copy no longer counts: a server reports it missing and a
+    // put (a pull, a push, a fetch into a cache) writes it again, where it reads sound.
+    assert!(!store.has_block(&victim.hash) && store.missing_blocks([victim.hash]) == [victim.hash]);
+    assert!(store.put_block(&raw).unwrap().new, "the put was taken for a duplicate");
+    assert_eq!(store.get_block(&victim.hash).unwrap(), raw);
+    assert_eq!(crate::verify_store_files(&store).unwrap().problems.len(), 1, "the damaged copy is still named");
+
+    drop(store);
+    let store = Store::open(d.path().join("s")).unwrap();
+    store.gc().unwrap();
+    let report = crate::verify_store_files(&store).unwrap();
+    assert!(report.problems.is_empty() && report.blocks_checked == 3, "{report:?}");
+    assert_eq!(store.get_block(&victim.hash).unwrap(), raw);
+}

@@ -82,11 +82,18 @@ impl Store {
         // A pack is named by its index: a rewrite can land on the name of the pack it
         // replaces (the same blocks at the same offsets), which must then stay.
         let mut written = HashSet::new();
+        // Block files beside packed copies (stored again after a read found the packed copy
+        // damaged): in a full gc, such a copy is checked and goes if damaged.
+        let loose: HashSet<Hash> = match live {
+            Some(_) => self.list_dir_hashes("blocks")?.into_iter().map(|(_, h)| h).collect(),
+            None => HashSet::new(),
+        };
         for pack in packs {
             let dead = pack.entries.iter().filter(|e| !is_live(&e.hash)).count();
             let copies = pack.entries.iter().filter(|e| kept.contains_key(&e.hash)).count();
             let into_merged = merge_small && pack.bytes() < SMALL_PACK;
-            if dead == 0 && copies == 0 && !into_merged {
+            let damaged_beside_file = pack.entries.iter().any(|e| loose.contains(&e.hash) && pack.read_decoded(e).is_err());
+            if dead == 0 && copies == 0 && !into_merged && !damaged_beside_file {
                 for e in &pack.entries {
                     kept.insert(e.hash, (pack.clone(), false));
                 }
@@ -99,7 +106,7 @@ impl Store {
             let mut own = self.pack_batch();
             for e in &entries {
                 if let Some((other, checked)) = kept.get_mut(&e.hash) {
-                    if *checked || block_sound(other, &e.hash) {
+                    if *checked || other.holds_sound(&e.hash) {
                         *checked = true;
                         continue;
                     }
@@ -117,7 +124,8 @@ impl Store {
             replaced.push(pack);
         }
         for (h, encoded) in damaged {
-            if !kept.contains_key(&h) {
+            let sound_file = loose.contains(&h) && self.existing_block_sound(&h, &self.block_path(&h));
+            if !kept.contains_key(&h) && !sound_file {
                 merged.add(&h, &encoded)?;
             }
         }
@@ -130,11 +138,6 @@ impl Store {
         self.packs.reload();
         Ok(())
     }
-}
-
-/// Whether `pack`'s copy of `h` reads and decodes to `h`.
-fn block_sound(pack: &Pack, h: &Hash) -> bool {
-    pack.read_block(h).is_some_and(|r| r.and_then(|encoded| crate::block::decode(h, &encoded)).is_ok())
 }
 
 fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
@@ -225,7 +228,7 @@ mod tests {
         let store = Store::open(d.path().join("s")).unwrap();
         store.gc().unwrap();
         let (packs, _) = store.packs.all();
-        let sound_copies = packs.iter().filter(|p| block_sound(p, &block(1).0)).count();
+        let sound_copies = packs.iter().filter(|p| p.holds_sound(&block(1).0)).count();
         assert_eq!(sound_copies, 1, "the sound copy of block 1 must survive gc");
         assert!(!store.has_block(&block(9).0));
         assert_eq!(store.get_block(&block(2).0).unwrap(), vec![2u8; 4096]);
