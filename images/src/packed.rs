@@ -31,6 +31,9 @@ use crate::block::MAX_STORED_SIZE;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::store::Store;
+use filter::HashFilter;
+
+mod filter;
 
 pub(crate) const DIR: &str = "packed";
 const MAGIC: &[u8; 8] = b"CAPSTPAK";
@@ -71,6 +74,7 @@ pub(crate) struct Pack {
     /// once a sound one exists).
     damaged: Mutex<HashSet<Hash>>,
     any_damaged: AtomicBool,
+    filter: HashFilter,
 }
 
 impl Pack {
@@ -80,7 +84,8 @@ impl Pack {
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let entries = parse_index(&path.display().to_string(), len, &|buf, at| file.read_exact_at(buf, at))?;
-        Ok(Self { path: path.to_path_buf(), file, len, entries, damaged: Mutex::default(), any_damaged: AtomicBool::new(false) })
+        let filter = HashFilter::new(entries.iter().map(|e| &e.hash));
+        Ok(Self { path: path.to_path_buf(), file, len, entries, damaged: Mutex::default(), any_damaged: AtomicBool::new(false), filter })
     }
 
     fn find(&self, h: &Hash) -> Option<IndexEntry> {
@@ -347,7 +352,9 @@ impl Packs {
     pub(crate) fn lookup(&self, h: &Hash) -> Option<(Arc<Pack>, IndexEntry)> {
         self.refresh(false);
         let st = self.state.read().expect("packs lock");
-        st.packs.iter().find_map(|p| p.find_usable(h).map(|e| (p.clone(), e)))
+        // One pack: its index alone is the shorter search.
+        let single = st.packs.len() == 1;
+        st.packs.iter().filter(|p| single || p.filter.may_hold(h)).find_map(|p| p.find_usable(h).map(|e| (p.clone(), e)))
     }
 
     /// True if a pack holds the block.
