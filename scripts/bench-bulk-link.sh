@@ -56,6 +56,9 @@ trap 'exit 143' TERM
 now() { date +%s.%N; }
 rx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.rx.bytes'; }
 tx_bytes() { ip -n "$NS" -s -j link show dev "${VETH}b" | jq -r '.[0].stats64.tx.bytes'; }
+# Packets the rate limiters (tbf, both directions) dropped: what a sender sent past the
+# bottleneck's queue, wasted on a real link.
+drops() { echo $(( $(tc -n "$SNS" -s -j qdisc show dev "${VETH}a" | jq '[.[].drops] | add') + $(tc -n "$NS" -s -j qdisc show dev "${VETH}b" | jq '[.[].drops] | add') )); }
 
 # A sparse 100 GiB disk with 64 KiB of data at 50 GiB (variant sparse: how soon a mount
 # over the link serves its first read, in round trips and bytes).
@@ -86,7 +89,7 @@ PIDS+=($!)
 PIDS+=($!)
 sleep 1
 
-printf '| link | loss %% | how | MB | seconds | goodput Mbit/s | goodput / link |\n|---|---|---|---|---|---|---|\n'
+printf '| link | loss %% | how | MB | seconds | goodput Mbit/s | goodput / link | dropped at the bottleneck |\n|---|---|---|---|---|---|---|---|\n'
 for spec in $LINKS; do
   rate=${spec%%:*} loss=${spec#*:}
   link_rate "$rate"
@@ -106,7 +109,7 @@ for spec in $LINKS; do
       pushed=$(store_block_bytes "$W/local")
       npush=$((${npush:-0} + 1))
     fi
-    b0=$(rx_bytes) x0=$(tx_bytes)
+    b0=$(rx_bytes) x0=$(tx_bytes) d0=$(drops)
     t0=$(now)
     case $v in
       warm) "${IN_NS[@]}" "$BIN" warm --all "capsule://$SRV_IP:7071/bulk" --cache "$W/cache" >"$W/out" 2>&1; bytes=$STORED ;;
@@ -162,7 +165,7 @@ v = sorted(float(x) for x in open(sys.argv[1]))
 print(statistics.median(v), v[-1])" "$W/lat")
         med=${stats% *} worst=${stats#* }
         printf '| %s | %s | demand 4 KiB reads during --prefetch all: median %s s, worst %s s (floor %s s) |\n' "$rate" "$loss" "$med" "$worst" "$floor"
-        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" --arg cc "${CAPSULE_QUIC_CC:-bbr-floor}" \
+        result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson delay "$DELAY_MS" --arg cc "${CAPSULE_QUIC_CC:-bbr-floor-losscap}" \
             '{rate: $rate, rate_bits: $bits, loss_pct: 0, delay_ms: $delay, variant: "latency", congestion: $cc}')" \
           "$(jq -n --slurpfile reads <(jq -s . "$W/lat") --argjson floor "$floor" --argjson bg "$bg" --argjson wrtt "${wrtt:-null}" \
             '{read_seconds: $reads[0], floor_seconds: $floor, background_blocks_at_end: $bg, window_rtt_ms: $wrtt}')"
@@ -175,15 +178,15 @@ print(statistics.median(v), v[-1])" "$W/lat")
       *) die "unknown variant $v" ;;
     esac
     t1=$(now)
-    link=$(( $(rx_bytes) - b0 )) link_tx=$(( $(tx_bytes) - x0 ))
+    link=$(( $(rx_bytes) - b0 )) link_tx=$(( $(tx_bytes) - x0 )) dropped=$(( $(drops) - d0 ))
     secs=$(python3 -c "print(round($t1 - $t0, 2))")
     mbit=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / 1e6, 2))")
     ratio=$(python3 -c "print(round($bytes * 8 / ($t1 - $t0) / $bits, 3))")
-    printf '| %s | %s | %s | %.1f | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio"
+    printf '| %s | %s | %s | %.1f | %s | %s | %s | %s |\n' "$rate" "$loss" "$v" "$(python3 -c "print($bytes / 1e6)")" "$secs" "$mbit" "$ratio" "$dropped"
     result_line bench-bulk-link "$(jq -n --arg rate "$rate" --argjson bits "$bits" --argjson loss "$loss" --argjson delay "$DELAY_MS" --arg v "$v" \
         --arg cc "${CAPSULE_QUIC_CC:-bbr-floor}" --argjson size "$SIZE_MIB" '{rate: $rate, rate_bits: $bits, loss_pct: $loss, delay_ms: $delay, variant: $v, congestion: $cc, size_mib: $size}')" \
-      "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson tx "$link_tx" --argjson ratio "$ratio" \
-        '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, link_tx_bytes: $tx, goodput_over_rate: $ratio}')"
+      "$(jq -n --argjson bytes "$bytes" --argjson secs "$secs" --argjson link "$link" --argjson tx "$link_tx" --argjson ratio "$ratio" --argjson dropped "$dropped" \
+        '{payload_bytes: $bytes, seconds: $secs, link_rx_bytes: $link, link_tx_bytes: $tx, goodput_over_rate: $ratio, bottleneck_drops: $dropped}')"
   done
   kill "$emu" 2>/dev/null; wait "$emu" 2>/dev/null || true
 done

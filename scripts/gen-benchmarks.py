@@ -395,14 +395,19 @@ def gen_bulk_link(rows):
         cc = "TCP (rsync's kernel)" if p["variant"] == "rsync" else p.get("congestion", "-")
         body.append([p["rate"], p["loss_pct"], cc, p["variant"], fx(m["payload_bytes"] / 1e6, 1),
                      fx(m["seconds"], 1), fx(m["payload_bytes"] * 8 / m["seconds"] / 1e6, 1),
-                     fx(m["payload_bytes"] * 8 / m["seconds"] / p["rate_bits"], 2)])
+                     fx(m["payload_bytes"] * 8 / m["seconds"] / p["rate_bits"], 2),
+                     str(m["bottleneck_drops"]) if "bottleneck_drops" in m else "-"])
     note = ("An incompressible capsule (random bytes) fetched into an empty cache by `capsule warm --all` and "
             "`capsule prefetch --offline`, into an empty store by `capsule pull`, one of new random bytes sent "
             "by `capsule push` (whole commands: connecting and metadata included), and the same bytes by "
             f"rsync from a daemon behind the TCP relay; {rows[0]['params']['delay_ms'] * 2} ms round trip. "
-            "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss).")
+            "Loss: the UDP relay drops that share of datagrams (the TCP relay cannot, so rsync runs without loss). "
+            "Dropped at the bottleneck: packets the rate limiters (tbf, both directions) dropped because the sender "
+            "overfilled their queue (200 ms), bytes a real link carries to its bottleneck for nothing; `-`: a run from "
+            "before it was counted. Congestion control `bbr-floor-losscap`: BBR with its window's floor and a cap after a "
+            "round trip of heavy loss (`net::congestion`).")
     return [note, ""] + table(["link", "loss %", "congestion control", "how", "MB", "s", "goodput Mbit/s",
-                               "goodput / link rate"], body)
+                               "goodput / link rate", "dropped at the bottleneck"], body)
 
 
 def gen_sparse_link(rows):
