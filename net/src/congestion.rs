@@ -256,7 +256,7 @@ mod tests {
         t = round(&mut b, t, 300, 100, window);
         t = round(&mut b, t, 200, 0, window);
         let capped = b.cap(window);
-        assert!(capped <= 200 * 1200 && capped >= 150 * 1200, "cap {capped}");
+        assert!((150 * 1200..=200 * 1200).contains(&capped), "cap {capped}");
         // Clean rounds raise it until BBR's own window rules again.
         for _ in 0..40 {
             t = round(&mut b, t, 200, 0, window);
