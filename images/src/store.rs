@@ -355,12 +355,23 @@ impl Store {
     /// that does not verify is noted and passed over for the next copy (another pack, its
     /// file); with none sound, the first copy's error, naming where it is.
     pub fn read_verified_block(&self, h: &Hash) -> Result<(Vec<u8>, u64)> {
+        self.read_sound_copy(h).map(|(encoded, raw)| (raw, encoded.len() as u64))
+    }
+
+    /// The block's stored encoding from a copy that verifies against `h` (see
+    /// [`Self::read_verified_block`]): for a server asked again for a block it sent.
+    pub fn read_verified_encoded_block(&self, h: &Hash) -> Result<Vec<u8>> {
+        self.read_sound_copy(h).map(|(encoded, _)| encoded)
+    }
+
+    /// A copy of `h` that decodes to it: its encoding and its raw bytes.
+    fn read_sound_copy(&self, h: &Hash) -> Result<(Vec<u8>, Vec<u8>)> {
         let mut first_damage: Option<Error> = None;
         // A second round only if another process packed the block meanwhile.
         for round in 0..2 {
             while let Some((pack, e)) = self.packs.lookup(h) {
-                match pack.read_decoded(&e) {
-                    Ok(raw) => return Ok((raw, u64::from(e.len))),
+                match pack.read(&e).and_then(|encoded| block::decode(h, &encoded).map(|raw| (encoded, raw))) {
+                    Ok(found) => return Ok(found),
                     Err(err) => {
                         tracing::warn!("store {}: block {h} in {} is damaged; reading another copy: {err}", self.root.display(), pack.path().display());
                         pack.mark_damaged(h);
@@ -372,7 +383,7 @@ impl Store {
             match fs::read(&path) {
                 Ok(encoded) => {
                     return match block::decode(h, &encoded) {
-                        Ok(raw) => Ok((raw, encoded.len() as u64)),
+                        Ok(raw) => Ok((encoded, raw)),
                         Err(err) => Err(first_damage.unwrap_or_else(|| err.context(path.display()))),
                     };
                 }

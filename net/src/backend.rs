@@ -10,6 +10,14 @@ use crate::error::{Error, ErrorKind, Result};
 pub trait Backend: Send + Sync + 'static {
     /// A block as stored (its encoding, compressed or raw).
     fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>>;
+    /// [`Self::read_encoded_block`] from a copy checked against its hash: a client asked
+    /// again for a block it was sent, which may have arrived corrupt. A backend with more
+    /// than one copy reads the next when one does not verify, and stops counting it.
+    fn read_checked_block(&self, hash: &Hash) -> Result<Vec<u8>> {
+        let encoded = self.read_encoded_block(hash)?;
+        capsule_images::block::decode(hash, &encoded).map_err(|e| Error::new(ErrorKind::Corrupt, format!("block {hash} is damaged on the server: {e}")))?;
+        Ok(encoded)
+    }
     /// True if the block is present.
     fn has_block(&self, hash: &Hash) -> bool;
     /// The blocks among `hashes` that are absent, in their order.
@@ -73,6 +81,10 @@ impl BlockBatch for capsule_images::packed::PackBatch {
 impl Backend for Store {
     fn read_encoded_block(&self, hash: &Hash) -> Result<Vec<u8>> {
         Ok(Store::read_encoded_block(self, hash)?)
+    }
+
+    fn read_checked_block(&self, hash: &Hash) -> Result<Vec<u8>> {
+        Ok(Store::read_verified_encoded_block(self, hash)?)
     }
 
     fn has_block(&self, hash: &Hash) -> bool {

@@ -70,6 +70,38 @@ struct ConnShared {
     /// holding any permit holds one for the block it sends next: no stream waits on
     /// another's.
     reads: Semaphore,
+    /// Blocks recently sent on this connection: one asked for again (it arrived corrupt, or
+    /// its stream stalled) is read from a copy checked against its hash.
+    sent: std::sync::Mutex<RecentlySent>,
+}
+
+/// The last [`RECENTLY_SENT`] blocks a connection was sent, by the first 8 bytes of their
+/// hashes (a collision costs one needless check).
+#[derive(Default)]
+struct RecentlySent {
+    order: std::collections::VecDeque<u64>,
+    set: std::collections::HashSet<u64>,
+}
+
+/// Blocks a connection remembers sending: a client asks again within seconds, and it has
+/// at most a few hundred blocks in flight. About 100 KiB a connection at most.
+const RECENTLY_SENT: usize = 4096;
+
+impl RecentlySent {
+    /// Notes `hash` as sent; true if it was sent before.
+    fn note(&mut self, hash: &Hash) -> bool {
+        let key = u64::from_le_bytes(hash.0[..8].try_into().expect("8 bytes"));
+        if !self.set.insert(key) {
+            return true;
+        }
+        self.order.push_back(key);
+        if self.order.len() > RECENTLY_SENT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        false
+    }
 }
 /// Default time for a request header to arrive whole. Generous: a full batch of hashes
 /// (half a MiB) takes 11 s at 384 kbit/s.
@@ -349,7 +381,8 @@ async fn blocking<T: Send + 'static>(backend: &Arc<dyn Backend>, f: impl FnOnce(
 async fn serve_connection(conn: quinn::Connection, backend: Arc<dyn Backend>, opts: ServeOptions) {
     // A connection that has made no authorized request by the deadline holds a slot for
     // nothing: closed.
-    let shared = Arc::new(ConnShared { authorized: AtomicBool::new(false), reads: Semaphore::new(READS_AHEAD_PER_CONNECTION) });
+    let shared =
+        Arc::new(ConnShared { authorized: AtomicBool::new(false), reads: Semaphore::new(READS_AHEAD_PER_CONNECTION), sent: std::sync::Mutex::default() });
     {
         let (conn, shared, limit) = (conn.clone(), shared.clone(), opts.header_timeout);
         tokio::spawn(async move {
@@ -485,8 +518,12 @@ async fn handle(
             let mut reads = futures_util::stream::iter(hashes)
                 .map(|hash| async move {
                     let permit = shared.reads.acquire().await.map_err(|_| Error::new(ErrorKind::Io, "server shutting down"))?;
-                    let parts =
-                        blocking(backend, move |b| block_parts(&hash, b.read_encoded_block(&hash).map_err(|e| e.context(format!("block {hash}")))?)).await?;
+                    let again = shared.sent.lock().map(|mut s| s.note(&hash)).unwrap_or(false);
+                    let parts = blocking(backend, move |b| {
+                        let encoded = if again { b.read_checked_block(&hash) } else { b.read_encoded_block(&hash) };
+                        block_parts(&hash, encoded.map_err(|e| e.context(format!("block {hash}")))?)
+                    })
+                    .await?;
                     Ok::<_, Error>((parts, permit))
                 })
                 .buffered(READS_AHEAD_PER_STREAM);

@@ -152,3 +152,35 @@ async fn a_map_path_brings_every_page_down_to_the_block_and_the_block_in_one_req
     assert_eq!(c.get_path(unknown, index, true, &|_| true).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert!(c.get_ref("a").await.unwrap().is_some(), "the connection lives on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_asked_for_again_is_checked_so_a_damaged_copy_is_named_reported_missing_and_healed_by_a_put() {
+    let f = fixture().await;
+    let store = Store::open(f.dir.join("server")).unwrap();
+    let (_, blocks) = store.closure(&store.resolve("a").unwrap()).unwrap();
+    let h = blocks[3];
+    let sound = store.read_encoded_block(&h).unwrap();
+    // Damage the block where it is packed (found by its bytes: the pack format is the store's).
+    let pack = std::fs::read_dir(f.dir.join("server/packed"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack") && std::fs::read(p).unwrap().windows(sound.len()).any(|w| w == sound))
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let at = bytes.windows(sound.len()).position(|w| w == sound).unwrap() + sound.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&pack, &bytes).unwrap();
+
+    let c = Client::connect(&f.url, &f.opts).await.unwrap();
+    // Served as stored: the client finds it corrupt.
+    assert_eq!(c.get_blocks(vec![h], 0).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    // Asked again, the server checks its copy, finds no sound one, and says so.
+    let err = c.get_blocks(vec![h], 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().starts_with("server:"), "the server's own check names it: {err}");
+    // It no longer counts the damaged copy: a push sends the block, and it is served sound.
+    assert_eq!(c.missing(vec![h], false).await.unwrap(), vec![h]);
+    c.put_blocks(vec![(h, sound.clone())]).await.unwrap();
+    let fresh = Client::connect(&f.url, &f.opts).await.unwrap();
+    assert_eq!(fresh.get_blocks(vec![h], 0).await.unwrap(), vec![(h, sound)]);
+}
