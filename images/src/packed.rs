@@ -103,6 +103,16 @@ impl Pack {
         self.any_damaged.store(true, Ordering::Relaxed);
     }
 
+    /// This pack's copy of `h` if it was found damaged: it reads sound once more (the file
+    /// was restored in place), the note goes and its bytes return.
+    fn recheck_damaged(&self, h: &Hash) -> Option<(Vec<u8>, Vec<u8>)> {
+        let e = self.find(h).filter(|_| self.damaged.lock().expect("damaged lock").contains(h))?;
+        let encoded = self.read(&e).ok()?;
+        let raw = crate::block::decode(h, &encoded).ok()?;
+        self.damaged.lock().expect("damaged lock").remove(h);
+        Some((encoded, raw))
+    }
+
     pub(crate) fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; e.len as usize];
         self.file.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io(format!("{} at {}", self.path.display(), e.offset), err))?;
@@ -357,6 +367,12 @@ impl Packs {
         st.packs.iter().filter(|p| single || p.filter.may_hold(h)).find_map(|p| p.find_usable(h).map(|e| (p.clone(), e)))
     }
 
+    /// A copy of `h` once found damaged that now reads sound: its encoding and raw bytes.
+    pub(crate) fn recheck_damaged(&self, h: &Hash) -> Option<(Vec<u8>, Vec<u8>)> {
+        let st = self.state.read().expect("packs lock");
+        st.packs.iter().filter(|p| p.any_damaged.load(Ordering::Relaxed)).find_map(|p| p.recheck_damaged(h))
+    }
+
     /// True if a pack holds the block.
     pub(crate) fn contains(&self, h: &Hash) -> bool {
         self.lookup(h).is_some()
@@ -374,9 +390,13 @@ impl Packs {
         self.refresh(true);
     }
 
-    /// The block as stored, if a pack holds it.
+    /// The block as stored, if a pack holds it: a copy found damaged only if no other is
+    /// known (its reader checks it, and it may have been restored in place).
     pub(crate) fn read(&self, h: &Hash) -> Option<Result<Vec<u8>>> {
-        self.lookup(h).map(|(p, e)| p.read(&e))
+        self.lookup(h).map(|(p, e)| p.read(&e)).or_else(|| {
+            let st = self.state.read().expect("packs lock");
+            st.packs.iter().find_map(|p| p.find(h).map(|e| p.read(&e)))
+        })
     }
 
     /// The block's stored length and its pack, if a pack holds it.

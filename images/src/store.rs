@@ -364,8 +364,13 @@ impl Store {
         self.read_sound_copy(h).map(|(encoded, _)| encoded)
     }
 
-    /// A copy of `h` that decodes to it: its encoding and its raw bytes.
+    /// A copy of `h` that decodes to it: its encoding and its raw bytes. Copies found
+    /// damaged before are read again last (one may have been restored in place).
     fn read_sound_copy(&self, h: &Hash) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.read_sound_copy_once(h).or_else(|e| self.packs.recheck_damaged(h).ok_or(e))
+    }
+
+    fn read_sound_copy_once(&self, h: &Hash) -> Result<(Vec<u8>, Vec<u8>)> {
         let mut first_damage: Option<Error> = None;
         // A second round only if another process packed the block meanwhile.
         for round in 0..2 {
