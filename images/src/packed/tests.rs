@@ -66,6 +66,19 @@ fn import(store: &Store, dir: &Path, name: &str, seeds: &[u8]) -> Hash {
     crate::import_capsule(store, &spec, &crate::NoProgress).unwrap().id
 }
 
+/// Store `DIR/s` holding capsule "a" of blocks 1, 2 and 3, packed, one of them damaged in
+/// its pack: that block's entry and the pack. No handle on the store stays open.
+fn import_and_damage_one_packed_block(dir: &Path) -> (IndexEntry, PathBuf) {
+    let store = Store::open(dir.join("s")).unwrap();
+    import(&store, dir, "a", &[1, 2, 3]);
+    let (packs, _) = store.packs.all();
+    let victim = packs[0].entries[1];
+    let mut bytes = fs::read(packs[0].path()).unwrap();
+    bytes[victim.offset as usize + 8] ^= 0x40;
+    fs::write(packs[0].path(), &bytes).unwrap();
+    (victim, packs[0].path().to_path_buf())
+}
+
 fn loose_files(store: &Store) -> usize {
     store.list_dir_hashes("blocks").unwrap().len()
 }
@@ -104,16 +117,10 @@ fn an_imported_capsule_is_packed_in_walk_order_and_gc_keeps_only_what_refs_reach
 #[test]
 fn a_damaged_packed_block_is_named_by_its_pack_and_never_returned() {
     let d = tempfile::tempdir().unwrap();
-    let store = Store::open(d.path().join("s")).unwrap();
-    import(&store, d.path(), "a", &[1, 2, 3]);
-    let (packs, _) = store.packs.all();
-    let victim = packs[0].entries[1];
-    let mut bytes = fs::read(packs[0].path()).unwrap();
-    bytes[victim.offset as usize + 8] ^= 0x40;
-    fs::write(packs[0].path(), &bytes).unwrap();
+    let (victim, pack) = import_and_damage_one_packed_block(d.path());
     let store = Store::open(d.path().join("s")).unwrap();
     let err = store.get_block(&victim.hash).unwrap_err().to_string();
-    assert!(err.contains(&packs[0].path().display().to_string()), "{err}");
+    assert!(err.contains(&pack.display().to_string()), "{err}");
     let report = crate::verify_store_files(&store).unwrap();
     assert_eq!((report.problems.len(), report.blocks_checked), (1, 2), "{report:?}");
 }
@@ -217,16 +224,8 @@ fn verify_names_a_damaged_block_file_beside_a_sound_packed_copy() {
 #[test]
 fn a_damaged_packed_block_is_stored_again_by_the_next_put_and_gc_drops_the_damaged_copy() {
     let d = tempfile::tempdir().unwrap();
-    let store = Store::open(d.path().join("s")).unwrap();
-    import(&store, d.path(), "a", &[1, 2, 3]);
-    let (packs, _) = store.packs.all();
-    let victim = packs[0].entries[1];
+    let (victim, _) = import_and_damage_one_packed_block(d.path());
     let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
-    let mut bytes = fs::read(packs[0].path()).unwrap();
-    bytes[victim.offset as usize + 8] ^= 0x40;
-    fs::write(packs[0].path(), &bytes).unwrap();
-    // gc, below, waits for every other handle on the store.
-    drop((packs, store));
 
     let store = Store::open(d.path().join("s")).unwrap();
     assert!(store.has_block(&victim.hash), "not known damaged before a read");
