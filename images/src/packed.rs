@@ -394,8 +394,9 @@ impl Packs {
     /// known (its reader checks it, and it may have been restored in place).
     pub(crate) fn read(&self, h: &Hash) -> Option<Result<Vec<u8>>> {
         self.lookup(h).map(|(p, e)| p.read(&e)).or_else(|| {
+            // Only a pack holding a marked copy: the others answered `lookup` already.
             let st = self.state.read().expect("packs lock");
-            st.packs.iter().find_map(|p| p.find(h).map(|e| p.read(&e)))
+            st.packs.iter().filter(|p| p.any_damaged.load(Ordering::Relaxed)).find_map(|p| p.find(h).map(|e| p.read(&e)))
         })
     }
 
