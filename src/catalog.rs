@@ -132,6 +132,24 @@ pub fn inspect(store: &Store, name: &str, json: bool) -> Result<()> {
     print_json_or_with(json, &view, || print_inspect(&view))
 }
 
+fn report_set_aside(done: &images::store::repair::SetAside) {
+    println!("repair: {} damaged copies moved to {} ({} packs written again)", done.copies, done.dir.display(), done.packs_rewritten);
+    if done.now_missing.is_empty() {
+        println!("repair: every block they held has a sound copy");
+        return;
+    }
+    println!(
+        "repair: {} blocks are missing now; a push from a machine that holds them, or a pull from another server, stores them again:",
+        done.now_missing.len()
+    );
+    for h in done.now_missing.iter().take(20) {
+        println!("  {h}");
+    }
+    if done.now_missing.len() > 20 {
+        println!("  ... and {} more", done.now_missing.len() - 20);
+    }
+}
+
 /// One thing `verify` checked: a capsule, or the store's files.
 #[derive(Debug, Serialize)]
 struct Verified {
@@ -142,10 +160,13 @@ struct Verified {
     #[serde(skip_serializing_if = "Option::is_none")]
     store: Option<PathBuf>,
     report: images::VerifyReport,
+    /// What `--repair` set aside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<images::store::repair::SetAside>,
 }
 
 /// Exits [`exit::DAMAGED`] when anything is damaged.
-pub fn verify(store: &Store, name: Option<&str>, json: bool) -> Result<ExitCode> {
+pub fn verify(store: &Store, name: Option<&str>, repair: bool, json: bool) -> Result<ExitCode> {
     let targets = match name {
         Some(n) => vec![(n.to_string(), store.resolve(n)?)],
         None => store.list_refs()?,
@@ -156,14 +177,24 @@ pub fn verify(store: &Store, name: Option<&str>, json: bool) -> Result<ExitCode>
         if !json {
             report_verify(&format!("capsule {n} ({})", id.short()), &report);
         }
-        out.push(Verified { name: Some(n), id: Some(id.to_hex()), store: None, report });
+        out.push(Verified { name: Some(n), id: Some(id.to_hex()), store: None, report, repair: None });
     }
     if name.is_none() {
         let report = images::verify_store_files(store)?;
         if !json {
             report_verify(&format!("store {}", store.root().display()), &report);
         }
-        out.push(Verified { name: None, id: None, store: Some(store.root().to_path_buf()), report });
+        let repair = match repair && !report.damaged_copies.is_empty() {
+            true => {
+                let done = store.set_aside_damaged(&report.damaged_copies).context("setting damaged copies aside")?;
+                if !json {
+                    report_set_aside(&done);
+                }
+                Some(done)
+            }
+            false => None,
+        };
+        out.push(Verified { name: None, id: None, store: Some(store.root().to_path_buf()), report, repair });
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -78,6 +78,10 @@ pub enum Command {
     /// Check every object and block of a capsule (or, without NAME, of every ref and every file)
     Verify {
         name: Option<String>,
+        /// Move the copies found damaged into STORE/damaged/, so their blocks count as missing
+        /// and the next push or pull of a capsule holding them stores them again
+        #[arg(long, conflicts_with = "name")]
+        repair: bool,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,

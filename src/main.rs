@@ -88,7 +88,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ImportSnapshot { name, dir, block_size, json } => catalog::import_snapshot(&open()?, &name, &dir, block_size, json)?,
         Command::Ls { json } => catalog::ls(remote::open_store_if_any(store.clone())?, json)?,
         Command::Inspect { name, json } => catalog::inspect(&open_existing()?, &name, json)?,
-        Command::Verify { name, json } => return catalog::verify(&open_existing()?, name.as_deref(), json),
+        Command::Verify { name, repair, json } => return catalog::verify(&open_existing()?, name.as_deref(), repair, json),
         Command::Export { name, out, key, format, json } => catalog::export_capsule(&open_existing()?, &name, &out, key.as_deref(), format, json)?,
         Command::Gc { json, backend, grace, settle } => catalog::gc(open, &backend, grace, settle, json)?,
         Command::Rm { names, flatten, json } => retain::rm(&open()?, &names, flatten, json)?,

@@ -81,6 +81,33 @@ fn a_block_altered_on_the_server_is_rejected_by_name_and_not_stored() {
 }
 
 #[test]
+fn verify_repair_sets_a_damaged_block_aside_and_the_next_pull_heals_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, mirror, cfg) = (dir.path().join("remote"), dir.path().join("mirror"), dir.path().join("cfg"));
+    import_guest(&remote, false);
+    let server = ServerProcess::start(&remote, &["--public-read"]);
+    let url = format!("{}/guest", server.url);
+    ok(client(&mirror, &cfg).args(["pull", &url]));
+    let blocks = stored_blocks(&mirror);
+    let victim = &blocks[blocks.len() / 2];
+    victim.flip(victim.len as usize - 1, 0x01);
+
+    // Without --repair a later pull takes the damaged copy for the block: nothing travels.
+    let again = json(&ok(client(&mirror, &cfg).args(["pull", &url, "--json"])));
+    assert_eq!(again["blocks_transferred"], 0, "{again}");
+    assert!(fails_with(capsule(&mirror).arg("verify"), 3).contains(&victim.hash));
+
+    let repaired = fails_with(capsule(&mirror).args(["verify", "--repair"]), 3);
+    assert!(repaired.contains("1 damaged copies moved") && repaired.contains("1 blocks are missing now"), "{repaired}");
+    assert!(repaired.lines().any(|l| l.trim() == victim.hash), "the missing block is named: {repaired}");
+    let healed = json(&ok(client(&mirror, &cfg).args(["pull", &url, "--json"])));
+    assert_eq!(healed["blocks_transferred"], 1, "{healed}");
+    ok(capsule(&mirror).arg("verify"));
+    let aside: Vec<_> = std::fs::read_dir(mirror.join("damaged")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(aside.len() == 1 && aside[0].starts_with(&victim.hash), "{aside:?}");
+}
+
+#[test]
 fn tokens_scopes_prefixes_and_fingerprints_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let (local, remote, cfg) = (dir.path().join("local"), dir.path().join("remote"), dir.path().join("cfg"));

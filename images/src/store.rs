@@ -33,6 +33,7 @@ use crate::manifest::{check_name, Layer, Manifest};
 use crate::map::{Entry, MapPage, PageSource};
 
 mod gc;
+pub mod repair;
 
 pub(crate) use gc::SMALL_PACK;
 

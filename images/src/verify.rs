@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::envelope::{self, ObjectKind};
 use crate::error::Result;
 use crate::hash::Hash;
+use crate::store::repair::{is_damage, DamagedCopy};
 use crate::store::Store;
 
 /// Most problems listed in one report (the count is still exact).
@@ -25,6 +26,10 @@ pub struct VerifyReport {
     pub problem_count: u64,
     /// The first problems, each naming capsule, image, block index and hash.
     pub problems: Vec<String>,
+    /// Every copy of a block found damaged (its bytes fail its hash), for
+    /// [`Store::set_aside_damaged`]; a check of the store's files fills it.
+    #[serde(skip)]
+    pub damaged_copies: Vec<DamagedCopy>,
 }
 
 impl VerifyReport {
@@ -89,7 +94,12 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
                 report.blocks_checked += 1;
                 report.bytes_checked += data.len() as u64;
             }
-            Err(e) => report.problem(format!("{}: {e}", path.display())),
+            Err(e) => {
+                if is_damage(&e) {
+                    report.damaged_copies.push(DamagedCopy { hash: h, path: path.clone(), packed: false });
+                }
+                report.problem(format!("{}: {e}", path.display()))
+            }
         }
     }
     let (packs, broken) = store.packs.all();
@@ -103,7 +113,12 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
                     report.blocks_checked += 1;
                     report.bytes_checked += data.len() as u64;
                 }
-                Err(err) => report.problem(format!("{}: block {}: {err}", pack.path().display(), e.hash)),
+                Err(err) => {
+                    if is_damage(&err) {
+                        report.damaged_copies.push(DamagedCopy { hash: e.hash, path: pack.path().to_path_buf(), packed: true });
+                    }
+                    report.problem(format!("{}: {err}", pack.path().display()))
+                }
             }
         }
     }

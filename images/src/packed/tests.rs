@@ -244,3 +244,40 @@ fn a_damaged_packed_block_is_stored_again_by_the_next_put_and_gc_drops_the_damag
     assert!(report.problems.is_empty() && report.blocks_checked == 3, "{report:?}");
     assert_eq!(store.get_block(&victim.hash).unwrap(), raw);
 }
+
+#[test]
+fn repair_sets_damaged_copies_aside_so_a_new_handle_reports_them_missing_and_a_put_heals() {
+    let d = tempfile::tempdir().unwrap();
+    let (victim, pack_path) = import_and_damage_one_packed_block(d.path());
+    let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    // A damaged block file beside it, with no other copy.
+    let crate::map::Entry::Data(torn) = store.put_block(&[7u8; 4096]).unwrap().entry else { panic!("a data block") };
+    fs::write(store.block_path(&torn), b"torn").unwrap();
+    let damaged_record = store.packs.all().0[0].read(&victim).unwrap();
+
+    let report = crate::verify_store_files(&store).unwrap();
+    assert_eq!(report.damaged_copies.len(), 2, "{report:?}");
+    let done = store.set_aside_damaged(&report.damaged_copies).unwrap();
+    assert_eq!((done.copies, done.packs_rewritten), (2, 1), "{done:?}");
+    let mut expect = vec![victim.hash, torn];
+    expect.sort();
+    assert_eq!(done.now_missing, expect);
+    assert!(!pack_path.exists(), "the damaged pack is still in place");
+    let aside = d.path().join("s").join(crate::store::repair::DAMAGED_DIR);
+    let pack_name = pack_path.file_name().unwrap().to_string_lossy();
+    assert_eq!(fs::read(aside.join(format!("{}.{pack_name}", victim.hash))).unwrap(), damaged_record, "the damaged bytes were not kept");
+    assert_eq!(fs::read(aside.join(format!("{torn}.file"))).unwrap(), b"torn");
+    drop(store);
+
+    // A new process knows nothing of earlier reads: the blocks are missing, the others
+    // read as before, and a put stores them again.
+    let store = Store::open(d.path().join("s")).unwrap();
+    assert_eq!(store.missing_blocks([victim.hash, torn]), [victim.hash, torn]);
+    for b in (1..=3u8).map(|b| vec![b; 4096]).filter(|r| Hash::of(r) != victim.hash) {
+        assert_eq!(store.get_block(&Hash::of(&b)).unwrap(), b);
+    }
+    assert!(store.put_block(&raw).unwrap().new && store.put_block(&[7u8; 4096]).unwrap().new);
+    let report = crate::verify_store_files(&store).unwrap();
+    assert!(report.problems.is_empty() && report.blocks_checked == 4, "{report:?}");
+}
