@@ -43,9 +43,14 @@ impl Store {
             }
         }
         let mut stats = GcStats::default();
+        // The block files that stay, for the packs' pass (listed once).
+        let mut loose = HashSet::new();
         for (dir, live, removed) in [("blocks", &live_blocks, &mut stats.blocks_removed), ("objects", &live_objects, &mut stats.objects_removed)] {
             for (path, h) in self.list_dir_hashes(dir)? {
                 if live.contains(&h) {
+                    if dir == "blocks" {
+                        loose.insert(h);
+                    }
                     continue;
                 }
                 let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -54,7 +59,7 @@ impl Store {
                 stats.bytes_freed += len;
             }
         }
-        self.gc_packs(Some(&live_blocks), &mut stats)?;
+        self.gc_packs(Some(FullGc { live: &live_blocks, loose: &loose }), &mut stats)?;
         stats.blocks_packed = self.pack_loose(live_order, true)?.blocks;
         stats.blocks_kept = live_blocks.iter().filter(|h| self.has_block(h)).count() as u64;
         Self::clear_tmp(&self.root)?;
@@ -68,8 +73,8 @@ impl Store {
     /// Each block copied is checked: a second copy goes only if a sound one stays, and a
     /// block with no sound copy keeps its damaged one as it is. The old packs go only once
     /// everything that replaces them is in place.
-    pub(crate) fn gc_packs(&self, live: Option<&HashSet<Hash>>, stats: &mut GcStats) -> Result<()> {
-        let is_live = |h: &Hash| live.is_none_or(|l| l.contains(h));
+    pub(crate) fn gc_packs(&self, full: Option<FullGc<'_>>, stats: &mut GcStats) -> Result<()> {
+        let is_live = |h: &Hash| full.as_ref().is_none_or(|f| f.live.contains(h));
         let (packs, _) = self.packs.all();
         let merge_small = packs.iter().filter(|p| p.bytes() < SMALL_PACK).count() > 1;
         // Where each block's kept copy is, and whether it was checked sound.
@@ -84,10 +89,8 @@ impl Store {
         let mut written = HashSet::new();
         // Block files beside packed copies (stored again after a read found the packed copy
         // damaged): in a full gc, such a copy is checked and goes if damaged.
-        let loose: HashSet<Hash> = match live {
-            Some(_) => self.list_dir_hashes("blocks")?.into_iter().map(|(_, h)| h).collect(),
-            None => HashSet::new(),
-        };
+        let no_files = HashSet::new();
+        let loose = full.as_ref().map_or(&no_files, |f| f.loose);
         for pack in packs {
             let dead = pack.entries.iter().filter(|e| !is_live(&e.hash)).count();
             let copies = pack.entries.iter().filter(|e| kept.contains_key(&e.hash)).count();
@@ -138,6 +141,14 @@ impl Store {
         self.packs.reload();
         Ok(())
     }
+}
+
+/// What a full gc knows when it reaches the packs.
+pub(crate) struct FullGc<'a> {
+    /// Blocks some ref reaches.
+    pub live: &'a HashSet<Hash>,
+    /// Block files that stay.
+    pub loose: &'a HashSet<Hash>,
 }
 
 fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
@@ -202,7 +213,7 @@ mod tests {
         pack(&store, &[block(9)]);
         let live: HashSet<Hash> = [block(1).0, block(2).0].into();
         let mut stats = GcStats::default();
-        store.gc_packs(Some(&live), &mut stats).unwrap();
+        store.gc_packs(Some(FullGc { live: &live, loose: &HashSet::new() }), &mut stats).unwrap();
         let (packs, _) = store.packs.all();
         assert_eq!(packs.len(), 1);
         assert_eq!(packs[0].path(), kept, "the merged pack is the first, byte for byte");
