@@ -373,7 +373,8 @@ impl Store {
 
     fn read_sound_copy_once(&self, h: &Hash) -> Result<(Vec<u8>, Vec<u8>)> {
         let mut first_damage: Option<Error> = None;
-        // A second round only if another process packed the block meanwhile.
+        // A second round, of the packs only, if another process may have packed the block
+        // since this one last looked (a cold miss of a cache opened its file twice).
         for round in 0..2 {
             while let Some((pack, e)) = self.packs.lookup(h) {
                 match pack.read(&e).and_then(|encoded| block::decode(h, &encoded).map(|raw| (encoded, raw))) {
@@ -385,6 +386,9 @@ impl Store {
                     }
                 }
             }
+            if round == 1 {
+                break;
+            }
             let path = self.block_path(h);
             match fs::read(&path) {
                 Ok(encoded) => {
@@ -394,7 +398,7 @@ impl Store {
                     };
                 }
                 Err(err) if err.kind() != IoKind::NotFound => return Err(first_damage.unwrap_or_else(|| Error::io(path.display(), err))),
-                Err(_) if round == 0 && first_damage.is_none() => self.packs.refresh_now(),
+                Err(_) if first_damage.is_none() => self.packs.refresh_now(),
                 Err(_) => break,
             }
         }
