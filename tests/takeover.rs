@@ -102,7 +102,9 @@ fn a_booting_guest_survives_three_kill_9_of_its_mount_daemon_and_an_upgrade() {
             let mut events = Vec::new();
             let mut pid = first;
             for k in 0..4 {
-                std::thread::sleep(rng.millis(200, 1500));
+                // Short enough that four events and the restarts between them fit in a
+                // cold boot (200-1500 ms let one boot finish before the upgrade).
+                std::thread::sleep(rng.millis(100, 700));
                 if booted.load(Ordering::Relaxed) {
                     break;
                 }
