@@ -134,6 +134,9 @@ pub fn inspect(store: &Store, name: &str, json: bool) -> Result<()> {
 
 fn report_set_aside(done: &images::store::repair::SetAside) {
     println!("repair: {} damaged copies moved to {} ({} packs written again)", done.copies, done.dir.display(), done.packs_rewritten);
+    for why in &done.unreadable {
+        println!("repair: left as it is (could not be read): {why}");
+    }
     if done.now_missing.is_empty() {
         println!("repair: every block they held has a sound copy");
         return;

@@ -2,6 +2,7 @@
 //! ready ahead of need, for a slow link or none at all.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -56,7 +57,8 @@ fn remote(source: &str) -> Result<(capsule_net::RemoteUrl, String)> {
 
 /// Fetches the capsule's blocks into the cache: the profile's first (in first-touch
 /// order), then, with `all`, every other block (pinning them all first if `pin`); then
-/// checks each one. Resumable: only blocks the cache lacks travel.
+/// checks that each one is there (read back and hashed unless the engine just did).
+/// Resumable: only blocks the cache lacks travel.
 pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) -> Result<()> {
     let (url, name) = remote(&t.source)?;
     let dir = t.cache.clone().unwrap_or_else(default_cache_dir);
@@ -108,9 +110,10 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     };
     let local = Arc::new(capsule_fs::blocks::CacheBlocks::new(cache.clone(), capsule_fs::seed::Seeds::default()));
     let engine = capsule_fetch::Engine::new(local, Some(Arc::new(source)), config);
-    let fetched_raw = std::sync::atomic::AtomicU64::new(0);
+    let (fetched_raw, reported) = (AtomicU64::new(0), AtomicU64::new(0));
     let fetched = engine.fetch_all(&missing, capsule_fetch::Urgency::Background, &|raw| {
-        fetched_raw.fetch_add(raw, std::sync::atomic::Ordering::Relaxed);
+        fetched_raw.fetch_add(raw, Ordering::Relaxed);
+        reported.fetch_add(1, Ordering::Relaxed);
         progress.advance(raw)
     });
     progress.end();
@@ -119,12 +122,15 @@ pub fn prefetch(t: &CacheTarget, pin: bool, profile: Option<&str>, all: bool) ->
     cache.store().sync_filesystem().context("flushing the cache to disk")?;
     // Every block still in a pack file that exists (a mount may have evicted one of ours
     // meanwhile; its pinned blocks then live in the mount's). The engine decoded and hashed
-    // each block it fetched just now, so those are only looked up: reading them back
-    // decoded them a second time, 40% of a warm on loopback. Blocks that were here before
-    // are read back and hashed.
+    // each block it fetched just now, so for `warm` those are only looked up: reading them
+    // back decoded them a second time, 40% of a warm on loopback. Blocks that were here
+    // before are read back and hashed, and so is everything for `prefetch --offline`
+    // (its "ready offline" is a promise) or when a block arrived by another way (a mount
+    // sharing the cache) and its size was not counted.
     cache.rescan();
-    let fetched_now: std::collections::HashSet<&Hash> = missing.iter().collect();
-    let mut total = fetched_raw.into_inner();
+    let counted = !pin && reported.into_inner() == missing.len() as u64;
+    let fetched_now: std::collections::HashSet<&Hash> = if counted { missing.iter().collect() } else { Default::default() };
+    let mut total = if counted { fetched_raw.into_inner() } else { 0 };
     for h in &blocks {
         let here = if fetched_now.contains(h) { cache.contains(h) } else { cache.get(h).map(|data| total += data.len() as u64).is_some() };
         if !here {

@@ -88,7 +88,7 @@ impl Pack {
         Ok(Self { path: path.to_path_buf(), file, len, entries, damaged: Mutex::default(), any_damaged: AtomicBool::new(false), filter })
     }
 
-    fn find(&self, h: &Hash) -> Option<IndexEntry> {
+    pub(crate) fn find(&self, h: &Hash) -> Option<IndexEntry> {
         self.entries.binary_search_by(|e| e.hash.0.cmp(&h.0)).ok().map(|i| self.entries[i])
     }
 
@@ -115,7 +115,7 @@ impl Pack {
 
     pub(crate) fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; e.len as usize];
-        self.file.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io(format!("{} at {}", self.path.display(), e.offset), err))?;
+        self.file.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io(format!("{} at {} (block {})", self.path.display(), e.offset, e.hash), err))?;
         Ok(buf)
     }
 

@@ -281,3 +281,32 @@ fn repair_sets_damaged_copies_aside_so_a_new_handle_reports_them_missing_and_a_p
     let report = crate::verify_store_files(&store).unwrap();
     assert!(report.problems.is_empty() && report.blocks_checked == 4, "{report:?}");
 }
+
+#[test]
+fn repair_moves_only_a_blocks_own_damaged_file_and_empties_an_all_damaged_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path().join("s")).unwrap();
+    let crate::map::Entry::Data(sound) = store.put_block(&[4u8; 4096]).unwrap().entry else { panic!("a data block") };
+    let crate::map::Entry::Data(other) = store.put_block(&[5u8; 4096]).unwrap().entry else { panic!("a data block") };
+    // A list pairing one block's hash with another's sound file moves nothing.
+    let wrong = crate::store::repair::DamagedCopy { hash: other, path: store.block_path(&sound), packed: false };
+    let done = store.set_aside_damaged(&[wrong]).unwrap();
+    assert_eq!(done.copies, 0);
+    assert_eq!(store.get_block(&sound).unwrap(), vec![4u8; 4096]);
+
+    // A pack whose every record is damaged goes, its records kept aside.
+    store.pack_loose([sound, other], false).unwrap();
+    let (packs, _) = store.packs.all();
+    let path = packs[0].path().to_path_buf();
+    let mut bytes = fs::read(&path).unwrap();
+    for e in &packs[0].entries {
+        bytes[e.offset as usize + 8] ^= 0x40;
+    }
+    fs::write(&path, &bytes).unwrap();
+    drop(packs);
+    let report = crate::verify_store_files(&store).unwrap();
+    let done = store.set_aside_damaged(&report.damaged_copies).unwrap();
+    assert_eq!((done.copies, done.packs_rewritten, done.now_missing.len()), (2, 1, 2), "{done:?}");
+    assert!(!path.exists() && store.packs.all().0.is_empty());
+    assert_eq!(fs::read_dir(&done.dir).unwrap().count(), 2);
+}
