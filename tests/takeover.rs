@@ -76,6 +76,20 @@ fn exe_bytes(pid: u32) -> Vec<u8> {
 
 #[test]
 fn a_booting_guest_survives_three_kill_9_of_its_mount_daemon_and_an_upgrade() {
+    // A boot that ends before the four events proves nothing either way (the events come
+    // at random moments): it is tried again, a few times.
+    for attempt in 1..=3 {
+        if boot_through_three_kills_and_an_upgrade() {
+            return;
+        }
+        eprintln!("attempt {attempt}: the boot ended before three kills and an upgrade; again");
+    }
+    panic!("three boots in a row ended before three kills and an upgrade");
+}
+
+/// One boot from a mount whose daemon is killed three times, then upgraded; false if the
+/// boot ended first (everything else is asserted).
+fn boot_through_three_kills_and_an_upgrade() -> bool {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let server_store = d.join("server");
@@ -127,12 +141,15 @@ fn a_booting_guest_survives_three_kill_9_of_its_mount_daemon_and_an_upgrade() {
     let (events, last) = killer.join().unwrap();
     eprintln!("during the boot: {events:?}");
     assert!(console.contains("CAPSULE-GUEST-VERSION 1"), "{console}");
-    assert_eq!(events.len(), 4, "the boot ended before three kills and an upgrade: {events:?}");
     assert_eq!(parent_of(last), Some(supervisor), "the last daemon runs under the same supervisor");
+    if events.len() < 4 {
+        return false;
+    }
     assert_eq!(exe_bytes(last), std::fs::read(&bin).unwrap(), "the upgraded daemon runs the new build");
     assert_ne!(exe_bytes(last), exe_bytes(supervisor), "the supervisor still runs the old build");
     let log = m.log();
     assert_eq!(log.matches("took over").count(), 8, "each successor reports taking over (daemon and supervisor):\n{log}");
+    true
 }
 
 #[test]
