@@ -107,10 +107,9 @@ impl Pack {
     /// was restored in place), the note goes and its bytes return.
     fn recheck_damaged(&self, h: &Hash) -> Option<(Vec<u8>, Vec<u8>)> {
         let e = self.find(h).filter(|_| self.damaged.lock().expect("damaged lock").contains(h))?;
-        let encoded = self.read(&e).ok()?;
-        let raw = crate::block::decode(h, &encoded).ok()?;
+        let found = self.read_checked(&e).ok()?;
         self.damaged.lock().expect("damaged lock").remove(h);
-        Some((encoded, raw))
+        Some(found)
     }
 
     pub(crate) fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
@@ -127,9 +126,16 @@ impl Pack {
         self.len
     }
 
+    /// The block at `e`, read and checked against its hash: its encoding and raw bytes.
+    pub(crate) fn read_checked(&self, e: &IndexEntry) -> Result<(Vec<u8>, Vec<u8>)> {
+        let encoded = self.read(e)?;
+        let raw = crate::block::decode(&e.hash, &encoded)?;
+        Ok((encoded, raw))
+    }
+
     /// The block at `e`, read and checked against its hash.
     pub(crate) fn read_decoded(&self, e: &IndexEntry) -> Result<Vec<u8>> {
-        self.read(e).and_then(|encoded| crate::block::decode(&e.hash, &encoded))
+        self.read_checked(e).map(|(_, raw)| raw)
     }
 
     /// Whether this pack holds `h` and its copy reads and decodes to `h`.

@@ -377,7 +377,7 @@ impl Store {
         // since this one last looked (a cold miss of a cache opened its file twice).
         for round in 0..2 {
             while let Some((pack, e)) = self.packs.lookup(h) {
-                match pack.read(&e).and_then(|encoded| block::decode(h, &encoded).map(|raw| (encoded, raw))) {
+                match pack.read_checked(&e) {
                     Ok(found) => return Ok(found),
                     Err(err) => {
                         tracing::warn!("store {}: block {h} in {} is damaged; reading another copy: {err}", self.root.display(), pack.path().display());
