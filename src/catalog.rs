@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::cli::{DiskFormatArg, ImportArgs};
 use crate::exit;
-use crate::report::{export, human, inspect_view, print_import, print_inspect, print_json_or, print_json_or_with, report_verify};
+use crate::report::{export, human, inspect_view, print_import, print_inspect, print_json_or, print_json_or_with, report_set_aside, report_verify};
 
 pub fn import(store: &Store, a: ImportArgs) -> Result<()> {
     let key = a.key.as_deref().map(crate::keys::load).transpose()?;
@@ -132,27 +132,6 @@ pub fn inspect(store: &Store, name: &str, json: bool) -> Result<()> {
     print_json_or_with(json, &view, || print_inspect(&view))
 }
 
-fn report_set_aside(done: &images::store::repair::SetAside) {
-    println!("repair: {} damaged copies moved to {} ({} packs written again)", done.copies, done.dir.display(), done.packs_rewritten);
-    for why in &done.unreadable {
-        println!("repair: left as it is (could not be read): {why}");
-    }
-    if done.now_missing.is_empty() {
-        println!("repair: every block they held has a sound copy");
-        return;
-    }
-    println!(
-        "repair: {} blocks are missing now; a push from a machine that holds them, or a pull from another server, stores them again:",
-        done.now_missing.len()
-    );
-    for h in done.now_missing.iter().take(20) {
-        println!("  {h}");
-    }
-    if done.now_missing.len() > 20 {
-        println!("  ... and {} more", done.now_missing.len() - 20);
-    }
-}
-
 /// One thing `verify` checked: a capsule, or the store's files.
 #[derive(Debug, Serialize)]
 struct Verified {
@@ -187,9 +166,9 @@ pub fn verify(store: &Store, name: Option<&str>, repair: bool, json: bool) -> Re
         if !json {
             report_verify(&format!("store {}", store.root().display()), &report);
         }
-        let repair = match repair && !report.damaged_copies.is_empty() {
+        let repair = match repair && !report.damaged_blocks.is_empty() {
             true => {
-                let done = store.set_aside_damaged(&report.damaged_copies).context("setting damaged copies aside")?;
+                let done = store.set_aside_damaged(&report.damaged_blocks).context("setting damaged copies aside")?;
                 if !json {
                     report_set_aside(&done);
                 }

@@ -239,6 +239,28 @@ pub(crate) fn report_verify(what: &str, r: &images::VerifyReport) {
     }
 }
 
+/// What `verify --repair` set aside, and the blocks a pull or push must now bring.
+pub(crate) fn report_set_aside(done: &images::store::repair::SetAside) {
+    println!("repair: {} damaged copies moved to {} ({} packs written again)", done.copies, done.dir.display(), done.packs_rewritten);
+    for why in &done.unreadable {
+        println!("repair: left as it is (could not be read): {why}");
+    }
+    if done.now_missing.is_empty() {
+        println!("repair: every block they held has a sound copy");
+        return;
+    }
+    println!(
+        "repair: {} blocks are missing now; a push from a machine that holds them, or a pull from another server, stores them again:",
+        done.now_missing.len()
+    );
+    for h in done.now_missing.iter().take(20) {
+        println!("  {h}");
+    }
+    if done.now_missing.len() > 20 {
+        println!("  ... and {} more", done.now_missing.len() - 20);
+    }
+}
+
 /// Writes every image of capsule `m` into `out` (disks raw or as qcow2 chains, the others
 /// raw, each under its slot's file name) and a `capsule.json`; returns the files written.
 pub fn export(store: &Store, id: &Hash, m: &Manifest, key: Option<&images::Key>, out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::envelope::{self, ObjectKind};
 use crate::error::Result;
 use crate::hash::Hash;
-use crate::store::repair::{is_damage, DamagedCopy};
+use crate::store::repair::is_damage;
 use crate::store::Store;
 
 /// Most problems listed in one report (the count is still exact).
@@ -26,10 +26,10 @@ pub struct VerifyReport {
     pub problem_count: u64,
     /// The first problems, each naming capsule, image, block index and hash.
     pub problems: Vec<String>,
-    /// Every copy of a block found damaged (its bytes fail its hash), for
+    /// Blocks with a copy found damaged (its bytes fail its hash), for
     /// [`Store::set_aside_damaged`]; a check of the store's files fills it.
     #[serde(skip)]
-    pub damaged_copies: Vec<DamagedCopy>,
+    pub damaged_blocks: Vec<Hash>,
 }
 
 impl VerifyReport {
@@ -96,7 +96,7 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
             }
             Err(e) => {
                 if is_damage(&e) {
-                    report.damaged_copies.push(DamagedCopy { hash: h, path: path.clone(), packed: false });
+                    report.damaged_blocks.push(h);
                 }
                 report.problem(format!("{}: {e}", path.display()))
             }
@@ -115,7 +115,7 @@ pub fn verify_store_files(store: &Store) -> Result<VerifyReport> {
                 }
                 Err(err) => {
                     if is_damage(&err) {
-                        report.damaged_copies.push(DamagedCopy { hash: e.hash, path: pack.path().to_path_buf(), packed: true });
+                        report.damaged_blocks.push(e.hash);
                     }
                     report.problem(format!("{}: {err}", pack.path().display()))
                 }

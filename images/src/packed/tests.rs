@@ -67,16 +67,18 @@ fn import(store: &Store, dir: &Path, name: &str, seeds: &[u8]) -> Hash {
 }
 
 /// Store `DIR/s` holding capsule "a" of blocks 1, 2 and 3, packed, one of them damaged in
-/// its pack: that block's entry and the pack. No handle on the store stays open.
-fn import_and_damage_one_packed_block(dir: &Path) -> (IndexEntry, PathBuf) {
+/// its pack: that block's entry, its sound raw bytes and the pack. No handle on the store
+/// stays open.
+fn import_and_damage_one_packed_block(dir: &Path) -> (IndexEntry, Vec<u8>, PathBuf) {
     let store = Store::open(dir.join("s")).unwrap();
     import(&store, dir, "a", &[1, 2, 3]);
     let (packs, _) = store.packs.all();
     let victim = packs[0].entries[1];
+    let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
     let mut bytes = fs::read(packs[0].path()).unwrap();
     bytes[victim.offset as usize + 8] ^= 0x40;
     fs::write(packs[0].path(), &bytes).unwrap();
-    (victim, packs[0].path().to_path_buf())
+    (victim, raw, packs[0].path().to_path_buf())
 }
 
 fn loose_files(store: &Store) -> usize {
@@ -117,7 +119,7 @@ fn an_imported_capsule_is_packed_in_walk_order_and_gc_keeps_only_what_refs_reach
 #[test]
 fn a_damaged_packed_block_is_named_by_its_pack_and_never_returned() {
     let d = tempfile::tempdir().unwrap();
-    let (victim, pack) = import_and_damage_one_packed_block(d.path());
+    let (victim, _, pack) = import_and_damage_one_packed_block(d.path());
     let store = Store::open(d.path().join("s")).unwrap();
     let err = store.get_block(&victim.hash).unwrap_err().to_string();
     assert!(err.contains(&pack.display().to_string()), "{err}");
@@ -224,8 +226,7 @@ fn verify_names_a_damaged_block_file_beside_a_sound_packed_copy() {
 #[test]
 fn a_damaged_packed_block_is_stored_again_by_the_next_put_and_gc_drops_the_damaged_copy() {
     let d = tempfile::tempdir().unwrap();
-    let (victim, _) = import_and_damage_one_packed_block(d.path());
-    let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
+    let (victim, raw, _) = import_and_damage_one_packed_block(d.path());
 
     let store = Store::open(d.path().join("s")).unwrap();
     assert!(store.has_block(&victim.hash), "not known damaged before a read");
@@ -248,8 +249,7 @@ fn a_damaged_packed_block_is_stored_again_by_the_next_put_and_gc_drops_the_damag
 #[test]
 fn repair_sets_damaged_copies_aside_so_a_new_handle_reports_them_missing_and_a_put_heals() {
     let d = tempfile::tempdir().unwrap();
-    let (victim, pack_path) = import_and_damage_one_packed_block(d.path());
-    let raw = (1..=3u8).map(|b| vec![b; 4096]).find(|r| Hash::of(r) == victim.hash).unwrap();
+    let (victim, raw, pack_path) = import_and_damage_one_packed_block(d.path());
     let store = Store::open(d.path().join("s")).unwrap();
     // A damaged block file beside it, with no other copy.
     let crate::map::Entry::Data(torn) = store.put_block(&[7u8; 4096]).unwrap().entry else { panic!("a data block") };
@@ -257,8 +257,8 @@ fn repair_sets_damaged_copies_aside_so_a_new_handle_reports_them_missing_and_a_p
     let damaged_record = store.packs.all().0[0].read(&victim).unwrap();
 
     let report = crate::verify_store_files(&store).unwrap();
-    assert_eq!(report.damaged_copies.len(), 2, "{report:?}");
-    let done = store.set_aside_damaged(&report.damaged_copies).unwrap();
+    assert_eq!(report.damaged_blocks.len(), 2, "{report:?}");
+    let done = store.set_aside_damaged(&report.damaged_blocks).unwrap();
     assert_eq!((done.copies, done.packs_rewritten), (2, 1), "{done:?}");
     let mut expect = vec![victim.hash, torn];
     expect.sort();
@@ -283,14 +283,13 @@ fn repair_sets_damaged_copies_aside_so_a_new_handle_reports_them_missing_and_a_p
 }
 
 #[test]
-fn repair_moves_only_a_blocks_own_damaged_file_and_empties_an_all_damaged_pack() {
+fn repair_moves_only_damaged_copies_and_empties_an_all_damaged_pack() {
     let d = tempfile::tempdir().unwrap();
     let store = Store::open(d.path().join("s")).unwrap();
     let crate::map::Entry::Data(sound) = store.put_block(&[4u8; 4096]).unwrap().entry else { panic!("a data block") };
     let crate::map::Entry::Data(other) = store.put_block(&[5u8; 4096]).unwrap().entry else { panic!("a data block") };
-    // A list pairing one block's hash with another's sound file moves nothing.
-    let wrong = crate::store::repair::DamagedCopy { hash: other, path: store.block_path(&sound), packed: false };
-    let done = store.set_aside_damaged(&[wrong]).unwrap();
+    // A block listed whose copy is sound (damaged at the verify, restored since) stays.
+    let done = store.set_aside_damaged(&[sound]).unwrap();
     assert_eq!(done.copies, 0);
     assert_eq!(store.get_block(&sound).unwrap(), vec![4u8; 4096]);
 
@@ -305,7 +304,7 @@ fn repair_moves_only_a_blocks_own_damaged_file_and_empties_an_all_damaged_pack()
     fs::write(&path, &bytes).unwrap();
     drop(packs);
     let report = crate::verify_store_files(&store).unwrap();
-    let done = store.set_aside_damaged(&report.damaged_copies).unwrap();
+    let done = store.set_aside_damaged(&report.damaged_blocks).unwrap();
     assert_eq!((done.copies, done.packs_rewritten, done.now_missing.len()), (2, 1, 2), "{done:?}");
     assert!(!path.exists() && store.packs.all().0.is_empty());
     assert_eq!(fs::read_dir(&done.dir).unwrap().count(), 2);

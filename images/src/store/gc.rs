@@ -151,7 +151,8 @@ pub(crate) struct FullGc<'a> {
     pub loose: &'a HashSet<Hash>,
 }
 
-fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
+/// Removes `pack` unless a rewrite landed on its name (the same blocks at the same offsets).
+pub(super) fn remove_unless_written(pack: &Pack, written: &HashSet<PathBuf>) -> Result<()> {
     if written.contains(pack.path()) {
         return Ok(());
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{flock, FlockOperation};
 use serde::Serialize;
 
+use super::gc::remove_unless_written;
 use super::Store;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::hash::Hash;
@@ -19,15 +20,6 @@ use crate::packed::Pack;
 
 /// Where damaged copies go, under the store's root.
 pub const DAMAGED_DIR: &str = "damaged";
-
-/// A copy of a block whose bytes fail its hash: a block file, or a record in a pack.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DamagedCopy {
-    pub hash: Hash,
-    /// The block file, or the pack holding the record.
-    pub path: PathBuf,
-    pub packed: bool,
-}
 
 /// What [`Store::set_aside_damaged`] did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -53,41 +45,40 @@ pub(crate) fn is_damage(e: &Error) -> bool {
 }
 
 impl Store {
-    /// Moves the damaged copies of the blocks `copies` names (from a verify of the
-    /// store's files) into `damaged/`, each checked again first: a block file is renamed;
-    /// a pack holding a damaged copy of one of them (wherever it is now: the store's
-    /// packs may have been merged since the verify) is written again without it, the
-    /// damaged records going to files of their own, and only then removed. Waits for
-    /// other users of the store, as gc does.
-    pub fn set_aside_damaged(&self, copies: &[DamagedCopy]) -> Result<SetAside> {
+    /// Moves the damaged copies of `blocks` (those a verify of the store's files found
+    /// damaged) into `damaged/`, each checked again first: its block file is renamed; a
+    /// pack holding a damaged copy of one of them (wherever it is now: the store's packs
+    /// may have been merged since the verify) is written again without it, the damaged
+    /// records going to files of their own, and only then removed. Waits for other users
+    /// of the store, as gc does.
+    pub fn set_aside_damaged(&self, blocks: &[Hash]) -> Result<SetAside> {
         if flock(&self.lock, FlockOperation::NonBlockingLockExclusive).is_err() {
             tracing::warn!("store {}: waiting for its other users (a server, a push) to close it", self.root.display());
             flock(&self.lock, FlockOperation::LockExclusive).map_err(|e| Error::io("store lock", e.into()))?;
         }
-        let result = self.set_aside_locked(copies);
+        let result = self.set_aside_locked(blocks);
         let _ = flock(&self.lock, FlockOperation::LockShared);
         result
     }
 
-    fn set_aside_locked(&self, copies: &[DamagedCopy]) -> Result<SetAside> {
+    fn set_aside_locked(&self, blocks: &[Hash]) -> Result<SetAside> {
         let dir = self.root.join(DAMAGED_DIR);
         fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         super::sync_dir(&self.root)?;
         let mut done = SetAside { dir: dir.clone(), ..SetAside::default() };
-        for c in copies.iter().filter(|c| !c.packed) {
-            // Only the block's own file: a list pairing a hash with another path must not
-            // move a sound file (or anything outside `blocks/`).
-            if c.path == self.block_path(&c.hash) && self.block_file_damaged(&c.hash, &c.path) {
-                let to = unused_name(&dir, &format!("{}.file", c.hash));
-                fs::rename(&c.path, &to).map_err(|e| Error::io(format!("rename {} -> {}", c.path.display(), to.display()), e))?;
+        let listed: HashSet<Hash> = blocks.iter().copied().collect();
+        for h in &listed {
+            let path = self.block_path(h);
+            if block_file_damaged(h, &path) {
+                let to = unused_name(&dir, &format!("{h}.file"));
+                fs::rename(&path, &to).map_err(|e| Error::io(format!("rename {} -> {}", path.display(), to.display()), e))?;
                 done.copies += 1;
             }
         }
-        let packed: HashSet<Hash> = copies.iter().filter(|c| c.packed).map(|c| c.hash).collect();
         self.packs.reload();
         let (packs, _) = self.packs.all();
         for pack in &packs {
-            match self.rewrite_without_damaged(pack, &packed, &dir)? {
+            match self.rewrite_without_damaged(pack, &listed, &dir)? {
                 Rewrite::Untouched => {}
                 Rewrite::SetAside(n) => {
                     done.copies += n;
@@ -97,9 +88,8 @@ impl Store {
             }
         }
         self.packs.reload();
-        let mut missing: Vec<Hash> = copies.iter().map(|c| c.hash).filter(|h| !self.has_block(h)).collect();
+        let mut missing: Vec<Hash> = listed.into_iter().filter(|h| !self.has_block(h)).collect();
         missing.sort();
-        missing.dedup();
         done.now_missing = missing;
         self.sync()?;
         Ok(done)
@@ -148,16 +138,14 @@ impl Store {
         }
         super::sync_dir(dir)?;
         let (_, written) = batch.finish_packs().with_context(|| format!("writing {} again without its damaged blocks", pack.path().display()))?;
-        if !written.iter().any(|p| p == pack.path()) {
-            fs::remove_file(pack.path()).map_err(|e| Error::io(pack.path().display(), e))?;
-        }
+        remove_unless_written(pack, &written.into_iter().collect())?;
         Ok(Rewrite::SetAside(damaged.len() as u64))
     }
+}
 
-    /// Whether the block file at `path` still reads and fails its hash.
-    fn block_file_damaged(&self, h: &Hash, path: &Path) -> bool {
-        fs::read(path).is_ok_and(|encoded| crate::block::decode(h, &encoded).is_err_and(|e| is_damage(&e)))
-    }
+/// Whether the block file at `path` still reads and fails its hash.
+fn block_file_damaged(h: &Hash, path: &Path) -> bool {
+    fs::read(path).is_ok_and(|encoded| crate::block::decode(h, &encoded).is_err_and(|e| is_damage(&e)))
 }
 
 /// What became of one pack.
