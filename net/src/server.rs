@@ -75,32 +75,41 @@ struct ConnShared {
     sent: std::sync::Mutex<RecentlySent>,
 }
 
-/// The last [`RECENTLY_SENT`] blocks a connection was sent, by the first 8 bytes of their
-/// hashes (a collision costs one needless check).
-#[derive(Default)]
-struct RecentlySent {
-    order: std::collections::VecDeque<u64>,
-    set: std::collections::HashSet<u64>,
-}
+/// Blocks a connection was sent lately, by the first 8 bytes of their hashes, in a
+/// direct-mapped table: a block asked for again within the few hundred a client has in
+/// flight is still in its slot 19 times in 20 (a later block in its slot costs one
+/// resend unchecked, as before this check, and the client's next attempt is checked). A fixed 32 KiB a connection: a set and a queue of the
+/// last 4,096 held 213 KB (measured with a counting allocator; the set's deletions grew
+/// it to 16,384 buckets).
+struct RecentlySent(Box<[u64; RECENTLY_SENT]>);
 
-/// Blocks a connection remembers sending: a client asks again within seconds, and it has
-/// at most a few hundred blocks in flight. About 100 KiB a connection at most.
+/// Slots in a connection's [`RecentlySent`].
 const RECENTLY_SENT: usize = 4096;
 
+impl Default for RecentlySent {
+    fn default() -> Self {
+        Self(Box::new([0; RECENTLY_SENT]))
+    }
+}
+
 impl RecentlySent {
-    /// Notes `hash` as sent; true if it was sent before.
-    fn note(&mut self, hash: &Hash) -> bool {
+    fn key_and_slot(hash: &Hash) -> (u64, usize) {
         let key = u64::from_le_bytes(hash.0[..8].try_into().expect("8 bytes"));
-        if !self.set.insert(key) {
-            return true;
-        }
-        self.order.push_back(key);
-        if self.order.len() > RECENTLY_SENT {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        false
+        (key, key as usize % RECENTLY_SENT)
+    }
+
+    /// Whether `hash` was sent lately (its slot holds it still).
+    fn knows(&self, hash: &Hash) -> bool {
+        let (key, slot) = Self::key_and_slot(hash);
+        self.0[slot] == key
+    }
+
+    /// Notes `hash` as sent; true if it was sent lately.
+    fn note(&mut self, hash: &Hash) -> bool {
+        let known = self.knows(hash);
+        let (key, slot) = Self::key_and_slot(hash);
+        self.0[slot] = key;
+        known
     }
 }
 /// Default time for a request header to arrive whole. Generous: a full batch of hashes
@@ -630,6 +639,20 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_sent_lately_is_known_again_and_others_are_not() {
+        let mut sent = RecentlySent::default();
+        let blocks: Vec<Hash> = (0..300u32).map(|i| Hash::of(&i.to_le_bytes())).collect();
+        assert!(blocks.iter().all(|h| !sent.note(h)), "a first send counted as a repeat");
+        // A client asks again for one block among its few hundred in flight: most are
+        // still known (a later block in the same slot evicts one: 17 of these 300; about
+        // 11 expected of 300 in 4,096 slots).
+        let known = blocks.iter().filter(|h| sent.knows(h)).count();
+        assert!(known >= 270, "only {known} of 300 blocks sent known");
+        assert!(sent.note(&blocks[299]), "the last block sent, asked again");
+        assert!(!sent.note(&Hash::of(b"never sent")));
+    }
 
     /// Root gets its socket buffers whatever rmem_max says (a stock kernel's 208 KiB
     /// overflowed under a loopback burst).
